@@ -1,0 +1,368 @@
+"""Stage 3, check: resolve every name, order the equations, infer every shape.
+
+Works on the AST, where each node still knows its place in the file, so each problem gets one
+clear `SpecError` pointing at the offending text. The result, `Checked`, is what `lower`
+turns into step IR; after this stage nothing the user wrote can fail.
+
+Name rules. `s_prev` is the previous value of state `s`; a bare state name is its new value.
+A name that is not an input, a state, an equation's target, a declared parameter or a
+function is a parameter inferred from its use: a matrix where it stands left of `@`, a vector
+elsewhere (declare a scalar with `shape: []`). A name within typing distance of a known
+variable is reported as unknown instead, with a suggestion, since it is far more likely a typo.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import SourcePos, SpecError, suggest
+from .parse import Assign, Binary, Call, Name, Neg, Num, parse_equations
+from .spec import ParamDecl, Spec
+
+# user-facing name -> {number of arguments: (op, kind)}; kinds: "map" elementwise,
+# "reduce" vector -> per-row scalar, "row" vector -> vector
+FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = {
+    **{f: {1: (f, "map")} for f in
+       ("sigmoid", "tanh", "relu", "exp", "log", "softplus", "hard_sigmoid", "abs", "sqrt")},
+    "min": {1: ("rmin", "reduce"), 2: ("minimum", "map")},
+    "max": {1: ("rmax", "reduce"), 2: ("maximum", "map")},
+    "sum": {1: ("rsum", "reduce")},
+    "mean": {1: ("rmean", "reduce")},
+    "softmax": {1: ("softmax", "row")},
+}
+PREV = "_prev"
+
+
+@dataclass
+class Shape:
+    """A scalar, a vector of a size variable, or a matrix of two size variables."""
+
+    kind: str  # "scalar" | "vector" | "matrix"
+    dims: tuple[int, ...] = ()  # size variables (see Sizes)
+
+
+@dataclass
+class Sizes:
+    """Union-find over size variables, each root optionally bound to a declared size name."""
+
+    parent: list[int] = field(default_factory=list)
+    bound: dict[int, str] = field(default_factory=dict)
+
+    def fresh(self, name: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        if name is not None:
+            self.bound[len(self.parent) - 1] = name
+        return len(self.parent) - 1
+
+    def find(self, v: int) -> int:
+        while self.parent[v] != v:
+            self.parent[v] = self.parent[self.parent[v]]
+            v = self.parent[v]
+        return v
+
+    def name(self, v: int) -> str | None:
+        return self.bound.get(self.find(v))
+
+    def unify(self, a: int, b: int) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return True
+        na, nb = self.bound.get(ra), self.bound.get(rb)
+        if na is not None and nb is not None and na != nb:
+            return False
+        self.parent[rb] = ra
+        if na is None and nb is not None:
+            self.bound[ra] = nb
+        return True
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[str, ...]
+    init: str
+    value: float
+    declared: bool
+    pos: SourcePos  # declaration, or first use when inferred
+
+
+@dataclass(frozen=True)
+class Checked:
+    spec: Spec
+    order: tuple[Assign, ...]  # equations, each after what it uses
+    params: dict[str, ParamInfo]
+    locals: dict[str, tuple[str, ...]]  # intermediate values and their shapes
+
+
+def check(spec: Spec) -> Checked:
+    assigns = [a for eq in spec.equations for a in parse_equations(eq)]
+    return _Checker(spec, assigns).run()
+
+
+def _walk(expr):
+    yield expr
+    for child in (expr.left, expr.right) if isinstance(expr, Binary) else \
+            (expr.operand,) if isinstance(expr, Neg) else \
+            expr.args if isinstance(expr, Call) else ():
+        yield from _walk(child)
+
+
+class _Checker:
+    def __init__(self, spec: Spec, assigns: list[Assign]):
+        self.spec = spec
+        self.assigns = assigns
+        self.sizes = Sizes()
+        self.types: dict[str, Shape] = {}  # defined values and parameters
+        self.param_pos: dict[str, SourcePos] = {}
+        self.defs: dict[str, Assign] = {}
+
+    def run(self) -> Checked:
+        spec = self.spec
+        if not self.assigns:
+            raise SpecError("no equations: write one 'name = expression' per line",
+                            spec.equations[0].origin.pos(1, 1))
+        self.defs = defs = self.definitions()
+        order = self.order(defs)
+        for a in order:
+            self.assign(a)
+        for s, size in spec.states.items():
+            if s not in defs:
+                raise SpecError(f"state '{s}' is never assigned; add an equation '{s} = ...'",
+                                spec.where(f"states.{s}"))
+        for o in spec.outputs:
+            if o not in defs:
+                kind = "an input, not a value the cell computes" if o in spec.inputs else \
+                    f"not defined by any equation{suggest(o, defs)}"
+                raise SpecError(f"output '{o}' is {kind}", spec.where(f"outputs.{o}"))
+        for name, decl in spec.params.items():
+            if name not in self.types:
+                raise SpecError(f"parameter '{name}' is declared but not used in any equation",
+                                decl.pos)
+        return Checked(spec, tuple(order), self.param_infos(),
+                       {n: self.concrete(self.types[n], n, defs[n].pos)
+                        for n in defs if n not in spec.states})
+
+    # -- names ----------------------------------------------------------------------------
+    def definitions(self) -> dict[str, Assign]:
+        spec, defs = self.spec, {}
+        for a in self.assigns:
+            t = a.target
+            if t in defs:
+                first = defs[t].pos
+                raise SpecError(f"'{t}' is defined twice (first at line {first.line}); "
+                                "each name gets one equation per step", a.pos)
+            if t in spec.inputs:
+                raise SpecError(f"'{t}' is an input and cannot be assigned", a.pos)
+            if t in spec.params:
+                raise SpecError(f"'{t}' is a declared parameter and cannot be assigned", a.pos)
+            if t in FUNCTIONS:
+                raise SpecError(f"'{t}' is a function name and cannot be assigned", a.pos)
+            if t.endswith(PREV):
+                raise SpecError(f"'{t}' cannot be assigned: a state's previous value is given; "
+                                f"assign '{t[:-len(PREV)]}' instead", a.pos)
+            if t in spec.sizes:
+                raise SpecError(f"'{t}' is a size name and cannot be assigned", a.pos)
+            defs[t] = a
+        return defs
+
+    def classify(self, name: Name, defs) -> tuple[str, str]:
+        """('input'|'prev'|'value'|'param', base name) for a name in an expression."""
+        spec, n = self.spec, name.id
+        if n in spec.inputs:
+            return "input", n
+        if n in defs:
+            return "value", n
+        if n in spec.params:
+            return "param", n
+        if n.endswith(PREV):
+            base = n[:-len(PREV)]
+            if base in spec.states:
+                return "prev", base
+            if base in spec.inputs or base in defs:
+                raise SpecError(f"'{n}': '{base}' is not a state, so it has no previous value "
+                                f"(states: {', '.join(spec.states)})", name.pos)
+            raise SpecError(f"unknown name '{n}'{suggest(n, self.known(defs))}", name.pos)
+        if n in spec.states:
+            raise SpecError(f"state '{n}' is never assigned; use '{n}{PREV}' for its previous "
+                            "value", name.pos)
+        if n in FUNCTIONS:
+            raise SpecError(f"'{n}' is a function; call it as {n}(...)", name.pos)
+        if n in spec.sizes:
+            raise SpecError(f"'{n}' is a size, not a value", name.pos)
+        hint = suggest(n, self.known(defs), cutoff=0.75)
+        if hint:
+            raise SpecError(f"unknown name '{n}'{hint}", name.pos)
+        return "param", n
+
+    def known(self, defs) -> list[str]:
+        spec = self.spec
+        return [*spec.inputs, *defs, *(s + PREV for s in spec.states)]
+
+    def order(self, defs: dict[str, Assign]) -> list[Assign]:
+        """Equations sorted so each comes after the values it uses; a cycle is an error."""
+        deps = {}
+        for t, a in defs.items():
+            used = []
+            for e in _walk(a.expr):
+                if isinstance(e, Name):
+                    kind, base = self.classify(e, defs)
+                    if kind == "value":
+                        used.append((base, e.pos))
+                elif isinstance(e, Call):
+                    self.function(e)
+            deps[t] = used
+        done: list[Assign] = []
+        state: dict[str, int] = {}  # 1 visiting, 2 done
+
+        def visit(t: str, path: list[str], pos: SourcePos | None):
+            if state.get(t) == 2:
+                return
+            if state.get(t) == 1:
+                cycle = path[path.index(t):] + [t]
+                hint = ""
+                if t in self.spec.states:
+                    hint = f"; use '{t}{PREV}' for the previous step's value"
+                raise SpecError(f"'{t}' depends on itself within one step "
+                                f"({' -> '.join(cycle)}){hint}", pos)
+            state[t] = 1
+            for dep, dpos in deps[t]:
+                visit(dep, path + [t], dpos)
+            state[t] = 2
+            done.append(defs[t])
+
+        for t in defs:
+            visit(t, [], defs[t].pos)
+        return done
+
+    def function(self, call: Call) -> tuple[str, str]:
+        forms = FUNCTIONS.get(call.func)
+        if forms is None:
+            raise SpecError(f"unknown function '{call.func}'{suggest(call.func, FUNCTIONS)}; "
+                            f"known: {', '.join(sorted(FUNCTIONS))}", call.pos)
+        n = len(call.args)
+        if n not in forms:
+            want = " or ".join(str(k) for k in sorted(forms))
+            noun = "argument" if want == "1" else "arguments"
+            raise SpecError(f"'{call.func}' takes {want} {noun}, got {n}", call.pos)
+        return forms[n]
+
+    # -- shapes ---------------------------------------------------------------------------
+    def assign(self, a: Assign):
+        t = self.infer(a.expr)
+        if t.kind == "matrix":
+            raise SpecError(f"'{a.target}' would be a matrix; only matrix @ vector is supported",
+                            a.expr.pos)
+        if a.target in self.spec.states:
+            want = self.sizes.fresh(self.spec.states[a.target])
+            if t.kind == "vector" and not self.sizes.unify(want, t.dims[0]):
+                raise SpecError(f"shape mismatch: state '{a.target}' has size "
+                                f"({self.spec.states[a.target]},) but the right side has "
+                                f"{self.describe(t)}", a.pos)
+            t = Shape("vector", (want,))
+        self.types[a.target] = t
+
+    def infer(self, e) -> Shape:
+        if isinstance(e, Num):
+            return Shape("scalar")
+        if isinstance(e, Name):
+            return self.name_type(e)
+        if isinstance(e, Neg):
+            t = self.infer(e.operand)
+            self.not_matrix(t, e.operand)
+            return t
+        if isinstance(e, Call):
+            op, kind = self.function(e)
+            ts = [self.infer(arg) for arg in e.args]
+            for t, arg in zip(ts, e.args):
+                self.not_matrix(t, arg)
+            if kind == "map":
+                return self.join(ts[0], ts[-1], e.pos, f"'{e.func}'")
+            if ts[0].kind != "vector":
+                raise SpecError(f"'{e.func}' of one argument works along a vector's features; "
+                                f"its argument is a scalar", e.args[0].pos)
+            return Shape("scalar") if kind == "reduce" else ts[0]
+        assert isinstance(e, Binary)
+        if e.op == "@":
+            return self.matvec(e)
+        left, right = self.infer(e.left), self.infer(e.right)
+        self.not_matrix(left, e.left)
+        self.not_matrix(right, e.right)
+        return self.join(left, right, e.pos, f"'{e.op}'")
+
+    def matvec(self, e: Binary) -> Shape:
+        if not (isinstance(e.left, Name) and self.classify(e.left, self.defs)[0] == "param"):
+            raise SpecError("the left side of '@' must be a weight matrix (a parameter name)",
+                            e.left.pos)
+        w = self.param_type(e.left, "matrix")
+        v = self.infer(e.right)
+        if v.kind != "vector":
+            raise SpecError(f"the right side of '@' must be a vector; it is {self.describe(v)}",
+                            e.right.pos)
+        if not self.sizes.unify(w.dims[1], v.dims[0]):
+            raise SpecError(f"shape mismatch at '@': '{e.left.id}' has "
+                            f"{self.describe(w)} but the vector has {self.describe(v)}", e.pos)
+        return Shape("vector", (w.dims[0],))
+
+    def name_type(self, name: Name) -> Shape:
+        kind, base = self.classify(name, self.defs)
+        if kind == "input":
+            return Shape("vector", (self.sizes.fresh(self.spec.inputs[base]),))
+        if kind == "prev":
+            return Shape("vector", (self.sizes.fresh(self.spec.states[base]),))
+        if kind == "value":
+            return self.types[base]
+        return self.param_type(name, "vector")
+
+    def param_type(self, name: Name, use: str) -> Shape:
+        n = name.id
+        if n not in self.types:
+            decl = self.spec.params.get(n)
+            self.param_pos[n] = decl.pos if decl else name.pos
+            if decl is not None and decl.shape is not None:
+                dims = tuple(self.sizes.fresh(s) for s in decl.shape)
+                self.types[n] = Shape(("scalar", "vector", "matrix")[len(dims)], dims)
+            else:
+                k = 2 if use == "matrix" else 1
+                self.types[n] = Shape(use, tuple(self.sizes.fresh() for _ in range(k)))
+        t = self.types[n]
+        if use == "matrix" and t.kind != "matrix":
+            raise SpecError(f"'{n}' is used as a matrix here but is {self.describe(t)} "
+                            f"elsewhere", name.pos)
+        return t
+
+    def join(self, a: Shape, b: Shape, pos: SourcePos, where: str) -> Shape:
+        if a.kind == "scalar":
+            return b
+        if b.kind == "scalar":
+            return a
+        if not self.sizes.unify(a.dims[0], b.dims[0]):
+            raise SpecError(f"shape mismatch at {where}: {self.describe(a)} and "
+                            f"{self.describe(b)}", pos)
+        return a
+
+    def not_matrix(self, t: Shape, e):
+        if t.kind == "matrix":
+            name = e.id if isinstance(e, Name) else "this"
+            raise SpecError(f"'{name}' is a matrix; use it as {name} @ vector", e.pos)
+
+    def describe(self, t: Shape) -> str:
+        if t.kind == "scalar":
+            return "a scalar"
+        names = tuple(self.sizes.name(d) or "?" for d in t.dims)
+        return f"shape ({', '.join(names)}{',' if len(names) == 1 else ''})"
+
+    def concrete(self, t: Shape, name: str, pos: SourcePos) -> tuple[str, ...]:
+        dims = tuple(self.sizes.name(d) for d in t.dims)
+        if None in dims:
+            raise SpecError(f"cannot infer the size of '{name}' from its use; declare it under "
+                            f"'params' with a shape, e.g. shape: [{', '.join(self.spec.sizes)}]",
+                            pos)
+        return dims
+
+    def param_infos(self) -> dict[str, ParamInfo]:
+        out = {}
+        for n, pos in self.param_pos.items():
+            decl: ParamDecl | None = self.spec.params.get(n)
+            shape = self.concrete(self.types[n], n, pos)
+            out[n] = ParamInfo(n, shape, decl.init if decl else "uniform",
+                               decl.value if decl else 0.0, decl is not None, pos)
+        return out

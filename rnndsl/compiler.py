@@ -1,0 +1,49 @@
+"""The pipeline end to end: spec -> checked AST -> step IR -> backward IR -> engine -> Cell."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .check import check
+from .errors import SpecError
+from .grad import Backward, grad
+from .ir import StepIR
+from .lower import lower
+from .resources import specs_dir
+from .runtime import Cell, ReferenceEngine
+from .spec import Spec, load_spec
+
+TARGETS = ("reference",)
+
+
+def builtin_specs() -> dict[str, Path]:
+    """Built-in spec name -> file."""
+    return {p.stem: p for p in sorted(specs_dir().glob("*.yaml"))}
+
+
+def resolve(source: str | Path) -> tuple[str, str | None]:
+    """A path, a built-in spec's name, or YAML text -> (source name, text or None to read)."""
+    text = str(source)
+    if "\n" in text or ("equations" in text and ":" in text):
+        return "<string>", text
+    if not Path(text).exists() and text in builtin_specs():
+        return str(builtin_specs()[text]), None
+    return text, None
+
+
+def load(source: str | Path) -> Spec:
+    name, text = resolve(source)
+    return load_spec(name, text)
+
+
+def analyse(source: str | Path) -> tuple[StepIR, Backward]:
+    """Load, parse, check, lower and differentiate a spec."""
+    step = lower(check(load(source)))
+    return step, grad(step)
+
+
+def compile(source: str | Path, target: str = "reference") -> Cell:
+    """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell."""
+    if target not in TARGETS:
+        raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    step, bwd = analyse(source)
+    return Cell(step, bwd, ReferenceEngine(step, bwd))

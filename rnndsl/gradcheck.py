@@ -1,0 +1,60 @@
+"""Finite differences against the derived gradients, for every parameter, input and state."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .runtime import Cell
+
+
+@dataclass(frozen=True)
+class GradcheckResult:
+    errors: dict[str, float]  # array name -> relative error (max |a - n| / max(|a|, |n|))
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        return max(self.errors.items(), key=lambda kv: kv[1])
+
+
+def gradcheck(cell: Cell, T: int = 4, B: int = 3, size: int = 3, seed: int = 0,
+              eps: float = 1e-6, lengths=None, progress=None) -> GradcheckResult:
+    """Compare `cell.backward` with central differences of the loss
+    L = sum(R * outputs) + sum(S * final states), R and S random, in float64."""
+    rng = np.random.default_rng(seed)
+    sizes = {s: size + k for k, s in enumerate(cell.sizes)}  # distinct, so mixups show
+    params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
+    params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
+    xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
+    state0 = {s: 0.5 * rng.standard_normal((B, sizes[n])) for s, n in cell.states.items()}
+    fwd = cell.forward(params, xs, state0, lengths)
+    r = {o: rng.standard_normal(v.shape) for o, v in fwd.outputs.items()}
+    s_w = {s: rng.standard_normal(v.shape) for s, v in fwd.states.items()}
+
+    def loss(params, xs, state0) -> float:
+        f = cell.forward(params, xs, state0, lengths)
+        return sum(float((r[o] * f.outputs[o]).sum()) for o in r) + \
+            sum(float((s_w[s] * f.states[s]).sum()) for s in s_w)
+
+    grads = cell.backward(params, fwd, r, s_w)
+    groups = [("param", params, grads.params), ("input", xs, grads.inputs),
+              ("state0", state0, grads.state0)]
+    errors = {}
+    for kind, arrays, derived in groups:
+        for name, arr in arrays.items():
+            numeric = np.zeros_like(arr)
+            flat, out = arr.reshape(-1), numeric.reshape(-1)
+            for k in range(flat.size):
+                keep = flat[k]
+                flat[k] = keep + eps
+                up = loss(params, xs, state0)
+                flat[k] = keep - eps
+                down = loss(params, xs, state0)
+                flat[k] = keep
+                out[k] = (up - down) / (2 * eps)
+            a = np.asarray(derived[name])
+            scale = max(np.abs(a).max(initial=0.0), np.abs(numeric).max(initial=0.0), 1e-12)
+            errors[f"{kind} {name}"] = float(np.abs(a - numeric).max(initial=0.0) / scale)
+            if progress is not None:
+                progress(f"{kind} {name}")
+    return GradcheckResult(errors)

@@ -1,0 +1,146 @@
+"""Stage 2, parse: equation text becomes an AST whose every node knows its place in the file.
+
+The grammar (grammars/equations.lark, LALR) only says what is well formed; names, functions
+and shapes are the checker's business. Lark's errors are turned into `SpecError`s here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from .errors import SourcePos, SpecError
+from .resources import grammar_path
+from .spec import Equation, TextOrigin
+
+
+@dataclass(frozen=True)
+class Num:
+    value: float
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Name:
+    id: str
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str
+    args: tuple
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str  # one of + - * / @ **
+    left: object
+    right: object
+    pos: SourcePos  # the operator
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: object
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Assign:
+    target: str
+    expr: object
+    pos: SourcePos  # the target name
+
+
+Expr = Num | Name | Call | Binary | Neg
+
+_READABLE = {
+    "NAME": "a name", "NUMBER": "a number", "EQUALS": "'='", "PLUS": "'+'", "MINUS": "'-'",
+    "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "POW": "'**'", "LPAR": "'('", "RPAR": "')'",
+    "COMMA": "','", "_NL": "end of line", "$END": "end of equations",
+}
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(grammar_path().read_text(), parser="lalr", start="start", maybe_placeholders=False)
+
+
+def parse_equations(eq: Equation) -> list[Assign]:
+    """Parse one block of equation text into assignments, in source order."""
+    try:
+        tree = _parser().parse(eq.text)
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, eq.text, eq.origin) from None
+    return _ToAst(eq.origin).transform(tree)
+
+
+def _syntax_error(exc: UnexpectedInput, text: str, origin: TextOrigin) -> SpecError:
+    line, col = getattr(exc, "line", -1), getattr(exc, "column", -1)
+    if line is None or line < 1:  # at end of input: point just past the last character
+        lines = text.rstrip("\n").split("\n")
+        line, col = len(lines), len(lines[-1]) + 1
+    if isinstance(exc, UnexpectedCharacters):
+        ch = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else "?"
+        return SpecError(f"unexpected character '{ch}' in an equation", origin.pos(line, col))
+    expected = sorted({_READABLE.get(t, t) for t in getattr(exc, "expected", ()) or ()
+                       if not t.startswith("__")})
+    if isinstance(exc, UnexpectedToken) and exc.token.type != "$END":
+        tok = exc.token
+        what = "end of line" if tok.type == "_NL" else f"'{tok}'"
+        msg = f"unexpected {what}"
+    else:
+        msg = "unexpected end of equation"
+    if "a name" in expected and "a number" in expected:
+        msg += "; expected an expression"
+    elif expected:
+        msg += f"; expected {' or '.join(expected[:4])}"
+    return SpecError(msg, origin.pos(line, col))
+
+
+@v_args(inline=True)
+class _ToAst(Transformer):
+    def __init__(self, origin: TextOrigin):
+        super().__init__()
+        self.origin = origin
+
+    def at(self, tok: Token) -> SourcePos:
+        return self.origin.pos(tok.line, tok.column)
+
+    def start(self, *assigns):
+        return list(assigns)
+
+    def assign(self, name, _eq, expr):
+        return Assign(str(name), expr, self.at(name))
+
+    def binary(self, left, op, right):
+        return Binary(str(op), left, right, self.at(op))
+
+    def neg(self, op, operand):
+        if isinstance(operand, Num):  # a literal's sign belongs to the literal
+            return Num(-operand.value, self.at(op))
+        return Neg(operand, self.at(op))
+
+    def pos(self, _op, operand):
+        return operand
+
+    def number(self, tok):
+        return Num(float(tok), self.at(tok))
+
+    def name(self, tok):
+        return Name(str(tok), self.at(tok))
+
+    def call(self, name, _lpar, *rest):
+        args = tuple(a for a in rest[:-1] if not isinstance(a, Token))
+        return Call(str(name), args, self.at(name))
+
+    def group(self, _lpar, expr, _rpar):
+        return expr
+
+
+def pos_of(expr) -> SourcePos:
+    return expr.pos

@@ -1,0 +1,286 @@
+"""Stage 1, load: a YAML spec file becomes a `Spec`, every value keeping its source position.
+
+YAML is composed with the safe loader into nodes (which carry marks) and read from the node
+tree directly, so every later error can point at the file, line and column of the text.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import SourcePos, SpecError, suggest
+
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+TOP_KEYS = ("name", "summary", "sizes", "inputs", "states", "outputs", "params", "equations")
+PARAM_KEYS = ("shape", "init")
+INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    name: str
+    shape: tuple[str, ...] | None  # None: infer from use
+    init: str  # one of INITS
+    value: float  # for init == "constant"
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Equation:
+    """The raw text of one equation block, and how to map its offsets back to the file."""
+
+    text: str
+    origin: "TextOrigin"
+
+
+@dataclass(frozen=True)
+class TextOrigin:
+    """Maps (line, column) inside a YAML scalar's string value to a position in the file."""
+
+    file: str
+    lines: tuple[str, ...]  # the file's lines
+    first_line: int  # 0-based file line of the string's first line
+    first_col: int  # 0-based file column of the string's first character
+    indent: int  # 0-based column of continuation lines (block scalars)
+
+    def pos(self, line: int, col: int) -> SourcePos:
+        """line, col are 1-based inside the string."""
+        fline = self.first_line + line - 1
+        fcol = (self.first_col if line == 1 else self.indent) + col - 1
+        text = self.lines[fline] if 0 <= fline < len(self.lines) else ""
+        return SourcePos(self.file, fline + 1, fcol + 1, text)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    summary: str
+    sizes: tuple[str, ...]
+    inputs: dict[str, str]  # name -> size
+    states: dict[str, str]  # name -> size
+    outputs: tuple[str, ...]
+    params: dict[str, ParamDecl]
+    equations: tuple[Equation, ...]
+    file: str
+    positions: dict[str, SourcePos] = field(default_factory=dict, compare=False)
+    source: str = field(default="", compare=False)
+
+    def where(self, key: str) -> SourcePos | None:
+        """Position of a declared name (`inputs.x`, `states.h`, `outputs.h`, `sizes.input`)."""
+        return self.positions.get(key)
+
+
+def load_spec(source: str | Path, text: str | None = None) -> Spec:
+    """Load a spec from a path, or from YAML text (then `source` names it in messages)."""
+    if text is None:
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SpecError(f"cannot read spec: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"{source}: not a UTF-8 text file") from None
+    return _SpecReader(str(source), text).read()
+
+
+class _SpecReader:
+    def __init__(self, file: str, text: str):
+        self.file = file
+        self.text = text
+        self.lines = tuple(text.splitlines())
+        self.positions: dict[str, SourcePos] = {}
+
+    # -- positions -----------------------------------------------------------------------
+    def at(self, mark) -> SourcePos:
+        line = self.lines[mark.line] if mark.line < len(self.lines) else ""
+        return SourcePos(self.file, mark.line + 1, mark.column + 1, line)
+
+    def fail(self, message: str, node=None, mark=None) -> SpecError:
+        if node is not None:
+            mark = node.start_mark
+        return SpecError(message, self.at(mark) if mark is not None else None)
+
+    # -- reading -------------------------------------------------------------------------
+    def read(self) -> Spec:
+        try:
+            root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            problem = exc.problem or exc.context or "malformed YAML"
+            raise self.fail(f"YAML syntax error: {problem}", mark=mark) from None
+        except yaml.YAMLError as exc:  # pragma: no cover - unmarked YAML errors are rare
+            raise SpecError(f"{self.file}: YAML error: {exc}") from None
+        if root is None:
+            raise SpecError("empty spec: expected a mapping with name, sizes, inputs, states, "
+                            "outputs and equations", SourcePos(self.file, 1, 1, ""))
+        top = self.mapping(root, "the spec")
+        for key, (knode, _) in top.items():
+            if key not in TOP_KEYS:
+                raise self.fail(f"unknown key '{key}'{suggest(key, TOP_KEYS)}", knode)
+        for key in ("name", "sizes", "states", "equations"):
+            if key not in top:
+                raise self.fail(f"missing required key '{key}'", root)
+
+        name = self.scalar_str(top["name"][1], "name")
+        if not NAME_RE.match(name):
+            raise self.fail(f"spec name '{name}' must be a name (letters, digits, _)", top["name"][1])
+        summary = self.scalar_str(top["summary"][1], "summary") if "summary" in top else ""
+        sizes = self.names_list(top["sizes"][1], "sizes", "sizes")
+        if not sizes:
+            raise self.fail("'sizes' must name at least one size", top["sizes"][1])
+        inputs = self.sized_names(top["inputs"][1], "inputs", sizes) if "inputs" in top else {}
+        states = self.sized_names(top["states"][1], "states", sizes)
+        if not states:
+            raise self.fail("a recurrent cell needs at least one state", top["states"][1])
+        for n in inputs:
+            if n in states:
+                raise SpecError(f"'{n}' is declared both as an input and as a state",
+                                self.positions[f"states.{n}"])
+        if "outputs" in top:
+            onode = top["outputs"][1]
+            if isinstance(onode, yaml.ScalarNode):
+                outputs = (self.name_of(onode, "outputs"),)
+                self.positions[f"outputs.{outputs[0]}"] = self.at(onode.start_mark)
+            else:
+                outputs = tuple(self.names_list(onode, "outputs", "outputs"))
+        else:
+            outputs = tuple(states)
+        if not outputs:
+            raise self.fail("'outputs' must name at least one value", top["outputs"][1])
+        params = self.params(top["params"][1], sizes) if "params" in top else {}
+        equations = self.equations(top["equations"][1])
+        return Spec(name=name, summary=summary, sizes=tuple(sizes), inputs=inputs, states=states,
+                    outputs=outputs, params=params, equations=equations, file=self.file,
+                    positions=self.positions, source=self.text)
+
+    def mapping(self, node, what: str) -> dict[str, tuple]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(f"{what} must be a mapping (key: value lines)", node)
+        out: dict[str, tuple] = {}
+        for knode, vnode in node.value:
+            key = self.name_of(knode, what) if isinstance(knode, yaml.ScalarNode) else None
+            if key is None:
+                raise self.fail(f"keys of {what} must be names", knode)
+            if key in out:
+                raise self.fail(f"'{key}' appears twice in {what}", knode)
+            out[key] = (knode, vnode)
+        return out
+
+    def scalar_str(self, node, what: str) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(f"'{what}' must be a single value", node)
+        return node.value
+
+    def name_of(self, node, what: str) -> str:
+        value = self.scalar_str(node, what)
+        if not NAME_RE.match(value):
+            raise self.fail(f"'{value}' in {what} is not a valid name "
+                            "(letters, digits and _, not starting with a digit)", node)
+        return value
+
+    def names_list(self, node, what: str, key: str) -> list[str]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(f"'{what}' must be a list, e.g. [input, hidden]", node)
+        names: list[str] = []
+        for item in node.value:
+            n = self.name_of(item, what)
+            if n in names:
+                raise self.fail(f"'{n}' appears twice in {what}", item)
+            self.positions[f"{key}.{n}"] = self.at(item.start_mark)
+            names.append(n)
+        return names
+
+    def sized_names(self, node, what: str, sizes: list[str]) -> dict[str, str]:
+        out = {}
+        for n, (knode, vnode) in self.mapping(node, what).items():
+            size = self.name_of(vnode, what)
+            if size not in sizes:
+                raise self.fail(f"unknown size '{size}' for '{n}'{suggest(size, sizes)}"
+                                f"; sizes are declared in 'sizes'", vnode)
+            self.positions[f"{what}.{n}"] = self.at(knode.start_mark)
+            out[n] = size
+        return out
+
+    def params(self, node, sizes: list[str]) -> dict[str, ParamDecl]:
+        out = {}
+        for n, (knode, vnode) in self.mapping(node, "params").items():
+            pos = self.at(knode.start_mark)
+            self.positions[f"params.{n}"] = pos
+            shape, init, value = None, "uniform", 0.0
+            if isinstance(vnode, yaml.ScalarNode) and vnode.value in ("", "~", "null"):
+                fields = {}
+            else:
+                fields = self.mapping(vnode, f"params.{n}")
+            for key, (fk, fv) in fields.items():
+                if key not in PARAM_KEYS:
+                    raise self.fail(f"unknown key '{key}' for parameter '{n}'"
+                                    f"{suggest(key, PARAM_KEYS)}", fk)
+            if "shape" in fields:
+                fv = fields["shape"][1]
+                if isinstance(fv, yaml.ScalarNode) and fv.value in sizes:
+                    shape = (fv.value,)
+                else:
+                    shape = tuple(self.names_list(fv, f"the shape of '{n}'", f"params.{n}.shape"))
+                    if len(shape) > 2:
+                        raise self.fail(f"parameter '{n}' has {len(shape)} dimensions; "
+                                        "at most 2 (a matrix) are supported", fv)
+                    for s, item in zip(shape, fv.value):
+                        if s not in sizes:
+                            raise self.fail(f"unknown size '{s}'{suggest(s, sizes)}", item)
+            if "init" in fields:
+                init, value = self.init(fields["init"][1], n)
+            out[n] = ParamDecl(n, shape, init, value, pos)
+        return out
+
+    def init(self, node, pname: str) -> tuple[str, float]:
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return "constant", float(node.value)
+            except ValueError:
+                pass
+            if node.value in INITS and node.value != "constant":
+                return node.value, 0.0
+            raise self.fail(f"unknown init '{node.value}' for '{pname}'{suggest(node.value, INITS)}; "
+                            "use uniform, zeros, ones, orthogonal or a number", node)
+        fields = self.mapping(node, f"the init of '{pname}'")
+        if list(fields) != ["constant"]:
+            raise self.fail("an init mapping must be {constant: VALUE}", node)
+        vnode = fields["constant"][1]
+        try:
+            return "constant", float(self.scalar_str(vnode, "constant"))
+        except ValueError:
+            raise self.fail("constant init needs a number", vnode) from None
+
+    def equations(self, node) -> tuple[Equation, ...]:
+        if isinstance(node, yaml.ScalarNode):
+            blocks = [node]
+        elif isinstance(node, yaml.SequenceNode):
+            blocks = node.value
+            for item in blocks:
+                if not isinstance(item, yaml.ScalarNode):
+                    raise self.fail("each equation must be a string", item)
+        else:
+            raise self.fail("'equations' must be a block of text (use 'equations: |') "
+                            "or a list of strings", node)
+        out = tuple(Equation(b.value, self.origin(b)) for b in blocks)
+        if not any(e.text.strip() for e in out):
+            raise self.fail("'equations' is empty", node)
+        return out
+
+    def origin(self, node) -> TextOrigin:
+        start = node.start_mark
+        if node.style in ("|", ">"):
+            # Block scalar: content starts on the next line, at the block's indentation.
+            first = start.line + 1
+            while first < len(self.lines) and not self.lines[first].strip():
+                first += 1
+            line = self.lines[first] if first < len(self.lines) else ""
+            indent = len(line) - len(line.lstrip(" "))
+            # Blank leading lines are kept by '|' in the value, so count from the mark.
+            return TextOrigin(self.file, self.lines, start.line + 1, indent, indent)
+        quote = 1 if node.style in ("'", '"') else 0
+        return TextOrigin(self.file, self.lines, start.line, start.column + quote,
+                          start.column + quote)

@@ -1,0 +1,83 @@
+"""What `rnndsl compile` tells about a cell: its interface, parameters, GEMM groups and cost."""
+from __future__ import annotations
+
+from collections import Counter
+
+from . import ir
+from .ir import Node, StepIR
+from .runtime import Cell
+
+_FREE = ("input", "prev", "param", "const", "size", "adj", "bcast")
+
+
+def flops_per_step(roots: list[Node]) -> Counter:
+    """Floating-point operations per batch row and time step, as {monomial: coefficient}, a
+    monomial being a sorted tuple of size names (2 per multiply-add in matrix products, 1 per
+    element for everything else)."""
+    cost: Counter = Counter()
+    for n in ir.topo_order(roots):
+        if n.op in _FREE:
+            continue
+        if n.op in ("matvec", "matvec_t"):
+            cost[tuple(sorted(n.args[0].shape))] += 2
+        elif n.op in ("rsum", "rmean", "rmax"):
+            cost[n.args[0].shape] += 1
+        elif n.op == "softmax":
+            cost[n.shape] += 4
+        else:
+            cost[n.shape] += 1
+    return cost
+
+
+def format_poly(poly: Counter) -> str:
+    terms = []
+    for mono, k in sorted(poly.items(), key=lambda kv: (-len(kv[0]), kv[0])):
+        powers = Counter(mono)
+        factors = [s if p == 1 else f"{s}^{p}" for s, p in sorted(powers.items())]
+        text = "·".join(factors) or "1"
+        terms.append(text if k == 1 else f"{k}·{text}" if factors else str(k))
+    return " + ".join(terms) or "0"
+
+
+def evaluate_poly(poly: Counter, sizes: dict[str, int]) -> int:
+    total = 0
+    for mono, k in poly.items():
+        v = k
+        for s in mono:
+            v *= sizes[s]
+        total += v
+    return total
+
+
+def describe(cell: Cell) -> str:
+    step: StepIR = cell.step
+    lines = [f"{step.name}: {step.summary}" if step.summary else step.name]
+    lines.append(f"  sizes    {', '.join(step.sizes)}")
+    lines.append(f"  inputs   {_sized(step.inputs)}")
+    lines.append(f"  states   {_sized(step.states)}")
+    lines.append(f"  outputs  {', '.join(f'{o} {_shape(step.shape_of(o))}' for o in step.outputs)}")
+    lines.append(f"  params   {len(step.params)}")
+    for p, info in step.params.items():
+        how = "declared" if info.declared else "inferred"
+        init = info.init if info.init != "constant" else f"constant {info.value:g}"
+        lines.append(f"    {p:<12} {_shape(info.shape):<18} {init:<12} {how} at "
+                     f"line {info.pos.line}, column {info.pos.column}")
+    if cell.plan is not None:
+        lines.append("  GEMM groups")
+        lines += [f"    {g}" for g in cell.plan.describe_groups()]
+    fwd = flops_per_step(step.roots())
+    bwd = flops_per_step(cell.backward_ir.roots())
+    for terms in cell.backward_ir.d_matrices.values():  # dW += g v^T, per row
+        for g, v in terms:
+            bwd[tuple(sorted(g.shape + v.shape))] += 2
+    lines.append(f"  FLOPs per step and batch row: forward {format_poly(fwd)}")
+    lines.append(f"                                backward {format_poly(bwd)}")
+    return "\n".join(lines)
+
+
+def _shape(shape: tuple[str, ...]) -> str:
+    return "scalar" if not shape else f"({', '.join(shape)})"
+
+
+def _sized(d: dict[str, str]) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in d.items()) or "none"
