@@ -9,10 +9,11 @@ from .grad import Backward, grad
 from .ir import StepIR
 from .lower import lower
 from .resources import specs_dir
-from .runtime import Cell, ReferenceEngine
+from .runtime import Cell, CpuEngine, ReferenceEngine
+from .schedule import plan
 from .spec import Spec, load_spec
 
-TARGETS = ("reference",)
+TARGETS = ("cpu", "reference")
 
 
 def builtin_specs() -> dict[str, Path]:
@@ -41,9 +42,11 @@ def analyse(source: str | Path) -> tuple[StepIR, Backward]:
     return step, grad(step)
 
 
-def compile(source: str | Path, target: str = "reference") -> Cell:
+def compile(source: str | Path, target: str = "cpu") -> Cell:
     """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     step, bwd = analyse(source)
-    return Cell(step, bwd, ReferenceEngine(step, bwd))
+    kernel_plan = plan(step, bwd)
+    engine = CpuEngine(step, bwd, kernel_plan) if target == "cpu" else ReferenceEngine(step, bwd)
+    return Cell(step, bwd, engine, kernel_plan)

@@ -213,6 +213,25 @@ def topo_order(roots) -> list[Node]:
     return order
 
 
+def topo_order_until(roots, stop) -> list[Node]:
+    """Like topo_order, but not looking past nodes for which stop(node) is true."""
+    seen: set[int] = set()
+    order: list[Node] = []
+    stack = [(r, False) for r in reversed(list(roots))]
+    while stack:
+        n, done = stack.pop()
+        if done:
+            order.append(n)
+            continue
+        if n.uid in seen:
+            continue
+        seen.add(n.uid)
+        stack.append((n, True))
+        if not stop(n):
+            stack.extend((a, False) for a in reversed(n.args) if a.uid not in seen)
+    return order
+
+
 # -- printing -------------------------------------------------------------------------------
 _INFIX = {"add": ("+", 1), "sub": ("-", 1), "mul": ("*", 2), "div": ("/", 2),
           "matvec": ("@", 3), "matvec_t": ("@", 3), "pow": ("**", 5)}

@@ -24,6 +24,7 @@ HARD_SLOPE, HARD_EDGE = 0.2, 2.5  # hard_sigmoid(x) = clip(0.2 x + 0.5, 0, 1)
 class Op:
     numpy: Callable  # forward rule on NumPy arrays
     grad: Callable[[Node, Node], tuple]  # (y, g) -> one contribution per argument
+    code: str = ""  # one scalar element in generated kernels; names from kernel_lib.KERNEL_FUNCTIONS
 
 
 def _sigmoid(x):
@@ -55,31 +56,31 @@ def _x(y: Node) -> Node:
 
 OPS: dict[str, Op] = {
     # arithmetic
-    "add": Op(np.add, lambda y, g: (g, g)),
-    "sub": Op(np.subtract, lambda y, g: (g, neg(g))),
-    "mul": Op(np.multiply, lambda y, g: (mul(g, y.args[1]), mul(g, y.args[0]))),
-    "div": Op(np.divide, lambda y, g: (div(g, y.args[1]), neg(div(mul(g, y), y.args[1])))),
-    "neg": Op(np.negative, lambda y, g: (neg(g),)),
+    "add": Op(np.add, lambda y, g: (g, g), "({0} + {1})"),
+    "sub": Op(np.subtract, lambda y, g: (g, neg(g)), "({0} - {1})"),
+    "mul": Op(np.multiply, lambda y, g: (mul(g, y.args[1]), mul(g, y.args[0])), "({0} * {1})"),
+    "div": Op(np.divide, lambda y, g: (div(g, y.args[1]), neg(div(mul(g, y), y.args[1]))), "({0} / {1})"),
+    "neg": Op(np.negative, lambda y, g: (neg(g),), "(-{0})"),
     "pow": Op(np.power, lambda y, g: (
         mul(g, mul(y.args[1], power(y.args[0], sub(y.args[1], ONE)))),
-        None if y.args[1].op in ("const", "size") else mul(g, mul(ir.apply("log", y.args[0]), y)))),
+        None if y.args[1].op in ("const", "size") else mul(g, mul(ir.apply("log", y.args[0]), y))), "power({0}, {1})"),
     # elementwise functions
-    "sigmoid": Op(_sigmoid, lambda y, g: (mul(g, mul(y, sub(ONE, y))),)),
-    "tanh": Op(np.tanh, lambda y, g: (mul(g, sub(ONE, power(y, TWO))),)),
-    "relu": Op(lambda x: np.maximum(x, 0), lambda y, g: (mul(g, ir.apply("step", _x(y))),)),
-    "exp": Op(np.exp, lambda y, g: (mul(g, y),)),
-    "log": Op(np.log, lambda y, g: (div(g, _x(y)),)),
-    "softplus": Op(_softplus, lambda y, g: (mul(g, ir.apply("sigmoid", _x(y))),)),
+    "sigmoid": Op(_sigmoid, lambda y, g: (mul(g, mul(y, sub(ONE, y))),), "sigmoid({0})"),
+    "tanh": Op(np.tanh, lambda y, g: (mul(g, sub(ONE, power(y, TWO))),), "tanh({0})"),
+    "relu": Op(lambda x: np.maximum(x, 0), lambda y, g: (mul(g, ir.apply("step", _x(y))),), "relu({0})"),
+    "exp": Op(np.exp, lambda y, g: (mul(g, y),), "math.exp({0})"),
+    "log": Op(np.log, lambda y, g: (div(g, _x(y)),), "math.log({0})"),
+    "softplus": Op(_softplus, lambda y, g: (mul(g, ir.apply("sigmoid", _x(y))),), "softplus({0})"),
     "hard_sigmoid": Op(_hard_sigmoid, lambda y, g: (mul(g, mul(const(HARD_SLOPE), ir.apply(
-        "step", sub(const(HARD_EDGE), ir.apply("abs", _x(y)))))),)),
-    "abs": Op(np.abs, lambda y, g: (mul(g, ir.apply("sign", _x(y))),)),
-    "sqrt": Op(np.sqrt, lambda y, g: (div(mul(HALF, g), y),)),
-    "minimum": Op(np.minimum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[1], y.args[0])))),
-    "maximum": Op(np.maximum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[0], y.args[1])))),
+        "step", sub(const(HARD_EDGE), ir.apply("abs", _x(y)))))),), "hard_sigmoid({0})"),
+    "abs": Op(np.abs, lambda y, g: (mul(g, ir.apply("sign", _x(y))),), "abs({0})"),
+    "sqrt": Op(np.sqrt, lambda y, g: (div(mul(HALF, g), y),), "math.sqrt({0})"),
+    "minimum": Op(np.minimum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[1], y.args[0]))), "min({0}, {1})"),
+    "maximum": Op(np.maximum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[0], y.args[1]))), "max({0}, {1})"),
     # derivative helpers: piecewise constant, so no gradient of their own
-    "step": Op(_step, lambda y, g: (None,)),
-    "sign": Op(np.sign, lambda y, g: (None,)),
-    "eq": Op(lambda a, b: (a == b).astype(np.result_type(a, b)), lambda y, g: (None, None)),
+    "step": Op(_step, lambda y, g: (None,), "step({0})"),
+    "sign": Op(np.sign, lambda y, g: (None,), "sign({0})"),
+    "eq": Op(lambda a, b: (a == b).astype(np.result_type(a, b)), lambda y, g: (None, None), "equal({0}, {1})"),
     # rows: reductions over the feature axis give one value per batch row
     "rsum": Op(lambda x: x.sum(axis=-1, keepdims=True), lambda y, g: (g,)),
     "rmean": Op(lambda x: x.mean(axis=-1, keepdims=True),

@@ -1,0 +1,500 @@
+"""Stage 6, schedule: the forward and backward step IR become a kernel plan.
+
+Decisions made here, once per cell, for every target:
+* Matrix products whose vector does not depend on the previous step are hoisted: one GEMM over
+  all T*B rows before the time loop. Products that share a vector are stacked into one GEMM,
+  whatever their parameters are called (an LSTM's four gates: one (B,H)x(H,4H) product).
+* In backward, sums of W.T @ g terms become one stacked GEMM (`gemm_t`); the ones that feed
+  the input's gradient are deferred to one GEMM over all T*B rows after the loop, and weight
+  gradients are one GEMM per shared vector over all T*B rows.
+* Products of values computed inside the step (GRU's U @ (r * h_prev)) split the step into
+  phases; the elementwise work of a phase is one fused loop nest per batch row, with row
+  reductions as extra passes over the row (`Phase.loops`).
+* What backward needs from forward: expensive values (transcendentals, reductions, GEMM
+  results) are saved on the tape; cheap arithmetic on saved values is recomputed.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from . import ir
+from .grad import Backward
+from .ir import Node, StepIR
+
+CHEAP = ("add", "sub", "mul", "div", "neg", "bcast", "step", "sign", "relu", "abs")
+REDUCTIONS = ("rsum", "rmax")
+
+
+# -- rewriting for code generation ----------------------------------------------------------
+class Rewriter:
+    """Expands ops that kernels compute in passes (softmax, mean) and stacks W.T @ g sums.
+    Memoised, so a forward node maps to the same node in the forward and backward plans."""
+
+    def __init__(self):
+        self.memo: dict[int, Node] = {}
+
+    def __call__(self, n: Node) -> Node:
+        done = self.memo.get(n.uid)
+        if done is not None:
+            return done
+        for a in ir.topo_order([n]):
+            if a.uid not in self.memo:
+                self.memo[a.uid] = self._one(a, [self.memo[b.uid] for b in a.args])
+        return self.memo[n.uid]
+
+    def _one(self, n: Node, args: list[Node]) -> Node:
+        if n.is_leaf:
+            return n
+        if n.op == "softmax":
+            x = args[0]
+            e = ir.apply("exp", ir.sub(x, ir.reduce("rmax", x)))
+            return ir.div(e, ir.reduce("rsum", e))
+        if n.op == "rmean":
+            return ir.div(ir.reduce("rsum", args[0]), ir.size(n.args[0].shape[0]))
+        if n.op in ("add", "matvec_t"):
+            terms = [n] if n.op == "matvec_t" else _terms(n)
+            products = [t for t in terms if t.op == "matvec_t"]
+            if products:
+                products.sort(key=lambda t: self(t.args[1]).uid)
+                weights = tuple(t.args[0].attr for t in products)
+                grads = tuple(self(t.args[1]) for t in products)
+                stacked = ir.node("gemm_t", grads, weights, n.shape)
+                rest = [self(t) for t in terms if t.op != "matvec_t"]
+                return ir.add_all([stacked, *rest])
+        return ir.node(n.op, tuple(args), n.attr, n.shape)
+
+
+def _terms(n: Node) -> list[Node]:
+    """The terms of a tree of additions."""
+    return [t for a in n.args for t in (_terms(a) if a.op == "add" else [a])]
+
+
+# -- the plan -------------------------------------------------------------------------------
+@dataclass
+class Buffer:
+    """A stored array: (T, B, K) per step (`per_step`) or (B, K) scratch; K is a sum of
+    column blocks, one per node."""
+
+    name: str
+    columns: list[tuple[Node, int]]  # node, index of its block (offsets are sums of sizes)
+    per_step: bool = True
+
+    def offset(self, index: int) -> list[str]:
+        """Size names whose sum is the column offset of block `index` (scalars count 1)."""
+        return [(n.shape[0] if n.shape else "1") for n, _ in self.columns[:index]]
+
+    def width(self) -> list[str]:
+        return self.offset(len(self.columns))
+
+    def block(self, n: Node) -> int:
+        for node, k in self.columns:
+            if node is n:
+                return k
+        raise KeyError(n)
+
+
+@dataclass
+class Gemm:
+    """out (rows, K) = vector (rows, cols) @ stack.T, stack = the weights stacked by rows.
+    Forward products; `out` holds the products in the weights' order."""
+
+    name: str
+    weights: tuple[str, ...]
+    vector: Node
+    products: tuple[Node, ...]
+    hoisted: bool
+    stage: int = 0
+
+
+@dataclass
+class GemmT:
+    """out (rows, cols) = G (rows, K) @ stack, G the buffer of gradients `grads`, stack the
+    weights stacked by rows: the sum of W_k.T @ g_k."""
+
+    name: str
+    node: Node  # the gemm_t node
+    buffer: Buffer
+    deferred: bool  # over all T*B rows after the loop (input gradients)
+    stage: int = 0
+
+
+@dataclass
+class WeightGrad:
+    """dW_stack (K, cols) = G.T @ V over all T*B rows, split back into the weights."""
+
+    buffer: Buffer
+    weights: tuple[str, ...]  # one per column block of the buffer, in order
+    vector: Node
+
+
+@dataclass
+class Phase:
+    """Elementwise work between two GEMM stages: per batch row, a sequence of loops over
+    features (`loops`, each (size, nodes)) with per-row scalars computed between them."""
+
+    index: int
+    steps: list[tuple[str, object]] = field(default_factory=list)  # ("loop", (size, [nodes])) | ("scalar", node)
+
+
+@dataclass
+class Store:
+    node: Node
+    kind: str  # "state" | "output" | "dprev" | "plain"
+    target: str  # what the emitter calls the array (a state, output, buffer or input name)
+    block: int = 0
+
+
+@dataclass
+class Program:
+    """One time loop (or a loop over all rows when `steps` is False): GEMM stages and
+    elementwise phases, alternating."""
+
+    name: str
+    reverse: bool
+    stores: list[Store]
+    reads: dict[int, tuple[str, str, int]]  # node uid -> (kind, array, block)
+    gemms: list[Gemm]
+    gemm_ts: list[GemmT]
+    phases: list[Phase]
+    spills: dict[int, str]  # node uid -> scratch array (values used across loops or phases)
+    place: dict[int, tuple[int, int]]  # node uid -> (phase, loop index) it is computed in
+
+
+@dataclass
+class Plan:
+    step: StepIR
+    backward: Backward
+    pre: Program | None  # hoisted vectors that are not inputs, over all T*B rows
+    hoisted: list[Gemm]
+    forward: Program
+    back: Program
+    tape: Buffer  # forward values saved for backward
+    vectors: dict[int, Buffer]  # per-step GEMM vectors kept for weight gradients
+    grad_buffers: list[Buffer]
+    deferred: list[tuple[str, GemmT]]  # input name, its stacked GEMM after the loop
+    weight_grads: list[WeightGrad]
+    param_grads: dict[str, tuple[str, object]]  # vector/scalar param -> ("buffer", (Buffer, block))
+    input_rest: dict[str, Node]  # input gradient terms computed in the loop
+
+    def describe_groups(self) -> list[str]:
+        out = []
+        for g in self.hoisted:
+            out.append(f"forward  {_vec(g.vector)} @ [{', '.join(g.weights)}].T  hoisted: one "
+                       f"GEMM over all T*B rows")
+        for g in self.forward.gemms:
+            out.append(f"forward  {_vec(g.vector)} @ [{', '.join(g.weights)}].T  per step, "
+                       f"stage {g.stage}")
+        for g in self.back.gemm_ts:
+            out.append(f"backward [{', '.join(g.node.attr)}].T-sum  per step, stage {g.stage}")
+        for x, g in self.deferred:
+            out.append(f"backward d_{x} = [{', '.join(g.node.attr)}] stacked  after the loop, "
+                       f"over all T*B rows")
+        for w in self.weight_grads:
+            out.append(f"weights  d[{', '.join(w.weights)}] = G.T @ {_vec(w.vector)}  after "
+                       f"the loop, over all T*B rows")
+        return out
+
+
+def _vec(n: Node) -> str:
+    if n.op == "prev":
+        return f"{n.attr}_prev"
+    if n.op == "input":
+        return str(n.attr)
+    return f"({ir.render(n)})"
+
+
+# -- planning -------------------------------------------------------------------------------
+def plan(step: StepIR, bwd: Backward) -> Plan:
+    rw = Rewriter()
+    values = {name: rw(n) for name, n in step.values.items()}
+    state_vals = {s: values[s] for s in step.states}
+    out_vals = {o: values[o] for o in step.outputs}
+
+    # Backward roots, rewritten; input gradients split into stacked products (deferred) and
+    # the rest (computed in the loop).
+    d_prev = {s: rw(n) for s, n in bwd.d_prev.items()}
+    deferred, input_rest = [], {}
+    for x, n in bwd.d_inputs.items():
+        r = rw(n)
+        terms = _terms(r) if r.op == "add" else [r]
+        for t in terms:
+            if t.op == "gemm_t":
+                deferred.append((x, t))
+        rest = [t for t in terms if t.op != "gemm_t" and not t.is_const(0.0)]
+        if rest:
+            input_rest[x] = ir.add_all(rest)
+    d_params = {p: rw(n) for p, n in bwd.d_params.items()}
+    matrix_terms = {w: [(rw(g), rw(v)) for g, v in terms] for w, terms in bwd.d_matrices.items()}
+
+    # Forward matrix products: hoisted when the vector does not depend on the previous step
+    # and needs no product itself; grouped by vector.
+    fwd_roots = [*state_vals.values(), *out_vals.values()]
+    bwd_roots = [*d_prev.values(), *input_rest.values(), *d_params.values()] + \
+        [n for terms in matrix_terms.values() for g, v in terms for n in (g, v)] + \
+        [g for _, t in deferred for g in t.args]
+    recurrent = _recurrent(ir.topo_order(fwd_roots + bwd_roots))
+
+    # What backward reads of forward values: leaves, hoisted products, the tape.
+    tape_nodes: list[Node] = []
+    all_fwd = [n for n in ir.topo_order(bwd_roots) if not _adjoint(n)]
+    groups: dict[int, list[Node]] = defaultdict(list)
+    for n in ir.topo_order(fwd_roots + all_fwd):
+        if n.op == "matvec":
+            groups[n.args[1].uid].append(n)
+    hoisted, per_step = [], []
+    for k, (vuid, products) in enumerate(groups.items()):
+        v = products[0].args[1]
+        weights = tuple(dict.fromkeys(p.args[0].attr for p in products))
+        products = tuple({p.args[0].attr: p for p in products}[w] for w in weights)
+        hoist = vuid not in recurrent and not any(a.op == "matvec" for a in ir.topo_order([v]))
+        (hoisted if hoist else per_step).append(Gemm(f"{'xp' if hoist else 'mm'}{k}", weights,
+                                                     v, products, hoist))
+    hoisted_uids = {p.uid for g in hoisted for p in g.products}
+
+    needed = _backward_needs(bwd_roots)
+    saved: dict[int, Node] = {}
+
+    def available(n: Node):
+        if n.is_leaf or n.uid in hoisted_uids or n.uid in saved:
+            return
+        if n.op in CHEAP or (n.op == "pow" and n.args[1].is_const()):
+            for a in n.args:
+                available(a)
+        else:
+            saved[n.uid] = n
+
+    for n in needed:
+        available(n)
+    tape = Buffer("tape", [(n, k) for k, n in enumerate(saved.values())])
+
+    # Per-step GEMM vectors that are computed values are kept (T, B, n) for weight gradients.
+    vectors = {g.vector.uid: Buffer(f"vec{k}", [(g.vector, 0)]) for k, g in enumerate(per_step)
+               if not g.vector.is_leaf}
+    pre = None
+    pre_vectors = [g.vector for g in hoisted if not g.vector.is_leaf]
+    if pre_vectors:
+        for k, v in enumerate(pre_vectors):
+            vectors[v.uid] = Buffer(f"pvec{k}", [(v, 0)])
+        pre = _program("pre", False, [Store(v, "plain", vectors[v.uid].name) for v in pre_vectors],
+                       {}, [], [], hoisted_uids=set())
+
+    fstores = [Store(n, "state", s) for s, n in state_vals.items()]
+    fstores += [Store(n, "output", o) for o, n in out_vals.items()]
+    fstores += [Store(n, "plain", "tape", k) for n, k in tape.columns]
+    fstores += [Store(vectors[g.vector.uid].columns[0][0], "plain", vectors[g.vector.uid].name)
+                for g in per_step if g.vector.uid in vectors]
+    forward = _program("forward", False, fstores, {}, per_step, [], hoisted_uids,
+                       pre_vectors={v.uid: vectors[v.uid].name for v in pre_vectors},
+                       hoisted=hoisted, vectors=vectors)
+
+    # Gradient buffers: one per distinct tuple of stacked gradients.
+    grad_buffers: dict[tuple[int, ...], Buffer] = {}
+
+    def buffer_for(grads: tuple[Node, ...]) -> Buffer:
+        key = tuple(g.uid for g in grads)
+        if key not in grad_buffers:
+            grad_buffers[key] = Buffer(f"dg{len(grad_buffers)}",
+                                       [(g, k) for k, g in enumerate(grads)])
+        return grad_buffers[key]
+
+    weight_grads = []
+    by_vector: dict[int, list[tuple[str, Node, Node]]] = defaultdict(list)
+    for w, terms in matrix_terms.items():
+        for g, v in terms:
+            by_vector[v.uid].append((w, g, v))
+    for items in by_vector.values():
+        items.sort(key=lambda item: item[1].uid)
+        buf = buffer_for(tuple(g for _, g, _ in items))
+        weight_grads.append(WeightGrad(buf, tuple(w for w, _, _ in items), items[0][2]))
+    gemm_ts_loop = []
+    for n in ir.topo_order([*d_prev.values(), *input_rest.values(), *d_params.values()]):
+        if n.op == "gemm_t":
+            gemm_ts_loop.append(GemmT(f"gt{len(gemm_ts_loop)}", n, buffer_for(n.args), False))
+    deferred = [(x, GemmT(f"dx{k}", t, buffer_for(t.args), True))
+                for k, (x, t) in enumerate(deferred)]
+
+    param_grads = {}
+    extra = []
+    for p, n in d_params.items():
+        for buf in grad_buffers.values():
+            if any(node is n for node, _ in buf.columns):
+                param_grads[p] = ("buffer", (buf, buf.block(n)))
+                break
+        else:
+            extra.append((p, n))
+    if extra:
+        buf = buffer_for(tuple(n for _, n in extra))
+        for p, n in extra:
+            param_grads[p] = ("buffer", (buf, buf.block(n)))
+
+    bstores = [Store(n, "dprev", s) for s, n in d_prev.items()]
+    bstores += [Store(n, "plain", f"dx:{x}") for x, n in input_rest.items()]
+    for buf in grad_buffers.values():
+        bstores += [Store(n, "plain", buf.name, k) for n, k in buf.columns]
+    reads = {n.uid: ("tape", "tape", k) for n, k in tape.columns}
+    back = _program("backward", True, bstores, reads, [], gemm_ts_loop, hoisted_uids,
+                    hoisted=hoisted, vectors=vectors)
+    return Plan(step, bwd, pre, hoisted, forward, back, tape, vectors,
+                list(grad_buffers.values()), deferred, weight_grads, param_grads, input_rest)
+
+
+def _adjoint(n: Node) -> bool:
+    """Depends on an adjoint (so it is backward work, not a forward value)."""
+    return n.op == "adj" or n.op == "gemm_t" or (n.batched and any(_adjoint(a) for a in n.args))
+
+
+def _recurrent(order: list[Node]) -> set[int]:
+    rec: set[int] = set()
+    for n in order:
+        if n.op in ("prev", "adj", "gemm_t") or any(a.uid in rec for a in n.args):
+            rec.add(n.uid)
+    return rec
+
+
+def _backward_needs(roots: list[Node]) -> list[Node]:
+    """Forward values the backward step uses directly: arguments of adjoint-dependent nodes
+    that are forward values, and forward values that are themselves roots."""
+    out, seen = [], set()
+    memo: dict[int, bool] = {}
+
+    def is_adj(n: Node) -> bool:
+        if n.uid not in memo:
+            memo[n.uid] = n.op in ("adj", "gemm_t") or any(is_adj(a) for a in n.args)
+        return memo[n.uid]
+
+    order = ir.topo_order(roots)
+    for n in order:
+        if is_adj(n):
+            for a in n.args:
+                if not is_adj(a) and a.uid not in seen:
+                    seen.add(a.uid)
+                    out.append(a)
+    for r in roots:
+        if not is_adj(r) and r.uid not in seen:
+            seen.add(r.uid)
+            out.append(r)
+    return out
+
+
+def _program(name: str, reverse: bool, stores: list[Store], reads: dict, gemms: list[Gemm],
+             gemm_ts: list[GemmT], hoisted_uids: set[int], pre_vectors: dict | None = None,
+             hoisted: list[Gemm] = (), vectors: dict | None = None) -> Program:
+    """Assign every node the stores need to a phase (between GEMM stages), as late as its
+    uses allow, and within a phase to a loop over features; a value used outside the loop
+    that computes it goes through a scratch array."""
+    reads = dict(reads)
+    for g in hoisted:
+        for k, p in enumerate(g.products):
+            reads.setdefault(p.uid, ("hoisted", g.name, k))
+    for v, buf in (pre_vectors or {}).items():
+        reads.setdefault(v, ("vector", buf, 0))
+    for v, buf in (vectors or {}).items():
+        if name == "backward":
+            reads.setdefault(v, ("vector", buf.name, 0))
+    product_of = {p.uid: g for g in gemms for p in g.products}
+    for g in gemms:
+        for k, p in enumerate(g.products):
+            reads[p.uid] = ("gemm", g.name, k)
+    for g in gemm_ts:
+        reads[g.node.uid] = ("gemm_t", g.name, 0)
+    gemm_t_of = {g.node.uid: g for g in gemm_ts}
+
+    depth_memo: dict[int, int] = {}
+
+    def depth(n: Node) -> int:
+        if n.uid not in depth_memo:
+            if n.uid in product_of:
+                d = depth(product_of[n.uid].vector) + 1
+            elif n.uid in gemm_t_of:
+                d = max(depth(a) for a in n.args) + 1
+            elif n.uid in reads or n.is_leaf:
+                d = 0
+            else:
+                d = max((depth(a) for a in n.args), default=0)
+            depth_memo[n.uid] = d
+        return depth_memo[n.uid]
+
+    for g in gemms:
+        g.stage = depth(g.vector) + 1
+    for g in gemm_ts:
+        g.stage = depth(g.node)
+    needs: dict[int, int] = defaultdict(lambda: BIG)  # latest phase a value may be ready in
+    for g in gemms:
+        needs[g.vector.uid] = min(needs[g.vector.uid], g.stage - 1)
+    for g in gemm_ts:
+        for a in g.node.args:
+            needs[a.uid] = min(needs[a.uid], g.stage - 1)
+    last = max([depth(s.node) for s in stores] + [g.stage for g in gemms + gemm_ts] + [0])
+    for s in stores:  # stored as soon as computed, so its arguments need not wait
+        needs[s.node.uid] = min(needs[s.node.uid], depth(s.node))
+
+    roots = [s.node for s in stores] + [g.vector for g in gemms] + \
+        [a for g in gemm_ts for a in g.node.args]
+    computed = [n for n in ir.topo_order_until(roots, lambda n: n.uid in reads)
+                if n.uid not in reads and not n.is_leaf]
+    consumers: dict[int, list[Node]] = defaultdict(list)
+    for n in computed:
+        for a in n.args:
+            consumers[a.uid].append(n)
+    phase: dict[int, int] = {}
+    for n in reversed(computed):
+        late = min([needs[n.uid]] + [phase[c.uid] for c in consumers[n.uid]])
+        phase[n.uid] = max(depth(n), late if late < BIG else last)
+
+    phases = [Phase(i) for i in range(last + 1)]
+    place: dict[int, tuple[int, int]] = {}
+    for p in phases:
+        _loops(p, [n for n in computed if phase[n.uid] == p.index], place)
+    for s in stores:  # a store of a value that is read, not computed, gets a copy loop
+        if s.node.uid not in place:
+            p = phases[last]
+            size = s.node.shape[0] if s.node.shape else None
+            p.steps.append(("loop", (size, [])) if size else ("scalar", None))
+            place[s.node.uid] = (last, len(p.steps) - 1)
+    spills: dict[int, str] = {}
+    for n in computed:
+        users = {place[c.uid] for c in consumers[n.uid]}
+        crosses = users - {place[n.uid]}
+        if n.shape:
+            crosses = crosses or ({"gemm"} if needs[n.uid] < BIG and n.uid not in
+                                  {s.node.uid for s in stores} else set())
+        else:
+            crosses = {u for u in crosses if u[0] != place[n.uid][0]}
+        if crosses:
+            spills[n.uid] = f"{name}_sp{len(spills)}"
+    return Program(name, reverse, stores, reads, gemms, gemm_ts, phases, spills, place)
+
+
+BIG = 10 ** 9
+
+
+def _loops(p: Phase, members: list[Node], place: dict):
+    """Within one phase, per batch row: each vector node goes to the loop over its size at its
+    level; a reduction is accumulated in its operand's loop and usable one level later;
+    per-row scalars are computed between loops, as soon as their arguments are ready."""
+    local = {n.uid for n in members}
+    lvl: dict[int, int] = {}
+    ready: dict[int, int] = {}
+    for n in members:
+        arg_ready = [ready[a.uid] for a in n.args if a.uid in local]
+        if n.op in REDUCTIONS:
+            lvl[n.uid] = ready[n.args[0].uid] if n.args[0].uid in local else 0
+            ready[n.uid] = lvl[n.uid] + 1
+        else:
+            lvl[n.uid] = ready[n.uid] = max(arg_ready, default=0)
+    steps: list[tuple[str, object]] = []
+    for L in range(max(lvl.values(), default=-1) + 1):
+        for n in members:
+            if lvl[n.uid] == L and not n.shape and n.op not in REDUCTIONS:
+                place[n.uid] = (p.index, len(steps))
+                steps.append(("scalar", n))
+        by_size: dict[str, list[Node]] = defaultdict(list)
+        for n in members:
+            if lvl[n.uid] == L and (n.shape or n.op in REDUCTIONS):
+                by_size[n.shape[0] if n.shape else n.args[0].shape[0]].append(n)
+        for size, nodes in by_size.items():
+            for n in nodes:
+                place[n.uid] = (p.index, len(steps))
+            steps.append(("loop", (size, nodes)))
+    p.steps = steps
