@@ -175,6 +175,8 @@ class _Kernel:
         return f"(({' + '.join(terms)}) if live else C0)"
 
     def expr(self, n: Node, here) -> str:
+        if n.op == "bcast":
+            return self.ref(n.args[0], here)
         args = [self.ref(a, here) for a in n.args]
         if n.op == "pow" and n.args[1].is_const(2.0):
             return f"({args[0]} * {args[0]})"
@@ -242,20 +244,24 @@ class _Kernel:
                     out += [" " * 12 + line for line in lines]
                     continue
                 size, nodes = item
-                inits, body = [], []
+                inits, body, after = [], [], []  # a reduction is final only after the loop
                 for n in nodes:
                     if n.op in ("rsum", "rmax"):
                         inits.append(f"v{n.uid} = {'C0' if n.op == 'rsum' else 'CNEG'}")
                         arg = self.ref(n.args[0], here)
                         body.append(f"v{n.uid} += {arg}" if n.op == "rsum"
                                     else f"v{n.uid} = max(v{n.uid}, {arg})")
+                        after += self._spill(n)
                         continue
                     body.append(f"v{n.uid} = {self.expr(n, here)}")
                     body += self._spill(n)
-                body += [self.store(s, self.ref(s.node, here)) for s in stores_at.get(here, [])]
+                for s in stores_at.get(here, []):
+                    line = self.store(s, self.ref(s.node, here))
+                    (body if s.node.shape else after).append(line)
                 out += [" " * 12 + line for line in inits]
                 out.append(f"            for j in range({self.names.size[size]}):")
                 out += [" " * 16 + line for line in body]
+                out += [" " * 12 + line for line in after]
         if len(out) == 1:
             out.append("        pass")
         return out

@@ -194,13 +194,13 @@ class Cell:
         `state0` (zeros by default), with optional per-sequence `lengths` (B,)."""
         xs = x if isinstance(x, dict) else {self._only_input(): x}
         dtype = _common_dtype(params, xs)
-        params = {p: np.ascontiguousarray(v, dtype=dtype) for p, v in params.items()}
-        xs = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in xs.items()}
+        params = {p: np.asarray(v, dtype=dtype, order="C") for p, v in params.items()}
+        xs = {k: np.asarray(v, dtype=dtype, order="C") for k, v in xs.items()}
         self._check_names(params, xs)
         T, B = next(iter(xs.values())).shape[:2]
         sizes = self._sizes(params, xs, state0)
         state0 = {s: (np.zeros((B, sizes[size]), dtype) if not state0 or s not in state0
-                      else np.ascontiguousarray(state0[s], dtype=dtype))
+                      else np.asarray(state0[s], dtype=dtype, order="C"))
                   for s, size in self.states.items()}
         for s, v in state0.items():
             if v.shape != (B, sizes[self.states[s]]):
@@ -215,12 +215,12 @@ class Cell:
         array for the first output or a dict) and w.r.t. the final states (`d_states`)."""
         tape: _Tape = fwd.tape
         dtype = tape.dtype
-        params = {p: np.ascontiguousarray(v, dtype=dtype) for p, v in params.items()}
+        params = {p: np.asarray(v, dtype=dtype, order="C") for p, v in params.items()}
         if d_outputs is None:
             d_outputs = {}
         elif not isinstance(d_outputs, dict):
             d_outputs = {self.outputs[0]: d_outputs}
-        d_outputs = {o: np.ascontiguousarray(g, dtype=dtype) for o, g in d_outputs.items()}
+        d_outputs = {o: np.asarray(g, dtype=dtype, order="C") for o, g in d_outputs.items()}
         for o, g in d_outputs.items():
             if o not in fwd.outputs or g.shape != fwd.outputs[o].shape:
                 raise ValueError(f"d_outputs['{o}']: expected an output of shape "
@@ -228,7 +228,7 @@ class Cell:
         for o in self.outputs:
             if o not in self.states and o not in d_outputs:
                 d_outputs[o] = np.zeros_like(fwd.outputs[o])
-        d_final = {s: (np.ascontiguousarray(d_states[s], dtype=dtype) if d_states and s in d_states
+        d_final = {s: (np.asarray(d_states[s], dtype=dtype, order="C") if d_states and s in d_states
                        else np.zeros_like(fwd.states[s])) for s in self.states}
         d_params, d_inputs, d_state0 = self.engine.backward(params, tape, d_outputs, d_final)
         return Grads(d_params, d_inputs, d_state0)
