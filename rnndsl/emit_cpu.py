@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from . import ir
 from .ir import Node
-from .kernel_lib import KERNEL_FUNCTIONS
+from .kernel_lib import kernel_functions
 from .ops import OPS
 from .schedule import Buffer, Plan, Program
 
+ROW = 4096 + 64  # the row buffer's block stride (padded off the same cache sets): sizes up to 4096
 FASTMATH = '{"nsz", "arcp", "contract", "afn"}'
 
 
@@ -61,7 +62,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         f"DT = np.{dtype}",
         f"FAST = {FASTMATH}",
         consts,
-        KERNEL_FUNCTIONS,
+        kernel_functions(dtype),
         *kernels,
         *glue,
     ])
@@ -92,6 +93,7 @@ class _Kernel:
         self.plan, self.names, self.prog, self.kind = plan, names, prog, kind
         self.arrays: set[str] = set()
         self.sizes_used: set[str] = set()
+        self.row_width = 0  # rows of the `row` buffer the fused loops need
         self.body = self._body()
 
     @property
@@ -102,7 +104,7 @@ class _Kernel:
         return ["T", "B", *self.names.size.values(), "lengths", *sorted(self.arrays)]
 
     def text(self) -> str:
-        head = [f"@njit(cache=True, fastmath=FAST)",
+        head = [f"@njit(cache=True, fastmath=FAST, error_model=\"numpy\")",
                 f"def {self.name}({', '.join(self.args())}):"]
         floats = [f"    z_{self.names.size[s]} = DT({self.names.size[s]})"
                   for s in sorted(self.sizes_used)]
@@ -245,6 +247,7 @@ class _Kernel:
                     continue
                 size, nodes = item
                 inits, body, after = [], [], []  # a reduction is final only after the loop
+                writes = []  # (value, how to write a value) of every vector result
                 for n in nodes:
                     if n.op in ("rsum", "rmax"):
                         inits.append(f"v{n.uid} = {'C0' if n.op == 'rsum' else 'CNEG'}")
@@ -254,23 +257,43 @@ class _Kernel:
                         after += self._spill(n)
                         continue
                     body.append(f"v{n.uid} = {self.expr(n, here)}")
-                    body += self._spill(n)
+                    if n.uid in self.prog.spills:
+                        writes.append((f"v{n.uid}", lambda v, n=n: self._spill(n, v)[0]))
                 for s in stores_at.get(here, []):
-                    line = self.store(s, self.ref(s.node, here))
-                    (body if s.node.shape else after).append(line)
+                    if s.node.shape:
+                        writes.append((self.ref(s.node, here), lambda v, s=s: self.store(s, v)))
+                    else:
+                        after.append(self.store(s, self.ref(s.node, here)))
+                n_j = self.names.size[size]
+                if len(writes) <= 1:
+                    body += [write(value) for value, write in writes]
+                    out += [" " * 12 + line for line in inits]
+                    out.append(f"            for j in range({n_j}):")
+                    out += [" " * 16 + line for line in body]
+                    out += [" " * 12 + line for line in after]
+                    continue
+                # LLVM vectorises the fused loop only if it can prove its stores independent:
+                # so it fills one row buffer whose blocks lie a constant ROW apart, and simple
+                # loops copy the blocks to where they belong.
+                self.row_width = max(self.row_width, len(writes))
+                body += [f"{self.use('row')}[{k * ROW} + j] = {value}"
+                         for k, (value, _) in enumerate(writes)]
                 out += [" " * 12 + line for line in inits]
-                out.append(f"            for j in range({self.names.size[size]}):")
+                out.append(f"            for j in range({n_j}):")
                 out += [" " * 16 + line for line in body]
+                for k, (_, write) in enumerate(writes):
+                    out.append(f"            for j in range({n_j}):")
+                    out.append(" " * 16 + write(f"row[{k * ROW} + j]"))
                 out += [" " * 12 + line for line in after]
         if len(out) == 1:
             out.append("        pass")
         return out
 
-    def _spill(self, n: Node) -> list[str]:
+    def _spill(self, n: Node, value: str | None = None) -> list[str]:
         sp = self.prog.spills.get(n.uid)
         if sp is None:
             return []
-        return [f"{self.use(sp)}[b{', j' if n.shape else ''}] = v{n.uid}"]
+        return [f"{self.use(sp)}[b{', j' if n.shape else ''}] = {value or f'v{n.uid}'}"]
 
     def _gemm_vector(self, v: Node) -> str:
         if v.op == "prev":
@@ -399,7 +422,12 @@ def _scalar_params(plan: Plan, names: Names) -> list[str]:
 
 
 def _spill_allocs(plan: Plan, names: Names, k: _Kernel) -> list[str]:
+    """Scratch arrays: spilled values, and the row buffer of the fused loops."""
     out = []
+    if k.row_width:
+        out.append(f"    if max(sizes) > 4096:")
+        out.append(f"        raise ValueError('sizes above 4096 are not supported')")
+        out.append(f"    row = np.empty({k.row_width * ROW}, DT)")
     nodes = {n.uid: n for n in ir.topo_order([s.node for s in k.prog.stores] +
                                             [g.vector for g in k.prog.gemms] +
                                             [a for g in k.prog.gemm_ts for a in g.node.args])}

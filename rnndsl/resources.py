@@ -23,3 +23,8 @@ def grammar_path() -> Path:
 
 def specs_dir() -> Path:
     return _dir("rnndsl.specs", "specs")
+
+
+def checkout_path() -> Path:
+    """The repository root when running from a checkout (benchmarks/ lives there)."""
+    return _CHECKOUT
