@@ -56,14 +56,16 @@ def check(spec: str = SPEC):
 @reports_spec_errors
 def compile_(spec: str = SPEC,
              show: list[Show] = typer.Option([], "--show", help="Also print: ir, backward, code."),
-             target: str = typer.Option("reference",
-                                        help=f"One of: {', '.join(compiler.TARGETS)}."),
+             target: str = typer.Option("cpu", help=f"One of: {', '.join(compiler.TARGETS)}."),
+             dtype: str = typer.Option("float32", help="float32 or float64: the kernels to emit."),
              ):
     """Check, differentiate and emit kernels; print a summary of the cell."""
     from .summary import describe
 
     cell = compiler.compile(spec, target=target)
     typer.echo(describe(cell))
+    if hasattr(cell.engine, "path"):
+        typer.echo(f"  generated {cell.engine.path(dtype)}")
     for what in show:
         typer.echo("")
         if what is Show.ir:
@@ -72,7 +74,9 @@ def compile_(spec: str = SPEC,
             typer.echo("# backward step (d_<s>_next: adjoint arriving from step t+1 and the "
                        "loss)\n" + cell.backward_ir.equations())
         elif what is Show.code:
-            typer.echo(cell.engine.source_code())
+            if not hasattr(cell.engine, "source_code"):
+                raise SpecError(f"the {target} target generates no code")
+            typer.echo(cell.engine.source_code(dtype))
 
 
 @app.command()
@@ -103,6 +107,51 @@ def gradcheck(spec: str = SPEC,
     typer.echo(f"{cell.name}: worst relative error {err:.2e} ({worst}) {verdict}")
     if err > tolerance:
         raise typer.Exit(1)
+
+
+@app.command()
+@reports_spec_errors
+def bench(spec: str = SPEC,
+          size: str = typer.Option("S", help="Workload: S, M, L or T1 (see README)."),
+          against: str = typer.Option("", help="'torch': also time PyTorch's module and an "
+                                               "eager loop of the same cell."),
+          repeats: int = typer.Option(7, help="Runs per timing; the median is reported."),
+          json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Time a cell forward and forward+backward on a fixed workload (float32)."""
+    import json
+
+    from . import bench as timing
+
+    if size not in timing.WORKLOADS:
+        raise typer.BadParameter(f"size must be one of {', '.join(timing.WORKLOADS)}")
+    cell = compiler.compile(spec)
+    mine = timing.time_cell(cell, size, repeats=repeats)
+    T, B, I, H = timing.WORKLOADS[size]
+    row = {"spec": cell.name, "size": size, "T": T, "B": B, "input": I, "hidden": H,
+           "forward_ms": mine.forward * 1e3, "forward_backward_ms": mine.forward_backward * 1e3,
+           "forward_gflops": mine.forward_gflops}
+    if against == "torch":
+        peers = timing.load_peers()
+        params, xs, sizes = timing.problem(cell, size)
+        lib = peers.time_library(cell.name, size, repeats)
+        if lib:
+            row["torch_module_ms"] = [v * 1e3 for v in lib]
+        row["torch_eager_ms"] = [v * 1e3 for v in peers.time_eager(cell, params, xs, sizes,
+                                                                   max(3, repeats // 2))]
+    elif against:
+        raise typer.BadParameter("--against takes 'torch'")
+    if json_out:
+        typer.echo(json.dumps(row, indent=1))
+        return
+    typer.echo(f"{cell.name} {size} (T={T}, B={B}, I={I}, H={H}), float32, median of {repeats}:")
+    typer.echo(f"  rnndsl       forward {row['forward_ms']:8.2f} ms   forward+backward "
+               f"{row['forward_backward_ms']:8.2f} ms   ({mine.forward_gflops:.1f} GFLOP/s)")
+    for label, key in (("torch module", "torch_module_ms"), ("torch eager ", "torch_eager_ms")):
+        if key in row:
+            f, fb = row[key]
+            typer.echo(f"  {label} forward {f:8.2f} ms   forward+backward {fb:8.2f} ms   "
+                       f"(rnndsl/peer {row['forward_ms'] / f:.2f}x, "
+                       f"{row['forward_backward_ms'] / fb:.2f}x)")
 
 
 def main():
