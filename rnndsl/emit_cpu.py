@@ -396,12 +396,15 @@ def _backward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
             node = w.buffer.columns[k_][0]
             off = names.sizes(w.buffer.offset(k_))
             L.append(f"    {grads[wname]} += m[{off}:{off} + {names.size[node.shape[0]]}]")
+    summed = set()  # vector and scalar parameters: column sums of a gradient buffer
     for p, (_, (buf, block)) in plan.param_grads.items():
+        if buf.name not in summed:
+            summed.add(buf.name)
+            L.append(f"    sum_{buf.name} = {buf.name}.reshape(T * B, -1).sum(axis=0)")
         node = buf.columns[block][0]
         off = names.sizes(buf.offset(block))
         end = f"{off} + {names.size[node.shape[0]]}" if node.shape else f"{off} + 1"
-        L.append(f"    {grads[p]} += {buf.name}[:, :, {off}:{end}].sum(axis=(0, 1))"
-                 f"{'' if node.shape else '.sum()'}")
+        L.append(f"    {grads[p]} += sum_{buf.name}[{off}:{end}]{'' if node.shape else '.sum()'}")
     dparams = ", ".join(f"{grads[p]}.reshape({names.param[p]}_shape)" if not i.shape else grads[p]
                         for p, i in step.params.items())
     dxs = ", ".join(f"d{c}" for c in names.input.values())
