@@ -1,8 +1,9 @@
 """Timing rnndsl cells on the fixed workloads; peers (PyTorch) live in benchmarks/peers.py.
 
 Times are medians of several runs after a warm-up (which also compiles). "forward" runs the
-cell over the batch; "forward+backward" also computes the gradients of the sum of all outputs
-for every parameter and the input.
+cell over the batch for inference (nothing kept for backward, as PyTorch under no_grad);
+"forward+backward" also computes the gradients of the sum of all outputs for every
+parameter and the input.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def time_cell(cell: Cell, workload: str, dtype=np.float32, repeats: int = 7) -> 
     T, B, _ = workload_sizes(cell, workload)
 
     def forward():
-        return cell.forward(params, xs)
+        return cell.forward(params, xs, save=False)
 
     def forward_backward():
         fwd = cell.forward(params, xs)

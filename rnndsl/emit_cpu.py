@@ -47,9 +47,11 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
     if plan.pre is not None:
         kernels.append(_Kernel(plan, names, plan.pre, "pre").text())
     fwd = _Kernel(plan, names, plan.forward, "forward")
+    inf = _Kernel(plan, names, plan.infer, "infer")
     bwd = _Kernel(plan, names, plan.back, "backward")
-    kernels += [fwd.text(), bwd.text()]
-    glue = [_forward_glue(plan, names, fwd), _backward_glue(plan, names, bwd)]
+    kernels += [fwd.text(), inf.text(), bwd.text()]
+    glue = [_forward_glue(plan, names, fwd, save=True), _forward_glue(plan, names, inf, save=False),
+            _backward_glue(plan, names, bwd)]
     consts = "\n".join([f"{name} = DT({value!r})" for value, name in names.consts.items()]
                        + ["CNEG = DT(-np.inf)"])
     return "\n".join([
@@ -313,9 +315,10 @@ def _unpack(names: list[str], source: str) -> str:
     return f"    {', '.join(names)}{',' if len(names) == 1 else ''} = {source}"
 
 
-def _forward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
+def _forward_glue(plan: Plan, names: Names, k: _Kernel, save: bool) -> str:
+    """`forward` keeps what backward needs (the tape); `infer` does not."""
     step = plan.step
-    L = ["def forward(params, xs, state0, lengths, sizes):",
+    L = [f"def {'forward' if save else 'infer'}(params, xs, state0, lengths, sizes):",
          _unpack(list(names.param.values()), "params"),
          _unpack(list(names.input.values()), "xs"),
          _unpack(list(names.size.values()), "sizes"),
@@ -341,14 +344,18 @@ def _forward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
         L.append(f"    {code}[0] = state0[{list(names.state).index(s)}]")
     for o, code in names.output.items():
         L.append(f"    {code} = np.empty((T, B, {_width(names, step.shape_of(o))}), DT)")
-    L.append(f"    tape = np.empty((T, B, {names.sizes(plan.tape.width())}), DT)")
+    if save:
+        L.append(f"    tape = np.empty((T, B, {names.sizes(plan.tape.width())}), DT)")
     for buf in plan.vectors.values():
         if not buf.name.startswith("pvec"):
             L.append(f"    {buf.name} = np.empty((T, B, {names.sizes(buf.width())}), DT)")
     L += _spill_allocs(plan, names, k)
-    L.append(f"    forward_loop({', '.join(k.args())})")
+    L.append(f"    {k.name}({', '.join(k.args())})")
     outs = ", ".join(names.output.values())
     finals = ", ".join(f"{c}[T]" for c in names.state.values())
+    if not save:
+        L.append(f"    return ({outs},), ({finals},)")
+        return "\n".join(L) + "\n"
     saved = ", ".join([*names.state.values(), *(g.name for g in plan.hoisted), "tape",
                        *(b.name for b in plan.vectors.values())])
     L.append(f"    return ({outs},), ({finals},), ({saved},)")

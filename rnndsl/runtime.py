@@ -57,7 +57,7 @@ class ReferenceEngine:
     def __init__(self, step: StepIR, bwd: Backward):
         self.step, self.bwd = step, bwd
 
-    def forward(self, params, xs, state0, lengths, sizes, dtype):
+    def forward(self, params, xs, state0, lengths, sizes, dtype, save=True):
         outs, finals, history = reference.forward(self.step, params, xs, state0, lengths,
                                                   sizes, dtype)
         return outs, finals, history
@@ -104,9 +104,10 @@ class CpuEngine:
     def path(self, dtype="float32") -> str:
         return self.module(dtype).__file__
 
-    def forward(self, params, xs, state0, lengths, sizes, dtype):
+    def forward(self, params, xs, state0, lengths, sizes, dtype, save=True):
         m = self.module(dtype)
-        outs, finals, saved = m.forward(
+        run = m.forward if save else (lambda *a: (*m.infer(*a), None))
+        outs, finals, saved = run(
             tuple(params[p] for p in self.step.params), tuple(xs[x] for x in self.step.inputs),
             tuple(state0[s] for s in self.step.states), lengths,
             tuple(sizes[s] for s in self.step.sizes))
@@ -189,9 +190,11 @@ class Cell:
         return {p: v.astype(dtype) for p, v in out.items()}
 
     # -- running --------------------------------------------------------------------------------
-    def forward(self, params: dict, x, state0: dict | None = None, lengths=None) -> Forward:
+    def forward(self, params: dict, x, state0: dict | None = None, lengths=None,
+                save: bool = True) -> Forward:
         """Run the cell over `x` (T, B, n) (a dict when the cell has several inputs), from
-        `state0` (zeros by default), with optional per-sequence `lengths` (B,)."""
+        `state0` (zeros by default), with optional per-sequence `lengths` (B,). With
+        `save=False` nothing is kept for a backward pass (inference: faster, less memory)."""
         xs = x if isinstance(x, dict) else {self._only_input(): x}
         dtype = _common_dtype(params, xs)
         params = {p: np.asarray(v, dtype=dtype, order="C") for p, v in params.items()}
@@ -207,13 +210,16 @@ class Cell:
                 raise ValueError(f"state0['{s}'] has shape {v.shape}, expected "
                                  f"{(B, sizes[self.states[s]])}")
         lengths = _lengths(lengths, T, B)
-        outs, finals, saved = self.engine.forward(params, xs, state0, lengths, sizes, dtype)
-        return Forward(outs, finals, _Tape(xs, state0, lengths, sizes, dtype, saved))
+        outs, finals, saved = self.engine.forward(params, xs, state0, lengths, sizes, dtype, save)
+        tape = _Tape(xs, state0, lengths, sizes, dtype, saved) if save else None
+        return Forward(outs, finals, tape)
 
     def backward(self, params: dict, fwd: Forward, d_outputs=None, d_states=None) -> Grads:
         """Gradients of a loss given its gradient w.r.t. the output sequences (`d_outputs`, an
         array for the first output or a dict) and w.r.t. the final states (`d_states`)."""
         tape: _Tape = fwd.tape
+        if tape is None:
+            raise ValueError("this forward pass ran with save=False: run it again to backpropagate")
         dtype = tape.dtype
         params = {p: np.asarray(v, dtype=dtype, order="C") for p, v in params.items()}
         if d_outputs is None:

@@ -168,6 +168,7 @@ class Plan:
     pre: Program | None  # hoisted vectors that are not inputs, over all T*B rows
     hoisted: list[Gemm]
     forward: Program
+    infer: Program  # the forward loop without the tape, for inference
     back: Program
     tape: Buffer  # forward values saved for backward
     vectors: dict[int, Buffer]  # per-step GEMM vectors kept for weight gradients
@@ -287,6 +288,9 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
     forward = _program("forward", False, fstores, {}, per_step, [], hoisted_uids,
                        pre_vectors={v.uid: vectors[v.uid].name for v in pre_vectors},
                        hoisted=hoisted, vectors=vectors)
+    infer = _program("infer", False, [s for s in fstores if s.target != "tape"], {}, per_step,
+                     [], hoisted_uids, pre_vectors={v.uid: vectors[v.uid].name for v in pre_vectors},
+                     hoisted=hoisted, vectors=vectors)
 
     # Gradient buffers: one per distinct tuple of stacked gradients.
     grad_buffers: dict[tuple[int, ...], Buffer] = {}
@@ -335,7 +339,7 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
     reads = {n.uid: ("tape", "tape", k) for n, k in tape.columns}
     back = _program("backward", True, bstores, reads, [], gemm_ts_loop, hoisted_uids,
                     hoisted=hoisted, vectors=vectors)
-    return Plan(step, bwd, pre, hoisted, forward, back, tape, vectors,
+    return Plan(step, bwd, pre, hoisted, forward, infer, back, tape, vectors,
                 list(grad_buffers.values()), deferred, weight_grads, param_grads, input_rest)
 
 

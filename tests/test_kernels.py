@@ -79,3 +79,17 @@ def test_padded_sequence_equals_running_it_alone():
         assert not grads.inputs["x"][n:, b].any()
         for s in g.state0:
             np.testing.assert_allclose(grads.state0[s][b], g.state0[s][0], atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["lstm", "gru_cho", "layernorm_lstm"])
+def test_inference_without_tape_gives_the_same_outputs(spec):
+    cell = rnndsl.compile(spec)
+    params, xs, state0 = problem(cell, 5, 3, seed=4)
+    kept = cell.forward(params, xs, state0, [5, 3, 1])
+    bare = cell.forward(params, xs, state0, [5, 3, 1], save=False)
+    for o in kept.outputs:
+        np.testing.assert_array_equal(kept.outputs[o], bare.outputs[o])
+    for s in kept.states:
+        np.testing.assert_array_equal(kept.states[s], bare.states[s])
+    with pytest.raises(ValueError, match="save=False"):
+        cell.backward(params, bare, np.ones_like(bare.output))
