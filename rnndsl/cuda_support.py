@@ -29,14 +29,14 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 # Threads per block of every generated kernel: a power of two (the block reductions halve it).
 # The simulator spends one Python thread per GPU thread, so it gets small blocks.
-THREADS = 16 if SIMULATOR else 128
+THREADS = 8 if SIMULATOR else 128
 # Shared memory a persistent kernel may fill with recurrent weights, per block (the static
 # limit is 48 KiB; a little is kept for the reduction buffer).
 SHARED_BYTES = 40 * 1024
 # Persistent kernels: one thread block per this many output columns of the recurrent GEMM at
 # least, and no more than this many batch rows (beyond, the per-step GEMMs do better in cuBLAS).
 PERSISTENT_MAX_BATCH = 64
-TILE = 4 if SIMULATOR else 16  # the fallback GEMM's tile edge
+TILE = 16 if SIMULATOR else 16  # the fallback GEMM's tile edge
 
 
 def available() -> bool:
@@ -85,6 +85,8 @@ def empty(shape, dtype):
 
 
 def zeros(shape, dtype):
+    if SIMULATOR:  # a copy costs the simulator nothing, a kernel launch a thread per element
+        return cuda.to_device(np.zeros(shape, dtype))
     out = cuda.device_array(shape, dtype)
     fill(out, 0.0)
     return out

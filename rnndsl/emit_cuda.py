@@ -455,6 +455,10 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: _PersistentKernel) 
          _unpack(list(names.input.values()), "xs"),
          _unpack(list(names.size.values()), "sizes"),
          "    T, B = xs[0].shape[0], xs[0].shape[1]"]
+    for g in plan.forward.gemms:
+        L.append(f"    w_{g.name} = {_stack(names, g.weights)}  # (N, K): g = v @ w.T")
+        L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[0]), DT)")
+    L += _persistent_choice(k, plan.forward)
     if plan.pre is not None:
         for buf in plan.vectors.values():
             if buf.name.startswith("pvec"):
@@ -468,9 +472,6 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: _PersistentKernel) 
                  f", DT)")
         L.append(f"    cs.gemm(cs.flat({src}), {_stack(names, g.weights)}, cs.flat({g.name}), "
                  f"trans_b=True)")
-    for g in plan.forward.gemms:
-        L.append(f"    w_{g.name} = {_stack(names, g.weights)}  # (N, K): g = v @ w.T")
-        L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[0]), DT)")
     for s, code in names.state.items():
         L.append(f"    {code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
         L.append(f"    cs.copy({code}[0], state0[{list(names.state).index(s)}])")
@@ -482,7 +483,6 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: _PersistentKernel) 
         if not buf.name.startswith("pvec"):
             L.append(f"    {buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
     L += _spill_allocs(plan, names, plan.forward)
-    L += _persistent_choice(k, plan.forward)
     L.append("    if blocks:")
     L.append(f"        {k.name}[blocks, TPB]({', '.join(k.args())})")
     L.append("    else:")
@@ -506,6 +506,10 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel)
          _unpack(saved, "saved"),
          _unpack([f"d{c}" for c in names.output.values()], "d_outputs"),
          "    T, B = xs[0].shape[0], xs[0].shape[1]"]
+    for g in plan.back.gemm_ts:
+        L.append(f"    w_{g.name} = {_stack(names, g.node.attr)}  # (K, N): g = G @ w")
+        L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[1]), DT)")
+    L += _persistent_choice(k, plan.back)
     for s, code in names.state.items():
         L.append(f"    d{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
         L.append(f"    cs.copy(d{code}[T], d_final[{list(names.state).index(s)}])")
@@ -514,11 +518,7 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel)
         L.append(f"    d{code} = cs.{make}((T, B, {names.size[step.inputs[x]]}), DT)")
     for buf in plan.grad_buffers:
         L.append(f"    {buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
-    for g in plan.back.gemm_ts:
-        L.append(f"    w_{g.name} = {_stack(names, g.node.attr)}  # (K, N): g = G @ w")
-        L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[1]), DT)")
     L += _spill_allocs(plan, names, plan.back)
-    L += _persistent_choice(k, plan.back)
     L.append("    if blocks:")
     L.append(f"        {k.name}[blocks, TPB]({', '.join(k.args())})")
     L.append("    else:")
@@ -528,17 +528,27 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel)
         L.append(f"    cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
                  f"cs.flat(d{names.input[x]}), accumulate=True)")
     grads = {p: f"d{code}" for p, code in names.param.items()}
-    for p, code in names.param.items():
-        L.append(f"    d{code} = cs.zeros({code}.shape, DT)")
+    # a weight whose gradient comes from one stacked GEMM only is a row block of its result
+    uses: dict[str, int] = {}
     for w in plan.weight_grads:
+        for wname in w.weights:
+            uses[wname] = uses.get(wname, 0) + 1
+    for p, code in names.param.items():
+        if uses.get(p, 0) != 1:
+            L.append(f"    d{code} = cs.zeros({code}.shape, DT)")
+    for k_w, w in enumerate(plan.weight_grads):
         v = w.vector
         src = f"{names.state[v.attr]}[:T]" if v.op == "prev" else _vector(plan, names, v)
-        L.append(f"    m = cs.empty(({names.sizes(w.buffer.width())}, {src}.shape[2]), DT)")
-        L.append(f"    cs.gemm(cs.flat({w.buffer.name}), cs.flat({src}), m, trans_a=True)")
+        L.append(f"    m{k_w} = cs.empty(({names.sizes(w.buffer.width())}, {src}.shape[2]), DT)")
+        L.append(f"    cs.gemm(cs.flat({w.buffer.name}), cs.flat({src}), m{k_w}, trans_a=True)")
         for k_, wname in enumerate(w.weights):
             node = w.buffer.columns[k_][0]
             off = names.sizes(w.buffer.offset(k_))
-            L.append(f"    cs.add_into({grads[wname]}, m[{off}:{off} + {names.size[node.shape[0]]}])")
+            block = f"m{k_w}[{off}:{off} + {names.size[node.shape[0]]}]"
+            if uses[wname] == 1:
+                L.append(f"    {grads[wname]} = {block}")
+            else:
+                L.append(f"    cs.add_into({grads[wname]}, {block})")
     for p, (_, (buf, block)) in plan.param_grads.items():
         off = names.sizes(buf.offset(block))
         L.append(f"    cs.add_column_sums({grads[p]}, cs.flat({buf.name}), {off})")
