@@ -64,6 +64,18 @@ class CudaEngine:
         mode = {None: "auto", True: "forced", False: "disabled"}[self.persistent]
         return [f"  CUDA     persistent kernel {mode}: {persistent_rule(self.plan)}"]
 
+    def array(self, v, dtype):
+        """What Cell passes to this engine: device arrays as they are (their dtype must be the
+        pass's dtype), anything else as a C-contiguous NumPy array."""
+        from . import cuda_support as cs
+
+        if cs.is_device(v):
+            if np.dtype(str(v.dtype).removeprefix("torch.")) != np.dtype(dtype):
+                raise TypeError(f"a device array of {v.dtype} in a {np.dtype(dtype)} pass; "
+                                "convert it on the device first")
+            return v
+        return np.asarray(v, dtype=dtype, order="C")
+
     # -- running ------------------------------------------------------------------------------
     def forward(self, params, xs, state0, lengths, sizes, dtype):
         from . import cuda_support as cs

@@ -227,10 +227,14 @@ def test_device_arrays_in_device_arrays_out():
     cell = rnndsl.compile("lstm", target="cuda", persistent=False)
     params, xs, state0 = problem(cell, 2, 1, seed=0)
     host = cell.forward(params, xs, state0)
-    dev = cell.engine.forward({p: cs.device(v) for p, v in params.items()},
-                              {k: cs.device(v) for k, v in xs.items()},
-                              {k: cs.device(v) for k, v in state0.items()},
-                              np.array([2]), {"input": 2, "hidden": 3}, np.dtype(np.float64))
-    out = dev[0]["h"]
-    assert cs.is_device(out)
-    np.testing.assert_allclose(cs.host(out), host.output, atol=1e-14)
+    dev = cell.forward({p: cs.device(v) for p, v in params.items()},
+                       {k: cs.device(v) for k, v in xs.items()},
+                       {k: cs.device(v) for k, v in state0.items()})
+    assert cs.is_device(dev.output)
+    np.testing.assert_allclose(cs.host(dev.output), host.output, atol=1e-14)
+    d_out = np.ones(host.output.shape)
+    g_host = cell.backward(params, host, d_out)
+    g_dev = cell.backward({p: cs.device(v) for p, v in params.items()}, dev, cs.device(d_out))
+    for p in g_host.params:
+        assert cs.is_device(g_dev.params[p])
+        np.testing.assert_allclose(cs.host(g_dev.params[p]), g_host.params[p], atol=1e-14)
