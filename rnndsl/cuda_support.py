@@ -162,34 +162,44 @@ def blocks(n: int, per: int = THREADS) -> int:
 
 
 # -- GEMM ------------------------------------------------------------------------------------
-@cuda.jit
-def _gemm_tiled(a, b, c, trans_a, trans_b, accumulate):
-    """c (M, N) = op(a) @ op(b) (+ c): TILE x TILE threads per output tile, K in TILE steps
-    through shared memory."""
-    sa = cuda.shared.array((TILE, TILE), a.dtype)
-    sb = cuda.shared.array((TILE, TILE), a.dtype)
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    row = cuda.blockIdx.x * TILE + tx
-    col = cuda.blockIdx.y * TILE + ty
-    M, N = c.shape[0], c.shape[1]
-    K = a.shape[0] if trans_a else a.shape[1]
-    acc = 0.0  # float64 accumulation: this kernel is the fallback, not the fast path
-    for k0 in range(0, K, TILE):
-        ka, kb = k0 + ty, k0 + tx
-        if row < M and ka < K:
-            sa[tx, ty] = a[ka, row] if trans_a else a[row, ka]
-        else:
-            sa[tx, ty] = 0
-        if col < N and kb < K:
-            sb[tx, ty] = b[col, kb] if trans_b else b[kb, col]
-        else:
-            sb[tx, ty] = 0
-        cuda.syncthreads()
-        for k in range(TILE):
-            acc += sa[tx, k] * sb[k, ty]
-        cuda.syncthreads()
-    if row < M and col < N:
-        c[row, col] = c[row, col] + acc if accumulate else acc
+def _tiled_gemm_kernel(dtype):
+    """The fallback GEMM for one dtype (a shared array's dtype must be a compile-time
+    constant, so each dtype gets its own kernel)."""
+
+    @cuda.jit
+    def gemm_tiled(a, b, c, trans_a, trans_b, accumulate):
+        """c (M, N) = op(a) @ op(b) (+ c): TILE x TILE threads per output tile, K in TILE steps
+        through shared memory; accumulates in float64 (the fallback, not the fast path)."""
+        sa = cuda.shared.array((TILE, TILE), dtype)
+        sb = cuda.shared.array((TILE, TILE), dtype)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        row = cuda.blockIdx.x * TILE + tx
+        col = cuda.blockIdx.y * TILE + ty
+        M, N = c.shape[0], c.shape[1]
+        K = a.shape[0] if trans_a else a.shape[1]
+        acc = 0.0
+        for k0 in range(0, K, TILE):
+            ka, kb = k0 + ty, k0 + tx
+            if row < M and ka < K:
+                sa[tx, ty] = a[ka, row] if trans_a else a[row, ka]
+            else:
+                sa[tx, ty] = 0
+            if col < N and kb < K:
+                sb[tx, ty] = b[col, kb] if trans_b else b[kb, col]
+            else:
+                sb[tx, ty] = 0
+            cuda.syncthreads()
+            for k in range(TILE):
+                acc += sa[tx, k] * sb[k, ty]
+            cuda.syncthreads()
+        if row < M and col < N:
+            c[row, col] = c[row, col] + acc if accumulate else acc
+
+    return gemm_tiled
+
+
+_GEMM_TILED = {np.dtype(np.float32): _tiled_gemm_kernel(np.float32),
+               np.dtype(np.float64): _tiled_gemm_kernel(np.float64)}
 
 
 def backend() -> str:
@@ -230,7 +240,7 @@ def gemm(a, b, c, trans_a=False, trans_b=False, accumulate=False):
     kind = backend()
     if kind == "numba":
         grid = (blocks(M, TILE), blocks(N, TILE))
-        _gemm_tiled[grid, (TILE, TILE)](a, b, c, trans_a, trans_b, accumulate)
+        _GEMM_TILED[np.dtype(c.dtype)][grid, (TILE, TILE)](a, b, c, trans_a, trans_b, accumulate)
         return
     if kind == "cupy":
         import cupy as xp
