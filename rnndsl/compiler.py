@@ -13,7 +13,7 @@ from .runtime import Cell, CpuEngine, ReferenceEngine
 from .schedule import plan
 from .spec import Spec, load_spec
 
-TARGETS = ("cpu", "reference")
+TARGETS = ("cpu", "reference", "cuda")
 
 
 def builtin_specs() -> dict[str, Path]:
@@ -42,11 +42,20 @@ def analyse(source: str | Path) -> tuple[StepIR, Backward]:
     return step, grad(step)
 
 
-def compile(source: str | Path, target: str = "cpu") -> Cell:
-    """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell."""
+def compile(source: str | Path, target: str = "cpu", persistent: bool | None = None) -> Cell:
+    """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell.
+    `persistent` (target "cuda" only): None uses the persistent kernel where it fits, True
+    insists on it, False never uses it."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     step, bwd = analyse(source)
     kernel_plan = plan(step, bwd)
-    engine = CpuEngine(step, bwd, kernel_plan) if target == "cpu" else ReferenceEngine(step, bwd)
+    if target == "cuda":
+        from .cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
+
+        engine = CudaEngine(step, bwd, kernel_plan, persistent)
+    elif target == "cpu":
+        engine = CpuEngine(step, bwd, kernel_plan)
+    else:
+        engine = ReferenceEngine(step, bwd)
     return Cell(step, bwd, engine, kernel_plan)

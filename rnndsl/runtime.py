@@ -197,13 +197,13 @@ class Cell:
         `save=False` nothing is kept for a backward pass (inference: faster, less memory)."""
         xs = x if isinstance(x, dict) else {self._only_input(): x}
         dtype = _common_dtype(params, xs)
-        params = {p: np.asarray(v, dtype=dtype, order="C") for p, v in params.items()}
-        xs = {k: np.asarray(v, dtype=dtype, order="C") for k, v in xs.items()}
+        params = {p: self._array(v, dtype) for p, v in params.items()}
+        xs = {k: self._array(v, dtype) for k, v in xs.items()}
         self._check_names(params, xs)
         T, B = next(iter(xs.values())).shape[:2]
         sizes = self._sizes(params, xs, state0)
         state0 = {s: (np.zeros((B, sizes[size]), dtype) if not state0 or s not in state0
-                      else np.asarray(state0[s], dtype=dtype, order="C"))
+                      else self._array(state0[s], dtype))
                   for s, size in self.states.items()}
         for s, v in state0.items():
             if v.shape != (B, sizes[self.states[s]]):
@@ -221,12 +221,12 @@ class Cell:
         if tape is None:
             raise ValueError("this forward pass ran with save=False: run it again to backpropagate")
         dtype = tape.dtype
-        params = {p: np.asarray(v, dtype=dtype, order="C") for p, v in params.items()}
+        params = {p: self._array(v, dtype) for p, v in params.items()}
         if d_outputs is None:
             d_outputs = {}
         elif not isinstance(d_outputs, dict):
             d_outputs = {self.outputs[0]: d_outputs}
-        d_outputs = {o: np.asarray(g, dtype=dtype, order="C") for o, g in d_outputs.items()}
+        d_outputs = {o: self._array(g, dtype) for o, g in d_outputs.items()}
         for o, g in d_outputs.items():
             if o not in fwd.outputs or g.shape != fwd.outputs[o].shape:
                 raise ValueError(f"d_outputs['{o}']: expected an output of shape "
@@ -234,12 +234,18 @@ class Cell:
         for o in self.outputs:
             if o not in self.states and o not in d_outputs:
                 d_outputs[o] = np.zeros_like(fwd.outputs[o])
-        d_final = {s: (np.asarray(d_states[s], dtype=dtype, order="C") if d_states and s in d_states
+        d_final = {s: (self._array(d_states[s], dtype) if d_states and s in d_states
                        else np.zeros_like(fwd.states[s])) for s in self.states}
         d_params, d_inputs, d_state0 = self.engine.backward(params, tape, d_outputs, d_final)
         return Grads(d_params, d_inputs, d_state0)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _array(self, v, dtype):
+        """A C-contiguous NumPy array of `dtype`, unless the engine takes the value as it is
+        (the CUDA engine keeps device arrays on the device)."""
+        own = getattr(self.engine, "array", None)
+        return own(v, dtype) if own is not None else np.asarray(v, dtype=dtype, order="C")
+
     def _only_input(self) -> str:
         if len(self.inputs) != 1:
             raise TypeError(f"{self.name} has inputs {', '.join(self.inputs)}: pass a dict")
@@ -277,7 +283,7 @@ class Cell:
                 see(s, n, f"parameter '{p}'")
         for s, v in (state0 or {}).items():
             if s in self.states:
-                see(self.states[s], np.shape(v)[-1], f"state0['{s}']")
+                see(self.states[s], tuple(np.shape(v))[-1], f"state0['{s}']")
         missing = [s for s in self.sizes if s not in found]
         if missing:
             raise ValueError(f"cannot tell size(s) {missing} from the arrays given")
@@ -312,8 +318,16 @@ def _dtype(dtype) -> np.dtype:
 
 
 def _common_dtype(params: dict, xs: dict) -> np.dtype:
-    kinds = {np.asarray(v).dtype for v in [*params.values(), *xs.values()]}
+    kinds = {_dtype_of(v) for v in [*params.values(), *xs.values()]}
     return np.dtype(np.float64) if np.dtype(np.float64) in kinds else np.dtype(np.float32)
+
+
+def _dtype_of(v) -> np.dtype:
+    """The dtype of an array of any kind, without copying it (PyTorch spells 'torch.float32')."""
+    dt = getattr(v, "dtype", None)
+    if dt is None:
+        return np.asarray(v).dtype
+    return np.dtype(str(dt).removeprefix("torch."))
 
 
 def _lengths(lengths, T: int, B: int) -> np.ndarray:

@@ -65,6 +65,7 @@ def describe(cell: Cell) -> str:
     if cell.plan is not None:
         lines.append("  GEMM groups")
         lines += [f"    {g}" for g in cell.plan.describe_groups()]
+    lines += getattr(cell.engine, "describe", lambda: [])()  # e.g. the CUDA persistent kernel
     fwd = flops_per_step(step.roots())
     bwd = flops_per_step(cell.backward_ir.roots())
     for terms in cell.backward_ir.d_matrices.values():  # dW += g v^T, per row

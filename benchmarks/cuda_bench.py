@@ -1,0 +1,182 @@
+"""The CUDA target against cuDNN (torch.nn.LSTM / nn.GRU on the GPU) and an eager PyTorch loop
+of the same cell on the GPU, float32, on the fixed workloads; one run, medians and ratios
+(rnndsl time / peer time: below 1 means rnndsl is faster). Needs a GPU, PyTorch with CUDA and
+the `cuda` extra; it has not been run yet (no GPU was available when it was written).
+
+    python benchmarks/cuda_bench.py                          # lstm, gru, custom cells; S M L T1
+    python benchmarks/cuda_bench.py --specs lstm --sizes M T1 --json
+
+Each rnndsl cell runs three ways: `auto` (the persistent kernel where it fits), `steps`
+(persistent=False: one launch per step and phase, cuBLAS GEMMs) and, where it fits,
+`persistent` (persistent=True). Inputs are CUDA tensors handed to the cell without copies;
+parameters are uploaded once, outside the timed region. Goals (issue 6): LSTM within 1.5x of
+cuDNN at M, faster than cuDNN at T1 with the persistent kernel; custom cells at least 5x faster
+than the eager loop at S and T1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import rnndsl  # noqa: E402
+from rnndsl.bench import WORKLOADS, problem  # noqa: E402
+
+import peers  # noqa: E402
+
+SPECS = ["lstm", "gru", "peephole_lstm", "indrnn", "layernorm_lstm"]
+SIZES = ["S", "M", "L", "T1"]
+MODES = {"auto": None, "steps": False, "persistent": True}
+
+
+def sync():
+    from rnndsl.cuda_support import cuda
+
+    cuda.synchronize()
+    torch.cuda.synchronize()
+
+
+def median_gpu(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() with the device drained before and after each call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_rnndsl(spec: str, size: str, persistent, repeats: int):
+    from rnndsl import cuda_support as cs
+
+    cell = rnndsl.compile(spec, target="cuda", persistent=persistent)
+    params, xs, _ = problem(cell, size)  # float32, host
+    dparams = {p: cs.device(v) for p, v in params.items()}
+    txs = {k: torch.as_tensor(v, device="cuda") for k, v in xs.items()}
+    try:
+        fwd = cell.forward(dparams, txs)
+    except ValueError:  # persistent=True and it does not fit
+        return None
+    d_out = {o: torch.ones(tuple(v.shape), device="cuda") for o, v in fwd.outputs.items()}
+
+    def forward():
+        return cell.forward(dparams, txs)
+
+    def forward_backward():
+        f = cell.forward(dparams, txs)
+        cell.backward(dparams, f, d_out)
+
+    blocks = dict(cell.engine.last_blocks)
+    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats), blocks
+
+
+def time_cudnn(spec: str, size: str, repeats: int):
+    if spec not in ("lstm", "gru"):
+        return None
+    T, B, I, H = WORKLOADS[size]
+    model = peers.LIBRARY[spec](I, H).cuda()
+    x = torch.randn(T, B, I, device="cuda")
+    xg = x.clone().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            return model(x)
+
+    def forward_backward():
+        y, _ = model(xg)
+        y.sum().backward()
+
+    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats)
+
+
+def time_eager(spec: str, size: str, repeats: int):
+    cell = rnndsl.compile(spec)  # the plan (hoisted products) is all the eager loop reads
+    params, xs, sizes = problem(cell, size)
+    model = peers.EagerLoop(cell, params).cuda()
+    txs = {k: torch.as_tensor(v, device="cuda") for k, v in xs.items()}
+    gxs = {k: v.clone().requires_grad_(True) for k, v in txs.items()}
+
+    def forward():
+        with torch.no_grad():
+            return model(txs, sizes)
+
+    def forward_backward():
+        outs = model(gxs, sizes)
+        sum(o.sum() for o in outs.values()).backward()
+
+    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--specs", nargs="*", default=SPECS)
+    ap.add_argument("--sizes", nargs="*", default=SIZES)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("cuda_bench needs a GPU and PyTorch with CUDA")
+    from rnndsl import cuda_support as cs
+
+    rows = []
+    for spec in args.specs:
+        if spec not in rnndsl.builtin_specs():
+            print(f"skipping {spec}: not a built-in spec", file=sys.stderr)
+            continue
+        for size in args.sizes:
+            row = {"spec": spec, "size": size}
+            for mode, flag in MODES.items():
+                got = time_rnndsl(spec, size, flag, args.repeats)
+                if got is not None:
+                    row[f"{mode}_fwd"], row[f"{mode}_fwdbwd"], row[f"{mode}_blocks"] = got
+            lib = time_cudnn(spec, size, args.repeats)
+            if lib:
+                row["cudnn_fwd"], row["cudnn_fwdbwd"] = lib
+            row["eager_fwd"], row["eager_fwdbwd"] = time_eager(spec, size,
+                                                               max(3, args.repeats // 2))
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    info = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+            "gemm": cs.backend(), **cs.versions()}
+    if args.json:
+        print(json.dumps({"info": info, "rows": rows}, indent=1))
+        return
+    print(f"Device: {info['device']}; {info['date']}; torch {info['torch']}, cuDNN "
+          f"{info['cudnn']}; GEMMs via {info['gemm']}. float32, medians of {args.repeats} runs, "
+          "ms; ratio = rnndsl (auto) / peer; blocks = persistent grid (0: per-step launches).\n")
+    print("| cell | size | auto fwd | auto fwd+bwd | blocks | steps fwd+bwd | persistent fwd+bwd "
+          "| cuDNN fwd | cuDNN fwd+bwd | ratio fwd | ratio fwd+bwd | eager fwd+bwd | ratio |")
+    print("|" + "---|" * 13)
+    for r in rows:
+        g = r.get
+        print("| " + " | ".join([
+            r["spec"], r["size"], _ms(g("auto_fwd")), _ms(g("auto_fwdbwd")),
+            str(g("auto_blocks", {}).get("forward", "")), _ms(g("steps_fwdbwd")),
+            _ms(g("persistent_fwdbwd")), _ms(g("cudnn_fwd")), _ms(g("cudnn_fwdbwd")),
+            _ratio(g("auto_fwd"), g("cudnn_fwd")), _ratio(g("auto_fwdbwd"), g("cudnn_fwdbwd")),
+            _ms(g("eager_fwdbwd")), _ratio(g("auto_fwdbwd"), g("eager_fwdbwd"))]) + " |")
+
+
+def _ms(v):
+    return "" if v is None else f"{v * 1e3:.2f}"
+
+
+def _ratio(a, b):
+    return "" if a is None or b is None else f"{a / b:.2f}x"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,559 @@
+"""Stage 7, emit (cuda): a kernel plan becomes the text of a Python module of Numba CUDA kernels.
+
+The same plan as the CPU target (schedule.py), emitted for a GPU:
+
+* one `@cuda.jit` kernel per elementwise phase of each program (`forward_phase1`,
+  `backward_phase0`, ...). A phase without row reductions runs one thread per (batch row,
+  feature): grid (ceil(width / TPB), B), `j` from the x axis, `b` from the y axis, each fused
+  loop of the plan an `if j < n:` block. A phase with row reductions runs one block per batch
+  row: threads stride over the features, each reduction is a tree in shared memory
+  (`block_sum`, `block_max`) and every thread then holds the row's value.
+* the GEMMs the plan names (hoisted input GEMMs, per-step stacked GEMMs, deferred input
+  gradients, weight gradients) are calls of `cs.gemm` (cuBLAS through CuPy or PyTorch, or the
+  tiled Numba kernel in `cuda_support`); the time loop of the default mode is plain Python
+  in `forward`/`backward` that launches, per step, the GEMM of each stage and the phase kernel.
+* a persistent kernel per program (`forward_persistent`, `backward_persistent`), after
+  Persistent RNNs (Diamos et al. 2016): one cooperative launch runs the whole time loop; each
+  block keeps its slice of the output columns of every recurrent weight matrix in shared
+  memory for the whole sequence, computes that slice of the per-step product itself, and the
+  grid synchronises between stages. The glue chooses it at run time when the weights fit
+  (`cs.persistent_blocks`) or when asked (`persistent=True`), and never with `False`.
+
+The index expressions (which array, which column block, padding) come from emit_cpu's
+`_Kernel`, so the two targets read and write the plan's arrays identically. Every identifier
+is made here; names from the spec appear only in the header's legend comment.
+"""
+from __future__ import annotations
+
+from . import ir
+from .emit_cpu import Names, _Kernel, _unpack
+from .ir import Node
+from .schedule import REDUCTIONS, Phase, Plan, Program
+
+DEVICE_FUNCTIONS = '''
+@cuda.jit(device=True)
+def tanh(x):
+    return math.tanh(x)
+
+
+@cuda.jit(device=True)
+def sigmoid(x):
+    # exp of -|x| only, so it never overflows
+    e = math.exp(-abs(x))
+    s = C1 / (C1 + e)
+    return s if x >= C0 else C1 - s
+
+
+@cuda.jit(device=True)
+def relu(x):
+    return x if x > C0 else C0
+
+
+@cuda.jit(device=True)
+def softplus(x):
+    return max(x, C0) + math.log1p(math.exp(-abs(x)))
+
+
+@cuda.jit(device=True)
+def hard_sigmoid(x):
+    return min(max(CHS * x + C05, C0), C1)
+
+
+@cuda.jit(device=True)
+def step(x):
+    return C1 if x > C0 else C0
+
+
+@cuda.jit(device=True)
+def sign(x):
+    return C1 if x > C0 else (-C1 if x < C0 else C0)
+
+
+@cuda.jit(device=True)
+def equal(a, b):
+    return C1 if a == b else C0
+
+
+@cuda.jit(device=True)
+def power(a, b):
+    return a ** b
+
+
+@cuda.jit(device=True)
+def block_sum(buf, x, tid):
+    """The sum of x over the block's threads, in every thread (buf: TPB shared words)."""
+    cuda.syncthreads()  # buf may still be read from the previous reduction
+    buf[tid] = x
+    cuda.syncthreads()
+    half = TPB // 2
+    while half > 0:
+        if tid < half:
+            buf[tid] += buf[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    return buf[0]
+
+
+@cuda.jit(device=True)
+def block_max(buf, x, tid):
+    """The maximum of x over the block's threads, in every thread."""
+    cuda.syncthreads()
+    buf[tid] = x
+    cuda.syncthreads()
+    half = TPB // 2
+    while half > 0:
+        if tid < half:
+            buf[tid] = max(buf[tid], buf[tid + half])
+        cuda.syncthreads()
+        half //= 2
+    return buf[0]
+'''
+
+
+def emit_module(plan: Plan, dtype: str, header: str) -> str:
+    names = Names(plan)
+    progs = ([("pre", plan.pre)] if plan.pre is not None else []) + \
+        [("forward", plan.forward), ("backward", plan.back)]
+    phases = {kind: [_PhaseKernel(plan, names, prog, kind, ph) for ph in prog.phases if ph.steps]
+              for kind, prog in progs}
+    persistent = {kind: _PersistentKernel(plan, names, prog, kind)
+                  for kind, prog in progs if kind != "pre"}
+    kernels = [k.text() for kind, _ in progs for k in phases[kind]]
+    kernels += [persistent[kind].text() for kind in ("forward", "backward")]
+    glue = [_forward_glue(plan, names, phases, persistent["forward"]),
+            _backward_glue(plan, names, phases["backward"], persistent["backward"])]
+    consts = "\n".join([f"{name} = DT({value!r})" for value, name in names.consts.items()]
+                       + ["CNEG = DT(-np.inf)", "CHS = DT(0.2)"])
+    return "\n".join([
+        header,
+        "import math",
+        "",
+        "import numpy as np",
+        "",
+        "from rnndsl import cuda_support as cs",
+        "from rnndsl.cuda_support import cuda",
+        "",
+        f"DT = np.{dtype}",
+        "TPB = cs.THREADS  # threads per block (a power of two)",
+        "SHARED = cs.shared_words(np.dtype(DT).itemsize)  # shared words for recurrent weights",
+        consts,
+        DEVICE_FUNCTIONS,
+        *kernels,
+        *glue,
+    ])
+
+
+# -- kernels --------------------------------------------------------------------------------
+def _has_reduction(ph: Phase) -> bool:
+    return any(kind == "loop" and any(n.op in REDUCTIONS for n in item[1])
+               for kind, item in ph.steps)
+
+
+def _width(names: Names, ph: Phase) -> str:
+    """The widest loop of a phase, as code: the extent of a flat phase's feature axis."""
+    sizes = sorted({names.size[item[0]] for kind, item in ph.steps if kind == "loop"})
+    if not sizes:
+        return "1"
+    return sizes[0] if len(sizes) == 1 else f"max({', '.join(sizes)})"
+
+
+class _CudaKernel(_Kernel):
+    """Shared by the phase and persistent kernels: the elementwise work of one phase, for one
+    (b, j) element (`flat`) or one batch row striped over a block's threads (`rows`)."""
+
+    def __init__(self, plan: Plan, names: Names, prog: Program, kind: str):
+        super().__init__(plan, names, prog, kind)
+
+    def text(self) -> str:
+        head = ["@cuda.jit", f"def {self.name}({', '.join(self.args())}):"]
+        floats = [f"    z_{self.names.size[s]} = DT({self.names.size[s]})"
+                  for s in sorted(self.sizes_used)]
+        return "\n".join(head + self.prologue + floats + self.body) + "\n"
+
+    def phase_lines(self, ph: Phase, rows: bool, pad: str) -> list[str]:
+        prog = self.prog
+        one = "tid == 0" if rows else "j == 0"  # the thread that writes a row's scalars
+        stores_at: dict[tuple[int, int], list] = {}
+        for s in prog.stores:
+            stores_at.setdefault(prog.place[s.node.uid], []).append(s)
+        out = [pad + "live = t < lengths[b]"]
+        for k, (kind, item) in enumerate(ph.steps):
+            here = (ph.index, k)
+            if kind == "scalar":  # every thread computes it; one writes it
+                if item is not None:
+                    out.append(pad + f"v{item.uid} = {self.expr(item, here)}")
+                writes = (self._spill(item) if item is not None else []) + \
+                    [self.store(s, self.ref(s.node, here)) for s in stores_at.get(here, [])]
+                if writes:
+                    out.append(pad + f"if {one}:")
+                    out += [pad + "    " + w for w in writes]
+                continue
+            size, nodes = item
+            n_j = self.names.size[size]
+            inits, body, after = [], [], []
+            for n in nodes:
+                if n.op in REDUCTIONS:
+                    assert rows, "a phase with reductions runs one block per row"
+                    inits.append(f"v{n.uid} = {'C0' if n.op == 'rsum' else 'CNEG'}")
+                    arg = self.ref(n.args[0], here)
+                    body.append(f"v{n.uid} += {arg}" if n.op == "rsum"
+                                else f"v{n.uid} = max(v{n.uid}, {arg})")
+                    combine = "block_sum" if n.op == "rsum" else "block_max"
+                    inits_after = f"v{n.uid} = {combine}({self.use_red()}, v{n.uid}, tid)"
+                    after.append(("all", inits_after))
+                    after += [("one", w) for w in self._spill(n)]
+                    continue
+                body.append(f"v{n.uid} = {self.expr(n, here)}")
+                body += self._spill(n)
+            for s in stores_at.get(here, []):
+                if s.node.shape:
+                    body.append(self.store(s, self.ref(s.node, here)))
+                else:
+                    after.append(("one", self.store(s, self.ref(s.node, here))))
+            out += [pad + line for line in inits]
+            if rows:
+                out.append(pad + f"for j in range(tid, {n_j}, TPB):")
+            else:
+                out.append(pad + f"if j < {n_j}:")
+            out += [pad + "    " + line for line in body or ["pass"]]
+            out += [pad + line for who, line in after if who == "all"]
+            ones = [line for who, line in after if who == "one"]
+            if ones:
+                out.append(pad + f"if {one}:")
+                out += [pad + "    " + line for line in ones]
+            if rows:
+                out.append(pad + "cuda.syncthreads()")
+        return out
+
+    def use_red(self) -> str:
+        self.needs_red = True
+        return "red"
+
+    def _spill(self, n: Node, value: str | None = None) -> list[str]:
+        return super()._spill(n, value) if n is not None else []
+
+
+class _PhaseKernel(_CudaKernel):
+    """One elementwise phase of one program as its own kernel, launched once per time step
+    (or, for `pre`, once over all T*B rows)."""
+
+    def __init__(self, plan: Plan, names: Names, prog: Program, kind: str, ph: Phase):
+        self.ph = ph
+        self.rows = _has_reduction(ph)
+        self.needs_red = False
+        super().__init__(plan, names, prog, kind)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_phase{self.ph.index}"
+
+    def args(self) -> list[str]:
+        t = [] if self.kind == "pre" else ["t"]
+        return [*t, "B", *self.names.size.values(), "lengths", *sorted(self.arrays)]
+
+    def launch(self) -> str:
+        """The launch configuration, as code of the glue."""
+        rows = "T * B" if self.kind == "pre" else "B"
+        if self.rows:
+            return f"{rows}, TPB"
+        return f"(cs.blocks({_width(self.names, self.ph)}, TPB), {rows}), TPB"
+
+    def _body(self) -> list[str]:
+        y = "cuda.blockIdx.x" if self.rows else "cuda.blockIdx.y"
+        if self.kind == "pre":  # one launch over all T*B rows
+            head = [f"    r = {y}", "    t = r // B", "    b = r % B"]
+        else:
+            head = [f"    b = {y}"]
+        if self.rows:
+            head.append("    tid = cuda.threadIdx.x")
+        else:
+            head.append("    j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x")
+        lines = self.phase_lines(self.ph, self.rows, "    ")
+        if self.needs_red:
+            head.append("    red = cuda.shared.array(TPB, DT)")
+        self.prologue = head
+        return lines
+
+
+class _PersistentKernel(_CudaKernel):
+    """The whole time loop of a program in one cooperative kernel. Block k of the grid owns
+    columns [k*c, (k+1)*c) of each per-step GEMM's output (c = ceil(N / blocks)) and keeps
+    those columns of the weights in shared memory; each stage computes its slice of the
+    products, then the grid syncs; each phase runs grid-strided over (b, j) elements (or over
+    batch rows, one block each, when it has reductions), then the grid syncs."""
+
+    def __init__(self, plan: Plan, names: Names, prog: Program, kind: str):
+        self.needs_red = False
+        super().__init__(plan, names, prog, kind)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_persistent"
+
+    def args(self) -> list[str]:
+        return ["T", "B", *self.names.size.values(), "lengths", *sorted(self.arrays)]
+
+    def products(self):
+        """Per-step GEMMs: (name, vector array as code at [t, b, k], transposed weights?)."""
+        out = []
+        for g in self.prog.gemms:
+            v = g.vector
+            vec = self.names.state[v.attr] if v.op == "prev" else self.plan.vectors[v.uid].name
+            out.append((g.name, g.stage, self.use(vec), True))
+        for g in self.prog.gemm_ts:
+            out.append((g.name, g.stage, self.use(g.buffer.name), False))
+        return out
+
+    def _body(self) -> list[str]:
+        prods = self.products()
+        head = ["    grid = cuda.cg.this_grid()",
+                "    tid = cuda.threadIdx.x",
+                "    blk = cuda.blockIdx.x",
+                "    nblk = cuda.gridDim.x"]
+        out = []
+        if prods:
+            out.append("    sw = cuda.shared.array(SHARED, DT)")
+            out.append("    # this block's columns of the recurrent weights, kept for the whole sequence")
+            base = "0"
+            for k, (g, _, _, trans) in enumerate(prods):
+                w = self.use("w_" + g)
+                self.use("g_" + g)
+                kk, nn = (f"{w}.shape[1]", f"{w}.shape[0]") if trans else \
+                    (f"{w}.shape[0]", f"{w}.shape[1]")
+                out += [f"    k{k} = {kk}",
+                        f"    m{k} = {nn}",
+                        f"    c{k} = (m{k} + nblk - 1) // nblk",
+                        f"    a{k} = {base}",
+                        f"    for e in range(tid, k{k} * c{k}, TPB):",
+                        f"        col = blk * c{k} + e % c{k}",
+                        f"        if col < m{k}:",
+                        f"            sw[a{k} + e] = {w}[col, e // c{k}]" if trans else
+                        f"            sw[a{k} + e] = {w}[e // c{k}, col]"]
+                base = f"a{k} + k{k} * c{k}"
+            out.append("    cuda.syncthreads()")
+        time = "range(T - 1, -1, -1)" if self.prog.reverse else "range(T)"
+        out.append(f"    for t in {time}:")
+        for ph in self.prog.phases:
+            staged = [(k, p) for k, p in enumerate(prods) if p[1] == ph.index]
+            for k, (g, _, vec, _) in staged:
+                out += [f"        for e in range(tid, B * c{k}, TPB):  # {'g_' + g} = {vec}[t] @ W, this block's columns",
+                        f"            b = e // c{k}",
+                        f"            col = blk * c{k} + e % c{k}",
+                        f"            if col < m{k}:",
+                        "                acc = C0",
+                        f"                for i in range(k{k}):",
+                        f"                    acc += {vec}[t, b, i] * sw[a{k} + i * c{k} + e % c{k}]",
+                        f"                g_{g}[b, col] = acc"]
+            if staged:
+                out.append("        grid.sync()")
+            if not ph.steps:
+                continue
+            if _has_reduction(ph):
+                out.append("        for b in range(blk, B, nblk):  # one block per batch row")
+                out += self.phase_lines(ph, True, " " * 12)
+            else:
+                w = _width(self.names, ph)
+                out += [f"        for e in range(blk * TPB + tid, B * {w}, nblk * TPB):",
+                        f"            b = e // {w}",
+                        f"            j = e % {w}"]
+                out += self.phase_lines(ph, False, " " * 12)
+            out.append("        grid.sync()")
+        if self.needs_red:
+            head.append("    red = cuda.shared.array(TPB, DT)")
+        self.prologue = head
+        return out
+
+
+def persistent_rule(plan: Plan) -> str:
+    """When the persistent kernels run, in words (the compile summary prints it)."""
+    from .cuda_support import PERSISTENT_MAX_BATCH, SHARED_BYTES
+
+    def mats(gemms):
+        return " + ".join(f"[{', '.join(ws)}]" for ws in gemms) or "none"
+
+    fwd = mats(g.weights for g in plan.forward.gemms)
+    bwd = mats(g.node.attr for g in plan.back.gemm_ts)
+    return (f"one cooperative kernel per pass when B <= {PERSISTENT_MAX_BATCH} and the "
+            f"recurrent weights (forward {fwd}; backward {bwd}) fit in "
+            f"{SHARED_BYTES // 1024} KiB of shared memory per co-resident block; otherwise one "
+            f"launch per step and phase with cuBLAS GEMMs")
+
+
+# -- glue -----------------------------------------------------------------------------------
+def _stack(names: Names, weights) -> str:
+    return f"cs.stack(({', '.join(names.param[w] for w in weights)},), DT)"
+
+
+def _vector(plan: Plan, names: Names, v: Node) -> str:
+    if v.op == "prev":
+        return names.state[v.attr]
+    if v.op == "input":
+        return names.input[v.attr]
+    return plan.vectors[v.uid].name
+
+
+def _spill_allocs(plan: Plan, names: Names, prog: Program) -> list[str]:
+    nodes = {n.uid: n for n in ir.topo_order([s.node for s in prog.stores] +
+                                            [g.vector for g in prog.gemms] +
+                                            [a for g in prog.gemm_ts for a in g.node.args])}
+    out = []
+    for uid, sp in prog.spills.items():
+        n = nodes[uid]
+        shape = f"(B, {names.size[n.shape[0]]})" if n.shape else "(B,)"
+        out.append(f"    {sp} = cs.empty({shape}, DT)")
+    return out
+
+
+def _time_loop(k: _PersistentKernel, phases: list[_PhaseKernel], prog: Program, plan: Plan,
+               names: Names) -> list[str]:
+    """The default mode: per step, the GEMM of each stage (cuBLAS) and each phase's kernel."""
+    launches = {p.ph.index: p for p in phases}
+    time = "range(T - 1, -1, -1)" if prog.reverse else "range(T)"
+    L = [f"        for t in {time}:"]
+    for ph in prog.phases:
+        for g in prog.gemms:
+            if g.stage == ph.index:
+                L.append(f"            cs.gemm({_vector(plan, names, g.vector)}[t], w_{g.name}, "
+                         f"g_{g.name}, trans_b=True)")
+        for g in prog.gemm_ts:
+            if g.stage == ph.index:
+                L.append(f"            cs.gemm({g.buffer.name}[t], w_{g.name}, g_{g.name})")
+        if ph.index in launches:
+            p = launches[ph.index]
+            L.append(f"            {p.name}[{p.launch()}]({', '.join(p.args())})")
+    return L
+
+
+def _persistent_choice(k: _PersistentKernel, prog: Program) -> list[str]:
+    """`blocks`: the persistent kernel's grid, or 0 for the per-step launches."""
+    shapes = [f"(w_{g.name}.shape[1], w_{g.name}.shape[0])" for g in prog.gemms] + \
+        [f"w_{g.name}.shape" for g in prog.gemm_ts]
+    L = ["    blocks = 0",
+         "    if persistent is not False:",
+         f"        limit = cs.cooperative_blocks({k.name}, TPB)",
+         f"        blocks = cs.persistent_blocks([{', '.join(shapes)}], B, "
+         f"np.dtype(DT).itemsize, limit, {_widest(k)})",
+         "        if persistent and not blocks:",
+         "            raise ValueError('the persistent kernel does not fit: the recurrent weights '",
+         "                             'need more shared memory than the resident blocks have, '",
+         "                             f'or the batch is above {cs.PERSISTENT_MAX_BATCH}')"]
+    return L
+
+
+def _widest(k: _PersistentKernel) -> str:
+    """Elements per step of the widest phase (B times a size), to spread over the blocks."""
+    sizes = sorted({k.names.size[item[0]] for ph in k.prog.phases for kind, item in ph.steps
+                    if kind == "loop"})
+    return f"B * max({', '.join(sizes)}, 1)" if sizes else "B"
+
+
+def _forward_glue(plan: Plan, names: Names, phases: dict, k: _PersistentKernel) -> str:
+    step = plan.step
+    L = ["def forward(params, xs, state0, lengths, sizes, persistent=None):",
+         "    # arrays are device arrays; scalar parameters come as one-element arrays",
+         _unpack(list(names.param.values()), "params"),
+         _unpack(list(names.input.values()), "xs"),
+         _unpack(list(names.size.values()), "sizes"),
+         "    T, B = xs[0].shape[0], xs[0].shape[1]"]
+    for g in plan.forward.gemms:
+        L.append(f"    w_{g.name} = {_stack(names, g.weights)}  # (N, K): g = v @ w.T")
+        L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[0]), DT)")
+    L += _persistent_choice(k, plan.forward)
+    if plan.pre is not None:
+        for buf in plan.vectors.values():
+            if buf.name.startswith("pvec"):
+                L.append(f"    {buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
+        L += _spill_allocs(plan, names, plan.pre)
+        for p in phases["pre"]:
+            L.append(f"    {p.name}[{p.launch()}]({', '.join(p.args())})")
+    for g in plan.hoisted:
+        src = _vector(plan, names, g.vector)
+        L.append(f"    {g.name} = cs.empty((T, B, {names.sizes([p.shape[0] for p in g.products])})"
+                 f", DT)")
+        L.append(f"    cs.gemm(cs.flat({src}), {_stack(names, g.weights)}, cs.flat({g.name}), "
+                 f"trans_b=True)")
+    for s, code in names.state.items():
+        L.append(f"    {code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
+        L.append(f"    cs.copy({code}[0], state0[{list(names.state).index(s)}])")
+    for o, code in names.output.items():
+        shape = step.shape_of(o)
+        L.append(f"    {code} = cs.empty((T, B, {names.size[shape[0]] if shape else '1'}), DT)")
+    L.append(f"    tape = cs.empty((T, B, {names.sizes(plan.tape.width())}), DT)")
+    for buf in plan.vectors.values():
+        if not buf.name.startswith("pvec"):
+            L.append(f"    {buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
+    L += _spill_allocs(plan, names, plan.forward)
+    L.append("    if blocks:")
+    L.append(f"        {k.name}[blocks, TPB]({', '.join(k.args())})")
+    L.append("    else:")
+    L += _time_loop(k, phases["forward"], plan.forward, plan, names)
+    outs = ", ".join(names.output.values())
+    finals = ", ".join(f"{c}[T]" for c in names.state.values())
+    saved = ", ".join([*names.state.values(), *(g.name for g in plan.hoisted), "tape",
+                       *(b.name for b in plan.vectors.values())])
+    L.append(f"    return ({outs},), ({finals},), ({saved},), blocks")
+    return "\n".join(L) + "\n"
+
+
+def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel) -> str:
+    step = plan.step
+    saved = [*names.state.values(), *(g.name for g in plan.hoisted), "tape",
+             *(b.name for b in plan.vectors.values())]
+    L = ["def backward(params, xs, lengths, saved, d_outputs, d_final, sizes, persistent=None):",
+         _unpack(list(names.param.values()), "params"),
+         _unpack(list(names.input.values()), "xs"),
+         _unpack(list(names.size.values()), "sizes"),
+         _unpack(saved, "saved"),
+         _unpack([f"d{c}" for c in names.output.values()], "d_outputs"),
+         "    T, B = xs[0].shape[0], xs[0].shape[1]"]
+    for g in plan.back.gemm_ts:
+        L.append(f"    w_{g.name} = {_stack(names, g.node.attr)}  # (K, N): g = G @ w")
+        L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[1]), DT)")
+    L += _persistent_choice(k, plan.back)
+    for s, code in names.state.items():
+        L.append(f"    d{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
+        L.append(f"    cs.copy(d{code}[T], d_final[{list(names.state).index(s)}])")
+    for x, code in names.input.items():
+        make = "empty" if x in plan.input_rest else "zeros"
+        L.append(f"    d{code} = cs.{make}((T, B, {names.size[step.inputs[x]]}), DT)")
+    for buf in plan.grad_buffers:
+        L.append(f"    {buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
+    L += _spill_allocs(plan, names, plan.back)
+    L.append("    if blocks:")
+    L.append(f"        {k.name}[blocks, TPB]({', '.join(k.args())})")
+    L.append("    else:")
+    L += _time_loop(k, phases, plan.back, plan, names)
+    L.append("    # after the loop: input and weight gradients as GEMMs over all T*B rows")
+    for x, g in plan.deferred:
+        L.append(f"    cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
+                 f"cs.flat(d{names.input[x]}), accumulate=True)")
+    grads = {p: f"d{code}" for p, code in names.param.items()}
+    # a weight whose gradient comes from one stacked GEMM only is a row block of its result
+    uses: dict[str, int] = {}
+    for w in plan.weight_grads:
+        for wname in w.weights:
+            uses[wname] = uses.get(wname, 0) + 1
+    for p, code in names.param.items():
+        if uses.get(p, 0) != 1:
+            L.append(f"    d{code} = cs.zeros({code}.shape, DT)")
+    for k_w, w in enumerate(plan.weight_grads):
+        v = w.vector
+        src = f"{names.state[v.attr]}[:T]" if v.op == "prev" else _vector(plan, names, v)
+        L.append(f"    m{k_w} = cs.empty(({names.sizes(w.buffer.width())}, {src}.shape[2]), DT)")
+        L.append(f"    cs.gemm(cs.flat({w.buffer.name}), cs.flat({src}), m{k_w}, trans_a=True)")
+        for k_, wname in enumerate(w.weights):
+            node = w.buffer.columns[k_][0]
+            off = names.sizes(w.buffer.offset(k_))
+            block = f"m{k_w}[{off}:{off} + {names.size[node.shape[0]]}]"
+            if uses[wname] == 1:
+                L.append(f"    {grads[wname]} = {block}")
+            else:
+                L.append(f"    cs.add_into({grads[wname]}, {block})")
+    for p, (_, (buf, block)) in plan.param_grads.items():
+        off = names.sizes(buf.offset(block))
+        L.append(f"    cs.add_column_sums({grads[p]}, cs.flat({buf.name}), {off})")
+    dparams = ", ".join(grads[p] for p in step.params)
+    dxs = ", ".join(f"d{c}" for c in names.input.values())
+    d0 = ", ".join(f"d{c}[0]" for c in names.state.values())
+    L.append(f"    return ({dparams},), ({dxs},), ({d0},), blocks")
+    return "\n".join(L) + "\n"

@@ -1,0 +1,240 @@
+"""The CUDA target against the NumPy reference, in Numba's CUDA simulator (no GPU needed).
+
+NUMBA_ENABLE_CUDASIM must be set before Numba's CUDA support is first imported, so in an
+ordinary test run this module only runs itself again in a subprocess with the variable set
+(`test_cuda_kernels_in_simulator`); there (or when the variable is already set, or with
+RNNDSL_TEST_GPU=1 on a machine with a GPU) the real tests below run: every built-in spec,
+plus cells that exercise what the built-in ones may not (phase splits, row reductions,
+softmax, scalar parameters, two inputs, a hoisted computed vector), forward and backward,
+per-step launches and the persistent kernel (one block in the simulator), float64 to 1e-10,
+with per-sequence lengths. Sizes are tiny: the simulator runs one Python thread per GPU thread.
+"""
+import io
+import os
+import re
+import subprocess
+import sys
+import tokenize
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rnndsl
+from rnndsl import emit_cuda
+
+ON_DEVICE = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("RNNDSL_TEST_GPU") == "1"
+
+EXTRA = {  # cells beyond the built-in specs, for the shapes of plan they make
+    "x_gru_split": """
+name: x_gru_split
+summary: GRU with the reset gate inside the product (two GEMM stages, a vector kept for dW)
+sizes: [input, hidden]
+inputs: {x: input}
+states: {h: hidden}
+outputs: [h]
+equations: |
+  r = sigmoid(W_r @ x + U_r @ h_prev + b_r)
+  z = sigmoid(W_z @ x + U_z @ h_prev + b_z)
+  n = tanh(W_n @ x + U_n @ (r * h_prev) + b_n)
+  h = (1 - z) * n + z * h_prev
+""",
+    "x_ln_lstm": """
+name: x_ln_lstm
+summary: LSTM with layer norm on the cell (row reductions, one block per batch row)
+sizes: [input, hidden]
+inputs: {x: input}
+states: {h: hidden, c: hidden}
+outputs: [h]
+params:
+  gamma: {init: ones}
+equations: |
+  i = sigmoid(W_i @ x + U_i @ h_prev + b_i)
+  f = sigmoid(W_f @ x + U_f @ h_prev + b_f)
+  g = tanh(W_g @ x + U_g @ h_prev + b_g)
+  o = sigmoid(W_o @ x + U_o @ h_prev + b_o)
+  c = f * c_prev + i * g
+  d = c - mean(c)
+  h = o * tanh(gamma * d / sqrt(mean(d * d) + 0.00001) + beta)
+""",
+    "x_jordan": """
+name: x_jordan
+summary: Jordan network with a softmax output and a row max (three sizes, two outputs)
+sizes: [input, hidden, output]
+inputs: {x: input}
+states: {y: output}
+outputs: [y, h]
+params:
+  W_h: {shape: [hidden, input]}
+  U_h: {shape: [hidden, output]}
+  W_y: {shape: [output, hidden]}
+equations: |
+  h = tanh(W_h @ x + U_h @ y_prev + b_h)
+  y = softmax(W_y @ h + b_y) + 0.1 * max(h)
+""",
+    "x_indrnn": """
+name: x_indrnn
+summary: IndRNN-like cell with a scalar gain, two inputs and a hoisted tanh(x) (pre kernel)
+sizes: [input, hidden]
+inputs: {x: input, m: hidden}
+states: {h: hidden}
+outputs: [h]
+params:
+  a: {shape: [], init: {constant: 0.5}}
+equations: |
+  h = relu(W @ tanh(x) + u * h_prev + b) * a + softplus(m) * hard_sigmoid(h_prev) + abs(m) ** 2 + min(h_prev, m) - exp(-h_prev * h_prev)
+""",
+}
+SPECS = {**{k: k for k in sorted(rnndsl.builtin_specs())}, **EXTRA}
+
+
+def identifiers(code: str) -> set[str]:
+    """The NAME tokens of Python source (not comments, not strings)."""
+    toks = tokenize.generate_tokens(io.StringIO(code).readline)
+    return {t.string for t in toks if t.type == tokenize.NAME}
+
+
+# -- always, in this process: the generated text (needs no Numba CUDA) -----------------------
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_generated_code_names_only_compiler_made_identifiers(name):
+    cell = rnndsl.compile(SPECS[name], target="cuda")
+    code = cell.engine.source_code("float64")
+    user = set(cell.params) | set(cell.inputs) | set(cell.states) | set(cell.outputs) | \
+        set(cell.sizes)
+    fixed = identifiers(emit_cuda.DEVICE_FUNCTIONS) | {"x", "y"}  # library names, blockIdx.y
+    assert not (identifiers(code) & user) - fixed, (identifiers(code) & user) - fixed
+    body = "\n".join(line for line in code.splitlines() if not line.startswith("#"))
+    assert "numba" not in body.replace("rnndsl.cuda_support", "")
+    # one kernel per elementwise phase of each program, and one persistent kernel per pass
+    phases = sum(1 for prog in (cell.plan.pre, cell.plan.forward, cell.plan.back)
+                 if prog is not None for ph in prog.phases if ph.steps)
+    assert len(re.findall(r"^def \w+_phase\d+\(", code, re.M)) == phases
+    assert "def forward_persistent(" in code and "def backward_persistent(" in code
+
+
+def test_only_cuda_support_imports_numba_cuda():
+    pkg = Path(rnndsl.__file__).parent
+    importers = [p.name for p in pkg.glob("*.py")
+                 if re.search(r"^\s*(from numba import cuda|import numba\.cuda|from numba\.cuda|"
+                              r"import numba_cuda)", p.read_text(), re.M)]
+    assert importers == ["cuda_support.py"]
+
+
+def test_cli_shows_cuda_code_and_persistent_rule():
+    from typer.testing import CliRunner
+
+    from rnndsl.cli import app
+
+    result = CliRunner().invoke(app, ["compile", "lstm", "--target", "cuda", "--show", "code"])
+    assert result.exit_code == 0, result.output
+    assert "persistent kernel auto" in result.output
+    assert "@cuda.jit" in result.output and "def forward_phase1(" in result.output
+
+
+if not ON_DEVICE:
+    def test_cuda_kernels_in_simulator():
+        """Runs this file again with NUMBA_ENABLE_CUDASIM=1 in a fresh interpreter."""
+        env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                               __file__], env=env, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        assert re.search(r"\d+ passed", proc.stdout), proc.stdout[-2000:]
+
+
+# -- on the device (the simulator, or a GPU) ------------------------------------------------
+def relative(a, b) -> float:
+    scale = max(np.abs(b).max(initial=0.0), 1e-30)
+    return float(np.abs(np.asarray(a, np.float64) - b).max(initial=0.0) / scale)
+
+
+def problem(cell, T, B, seed):
+    rng = np.random.default_rng(seed)
+    sizes = {s: 2 + k for k, s in enumerate(cell.sizes)}
+    params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
+    params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
+    xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
+    state0 = {s: 0.5 * rng.standard_normal((B, sizes[n])) for s, n in cell.states.items()}
+    return params, xs, state0
+
+
+def compare(cuda_cell, ref, T, B, lengths, dtype=np.float64, tol=1e-10):
+    params, xs, state0 = problem(ref, T, B, seed=T + B)
+    cast = lambda d: {k: v.astype(dtype) for k, v in d.items()}  # noqa: E731
+    up = lambda d: {k: v.astype(np.float64) for k, v in d.items()}  # noqa: E731
+    p, x, s = cast(params), cast(xs), cast(state0)
+    f_ref = ref.forward(up(p), up(x), up(s), lengths)
+    f_dev = cuda_cell.forward(p, x, s, lengths)
+    for o in f_ref.outputs:
+        assert f_dev.outputs[o].dtype == dtype
+        assert relative(f_dev.outputs[o], f_ref.outputs[o]) < tol, o
+    for k in f_ref.states:
+        assert relative(f_dev.states[k], f_ref.states[k]) < tol, k
+    rng = np.random.default_rng(1)
+    d_out = {o: rng.standard_normal(v.shape) for o, v in f_ref.outputs.items()}
+    d_fin = {k: rng.standard_normal(v.shape) for k, v in f_ref.states.items()}
+    g_ref = ref.backward(up(p), f_ref, d_out, d_fin)
+    g_dev = cuda_cell.backward(p, f_dev, cast(d_out), cast(d_fin))
+    for group in ("params", "inputs", "state0"):
+        want, got = getattr(g_ref, group), getattr(g_dev, group)
+        assert set(want) == set(got)
+        for k in want:
+            assert np.shape(got[k]) == np.shape(want[k]), (group, k)
+            assert relative(got[k], want[k]) < tol, (group, k)
+
+
+device = pytest.mark.skipif(not ON_DEVICE, reason="runs in the simulator subprocess")
+
+
+@device
+@pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_cuda_matches_reference(name, persistent):
+    cell = rnndsl.compile(SPECS[name], target="cuda", persistent=persistent)
+    ref = rnndsl.compile(SPECS[name], target="reference")
+    T, B, lengths = (2, 3, [2, 1, 0]) if not persistent else (3, 2, [2, 3])
+    compare(cell, ref, T, B, lengths)
+    expect = (lambda blocks: blocks >= 1) if persistent else (lambda blocks: blocks == 0)
+    assert all(expect(b) for b in cell.engine.last_blocks.values()), cell.engine.last_blocks
+
+
+@device
+def test_float32_and_auto_mode():
+    cell = rnndsl.compile("lstm", target="cuda")  # auto: tiny sizes fit, so persistent
+    compare(cell, rnndsl.compile("lstm", target="reference"), 2, 2, None, np.float32, 1e-5)
+    assert cell.engine.last_blocks == {"forward": 1, "backward": 1}
+
+
+@device
+def test_persistent_refuses_what_does_not_fit():
+    from rnndsl import cuda_support as cs
+
+    words = cs.shared_words(8)
+    assert cs.persistent_blocks([(8, 32)], 4, 8, 1, 4 * 8) == 1
+    assert cs.persistent_blocks([(words, 2)], 4, 8, 1, 8) == 0  # weights too big for a block
+    assert cs.persistent_blocks([(words, 2)], 4, 8, 2, 8) == 2  # split over two blocks
+    assert cs.persistent_blocks([(8, 32)], cs.PERSISTENT_MAX_BATCH + 1, 8, 1, 8) == 0
+    cell = rnndsl.compile("lstm", target="cuda", persistent=True)
+    hidden = 64  # 4*64*64 float64 weights: 128 KiB
+    params = cell.init_params(1, hidden, dtype=np.float64)
+    with pytest.raises(ValueError, match="persistent kernel does not fit"):
+        cell.forward(params, np.zeros((1, 1, 1)))
+
+
+@device
+def test_device_arrays_in_device_arrays_out():
+    from rnndsl import cuda_support as cs
+
+    cell = rnndsl.compile("lstm", target="cuda", persistent=False)
+    params, xs, state0 = problem(cell, 2, 1, seed=0)
+    host = cell.forward(params, xs, state0)
+    dev = cell.forward({p: cs.device(v) for p, v in params.items()},
+                       {k: cs.device(v) for k, v in xs.items()},
+                       {k: cs.device(v) for k, v in state0.items()})
+    assert cs.is_device(dev.output)
+    np.testing.assert_allclose(cs.host(dev.output), host.output, atol=1e-14)
+    d_out = np.ones(host.output.shape)
+    g_host = cell.backward(params, host, d_out)
+    g_dev = cell.backward({p: cs.device(v) for p, v in params.items()}, dev, cs.device(d_out))
+    for p in g_host.params:
+        assert cs.is_device(g_dev.params[p])
+        np.testing.assert_allclose(cs.host(g_dev.params[p]), g_host.params[p], atol=1e-14)
