@@ -77,7 +77,8 @@ class CudaEngine:
         return np.asarray(v, dtype=dtype, order="C")
 
     # -- running ------------------------------------------------------------------------------
-    def forward(self, params, xs, state0, lengths, sizes, dtype):
+    def forward(self, params, xs, state0, lengths, sizes, dtype, save=True):
+        # The CUDA forward always keeps its tape: `save` only matters to the CPU kernels.
         from . import cuda_support as cs
 
         m = self.module(dtype)
