@@ -47,6 +47,7 @@ __all__ = ["RNN", "cell_apply", "register", "TORCH_LAYOUT"]
 
 # -- the cell registry ------------------------------------------------------------------------
 _CELLS: dict[str, Cell] = {}
+_KEYS: "weakref.WeakKeyDictionary[Cell, str]" = weakref.WeakKeyDictionary()
 
 
 def cell_key(cell: Cell) -> str:
@@ -59,8 +60,10 @@ def cell_key(cell: Cell) -> str:
 
 def register(cell: Cell) -> str:
     """Make a cell callable through the custom ops; returns its key."""
-    key = cell_key(cell)
-    _CELLS.setdefault(key, cell)
+    key = _KEYS.get(cell)
+    if key is None:
+        key = _KEYS[cell] = cell_key(cell)
+        _CELLS.setdefault(key, cell)
     return key
 
 
