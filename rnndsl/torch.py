@@ -452,6 +452,8 @@ class RNN(nn.Module):
         kind = _torch_kind(module)
         if getattr(module, "proj_size", 0):
             raise ValueError("nn.LSTM with proj_size is not supported")
+        if spec is None and kind not in compiler.builtin_specs():
+            raise ValueError(f"there is no built-in '{kind}' spec yet: pass spec=...")
         w = module.weight_ih_l0
         m = cls(spec if spec is not None else kind, module.input_size, module.hidden_size,
                 module.num_layers, module.bias, module.batch_first, module.bidirectional,

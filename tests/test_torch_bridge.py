@@ -114,14 +114,18 @@ def test_without_bias(kind):
 
 def test_parameter_names_and_export():
     torch.manual_seed(0)
-    ref = nn.GRU(I, H, 2, bidirectional=True, batch_first=True).double()
+    ref = nn.GRU(I, H, 2, bidirectional=True, batch_first=True, dropout=0.25).double()
     mine = RNN.from_torch(ref, spec=cell("gru"))
     names = [n for n, _ in mine.named_parameters()]
-    assert names[:3] == ["l0.W_ir", "l0.b_ir", "l0.W_hr"] or "l0.W_ir" in names
+    assert "l0.W_ir" in names and "l0_reverse.W_hz" in names
     assert "l1_reverse.b_hn" in names and len(names) == 4 * 12
     assert all(isinstance(p, nn.Parameter) for p in mine.parameters())
     back = mine.to_torch()
     assert type(back) is nn.GRU and back.batch_first and back.bidirectional
+    assert back.dropout == mine.dropout == 0.25
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    ref.eval(), mine.eval()  # no dropout between the layers
+    torch.testing.assert_close(mine(x)[0], ref(x)[0], **F64)
     for (n1, p1), (n2, p2) in zip(ref.named_parameters(), back.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
     lstm = RNN("lstm", I, H, dtype=torch.float64)
@@ -264,3 +268,30 @@ def test_torch_compile_same_outputs_and_gradients():
     torch.testing.assert_close(grads[1][0], grads[0][0], **F64)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(b, a, **F64)
+
+
+PROJECTED_YAML = """
+name: elman_projected
+sizes: [input, hidden, proj]
+inputs: {x: input}
+states: {h: hidden, c: hidden}
+outputs: [y]
+params:
+  V: {shape: [proj, hidden]}
+equations: |
+  c = 0.5 * c_prev + tanh(W @ x + U @ h_prev + b)
+  h = tanh(c)
+  y = V @ h
+"""
+
+
+def test_any_spec_sizes_states_and_outputs():
+    mine = RNN(PROJECTED_YAML, I, H, num_layers=2, bidirectional=True, sizes={"proj": 2},
+               dtype=torch.float64)
+    assert mine.l1.W.shape == (H, 2 * 2) and mine.l0_reverse.V.shape == (2, H)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    out, (h, c) = mine(x, lengths=[5, 1, 3])
+    assert out.shape == (T, B, 4) and h.shape == c.shape == (4, B, H)
+    assert (out[1:, 1] == 0).all()  # past the length
+    out.sum().backward()
+    assert all(p.grad is not None for p in mine.parameters())
