@@ -1,7 +1,7 @@
 """Overhead of the PyTorch bridge over calling a cell's kernels directly, at S and T1.
 
 Three ways to run the same forward+backward pass (float32, loss = sum of the outputs,
-gradients for every parameter and the input), medians of several runs after a warm-up:
+gradients for every parameter and the input), medians (and minima) of several interleaved runs after a warm-up:
   direct  cell.forward + cell.backward on NumPy arrays (the kernels and the runtime's checks)
   op      rnndsl.torch.cell_apply (the custom op) with torch autograd
   module  rnndsl.torch.RNN(spec, I, H) forward + output.sum().backward()
@@ -24,14 +24,18 @@ from rnndsl.torch import RNN, cell_apply
 WORKLOADS = {"S": (100, 16, 128, 128), "T1": (1000, 1, 64, 64)}  # T, B, I, H
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles the kernels)
-    times = []
+def interleaved_times(fns: dict, repeats: int) -> dict:
+    """Median and minimum time of each function, the functions run in turn within each repeat
+    (so that load from other processes falls on all of them alike)."""
+    for fn in fns.values():
+        fn()  # warm-up (compiles the kernels)
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (float(np.median(t)), min(t)) for name, t in times.items()}
 
 
 def measure(spec: str, workload: str, repeats: int, target: str | None) -> dict:
@@ -59,8 +63,7 @@ def measure(spec: str, workload: str, repeats: int, target: str | None) -> dict:
         out, _ = module(xg)
         out.sum().backward()
 
-    times = {name: median_time(fn, repeats) for name, fn in
-             (("direct", direct), ("op", op), ("module", mod))}
+    times = interleaved_times({"direct": direct, "op": op, "module": mod}, repeats)
     return {"spec": spec, "workload": workload, "engine": cell.engine.name, **times}
 
 
@@ -72,17 +75,17 @@ def main():
     ap.add_argument("--target", default=None, help="rnndsl target (default: rnndsl's default)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-          "forward+backward, median ms")
+          "forward+backward, ms: median (min)")
     print("| spec | workload | engine | direct | op | module | op overhead | module overhead |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for spec in args.specs:
         for w in args.sizes:
             r = measure(spec, w, args.repeats, args.target)
-            d = r["direct"]
-            print(f"| {spec} | {w} | {r['engine']} | {1e3 * d:.2f} | {1e3 * r['op']:.2f} | "
-                  f"{1e3 * r['module']:.2f} | {100 * (r['op'] / d - 1):+.1f}% | "
-                  f"{100 * (r['module'] / d - 1):+.1f}% |")
-
+            (d, dmin), (o, omin), (m, mmin) = r["direct"], r["op"], r["module"]
+            print(f"| {spec} | {w} | {r['engine']} | {1e3 * d:.2f} ({1e3 * dmin:.2f}) | "
+                  f"{1e3 * o:.2f} ({1e3 * omin:.2f}) | {1e3 * m:.2f} ({1e3 * mmin:.2f}) | "
+                  f"{100 * (o / d - 1):+.1f}% ({100 * (omin / dmin - 1):+.1f}%) | "
+                  f"{100 * (m / d - 1):+.1f}% ({100 * (mmin / dmin - 1):+.1f}%) |")
 
 if __name__ == "__main__":
     main()
