@@ -1,7 +1,8 @@
 """Overhead of the PyTorch bridge over calling a cell's kernels directly, at S and T1.
 
 Three ways to run the same forward+backward pass (float32, loss = sum of the outputs,
-gradients for every parameter and the input), medians (and minima) of several interleaved runs after a warm-up:
+gradients for every parameter and the input), medians (and minima) of several interleaved
+runs after a warm-up:
   direct  cell.forward + cell.backward on NumPy arrays (the kernels and the runtime's checks)
   op      rnndsl.torch.cell_apply (the custom op) with torch autograd
   module  rnndsl.torch.RNN(spec, I, H) forward + output.sum().backward()

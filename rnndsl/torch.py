@@ -227,7 +227,8 @@ def cell_apply(cell: Cell | str, params, x, state0=None, lengths=None):
 # spec name -> (torch class, nonlinearity, {torch weight kind: spec parameters, block by block})
 TORCH_LAYOUT = {
     "lstm": (nn.LSTM, None, {
-        "weight_ih": ("W_ii", "W_if", "W_ig", "W_io"), "weight_hh": ("W_hi", "W_hf", "W_hg", "W_ho"),
+        "weight_ih": ("W_ii", "W_if", "W_ig", "W_io"),
+        "weight_hh": ("W_hi", "W_hf", "W_hg", "W_ho"),
         "bias_ih": ("b_ii", "b_if", "b_ig", "b_io"), "bias_hh": ("b_hi", "b_hf", "b_hg", "b_ho")}),
     "gru": (nn.GRU, None, {
         "weight_ih": ("W_ir", "W_iz", "W_in"), "weight_hh": ("W_hr", "W_hz", "W_hn"),
