@@ -1,0 +1,536 @@
+"""PyTorch bridge: any rnndsl cell as one opaque torch op, and a module shaped like nn.LSTM.
+
+Install with `pip install rnndsl[torch]`. This is the only rnndsl module that imports torch.
+
+Three layers, each usable on its own:
+
+* `rnndsl::cell_forward` / `rnndsl::cell_backward`: `torch.library` custom ops over a compiled
+  cell's forward and backward pass (one layer, one direction, the whole sequence), with an
+  autograd formula and fake (meta) implementations, so `torch.compile` sees one opaque op
+  and no graph break. A custom op has a fixed schema of tensors, so a cell's variable set
+  of parameters, inputs and states travels as three `Tensor[]` lists in the order the cell
+  declares them (`cell.params`, `cell.inputs`, `cell.states`), and the cell itself as a
+  string key into a per-process registry (`register`): the spec's name, the engine and a
+  hash of its equations, so the same spec gives the same key in every process.
+  Tensors reach the NumPy kernels without copies (`detach().numpy()` of contiguous CPU
+  tensors) and come back through `torch.from_numpy`.
+* `cell_apply(cell, params, x, state0, lengths)`: that op called from Python.
+* `RNN(spec, input_size, hidden_size, ...)`: an `nn.Module` shaped like `nn.LSTM`, `nn.GRU`
+  and `nn.RNN`; layers, both directions, dropout between layers, `lengths` and
+  `PackedSequence` are done in torch around the per-layer op. `RNN.from_torch(module)`
+  loads an `nn.LSTM`/`nn.GRU`/`nn.RNN`, `to_torch()` exports back.
+
+What the backward op needs from the forward pass (the engine's record: states, gate
+values) is kept in a per-process table of tapes, keyed by an integer "tape handle" that
+the forward op returns as a 0-d int64 tensor and autograd saves for backward; the entry is
+dropped when that handle tensor is freed (after backward, or at once when no graph is
+recorded). If the tape is gone when backward runs (the handle was copied somewhere),
+backward recomputes the forward pass from its inputs, which it also receives: the results
+never depend on the table, only the speed does.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import compiler
+from .runtime import Cell
+
+__all__ = ["RNN", "cell_apply", "register", "TORCH_LAYOUT"]
+
+# -- the cell registry ------------------------------------------------------------------------
+_CELLS: dict[str, Cell] = {}
+_KEYS: "weakref.WeakKeyDictionary[Cell, str]" = weakref.WeakKeyDictionary()
+
+
+def cell_key(cell: Cell) -> str:
+    """A string naming what a cell computes: its name, its engine and a hash of its equations,
+    declarations and parameter shapes (not of its parameter inits, which do not matter here)."""
+    what = repr((cell.name, cell.engine.name, cell.sizes, cell.inputs, cell.states, cell.outputs,
+                 {p: info.shape for p, info in cell.params.items()}, cell.step.equations()))
+    return f"{cell.name}-{cell.engine.name}-{hashlib.sha1(what.encode()).hexdigest()[:16]}"
+
+
+def register(cell: Cell) -> str:
+    """Make a cell callable through the custom ops; returns its key."""
+    key = _KEYS.get(cell)
+    if key is None:
+        key = _KEYS[cell] = cell_key(cell)
+        _CELLS.setdefault(key, cell)
+    return key
+
+
+def _cell(key: str) -> Cell:
+    try:
+        return _CELLS[key]
+    except KeyError:
+        raise RuntimeError(f"rnndsl: no cell registered under '{key}' in this process; build "
+                           "the module (or call rnndsl.torch.register) first") from None
+
+
+# -- tapes: the forward pass's record, kept for backward ---------------------------------------
+_TAPES: dict[int, object] = {}
+_TAPE_IDS = itertools.count(1)
+
+
+def _keep_tape(fwd) -> Tensor:
+    tape_id = next(_TAPE_IDS)
+    handle = torch.tensor(tape_id, dtype=torch.int64)
+    _TAPES[tape_id] = fwd
+    weakref.finalize(handle, _TAPES.pop, tape_id, None)
+    return handle
+
+
+# -- tensors <-> arrays -------------------------------------------------------------------------
+def _np(t: Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor (a copy only when it is not contiguous)."""
+    if t.device.type != "cpu":
+        raise RuntimeError(f"rnndsl's kernels run on the CPU; got a tensor on {t.device}")
+    return t.detach().contiguous().numpy()
+
+
+def _t(a, dtype=None) -> Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=dtype))
+
+
+def _fresh(a) -> Tensor:
+    """A tensor owning its memory: for small results that alias an engine's larger buffers."""
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def _named(cell: Cell, params, xs, state0):
+    return (dict(zip(cell.params, map(_np, params))), dict(zip(cell.inputs, map(_np, xs))),
+            dict(zip(cell.states, map(_np, state0))))
+
+
+def _sizes(cell: Cell, params, xs, state0) -> dict:
+    sizes = {}
+    for (p, info), t in zip(cell.params.items(), params):
+        sizes.update(zip(info.shape, t.shape))
+    for (x, size), t in zip(cell.inputs.items(), xs):
+        sizes[size] = t.shape[2]
+    for (s, size), t in zip(cell.states.items(), state0):
+        sizes[size] = t.shape[-1]
+    return sizes
+
+
+def _width(cell: Cell, name: str, sizes: dict):
+    shape = cell.step.shape_of(name)
+    return sizes[shape[0]] if shape else 1
+
+
+# -- the custom ops -----------------------------------------------------------------------------
+@torch.library.custom_op("rnndsl::cell_forward", mutates_args=())
+def cell_forward(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
+                 lengths: Tensor) -> list[Tensor]:
+    """Run a registered cell over a whole sequence. Returns its output sequences (T, B, n) in
+    `cell.outputs` order, its final states (B, n) in `cell.states` order, and a tape handle."""
+    cell = _cell(key)
+    fwd = cell.forward(*_named(cell, params, xs, state0), lengths=_np(lengths))
+    outs = [_t(fwd.outputs[o]) for o in cell.outputs]
+    # Final states may be views into the engine's saved history: copy them (they are small)
+    # so that changing them in place cannot change the tape.
+    finals = [_fresh(fwd.states[s]) for s in cell.states]
+    return [*outs, *finals, _keep_tape(fwd)]
+
+
+@cell_forward.register_fake
+def _cell_forward_fake(key, params, xs, state0, lengths):
+    cell = _cell(key)
+    sizes = _sizes(cell, params, xs, state0)
+    T, B = xs[0].shape[0], xs[0].shape[1]
+    x = xs[0]
+    outs = [x.new_empty((T, B, _width(cell, o, sizes))) for o in cell.outputs]
+    finals = [x.new_empty((B, sizes[size])) for size in cell.states.values()]
+    return [*outs, *finals, x.new_empty((), dtype=torch.int64)]
+
+
+@torch.library.custom_op("rnndsl::cell_backward", mutates_args=())
+def cell_backward(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
+                  lengths: Tensor, tape: Tensor, d_outputs: list[Tensor],
+                  d_finals: list[Tensor]) -> list[Tensor]:
+    """Gradients of a loss w.r.t. the parameters, inputs and initial states of a registered
+    cell, given its gradients w.r.t. the output sequences and the final states."""
+    cell = _cell(key)
+    p, x, s0 = _named(cell, params, xs, state0)
+    fwd = _TAPES.get(int(tape))
+    if fwd is None:  # the tape is gone: recompute it
+        fwd = cell.forward(p, x, s0, lengths=_np(lengths))
+    g = cell.backward(p, fwd, dict(zip(cell.outputs, map(_np, d_outputs))),
+                      dict(zip(cell.states, map(_np, d_finals))))
+    dtype = _np(xs[0]).dtype
+    return [*(_t(g.params[n], dtype) for n in cell.params),
+            *(_t(g.inputs[n], dtype) for n in cell.inputs),
+            *(_fresh(g.state0[n]) for n in cell.states)]
+
+
+@cell_backward.register_fake
+def _cell_backward_fake(key, params, xs, state0, lengths, tape, d_outputs, d_finals):
+    return [torch.empty_like(t) for t in (*params, *xs, *state0)]
+
+
+def _setup_context(ctx, inputs, output):
+    key, params, xs, state0, lengths = inputs
+    ctx.key = key
+    ctx.counts = (len(params), len(xs), len(state0))
+    ctx.save_for_backward(*params, *xs, *state0, lengths, output[-1])
+
+
+def _backward(ctx, grads):
+    n_p, n_x, n_s = ctx.counts
+    saved = ctx.saved_tensors
+    params, xs = list(saved[:n_p]), list(saved[n_p:n_p + n_x])
+    state0, (lengths, tape) = list(saved[n_p + n_x:n_p + n_x + n_s]), saved[-2:]
+    n_o = len(grads) - n_s - 1
+    d = cell_backward(ctx.key, params, xs, state0, lengths, tape,
+                      [g.contiguous() for g in grads[:n_o]],
+                      [g.contiguous() for g in grads[n_o:n_o + n_s]])
+    return None, d[:n_p], d[n_p:n_p + n_x], d[n_p + n_x:], None
+
+
+cell_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cell_apply(cell: Cell | str, params, x, state0=None, lengths=None):
+    """One layer, one direction: run `cell` (a Cell or a registered key) over `x` (T, B, n)
+    (a list in `cell.inputs` order if it has several inputs). `params`: a dict by name or a
+    list in `cell.params` order; `state0`: None, a dict, or a list in `cell.states` order.
+    Returns (outputs, final states), each a dict by name. Differentiable."""
+    key = cell if isinstance(cell, str) else register(cell)
+    cell = _cell(key)
+    params = [params[p] for p in cell.params] if isinstance(params, dict) else list(params)
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    T, B = xs[0].shape[0], xs[0].shape[1]
+    sizes = _sizes(cell, params, xs, [])
+    if state0 is None:
+        state0 = {}
+    if isinstance(state0, dict):
+        state0 = [state0[s] if s in state0 else xs[0].new_zeros((B, sizes[size]))
+                  for s, size in cell.states.items()]
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64)
+    else:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
+    res = torch.ops.rnndsl.cell_forward(key, params, xs, list(state0), lengths)
+    n_o = len(cell.outputs)
+    return dict(zip(cell.outputs, res[:n_o])), dict(zip(cell.states, res[n_o:-1]))
+
+
+# -- torch's own recurrent modules --------------------------------------------------------------
+# spec name -> (torch class, nonlinearity, {torch weight kind: spec parameters, block by block})
+TORCH_LAYOUT = {
+    "lstm": (nn.LSTM, None, {
+        "weight_ih": ("W_ii", "W_if", "W_ig", "W_io"),
+        "weight_hh": ("W_hi", "W_hf", "W_hg", "W_ho"),
+        "bias_ih": ("b_ii", "b_if", "b_ig", "b_io"), "bias_hh": ("b_hi", "b_hf", "b_hg", "b_ho")}),
+    "gru": (nn.GRU, None, {
+        "weight_ih": ("W_ir", "W_iz", "W_in"), "weight_hh": ("W_hr", "W_hz", "W_hn"),
+        "bias_ih": ("b_ir", "b_iz", "b_in"), "bias_hh": ("b_hr", "b_hz", "b_hn")}),
+    "elman": (nn.RNN, "tanh", {"weight_ih": ("W_ih",), "weight_hh": ("W_hh",),
+                               "bias_ih": ("b_ih",), "bias_hh": ("b_hh",)}),
+    "elman_relu": (nn.RNN, "relu", {"weight_ih": ("W_ih",), "weight_hh": ("W_hh",),
+                                    "bias_ih": ("b_ih",), "bias_hh": ("b_hh",)}),
+}
+
+
+def _torch_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.LSTM):
+        return "lstm"
+    if isinstance(module, nn.GRU):
+        return "gru"
+    if isinstance(module, nn.RNN):
+        return "elman" if module.nonlinearity == "tanh" else "elman_relu"
+    raise TypeError(f"expected an nn.LSTM, nn.GRU or nn.RNN, got {type(module).__name__}")
+
+
+def is_bias(name: str) -> bool:
+    """What `bias=False` removes: parameters named `b` or `b_...`."""
+    return name == "b" or name.startswith("b_")
+
+
+class _Params(nn.Module):
+    """One layer and direction's parameters, under the spec's names."""
+
+    def __init__(self, cell: Cell, shapes: dict, bias: bool, dtype, device):
+        super().__init__()
+        for p in cell.params:
+            t = torch.zeros(shapes[p], dtype=dtype, device=device)
+            if bias or not is_bias(p):
+                setattr(self, p, nn.Parameter(t))
+            else:  # held at zero, as nn.LSTM(bias=False) has no bias
+                self.register_buffer(p, t, persistent=False)
+
+
+# -- the module ---------------------------------------------------------------------------------
+class RNN(nn.Module):
+    """A recurrent layer stack built from any spec, shaped like `nn.LSTM` / `nn.GRU` / `nn.RNN`.
+
+    `RNN(spec, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    bidirectional=False, *, dropout=0.0, sizes=None, target=None, dtype=None)`.
+    `spec`: a path, a built-in name ('lstm') or YAML text, or a compiled Cell. The size of
+    the cell's input is `input_size` (for layer 0; later layers take the previous layer's
+    output, both directions concatenated), the size named `hidden` (else the first state's
+    size) is `hidden_size`; any other size of the spec comes from `sizes={name: n}`.
+
+    `forward(input, hx=None, lengths=None)`: input (T, B, I), (B, T, I) with batch_first,
+    (T, I) unbatched, or a PackedSequence. `hx`: for a cell with one state a tensor
+    (layers*dirs, B, n), else a tuple of them in the spec's state order (for the LSTM spec:
+    (h0, c0), as nn.LSTM). Returns (output, final states) in the same layouts, where output
+    is the cell's first output sequence of the last layer (both directions concatenated).
+    With `lengths` (B,) or a PackedSequence, each sequence stops at its length: its final
+    state is the one at its last step, outputs past it are zero, and the reverse direction
+    reads each sequence from its own last step, exactly as torch's modules do.
+
+    Parameters are `nn.Parameter`s under the spec's names: `l0.W_hi`, `l1_reverse.b_ii`.
+    `bias=False` holds every parameter named `b` or `b_...` at zero (not trained).
+    """
+
+    def __init__(self, spec, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, bidirectional: bool = False, *,
+                 dropout: float = 0.0, sizes: dict | None = None, target: str | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        cell = spec if isinstance(spec, Cell) else (
+            compiler.compile(spec) if target is None else compiler.compile(spec, target=target))
+        if len(cell.inputs) != 1:
+            raise ValueError(f"RNN needs a cell with one input sequence; {cell.name} has "
+                             f"{', '.join(cell.inputs)}")
+        if num_layers < 1:
+            raise ValueError("num_layers must be at least 1")
+        self.cell = cell
+        self.key = register(cell)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
+        self.dropout = float(dropout)
+        self.num_directions = 2 if bidirectional else 1
+        x_size = next(iter(cell.inputs.values()))
+        h_size = "hidden" if "hidden" in cell.sizes else next(iter(cell.states.values()))
+        self.extra_sizes = dict(sizes or {})
+        base = {**self.extra_sizes, h_size: hidden_size}
+        out_shape = cell.step.shape_of(cell.outputs[0])
+        out_size = base.get(out_shape[0]) if out_shape else 1
+        if out_size is None:
+            raise ValueError(f"the output '{cell.outputs[0]}' has size '{out_shape[0]}': "
+                             "pass sizes={...}")
+        self.output_size = out_size
+        self.layer_sizes = []
+        for layer in range(num_layers):
+            n_in = input_size if layer == 0 else out_size * self.num_directions
+            layer_sizes = {**base, x_size: n_in}
+            missing = [s for s in cell.sizes if s not in layer_sizes]
+            if missing:
+                raise ValueError(f"{cell.name} needs size(s) {', '.join(missing)}: pass "
+                                 "sizes={...}")
+            self.layer_sizes.append(layer_sizes)
+        dtype = dtype or torch.get_default_dtype()
+        for layer in range(num_layers):
+            shapes = cell.param_shapes(**self.layer_sizes[layer])
+            for d in range(self.num_directions):
+                self.add_module(self._name(layer, d), _Params(cell, shapes, bias, dtype, device))
+        self.reset_parameters()
+
+    # -- parameters ---------------------------------------------------------------------------
+    @staticmethod
+    def _name(layer: int, direction: int) -> str:
+        return f"l{layer}{'_reverse' if direction else ''}"
+
+    def layer_params(self, layer: int, direction: int = 0) -> list[Tensor]:
+        """That layer and direction's parameters (and zero biases), in `cell.params` order."""
+        mod = getattr(self, self._name(layer, direction))
+        return [getattr(mod, p) for p in self.cell.params]
+
+    def reset_parameters(self) -> None:
+        """Each parameter's init from the spec (PyTorch's default U(-1/sqrt(hidden), ..) unless
+        the spec says otherwise), seeded from torch's random generator."""
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                for d in range(self.num_directions):
+                    seed = int(torch.randint(0, 2**62, ()))
+                    arrays = self.cell.init_params(seed=seed, dtype=np.float64,
+                                                   **self.layer_sizes[layer])
+                    mod = getattr(self, self._name(layer, d))
+                    for p, a in arrays.items():
+                        t = getattr(mod, p)
+                        if isinstance(t, nn.Parameter):
+                            t.copy_(torch.from_numpy(a))
+
+    def flatten_parameters(self) -> None:
+        """Nothing to do (here for code written for nn.LSTM on cuDNN)."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.cell.name}, {self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for k, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
+                           ("bidirectional", False)):
+            if getattr(self, k) != default:
+                s += f", {k}={getattr(self, k)}"
+        return s
+
+    # -- running ------------------------------------------------------------------------------
+    def forward(self, input, hx=None, lengths=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("a PackedSequence carries its own lengths")
+            x, lengths = pad_packed_sequence(input)  # (T, B, I), batch in the caller's order
+        else:
+            x = input.transpose(0, 1) if self.batch_first and input.dim() == 3 else input
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(1)
+        if x.dim() != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"expected input (T, B, {self.input_size}), got {tuple(x.shape)}")
+        dtype = self.layer_params(0)[0].dtype if self.cell.params else x.dtype
+        if x.dtype != dtype:
+            raise TypeError(f"input is {x.dtype} but the parameters are {dtype}")
+        T, B = x.shape[0], x.shape[1]
+        states = self._initial_states(hx, B, x, unbatched)
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64)
+            flip = None
+        else:
+            lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
+            flip = _reversal_index(lengths, T)
+        n_o = len(self.cell.outputs)
+        finals = [[] for _ in self.cell.states]
+        layer_in = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self.num_directions):
+                i = layer * self.num_directions + d
+                seq = layer_in if d == 0 else _reverse(layer_in, flip)
+                res = torch.ops.rnndsl.cell_forward(
+                    self.key, self.layer_params(layer, d), [seq.contiguous()],
+                    [s[i] for s in states], lengths)
+                outs.append(res[0] if d == 0 else _reverse(res[0], flip))
+                for k in range(len(finals)):
+                    finals[k].append(res[n_o + k])
+            layer_in = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_in = F.dropout(layer_in, self.dropout, True)
+        output = layer_in
+        h_n = [torch.stack(f, 0) for f in finals]
+        if unbatched:
+            output, h_n = output.squeeze(1), [h.squeeze(1) for h in h_n]
+        if packed:
+            output = _repack(output, lengths, input)
+        elif self.batch_first and not unbatched:
+            output = output.transpose(0, 1)
+        return output, (h_n[0] if len(h_n) == 1 else tuple(h_n))
+
+    def _initial_states(self, hx, B: int, x: Tensor, unbatched: bool) -> list[Tensor]:
+        n_states = len(self.cell.states)
+        LD = self.num_layers * self.num_directions
+        shapes = [(LD, B, self.layer_sizes[-1][size]) for size in self.cell.states.values()]
+        if hx is None:
+            return [x.new_zeros(shape) for shape in shapes]
+        hx = [hx] if isinstance(hx, Tensor) else list(hx)
+        if len(hx) != n_states:
+            raise ValueError(f"{self.cell.name} has {n_states} state(s) "
+                             f"({', '.join(self.cell.states)}); got {len(hx)} initial state(s)")
+        if unbatched:
+            hx = [h.unsqueeze(1) for h in hx]
+        for h, shape, s in zip(hx, shapes, self.cell.states):
+            if tuple(h.shape) != shape:
+                raise ValueError(f"initial state '{s}' must be {shape}, got {tuple(h.shape)}")
+        return hx
+
+    # -- torch's modules ----------------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, module: nn.Module, spec=None, target: str | None = None) -> "RNN":
+        """An RNN with the weights of `module` (an nn.LSTM, nn.GRU or nn.RNN: every layer, both
+        directions, both biases). `spec` defaults to the built-in spec of that module ('lstm',
+        'gru', 'elman', 'elman_relu'); a variant spec with the same parameter names (plus
+        others, which keep their init) loads them too."""
+        kind = _torch_kind(module)
+        if getattr(module, "proj_size", 0):
+            raise ValueError("nn.LSTM with proj_size is not supported")
+        if spec is None and kind not in compiler.builtin_specs():
+            raise ValueError(f"there is no built-in '{kind}' spec yet: pass spec=...")
+        w = module.weight_ih_l0
+        m = cls(spec if spec is not None else kind, module.input_size, module.hidden_size,
+                module.num_layers, module.bias, module.batch_first, module.bidirectional,
+                dropout=module.dropout, target=target, dtype=w.dtype, device=w.device)
+        m.load_torch_weights(module)
+        return m
+
+    def load_torch_weights(self, module: nn.Module) -> None:
+        """Copy the weights of an nn.LSTM / nn.GRU / nn.RNN of the same shape into this module."""
+        kind = _torch_kind(module)
+        with torch.no_grad():
+            for attr, names, layer, d in self._layout(kind, module.bias):
+                src = getattr(module, attr)
+                for name, block in zip(names, src.chunk(len(names), 0)):
+                    dst = getattr(getattr(self, self._name(layer, d)), name, None)
+                    if dst is None:
+                        raise ValueError(f"the spec '{self.cell.name}' has no parameter '{name}' "
+                                         f"for {attr} of {type(module).__name__}")
+                    if dst.shape != block.shape:
+                        raise ValueError(f"{self._name(layer, d)}.{name} is {tuple(dst.shape)} "
+                                         f"but {attr} gives {tuple(block.shape)}")
+                    dst.copy_(block)
+
+    def to_torch(self) -> nn.Module:
+        """The nn.LSTM / nn.GRU / nn.RNN with this module's weights (for the specs named
+        lstm, gru, elman, elman_relu, or any spec with exactly their parameters)."""
+        kind = self.torch_kind()
+        cls, nonlinearity, _ = TORCH_LAYOUT[kind]
+        w = self.layer_params(0)[0]
+        kw = {"nonlinearity": nonlinearity} if nonlinearity else {}
+        module = cls(self.input_size, self.hidden_size, self.num_layers, self.bias,
+                     self.batch_first, self.dropout, self.bidirectional, dtype=w.dtype,
+                     device=w.device, **kw)
+        with torch.no_grad():
+            for attr, names, layer, d in self._layout(kind, self.bias):
+                mod = getattr(self, self._name(layer, d))
+                getattr(module, attr).copy_(torch.cat([getattr(mod, n) for n in names], 0))
+        return module
+
+    def torch_kind(self) -> str:
+        """Which of torch's modules this one is: 'lstm', 'gru', 'elman' or 'elman_relu'."""
+        for kind, (_, _, layout) in TORCH_LAYOUT.items():
+            names = {n for block in layout.values() for n in block}
+            if set(self.cell.params) == names and (self.cell.name == kind or kind not in
+                                                   ("elman", "elman_relu")):
+                return kind
+        raise ValueError(f"the spec '{self.cell.name}' is not one of torch's cells "
+                         f"({', '.join(TORCH_LAYOUT)})")
+
+    def _layout(self, kind: str, bias: bool):
+        """(torch attribute, spec parameters block by block, layer, direction)."""
+        _, _, layout = TORCH_LAYOUT[kind]
+        for layer in range(self.num_layers):
+            for d in range(self.num_directions):
+                for base, names in layout.items():
+                    if bias or not base.startswith("bias"):
+                        yield f"{base}_l{layer}{'_reverse' if d else ''}", names, layer, d
+
+
+def _reversal_index(lengths: Tensor, T: int) -> Tensor:
+    """idx[t, b]: where step t of sequence b's reversal reads from (its own length honoured;
+    padding stays where it is). Its own inverse."""
+    t = torch.arange(T, dtype=torch.int64)[:, None]
+    return torch.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+
+
+def _reverse(x: Tensor, index: Tensor | None) -> Tensor:
+    if index is None:
+        return x.flip(0)
+    return x.gather(0, index[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+def _repack(output: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack `output` (T, B, n) with the batch order and batch sizes of the input `like`."""
+    order = like.sorted_indices
+    if order is not None:
+        output, lengths = output.index_select(1, order), lengths[order]
+    data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
