@@ -404,7 +404,7 @@ def _backward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
             off = names.sizes(w.buffer.offset(k_))
             L.append(f"    {grads[wname]} += m[{off}:{off} + {names.size[node.shape[0]]}]")
     summed = set()  # vector and scalar parameters: column sums of a gradient buffer
-    for p, (_, (buf, block)) in plan.param_grads.items():
+    for p, (buf, block) in plan.param_grads.items():
         if buf.name not in summed:
             summed.add(buf.name)
             L.append(f"    sum_{buf.name} = {buf.name}.reshape(T * B, -1).sum(axis=0)")

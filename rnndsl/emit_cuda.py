@@ -549,7 +549,7 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel)
                 L.append(f"    {grads[wname]} = {block}")
             else:
                 L.append(f"    cs.add_into({grads[wname]}, {block})")
-    for p, (_, (buf, block)) in plan.param_grads.items():
+    for p, (buf, block) in plan.param_grads.items():
         off = names.sizes(buf.offset(block))
         L.append(f"    cs.add_column_sums({grads[p]}, cs.flat({buf.name}), {off})")
     dparams = ", ".join(grads[p] for p in step.params)

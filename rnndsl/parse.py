@@ -56,8 +56,6 @@ class Assign:
     pos: SourcePos  # the target name
 
 
-Expr = Num | Name | Call | Binary | Neg
-
 _READABLE = {
     "NAME": "a name", "NUMBER": "a number", "EQUALS": "'='", "PLUS": "'+'", "MINUS": "'-'",
     "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "POW": "'**'", "LPAR": "'('", "RPAR": "')'",
@@ -140,7 +138,3 @@ class _ToAst(Transformer):
 
     def group(self, _lpar, expr, _rpar):
         return expr
-
-
-def pos_of(expr) -> SourcePos:
-    return expr.pos

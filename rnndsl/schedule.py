@@ -175,7 +175,7 @@ class Plan:
     grad_buffers: list[Buffer]
     deferred: list[tuple[str, GemmT]]  # input name, its stacked GEMM after the loop
     weight_grads: list[WeightGrad]
-    param_grads: dict[str, tuple[str, object]]  # vector/scalar param -> ("buffer", (Buffer, block))
+    param_grads: dict[str, tuple[Buffer, int]]  # vector/scalar param -> its gradient's block
     input_rest: dict[str, Node]  # input gradient terms computed in the loop
 
     def describe_groups(self) -> list[str]:
@@ -237,7 +237,6 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
     recurrent = _recurrent(ir.topo_order(fwd_roots + bwd_roots))
 
     # What backward reads of forward values: leaves, hoisted products, the tape.
-    tape_nodes: list[Node] = []
     all_fwd = [n for n in ir.topo_order(bwd_roots) if not _adjoint(n)]
     groups: dict[int, list[Node]] = defaultdict(list)
     for n in ir.topo_order(fwd_roots + all_fwd):
@@ -278,19 +277,17 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
         for k, v in enumerate(pre_vectors):
             vectors[v.uid] = Buffer(f"pvec{k}", [(v, 0)])
         pre = _program("pre", False, [Store(v, "plain", vectors[v.uid].name) for v in pre_vectors],
-                       {}, [], [], hoisted_uids=set())
+                       {}, [], [])
 
     fstores = [Store(n, "state", s) for s, n in state_vals.items()]
     fstores += [Store(n, "output", o) for o, n in out_vals.items()]
     fstores += [Store(n, "plain", "tape", k) for n, k in tape.columns]
     fstores += [Store(vectors[g.vector.uid].columns[0][0], "plain", vectors[g.vector.uid].name)
                 for g in per_step if g.vector.uid in vectors]
-    forward = _program("forward", False, fstores, {}, per_step, [], hoisted_uids,
-                       pre_vectors={v.uid: vectors[v.uid].name for v in pre_vectors},
-                       hoisted=hoisted, vectors=vectors)
+    pre_names = {v.uid: vectors[v.uid].name for v in pre_vectors}
+    forward = _program("forward", False, fstores, {}, per_step, [], pre_names, hoisted, vectors)
     infer = _program("infer", False, [s for s in fstores if s.target != "tape"], {}, per_step,
-                     [], hoisted_uids, pre_vectors={v.uid: vectors[v.uid].name for v in pre_vectors},
-                     hoisted=hoisted, vectors=vectors)
+                     [], pre_names, hoisted, vectors)
 
     # Gradient buffers: one per distinct tuple of stacked gradients.
     grad_buffers: dict[tuple[int, ...], Buffer] = {}
@@ -323,22 +320,22 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
     for p, n in d_params.items():
         for buf in grad_buffers.values():
             if any(node is n for node, _ in buf.columns):
-                param_grads[p] = ("buffer", (buf, buf.block(n)))
+                param_grads[p] = (buf, buf.block(n))
                 break
         else:
             extra.append((p, n))
     if extra:
         buf = buffer_for(tuple(n for _, n in extra))
         for p, n in extra:
-            param_grads[p] = ("buffer", (buf, buf.block(n)))
+            param_grads[p] = (buf, buf.block(n))
 
     bstores = [Store(n, "dprev", s) for s, n in d_prev.items()]
     bstores += [Store(n, "plain", f"dx:{x}") for x, n in input_rest.items()]
     for buf in grad_buffers.values():
         bstores += [Store(n, "plain", buf.name, k) for n, k in buf.columns]
     reads = {n.uid: ("tape", "tape", k) for n, k in tape.columns}
-    back = _program("backward", True, bstores, reads, [], gemm_ts_loop, hoisted_uids,
-                    hoisted=hoisted, vectors=vectors)
+    back = _program("backward", True, bstores, reads, [], gemm_ts_loop, hoisted=hoisted,
+                    vectors=vectors)
     return Plan(step, bwd, pre, hoisted, forward, infer, back, tape, vectors,
                 list(grad_buffers.values()), deferred, weight_grads, param_grads, input_rest)
 
@@ -382,7 +379,7 @@ def _backward_needs(roots: list[Node]) -> list[Node]:
 
 
 def _program(name: str, reverse: bool, stores: list[Store], reads: dict, gemms: list[Gemm],
-             gemm_ts: list[GemmT], hoisted_uids: set[int], pre_vectors: dict | None = None,
+             gemm_ts: list[GemmT], pre_vectors: dict | None = None,
              hoisted: list[Gemm] = (), vectors: dict | None = None) -> Program:
     """Assign every node the stores need to a phase (between GEMM stages), as late as its
     uses allow, and within a phase to a loop over features; a value used outside the loop
