@@ -17,6 +17,10 @@ NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 TOP_KEYS = ("name", "summary", "sizes", "inputs", "states", "outputs", "params", "equations")
 PARAM_KEYS = ("shape", "init")
 INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
+# The only YAML tags a spec may carry (those plain YAML resolves to); anything else, above all
+# `!!python/...`, is refused before any value is read.
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq",
+                                                   "map")}
 
 
 @dataclass(frozen=True)
@@ -110,12 +114,17 @@ class _SpecReader:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             problem = exc.problem or exc.context or "malformed YAML"
+            if exc.context and exc.problem and exc.context_mark is not None and \
+                    exc.context_mark is not mark:  # e.g. where an unclosed '[' was opened
+                c = exc.context_mark
+                problem += f" ({exc.context} at line {c.line + 1}, column {c.column + 1})"
             raise self.fail(f"YAML syntax error: {problem}", mark=mark) from None
         except yaml.YAMLError as exc:  # pragma: no cover - unmarked YAML errors are rare
             raise SpecError(f"{self.file}: YAML error: {exc}") from None
         if root is None:
             raise SpecError("empty spec: expected a mapping with name, sizes, inputs, states, "
                             "outputs and equations", SourcePos(self.file, 1, 1, ""))
+        self.plain_tags_only(root)
         top = self.mapping(root, "the spec")
         for key, (knode, _) in top.items():
             if key not in TOP_KEYS:
@@ -155,6 +164,23 @@ class _SpecReader:
         return Spec(name=name, summary=summary, sizes=tuple(sizes), inputs=inputs, states=states,
                     outputs=outputs, params=params, equations=equations, file=self.file,
                     positions=self.positions, source=self.text)
+
+    def plain_tags_only(self, root):
+        """Refuse explicit tags (`!!python/object`, `!foo`): a spec is plain data."""
+        seen, stack = set(), [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:  # aliases share nodes; visit each once
+                continue
+            seen.add(id(node))
+            if node.tag not in _PLAIN_TAGS:
+                tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+                raise self.fail(f"YAML tag '{tag}' is not allowed in a spec (specs are plain "
+                                "data: names, lists, mappings and text)", node)
+            if isinstance(node, yaml.MappingNode):
+                stack.extend(n for kv in node.value for n in kv)
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
 
     def mapping(self, node, what: str) -> dict[str, tuple]:
         if not isinstance(node, yaml.MappingNode):
@@ -256,6 +282,9 @@ class _SpecReader:
 
     def equations(self, node) -> tuple[Equation, ...]:
         if isinstance(node, yaml.ScalarNode):
+            if node.style == ">":
+                raise self.fail("'equations: >' folds the equations into one line; write "
+                                "'equations: |' to keep one equation per line", node)
             blocks = [node]
         elif isinstance(node, yaml.SequenceNode):
             blocks = node.value
