@@ -123,7 +123,8 @@ class _SpecReader:
             raise SpecError(f"{self.file}: YAML error: {exc}") from None
         if root is None:
             raise SpecError("empty spec: expected a mapping with name, sizes, inputs, states, "
-                            "outputs and equations", SourcePos(self.file, 1, 1, ""))
+                            "outputs and equations",
+                            SourcePos(self.file, 1, 1, self.lines[0] if self.lines else ""))
         self.plain_tags_only(root)
         top = self.mapping(root, "the spec")
         for key, (knode, _) in top.items():
