@@ -364,9 +364,15 @@ class _Checker:
     def concrete(self, t: Shape, name: str, pos: SourcePos) -> tuple[str, ...]:
         dims = tuple(self.sizes.name(d) for d in t.dims)
         if None in dims:
-            raise SpecError(f"cannot infer the size of '{name}' from its use; declare it under "
-                            f"'params' with a shape, e.g. shape: [{', '.join(self.spec.sizes)}]",
-                            pos)
+            so_far = ", ".join(d or "?" for d in dims) + ("," if len(dims) == 1 else "")
+            if name in self.defs:  # an equation's value: its parameters carry the size
+                hint = "declare the shape of a parameter it is computed from under 'params'"
+            else:
+                example = ", ".join(d or "SIZE" for d in dims)
+                hint = f"declare it under 'params', e.g. {name}: {{shape: [{example}]}}"
+            raise SpecError(f"cannot infer the size of '{name}' from its use (shape ({so_far}) "
+                            f"so far); {hint}, with SIZE one of "
+                            f"{', '.join(self.spec.sizes)}", pos)
         return dims
 
     def param_infos(self) -> dict[str, ParamInfo]:

@@ -146,6 +146,17 @@ class _ToAst(Transformer):
         return Assign(str(name), expr, self.at(name))
 
     def binary(self, left, op, right):
+        if str(op) == "@" and isinstance(left, Neg):
+            # Unary minus binds tighter than '@', as in Python, but '-W @ x' means -(W @ x):
+            # the sign moves off the matrix so that its left side stays a parameter name.
+            signs = []
+            while isinstance(left, Neg):
+                signs.append(left.pos)
+                left = left.operand
+            out = Binary("@", left, right, self.at(op))
+            for pos in reversed(signs):
+                out = Neg(out, pos)
+            return out
         return Binary(str(op), left, right, self.at(op))
 
     def neg(self, op, operand):
