@@ -84,7 +84,7 @@ def load_spec(source: str | Path, text: str | None = None) -> Spec:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise SpecError(f"cannot read spec: {exc.strerror or exc}") from None
+            raise SpecError(f"cannot read spec '{source}': {exc.strerror or exc}") from None
         except UnicodeDecodeError:
             raise SpecError(f"{source}: not a UTF-8 text file") from None
     return _SpecReader(str(source), text).read()
@@ -208,13 +208,13 @@ class _SpecReader:
                             "(letters, digits and _, not starting with a digit)", node)
         return value
 
-    def names_list(self, node, what: str, key: str) -> list[str]:
+    def names_list(self, node, what: str, key: str, repeats: bool = False) -> list[str]:
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(f"'{what}' must be a list, e.g. [input, hidden]", node)
         names: list[str] = []
         for item in node.value:
             n = self.name_of(item, what)
-            if n in names:
+            if n in names and not repeats:
                 raise self.fail(f"'{n}' appears twice in {what}", item)
             self.positions[f"{key}.{n}"] = self.at(item.start_mark)
             names.append(n)
@@ -250,7 +250,8 @@ class _SpecReader:
                 if isinstance(fv, yaml.ScalarNode) and fv.value in sizes:
                     shape = (fv.value,)
                 else:
-                    shape = tuple(self.names_list(fv, f"the shape of '{n}'", f"params.{n}.shape"))
+                    shape = tuple(self.names_list(fv, f"the shape of '{n}'", f"params.{n}.shape",
+                                                  repeats=True))  # [hidden, hidden]
                     if len(shape) > 2:
                         raise self.fail(f"parameter '{n}' has {len(shape)} dimensions; "
                                         "at most 2 (a matrix) are supported", fv)

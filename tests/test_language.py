@@ -95,3 +95,14 @@ def test_matches_hand_written_numpy():
     fwd = c.forward(p, x)
     np.testing.assert_allclose(fwd.states["h"], h, atol=1e-14)
     np.testing.assert_allclose(fwd.states["c"], c_, atol=1e-14)
+
+
+def test_square_matrix_declared():
+    c = cell("h = tanh(W @ x + U @ h_prev)",
+             "params:\n  U: {shape: [hidden, hidden], init: orthogonal}\n")
+    assert c.params["U"].shape == ("hidden", "hidden") and c.params["U"].declared
+
+
+def test_missing_file_is_a_spec_error():
+    with pytest.raises(rnndsl.SpecError, match="cannot read spec 'no/such/spec.yaml'"):
+        rnndsl.compile("no/such/spec.yaml")
