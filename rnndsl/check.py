@@ -213,24 +213,35 @@ class _Checker:
         done: list[Assign] = []
         state: dict[str, int] = {}  # 1 visiting, 2 done
 
-        def visit(t: str, path: list[str], pos: SourcePos | None):
-            if state.get(t) == 2:
-                return
-            if state.get(t) == 1:
-                cycle = path[path.index(t):] + [t]
-                hint = ""
-                if t in self.spec.states:
-                    hint = f"; use '{t}{PREV}' for the previous step's value"
-                raise SpecError(f"'{t}' depends on itself within one step "
-                                f"({' -> '.join(cycle)}){hint}", pos)
-            state[t] = 1
-            for dep, dpos in deps[t]:
-                visit(dep, path + [t], dpos)
-            state[t] = 2
-            done.append(defs[t])
-
-        for t in defs:
-            visit(t, [], defs[t].pos)
+        # Depth-first, with an explicit stack so that long chains of equations cannot
+        # exhaust Python's recursion limit. A frame is (name, index of its next dependency).
+        for root in defs:
+            if state.get(root) == 2:
+                continue
+            state[root] = 1
+            stack: list[list] = [[root, 0]]
+            while stack:
+                frame = stack[-1]
+                t, k = frame
+                if k == len(deps[t]):
+                    state[t] = 2
+                    done.append(defs[t])
+                    stack.pop()
+                    continue
+                frame[1] += 1
+                dep, dpos = deps[t][k]
+                if state.get(dep) == 2:
+                    continue
+                if state.get(dep) == 1:
+                    path = [f[0] for f in stack]
+                    cycle = path[path.index(dep):] + [dep]
+                    hint = ""
+                    if dep in self.spec.states:
+                        hint = f"; use '{dep}{PREV}' for the previous step's value"
+                    raise SpecError(f"'{dep}' depends on itself within one step "
+                                    f"({' -> '.join(cycle)}){hint}", dpos)
+                state[dep] = 1
+                stack.append([dep, 0])
         return done
 
     def function(self, call: Call) -> tuple[str, str]:
@@ -353,9 +364,15 @@ class _Checker:
     def concrete(self, t: Shape, name: str, pos: SourcePos) -> tuple[str, ...]:
         dims = tuple(self.sizes.name(d) for d in t.dims)
         if None in dims:
-            raise SpecError(f"cannot infer the size of '{name}' from its use; declare it under "
-                            f"'params' with a shape, e.g. shape: [{', '.join(self.spec.sizes)}]",
-                            pos)
+            so_far = ", ".join(d or "?" for d in dims) + ("," if len(dims) == 1 else "")
+            if name in self.defs:  # an equation's value: its parameters carry the size
+                hint = "declare the shape of a parameter it is computed from under 'params'"
+            else:
+                example = ", ".join(d or "SIZE" for d in dims)
+                hint = f"declare it under 'params', e.g. {name}: {{shape: [{example}]}}"
+            raise SpecError(f"cannot infer the size of '{name}' from its use (shape ({so_far}) "
+                            f"so far); {hint}, with SIZE one of "
+                            f"{', '.join(self.spec.sizes)}", pos)
         return dims
 
     def param_infos(self) -> dict[str, ParamInfo]:

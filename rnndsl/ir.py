@@ -141,7 +141,12 @@ def power(a: Node, b: Node) -> Node:
     if b.is_const(1.0):
         return a
     if a.is_const() and b.is_const():
-        return const(a.attr ** b.attr)
+        try:
+            value = a.attr ** b.attr
+        except (ZeroDivisionError, OverflowError):  # 0 ** -1, 10 ** 400: NumPy's inf at run time
+            value = None
+        if isinstance(value, float):  # (-8) ** 0.5 is complex in Python: leave it unfolded
+            return const(value)
     return node("pow", (a, b), None, broadcast(a.shape, b.shape))
 
 
@@ -255,7 +260,7 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
         return f"d_{n.attr}_next", 9
     if n.op == "const":
         v = n.attr
-        text = str(int(v)) if v == int(v) and abs(v) < 1e15 else repr(v)
+        text = str(int(v)) if abs(v) < 1e15 and v == int(v) else repr(v)  # inf, nan: repr
         return text, (9 if v >= 0 else 4)
     if n.op == "bcast":
         return _render(n.args[0], names, False)

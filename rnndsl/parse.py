@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+import math
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import (UnexpectedCharacters, UnexpectedEOF, UnexpectedInput,
+                             UnexpectedToken, VisitError)
 
 from .errors import SourcePos, SpecError
 from .resources import grammar_path
@@ -63,6 +66,11 @@ _READABLE = {
 }
 
 
+# Deeper expressions are refused: the stages after parsing walk expressions recursively, and
+# no cell a paper prints comes near this (a sum of 100 terms is 100 levels).
+MAX_DEPTH = 100
+
+
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
     return Lark(grammar_path().read_text(), parser="lalr", start="start", maybe_placeholders=False)
@@ -74,7 +82,27 @@ def parse_equations(eq: Equation) -> list[Assign]:
         tree = _parser().parse(eq.text)
     except UnexpectedInput as exc:
         raise _syntax_error(exc, eq.text, eq.origin) from None
-    return _ToAst(eq.origin).transform(tree)
+    for assign in tree.children:
+        _check_depth(assign, eq.origin)
+    try:
+        return _ToAst(eq.origin).transform(tree)
+    except VisitError as exc:  # Lark wraps what the transformer raises
+        if isinstance(exc.orig_exc, SpecError):
+            raise exc.orig_exc from None
+        raise
+
+
+def _check_depth(assign: Tree, origin: TextOrigin):
+    """Refuse an expression nested more than MAX_DEPTH levels (checked without recursion)."""
+    stack = [(assign, 0)]
+    while stack:
+        t, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            target = assign.children[0]
+            raise SpecError(f"the expression for '{target}' is nested more than {MAX_DEPTH} "
+                            "levels deep; split it into several equations",
+                            origin.pos(target.line, target.column))
+        stack.extend((c, depth + 1) for c in t.children if isinstance(c, Tree))
 
 
 def _syntax_error(exc: UnexpectedInput, text: str, origin: TextOrigin) -> SpecError:
@@ -116,6 +144,17 @@ class _ToAst(Transformer):
         return Assign(str(name), expr, self.at(name))
 
     def binary(self, left, op, right):
+        if str(op) == "@" and isinstance(left, Neg):
+            # Unary minus binds tighter than '@', as in Python, but '-W @ x' means -(W @ x):
+            # the sign moves off the matrix so that its left side stays a parameter name.
+            signs = []
+            while isinstance(left, Neg):
+                signs.append(left.pos)
+                left = left.operand
+            out = Binary("@", left, right, self.at(op))
+            for pos in reversed(signs):
+                out = Neg(out, pos)
+            return out
         return Binary(str(op), left, right, self.at(op))
 
     def neg(self, op, operand):
@@ -127,7 +166,10 @@ class _ToAst(Transformer):
         return operand
 
     def number(self, tok):
-        return Num(float(tok), self.at(tok))
+        value = float(tok)
+        if not math.isfinite(value):
+            raise SpecError(f"the number {tok} is too large for a float", self.at(tok))
+        return Num(value, self.at(tok))
 
     def name(self, tok):
         return Name(str(tok), self.at(tok))

@@ -17,6 +17,10 @@ NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 TOP_KEYS = ("name", "summary", "sizes", "inputs", "states", "outputs", "params", "equations")
 PARAM_KEYS = ("shape", "init")
 INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
+# The only YAML tags a spec may carry (those plain YAML resolves to); anything else, above all
+# `!!python/...`, is refused before any value is read.
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq",
+                                                   "map")}
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def load_spec(source: str | Path, text: str | None = None) -> Spec:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise SpecError(f"cannot read spec: {exc.strerror or exc}") from None
+            raise SpecError(f"cannot read spec '{source}': {exc.strerror or exc}") from None
         except UnicodeDecodeError:
             raise SpecError(f"{source}: not a UTF-8 text file") from None
     return _SpecReader(str(source), text).read()
@@ -110,12 +114,18 @@ class _SpecReader:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             problem = exc.problem or exc.context or "malformed YAML"
+            if exc.context and exc.problem and exc.context_mark is not None and \
+                    exc.context_mark is not mark:  # e.g. where an unclosed '[' was opened
+                c = exc.context_mark
+                problem += f" ({exc.context} at line {c.line + 1}, column {c.column + 1})"
             raise self.fail(f"YAML syntax error: {problem}", mark=mark) from None
         except yaml.YAMLError as exc:  # pragma: no cover - unmarked YAML errors are rare
             raise SpecError(f"{self.file}: YAML error: {exc}") from None
         if root is None:
             raise SpecError("empty spec: expected a mapping with name, sizes, inputs, states, "
-                            "outputs and equations", SourcePos(self.file, 1, 1, ""))
+                            "outputs and equations",
+                            SourcePos(self.file, 1, 1, self.lines[0] if self.lines else ""))
+        self.plain_tags_only(root)
         top = self.mapping(root, "the spec")
         for key, (knode, _) in top.items():
             if key not in TOP_KEYS:
@@ -156,6 +166,23 @@ class _SpecReader:
                     outputs=outputs, params=params, equations=equations, file=self.file,
                     positions=self.positions, source=self.text)
 
+    def plain_tags_only(self, root):
+        """Refuse explicit tags (`!!python/object`, `!foo`): a spec is plain data."""
+        seen, stack = set(), [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:  # aliases share nodes; visit each once
+                continue
+            seen.add(id(node))
+            if node.tag not in _PLAIN_TAGS:
+                tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+                raise self.fail(f"YAML tag '{tag}' is not allowed in a spec (specs are plain "
+                                "data: names, lists, mappings and text)", node)
+            if isinstance(node, yaml.MappingNode):
+                stack.extend(n for kv in node.value for n in kv)
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+
     def mapping(self, node, what: str) -> dict[str, tuple]:
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(f"{what} must be a mapping (key: value lines)", node)
@@ -181,13 +208,13 @@ class _SpecReader:
                             "(letters, digits and _, not starting with a digit)", node)
         return value
 
-    def names_list(self, node, what: str, key: str) -> list[str]:
+    def names_list(self, node, what: str, key: str, repeats: bool = False) -> list[str]:
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(f"'{what}' must be a list, e.g. [input, hidden]", node)
         names: list[str] = []
         for item in node.value:
             n = self.name_of(item, what)
-            if n in names:
+            if n in names and not repeats:
                 raise self.fail(f"'{n}' appears twice in {what}", item)
             self.positions[f"{key}.{n}"] = self.at(item.start_mark)
             names.append(n)
@@ -223,7 +250,8 @@ class _SpecReader:
                 if isinstance(fv, yaml.ScalarNode) and fv.value in sizes:
                     shape = (fv.value,)
                 else:
-                    shape = tuple(self.names_list(fv, f"the shape of '{n}'", f"params.{n}.shape"))
+                    shape = tuple(self.names_list(fv, f"the shape of '{n}'", f"params.{n}.shape",
+                                                  repeats=True))  # [hidden, hidden]
                     if len(shape) > 2:
                         raise self.fail(f"parameter '{n}' has {len(shape)} dimensions; "
                                         "at most 2 (a matrix) are supported", fv)
@@ -256,6 +284,9 @@ class _SpecReader:
 
     def equations(self, node) -> tuple[Equation, ...]:
         if isinstance(node, yaml.ScalarNode):
+            if node.style == ">":
+                raise self.fail("'equations: >' folds the equations into one line; write "
+                                "'equations: |' to keep one equation per line", node)
             blocks = [node]
         elif isinstance(node, yaml.SequenceNode):
             blocks = node.value
