@@ -312,7 +312,14 @@ def _stack(plan_names: Names, weights, transpose: bool = False) -> str:
 
 
 def _unpack(names: list[str], source: str) -> str:
+    if not names:
+        return f"    assert not {source}"
     return f"    {', '.join(names)}{',' if len(names) == 1 else ''} = {source}"
+
+
+def _tuple(items) -> str:
+    items = list(items)
+    return f"({', '.join(items)},)" if items else "()"
 
 
 def _forward_glue(plan: Plan, names: Names, k: _Kernel, save: bool) -> str:
@@ -412,11 +419,11 @@ def _backward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
         off = names.sizes(buf.offset(block))
         end = f"{off} + {names.size[node.shape[0]]}" if node.shape else f"{off} + 1"
         L.append(f"    {grads[p]} += sum_{buf.name}[{off}:{end}]{'' if node.shape else '.sum()'}")
-    dparams = ", ".join(f"{grads[p]}.reshape({names.param[p]}_shape)" if not i.shape else grads[p]
-                        for p, i in step.params.items())
-    dxs = ", ".join(f"d{c}" for c in names.input.values())
-    d0 = ", ".join(f"d{c}[0]" for c in names.state.values())
-    L.append(f"    return ({dparams},), ({dxs},), ({d0},)")
+    dparams = _tuple(f"{grads[p]}.reshape({names.param[p]}_shape)" if not i.shape else grads[p]
+                     for p, i in step.params.items())
+    dxs = _tuple(f"d{c}" for c in names.input.values())
+    d0 = _tuple(f"d{c}[0]" for c in names.state.values())
+    L.append(f"    return {dparams}, {dxs}, {d0}")
     return "\n".join(L) + "\n"
 
 

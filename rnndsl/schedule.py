@@ -237,7 +237,8 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
     recurrent = _recurrent(ir.topo_order(fwd_roots + bwd_roots))
 
     # What backward reads of forward values: leaves, hoisted products, the tape.
-    all_fwd = [n for n in ir.topo_order(bwd_roots) if not _adjoint(n)]
+    adjoint = _adjoint_nodes(bwd_roots)
+    all_fwd = [n for n in ir.topo_order(bwd_roots) if n.uid not in adjoint]
     groups: dict[int, list[Node]] = defaultdict(list)
     for n in ir.topo_order(fwd_roots + all_fwd):
         if n.op == "matvec":
@@ -340,9 +341,13 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
                 list(grad_buffers.values()), deferred, weight_grads, param_grads, input_rest)
 
 
-def _adjoint(n: Node) -> bool:
-    """Depends on an adjoint (so it is backward work, not a forward value)."""
-    return n.op == "adj" or n.op == "gemm_t" or (n.batched and any(_adjoint(a) for a in n.args))
+def _adjoint_nodes(roots: list[Node]) -> set[int]:
+    """Nodes that depend on an adjoint: backward work, not forward values."""
+    adj: set[int] = set()
+    for n in ir.topo_order(roots):
+        if n.op in ("adj", "gemm_t") or any(a.uid in adj for a in n.args):
+            adj.add(n.uid)
+    return adj
 
 
 def _recurrent(order: list[Node]) -> set[int]:
@@ -356,26 +361,13 @@ def _recurrent(order: list[Node]) -> set[int]:
 def _backward_needs(roots: list[Node]) -> list[Node]:
     """Forward values the backward step uses directly: arguments of adjoint-dependent nodes
     that are forward values, and forward values that are themselves roots."""
-    out, seen = [], set()
-    memo: dict[int, bool] = {}
-
-    def is_adj(n: Node) -> bool:
-        if n.uid not in memo:
-            memo[n.uid] = n.op in ("adj", "gemm_t") or any(is_adj(a) for a in n.args)
-        return memo[n.uid]
-
-    order = ir.topo_order(roots)
-    for n in order:
-        if is_adj(n):
-            for a in n.args:
-                if not is_adj(a) and a.uid not in seen:
-                    seen.add(a.uid)
-                    out.append(a)
-    for r in roots:
-        if not is_adj(r) and r.uid not in seen:
-            seen.add(r.uid)
-            out.append(r)
-    return out
+    adj = _adjoint_nodes(roots)
+    out = {}
+    for n in ir.topo_order(roots):
+        if n.uid in adj:
+            out.update((a.uid, a) for a in n.args if a.uid not in adj)
+    out.update((r.uid, r) for r in roots if r.uid not in adj)
+    return list(out.values())
 
 
 def _program(name: str, reverse: bool, stores: list[Store], reads: dict, gemms: list[Gemm],
@@ -401,20 +393,23 @@ def _program(name: str, reverse: bool, stores: list[Store], reads: dict, gemms: 
         reads[g.node.uid] = ("gemm_t", g.name, 0)
     gemm_t_of = {g.node.uid: g for g in gemm_ts}
 
-    depth_memo: dict[int, int] = {}
+    # GEMM stages a node waits for: a product comes one stage after its vector.
+    depth_of: dict[int, int] = {}
+    everything = [s.node for s in stores] + [g.vector for g in gemms] + \
+        [a for g in gemm_ts for a in g.node.args]
+    for n in ir.topo_order(everything):
+        if n.uid in product_of:
+            d = depth_of[product_of[n.uid].vector.uid] + 1
+        elif n.uid in gemm_t_of:
+            d = max(depth_of[a.uid] for a in n.args) + 1
+        elif n.uid in reads or n.is_leaf:
+            d = 0
+        else:
+            d = max((depth_of[a.uid] for a in n.args), default=0)
+        depth_of[n.uid] = d
 
     def depth(n: Node) -> int:
-        if n.uid not in depth_memo:
-            if n.uid in product_of:
-                d = depth(product_of[n.uid].vector) + 1
-            elif n.uid in gemm_t_of:
-                d = max(depth(a) for a in n.args) + 1
-            elif n.uid in reads or n.is_leaf:
-                d = 0
-            else:
-                d = max((depth(a) for a in n.args), default=0)
-            depth_memo[n.uid] = d
-        return depth_memo[n.uid]
+        return depth_of[n.uid]
 
     for g in gemms:
         g.stage = depth(g.vector) + 1
