@@ -32,6 +32,11 @@ from .schedule import REDUCTIONS, Phase, Plan, Program
 
 DEVICE_FUNCTIONS = '''
 @cuda.jit(device=True)
+def exp(x):
+    return math.exp(x)
+
+
+@cuda.jit(device=True)
 def tanh(x):
     return math.tanh(x)
 

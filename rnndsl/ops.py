@@ -68,7 +68,7 @@ OPS: dict[str, Op] = {
     "sigmoid": Op(_sigmoid, lambda y, g: (mul(g, mul(y, sub(ONE, y))),), "sigmoid({0})"),
     "tanh": Op(np.tanh, lambda y, g: (mul(g, sub(ONE, power(y, TWO))),), "tanh({0})"),
     "relu": Op(lambda x: np.maximum(x, 0), lambda y, g: (mul(g, ir.apply("step", _x(y))),), "relu({0})"),
-    "exp": Op(np.exp, lambda y, g: (mul(g, y),), "math.exp({0})"),
+    "exp": Op(np.exp, lambda y, g: (mul(g, y),), "exp({0})"),
     "log": Op(np.log, lambda y, g: (div(g, _x(y)),), "math.log({0})"),
     "softplus": Op(_softplus, lambda y, g: (mul(g, ir.apply("sigmoid", _x(y))),), "softplus({0})"),
     "hard_sigmoid": Op(_hard_sigmoid, lambda y, g: (mul(g, mul(const(HARD_SLOPE), ir.apply(
