@@ -341,7 +341,7 @@ def _forward_glue(plan: Plan, names: Names, k: _Kernel, save: bool) -> str:
     for g in plan.hoisted:
         v = g.vector
         src = names.input[v.attr] if v.op == "input" else plan.vectors[v.uid].name
-        L.append(f"    {g.name} = np.dot({src}.reshape(T * B, -1), {_stack(names, g.weights)}.T)"
+        L.append(f"    {g.name} = gemm({src}.reshape(T * B, -1), {_stack(names, g.weights)}.T)"
                  f".reshape(T, B, -1)")
     for g in plan.forward.gemms:
         L.append(f"    w_{g.name} = {_stack(names, g.weights, transpose=True)}")
@@ -396,7 +396,7 @@ def _backward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
     L.append(f"    backward_loop({', '.join(k.args())})")
     L.append("    # after the loop: input and weight gradients as GEMMs over all T*B rows")
     for x, g in plan.deferred:
-        L.append(f"    d{names.input[x]} += np.dot({g.buffer.name}.reshape(T * B, -1), "
+        L.append(f"    d{names.input[x]} += gemm({g.buffer.name}.reshape(T * B, -1), "
                  f"{_stack(names, g.node.attr)}).reshape(T, B, -1)")
     grads = {p: f"d{code}" for p, code in names.param.items()}
     for p, code in names.param.items():
@@ -405,7 +405,7 @@ def _backward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
         v = w.vector
         src = (f"{names.state[v.attr]}[:T]" if v.op == "prev" else
                names.input[v.attr] if v.op == "input" else plan.vectors[v.uid].name)
-        L.append(f"    m = np.dot({w.buffer.name}.reshape(T * B, -1).T, {src}.reshape(T * B, -1))")
+        L.append(f"    m = gemm({w.buffer.name}.reshape(T * B, -1).T, {src}.reshape(T * B, -1))")
         for k_, wname in enumerate(w.weights):
             node = w.buffer.columns[k_][0]
             off = names.sizes(w.buffer.offset(k_))

@@ -91,6 +91,13 @@ def tanh(x):
 
 COMMON = '''
 
+@njit(cache=True)
+def gemm(a, b):
+    # The glue's big GEMMs run here rather than through NumPy's dot: NumPy and SciPy (whose
+    # BLAS Numba calls) each bundle an OpenBLAS with its own spinning thread pool, and two
+    # pools fight for the cores (a NumPy GEMM ran 6x slower right after a kernel's).
+    return np.dot(a, b)
+
 @njit(inline="always", fastmath=FAST, error_model="numpy")
 def sigmoid(x):
     return C1 / (C1 + exp(-x))
