@@ -90,13 +90,8 @@ def tanh(x):
 '''
 
 COMMON = '''
+from rnndsl.blas import gemm
 
-@njit(cache=True)
-def gemm(a, b):
-    # The glue's big GEMMs run here rather than through NumPy's dot: NumPy and SciPy (whose
-    # BLAS Numba calls) each bundle an OpenBLAS with its own spinning thread pool, and two
-    # pools fight for the cores (a NumPy GEMM ran 6x slower right after a kernel's).
-    return np.dot(a, b)
 
 @njit(inline="always", fastmath=FAST, error_model="numpy")
 def sigmoid(x):
