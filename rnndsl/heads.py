@@ -104,11 +104,11 @@ class Head:
         lead = tuple(range(dz.ndim - 1))
         grads = {"head.W": np.tensordot(dz, h, axes=(lead, lead)).astype(W.dtype, copy=False),
                  "head.b": dz.sum(axis=lead).astype(W.dtype, copy=False)}
-        dh = dz @ W
+        dh = (dz @ W).astype(y.dtype, copy=False)  # float64 targets must not promote dy
         if self.per_step:
             dy = dh
         else:
-            dy = np.zeros_like(y, dtype=dh.dtype)
+            dy = np.zeros_like(y)
             dy[lengths - 1, np.arange(B)] = dh
         return LossResult(float(per_item[counted].sum() / n), dy, grads, metrics)
 
