@@ -16,6 +16,14 @@ def test_python_api_example_runs():
     assert "('hidden', 'hidden')" in out.getvalue()
 
 
+
+def test_network_example_runs():
+    api = re.search(r"## Python API\n\n```python\n(.*?)```(.*?)```python\n(.*?)```", README, re.S)
+    with contextlib.redirect_stdout(io.StringIO()):
+        scope = {}
+        exec(compile(api.group(1) + api.group(3), "README.md", "exec"), scope)
+    assert scope["y"].shape == (5, 3, 16) and scope["dx"].shape == (5, 3, 4)
+
 def test_layer_norm_expression_compiles():
     expr = re.search(r"Layer norm is\n`(.*?)`", README, re.S).group(1)
     cell = rnndsl.compile("name: t\nsizes: [input, hidden]\ninputs: {x: input}\n"
