@@ -154,6 +154,148 @@ def bench(spec: str = SPEC,
                        f"{row['forward_backward_ms'] / fb:.2f}x)")
 
 
+# -- training -----------------------------------------------------------------------------------
+# Options shared by `train` and `compare` (declared once, used in both signatures).
+TASK = typer.Option(None, help="adding, copy, repeat_copy, recall, sort or charlm. Without a "
+                               "task: a short demonstration run (adding problem, about a minute).")
+LENGTH = typer.Option(None, help="Sequence length (the task's default when not given).")
+HIDDEN = typer.Option(64, help="Hidden size of every layer.")
+STEPS = typer.Option(None, help="Optimizer steps (default 1000; the demonstration: 1500).")
+LAYERS = typer.Option(1, help="Stacked layers.")
+BIDIRECTIONAL = typer.Option(None, help="concat, separate or alternate.")
+RESIDUAL = typer.Option(False, "--residual", help="Add each layer's input to its output.")
+DENSE = typer.Option(None, help="add or concat: every layer sees all lower layers' outputs.")
+ORTHOGONAL = typer.Option(False, "--orthogonal", help="Orthogonal recurrent matrices at init.")
+OPTIMIZER = typer.Option("adam", help="adam or sgd.")
+LR = typer.Option(None, help="Learning rate (adam 1e-3, sgd 0.1 when not given).")
+MOMENTUM = typer.Option(0.0, help="SGD momentum.")
+CLIP = typer.Option(1.0, help="Clip gradients by global norm at this threshold (0: off).")
+CLIP_VALUE = typer.Option(None, help="Also clip every gradient element to [-v, v].")
+BATCH = typer.Option(32, help="Sequences per batch.")
+SEED = typer.Option(0, help="Seed of the parameters and of every batch.")
+DTYPE = typer.Option("float32", help="float32 or float64.")
+JSON = typer.Option(False, "--json", help="Machine-readable log: one JSON object per line.")
+PLOT = typer.Option(None, help="Write a learning curve to this image (needs matplotlib).")
+
+
+def _configs(specs, task, length, steps, **options):
+    from .train import TrainConfig
+
+    if task is None:  # the demonstration run
+        task, length, steps = "adding", length or 50, steps or 1500
+    return [TrainConfig(spec=s, task=task, length=length, steps=steps or 1000, **options)
+            for s in specs]
+
+
+def _check_plot(path):
+    if path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise typer.BadParameter("--plot needs matplotlib: pip install 'rnndsl[plot]'")
+
+
+def _run(configs, json_out: bool, save=None, resume=None):
+    """Train each configuration with a progress bar (or JSON lines); return the results."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    from .optim import TrainingDiverged
+    from .train import train
+
+    results = []
+    try:
+        for config in configs:
+            if json_out:
+                def show(step, rec, name=config.spec):
+                    if rec is not None:
+                        typer.echo(json.dumps({"spec": name, **rec}))
+                results.append(train(config, progress=show, save=save, resume=resume))
+                typer.echo(json.dumps({"spec": config.spec, "final": results[-1].final,
+                                       "seconds": results[-1].seconds}))
+                continue
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+            with Progress(*columns, transient=False) as bar:
+                job = bar.add_task(config.spec, total=config.steps, status="")
+
+                def show(step, rec):
+                    status = None if rec is None else _status(rec)
+                    bar.update(job, completed=step, **({"status": status} if status else {}))
+                results.append(train(config, progress=show, save=save, resume=resume))
+    except TrainingDiverged as exc:
+        typer.echo(f"training stopped: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return results
+
+
+def _status(rec: dict) -> str:
+    acc = f"  acc {rec['accuracy']:.3f}" if "accuracy" in rec else ""
+    return f"loss {rec['loss']:.4f}{acc}  {rec['steps_per_s']:.0f} steps/s"
+
+
+def _summary(results) -> None:
+    first = results[0].config
+    typer.echo(f"task {first.task}" + (f", length {first.length}" if first.length else "") +
+               f", {first.steps} steps, batch {first.batch}, seed {first.seed}; held-out "
+               f"batch of {first.eval_batch} (trivial baseline {results[0].final['baseline']})")
+    typer.echo(f"  {'cell':<18} {'loss':>10} {'accuracy':>9} {'seconds':>8} {'steps/s':>8}")
+    for r in results:
+        acc = r.final.get("accuracy")
+        acc = f"{acc:9.3f}" if acc is not None else f"{'-':>9}"
+        rate = r.steps_run / r.seconds if r.seconds else 0.0
+        typer.echo(f"  {r.config.describe().split(';')[0]:<18} {r.final['loss']:10.5f} {acc} "
+                   f"{r.seconds:8.1f} {rate:8.1f}")
+
+
+def _train_command(specs, json_out, plot, save=None, resume=None, task=None, length=None,
+                   steps=None, clip=None, **options):
+    _check_plot(plot)
+    configs = _configs(specs, task, length, steps, clip=clip or None, **options)
+    if not json_out and len(configs) == 1:
+        typer.echo(configs[0].describe())
+    results = _run(configs, json_out, save=save, resume=resume)
+    if not json_out:
+        _summary(results)
+    if plot:
+        from .train import plot_curves
+        plot_curves(results, plot)
+
+
+@app.command("train")
+@reports_spec_errors
+def train_(spec: str = typer.Argument("lstm", help="A spec file or a built-in spec name."),
+           task: str = TASK, length: int = LENGTH, hidden: int = HIDDEN, steps: int = STEPS,
+           layers: int = LAYERS, bidirectional: str = BIDIRECTIONAL, residual: bool = RESIDUAL,
+           dense: str = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: str = OPTIMIZER,
+           lr: float = LR, momentum: float = MOMENTUM, clip: float = CLIP,
+           clip_value: float = CLIP_VALUE, batch: int = BATCH, seed: int = SEED,
+           dtype: str = DTYPE, json_out: bool = JSON, plot: str = PLOT,
+           save: str = typer.Option(None, help="Write a checkpoint (.npz) at the end."),
+           resume: str = typer.Option(None, help="Continue from a checkpoint.")):
+    """Train a network of SPEC cells on a generated task with BPTT."""
+    options = dict(locals())  # every option above, passed on by name
+    _train_command([options.pop("spec")], **options)
+
+
+@app.command()
+@reports_spec_errors
+def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
+            task: str = TASK, length: int = LENGTH, hidden: int = HIDDEN, steps: int = STEPS,
+            layers: int = LAYERS, bidirectional: str = BIDIRECTIONAL, residual: bool = RESIDUAL,
+            dense: str = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: str = OPTIMIZER,
+            lr: float = LR, momentum: float = MOMENTUM, clip: float = CLIP,
+            clip_value: float = CLIP_VALUE, batch: int = BATCH, seed: int = SEED,
+            dtype: str = DTYPE, json_out: bool = JSON, plot: str = PLOT):
+    """Train several cells on the same task, data and seeds; print a table."""
+    options = dict(locals())
+    _train_command(options.pop("specs"), **options)
+
 def main():
     app(prog_name="rnndsl")
 
