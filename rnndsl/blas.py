@@ -14,3 +14,17 @@ from numba import njit
 def gemm(a, b):
     """a @ b for 2-D arrays of one dtype (C- or Fortran-contiguous, such as a transpose)."""
     return np.dot(a, b)
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (..., k) @ b (k, n) through `gemm`, in a's dtype."""
+    a2 = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+    return gemm(a2, np.asarray(b, a2.dtype)).reshape(*a.shape[:-1], b.shape[1])
+
+
+def weight_grad(d: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """The gradient of W in y = a @ W.T given d = dL/dy: the sum over all leading axes of
+    outer(d, a), shape (d's width, a's width)."""
+    d2 = np.ascontiguousarray(d).reshape(-1, d.shape[-1])
+    a2 = np.ascontiguousarray(a, d2.dtype).reshape(-1, a.shape[-1])
+    return gemm(d2.T, a2)

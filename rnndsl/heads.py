@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas import matmul, weight_grad
+
 KINDS = ("softmax_step", "softmax_last", "mse_step", "mse_last", "bits_step")
 
 
@@ -102,9 +104,9 @@ class Head:
         dz = np.where(counted[..., None], dz, 0) / n
         W = params["head.W"]
         lead = tuple(range(dz.ndim - 1))
-        grads = {"head.W": np.tensordot(dz, h, axes=(lead, lead)).astype(W.dtype, copy=False),
+        grads = {"head.W": weight_grad(dz, h).astype(W.dtype, copy=False),
                  "head.b": dz.sum(axis=lead).astype(W.dtype, copy=False)}
-        dh = (dz @ W).astype(y.dtype, copy=False)  # float64 targets must not promote dy
+        dh = matmul(dz, W).astype(y.dtype, copy=False)  # float64 targets must not promote dy
         if self.per_step:
             dy = dh
         else:
@@ -135,7 +137,7 @@ class Head:
 
     @staticmethod
     def _scores(params, h: np.ndarray) -> np.ndarray:
-        return h @ params["head.W"].T + params["head.b"]
+        return matmul(h, params["head.W"].T) + params["head.b"]
 
     # Each family gives the loss per counted item (summed over outputs), dL/dz before the
     # division by the number of items, and its metrics.

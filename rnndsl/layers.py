@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas import matmul, weight_grad
 from .runtime import Cell, _common_dtype, _lengths, init_array
 
 MODES = (None, "concat", "separate", "alternate")
@@ -301,15 +302,15 @@ class Network:
 
     def _project(self, params: dict, name: str, a: np.ndarray) -> np.ndarray:
         """a @ P.T, or a itself where the widths agree and there is no P."""
-        return a @ np.asarray(params[name], a.dtype).T if name in self._shapes else a
+        return matmul(a, np.asarray(params[name], a.dtype).T) if name in self._shapes else a
 
     def _project_backward(self, params, grads, name, a, d):
         """dL/da of `_project` given d = dL/d(result); dL/dP into grads."""
         if name not in self._shapes:
             return d
         P = np.asarray(params[name], a.dtype)
-        grads[name] = np.einsum("tbo,tbi->oi", d, a)
-        return d @ P
+        grads[name] = weight_grad(d, a)
+        return matmul(d, P)
 
     def _combine(self, params, layer, stream, sources):
         """u, what the stream's cells read, from the values it reads (the network input first
