@@ -157,10 +157,12 @@ def bench(spec: str = SPEC,
 # -- training -----------------------------------------------------------------------------------
 # Options shared by `train` and `compare` (declared once, used in both signatures).
 TASK = typer.Option(None, help="adding, copy, repeat_copy, recall, sort or charlm. Without a "
-                               "task: a short demonstration run (adding problem, about a minute).")
+                               "task: a short demonstration (adding problem, T=50, lr 1e-2, "
+                               "2000 steps).")
 LENGTH = typer.Option(None, help="Sequence length (the task's default when not given).")
+TEXT = typer.Option(None, help="charlm: a text file to model (default: a shipped text).")
 HIDDEN = typer.Option(64, help="Hidden size of every layer.")
-STEPS = typer.Option(None, help="Optimizer steps (default 1000; the demonstration: 1500).")
+STEPS = typer.Option(None, help="Optimizer steps (default 1000; the demonstration: 2000).")
 LAYERS = typer.Option(1, help="Stacked layers.")
 BIDIRECTIONAL = typer.Option(None, help="concat, separate or alternate.")
 RESIDUAL = typer.Option(False, "--residual", help="Add each layer's input to its output.")
@@ -178,12 +180,12 @@ JSON = typer.Option(False, "--json", help="Machine-readable log: one JSON object
 PLOT = typer.Option(None, help="Write a learning curve to this image (needs matplotlib).")
 
 
-def _configs(specs, task, length, steps, **options):
+def _configs(specs, task, length, steps, lr, **options):
     from .train import TrainConfig
 
-    if task is None:  # the demonstration run
-        task, length, steps = "adding", length or 50, steps or 1500
-    return [TrainConfig(spec=s, task=task, length=length, steps=steps or 1000, **options)
+    if task is None:  # the demonstration run: long enough for the LSTM to solve the task
+        task, length, steps, lr = "adding", length or 50, steps or 2000, lr or 1e-2
+    return [TrainConfig(spec=s, task=task, length=length, steps=steps or 1000, lr=lr, **options)
             for s in specs]
 
 
@@ -219,11 +221,13 @@ def _run(configs, json_out: bool, save=None, resume=None):
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
             with Progress(*columns, transient=False) as bar:
-                job = bar.add_task(config.spec, total=config.steps, status="")
+                jobs = []  # the bar appears with the first step, after any error in the setup
 
-                def show(step, rec):
+                def show(step, rec, config=config):
+                    if not jobs:
+                        jobs.append(bar.add_task(config.spec, total=config.steps, status=""))
                     status = None if rec is None else _status(rec)
-                    bar.update(job, completed=step, **({"status": status} if status else {}))
+                    bar.update(jobs[0], completed=step, **({"status": status} if status else {}))
                 results.append(train(config, progress=show, save=save, resume=resume))
     except TrainingDiverged as exc:
         typer.echo(f"training stopped: {exc}", err=True)
@@ -270,7 +274,7 @@ def _train_command(specs, json_out, plot, save=None, resume=None, task=None, len
 @app.command("train")
 @reports_spec_errors
 def train_(spec: str = typer.Argument("lstm", help="A spec file or a built-in spec name."),
-           task: str = TASK, length: int = LENGTH, hidden: int = HIDDEN, steps: int = STEPS,
+           task: str = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN, steps: int = STEPS,
            layers: int = LAYERS, bidirectional: str = BIDIRECTIONAL, residual: bool = RESIDUAL,
            dense: str = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: str = OPTIMIZER,
            lr: float = LR, momentum: float = MOMENTUM, clip: float = CLIP,
@@ -286,7 +290,7 @@ def train_(spec: str = typer.Argument("lstm", help="A spec file or a built-in sp
 @app.command()
 @reports_spec_errors
 def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
-            task: str = TASK, length: int = LENGTH, hidden: int = HIDDEN, steps: int = STEPS,
+            task: str = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN, steps: int = STEPS,
             layers: int = LAYERS, bidirectional: str = BIDIRECTIONAL, residual: bool = RESIDUAL,
             dense: str = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: str = OPTIMIZER,
             lr: float = LR, momentum: float = MOMENTUM, clip: float = CLIP,

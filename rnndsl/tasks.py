@@ -287,7 +287,11 @@ class CharLM(Task):
     def __init__(self, length: int = 100, path: str | Path | None = None, spread: float = 0.1):
         _require(length >= 1, self.name, f"length must be at least 1, not {length}")
         _require(spread > 0, self.name, f"spread must be positive, not {spread}")
-        text = default_text() if path is None else Path(path).read_text(encoding="utf-8")
+        try:
+            text = default_text() if path is None else Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.name}: cannot read the text {path}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         self.length, self.path = int(length), path
         self.vocab = "".join(sorted(set(text)))
         self._index = {c: i for i, c in enumerate(self.vocab)}

@@ -32,6 +32,7 @@ class TrainConfig:
     spec: str = "lstm"
     task: str = "adding"
     length: int | None = None  # sequence length; the task's default when None
+    text: str | None = None  # charlm: the text file to model (a shipped text when None)
     hidden: int = 64
     layers: int = 1
     bidirectional: str | None = None  # concat, separate or alternate
@@ -73,7 +74,8 @@ class Model:
     """A network of cells and a head on its output; parameters in one flat dict."""
 
     def __init__(self, config: TrainConfig):
-        self.task = make_task(config.task, config.length)
+        options = {"path": config.text} if config.text else {}
+        self.task = make_task(config.task, config.length, **options)
         cell = compiler.compile(config.spec)
         extra = {s: config.hidden for s in cell.sizes if s not in ("input", "hidden")}
         self.network = Network(cell, self.task.input_size, config.hidden, layers=config.layers,

@@ -97,7 +97,7 @@ def test_adding_problem_long_lag_lstm_learns_elman_does_not():
     """Hochreiter & Schmidhuber 1997: gated cells bridge the lag where a plain recurrent network
     stays at the trivial solution (MSE ~0.167, always answering 1). A CI-sized version of the
     README's T=100 run."""
-    base = dict(task="adding", length=40, hidden=32, batch=32, steps=700, lr=1e-2, seed=0,
+    base = dict(task="adding", length=50, hidden=32, batch=32, steps=2000, lr=1e-2, seed=0,
                 log_every=100)
     lstm = train(TrainConfig(spec="lstm", **base)).final["loss"]
     elman = train(TrainConfig(spec="elman", **base)).final["loss"]
