@@ -369,17 +369,23 @@ def _forward_glue(plan: Plan, names: Names, k: _Kernel, save: bool) -> str:
     return "\n".join(L) + "\n"
 
 
-def _backward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
-    step = plan.step
+def backward_preamble(plan: Plan, names: Names, extra_args: str = "") -> list[str]:
+    """The opening of a generated `backward`: its signature and its arguments unpacked into
+    the compiler's names (shared by the CPU and CUDA targets)."""
     saved = [*names.state.values(), *(g.name for g in plan.hoisted), "tape",
              *(b.name for b in plan.vectors.values())]
-    L = ["def backward(params, xs, lengths, saved, d_outputs, d_final, sizes):",
-         _unpack(list(names.param.values()), "params"),
-         _unpack(list(names.input.values()), "xs"),
-         _unpack(list(names.size.values()), "sizes"),
-         _unpack(saved, "saved"),
-         _unpack([f"d{c}" for c in names.output.values()], "d_outputs"),
-         "    T, B = xs[0].shape[0], xs[0].shape[1]"]
+    return [f"def backward(params, xs, lengths, saved, d_outputs, d_final, sizes{extra_args}):",
+            _unpack(list(names.param.values()), "params"),
+            _unpack(list(names.input.values()), "xs"),
+            _unpack(list(names.size.values()), "sizes"),
+            _unpack(saved, "saved"),
+            _unpack([f"d{c}" for c in names.output.values()], "d_outputs"),
+            "    T, B = xs[0].shape[0], xs[0].shape[1]"]
+
+
+def _backward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
+    step = plan.step
+    L = backward_preamble(plan, names)
     L += _scalar_params(plan, names)
     for s, code in names.state.items():
         L.append(f"    d{code} = np.empty((T + 1, B, {names.size[step.states[s]]}), DT)")

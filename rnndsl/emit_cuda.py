@@ -26,7 +26,7 @@ is made here; names from the spec appear only in the header's legend comment.
 from __future__ import annotations
 
 from . import ir
-from .emit_cpu import Names, _Kernel, _unpack
+from .emit_cpu import Names, _Kernel, _unpack, backward_preamble
 from .ir import Node
 from .schedule import REDUCTIONS, Phase, Plan, Program
 
@@ -502,15 +502,7 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: _PersistentKernel) 
 
 def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel) -> str:
     step = plan.step
-    saved = [*names.state.values(), *(g.name for g in plan.hoisted), "tape",
-             *(b.name for b in plan.vectors.values())]
-    L = ["def backward(params, xs, lengths, saved, d_outputs, d_final, sizes, persistent=None):",
-         _unpack(list(names.param.values()), "params"),
-         _unpack(list(names.input.values()), "xs"),
-         _unpack(list(names.size.values()), "sizes"),
-         _unpack(saved, "saved"),
-         _unpack([f"d{c}" for c in names.output.values()], "d_outputs"),
-         "    T, B = xs[0].shape[0], xs[0].shape[1]"]
+    L = backward_preamble(plan, names, ", persistent=None")
     for g in plan.back.gemm_ts:
         L.append(f"    w_{g.name} = {_stack(names, g.node.attr)}  # (K, N): g = G @ w")
         L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[1]), DT)")

@@ -202,24 +202,12 @@ def add_all(terms: list[Node]) -> Node:
 # -- traversal ------------------------------------------------------------------------------
 def topo_order(roots) -> list[Node]:
     """Every node reachable from `roots`, each after its arguments."""
-    seen: set[int] = set()
-    order: list[Node] = []
-    stack = [(r, False) for r in reversed(list(roots))]
-    while stack:
-        n, done = stack.pop()
-        if done:
-            order.append(n)
-            continue
-        if n.uid in seen:
-            continue
-        seen.add(n.uid)
-        stack.append((n, True))
-        stack.extend((a, False) for a in reversed(n.args) if a.uid not in seen)
-    return order
+    return topo_order_until(roots, lambda n: False)
 
 
 def topo_order_until(roots, stop) -> list[Node]:
-    """Like topo_order, but not looking past nodes for which stop(node) is true."""
+    """Every node reachable from `roots` without looking past nodes for which stop(node) is
+    true, each after its arguments."""
     seen: set[int] = set()
     order: list[Node] = []
     stack = [(r, False) for r in reversed(list(roots))]
