@@ -82,25 +82,6 @@ def time_rnndsl(spec: str, size: str, persistent, repeats: int):
     return median_gpu(forward, repeats), median_gpu(forward_backward, repeats), blocks
 
 
-def time_cudnn(spec: str, size: str, repeats: int):
-    if spec not in ("lstm", "gru"):
-        return None
-    T, B, I, H = WORKLOADS[size]
-    model = peers.LIBRARY[spec](I, H).cuda()
-    x = torch.randn(T, B, I, device="cuda")
-    xg = x.clone().requires_grad_(True)
-
-    def forward():
-        with torch.no_grad():
-            return model(x)
-
-    def forward_backward():
-        y, _ = model(xg)
-        y.sum().backward()
-
-    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats)
-
-
 def time_eager(spec: str, size: str, repeats: int):
     cell = rnndsl.compile(spec)  # the plan (hoisted products) is all the eager loop reads
     params, xs, sizes = problem(cell, size)
@@ -141,7 +122,8 @@ def main():
                 got = time_rnndsl(spec, size, flag, args.repeats)
                 if got is not None:
                     row[f"{mode}_fwd"], row[f"{mode}_fwdbwd"], row[f"{mode}_blocks"] = got
-            lib = time_cudnn(spec, size, args.repeats)
+            lib = (peers.time_library(spec, size, args.repeats, "cuda", median_gpu)
+                   if spec in ("lstm", "gru") else None)
             if lib:
                 row["cudnn_fwd"], row["cudnn_fwdbwd"] = lib
             row["eager_fwd"], row["eager_fwdbwd"] = time_eager(spec, size,

@@ -102,12 +102,17 @@ def time_eager(cell, params: dict, xs: dict, sizes: dict, repeats: int = 7,
     return median_time(forward, repeats), median_time(forward_backward, repeats)
 
 
-def time_library(name: str, workload: str, repeats: int = 7) -> tuple[float, float] | None:
+def time_library(name: str, workload: str, repeats: int = 7, device: str = "cpu",
+                 timer=None) -> tuple[float, float] | None:
+    """Median forward and forward+backward times of torch's own module for a spec (None when
+    torch has none), on `device`, timed by `timer(fn, repeats)` (median_time by default)."""
     if name not in LIBRARY:
         return None
+    timer = timer or median_time
     T, B, I, H = WORKLOADS[workload]
-    model = LIBRARY[name](I, H)
-    x = torch.tensor(np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32))
+    model = LIBRARY[name](I, H).to(device)
+    x = torch.tensor(np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32),
+                     device=device)
     xg = x.clone().requires_grad_(True)
 
     def forward():
@@ -118,4 +123,4 @@ def time_library(name: str, workload: str, repeats: int = 7) -> tuple[float, flo
         y, _ = model(xg)
         y.sum().backward()
 
-    return median_time(forward, repeats), median_time(forward_backward, repeats)
+    return timer(forward, repeats), timer(forward_backward, repeats)

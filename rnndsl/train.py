@@ -105,10 +105,10 @@ def batch_at(task, seed: int, step: int, size: int, dtype) -> Batch:
 
 
 def train(config: TrainConfig, progress=None, save: str | Path | None = None,
-          resume: str | Path | None = None, save_every: int = 0) -> TrainResult:
+          resume: str | Path | None = None) -> TrainResult:
     """Train as `config` says. `progress(step, record)` is called after every step (record is
-    a log record on logging steps, else None). `save` writes a checkpoint at the end (and every
-    `save_every` steps); `resume` continues from one."""
+    a log record on logging steps, else None). `save` writes a checkpoint at the end; `resume`
+    continues from one."""
     model = Model(config)
     optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
     params = model.init_params(config.seed, config.orthogonal)
@@ -135,8 +135,6 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
             window = []
         if progress is not None:
             progress(step + 1, record)
-        if save is not None and save_every and (step + 1) % save_every == 0:
-            save_checkpoint(save, config, params, optimizer, step + 1, log)
     seconds = time.perf_counter() - t0
     loss, metrics, _ = model.loss(params, eval_batch, grads=False)
     final = {"loss": float(loss), **_floats(metrics), "baseline": model.task.baseline}
@@ -198,11 +196,6 @@ def load_checkpoint(path, config: TrainConfig, params, optimizer) -> tuple[int, 
         optimizer.load_state_dict({k.removeprefix("optim/"): data[k] for k in data.files
                                    if k.startswith("optim/")})
         return int(data["step"]), json.loads(str(data["log"]))
-
-
-def compare(configs: list[TrainConfig], progress=None) -> list[TrainResult]:
-    """Train each configuration in turn (same task, data and seeds when they share them)."""
-    return [train(c, progress=progress) for c in configs]
 
 
 def plot_curves(results: list[TrainResult], path) -> None:
