@@ -8,7 +8,12 @@ here (p0, s1, x0, ...); the names from the spec appear only in the header's lege
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from . import ir
+from .errors import SpecError
 from .ir import Node
 from .kernel_lib import kernel_functions
 from .ops import OPS
@@ -29,6 +34,12 @@ class Names:
         self.output = {o: f"o{k}" for k, o in enumerate(step.outputs)}
         self.param = {p: f"p{k}" for k, p in enumerate(step.params)}
         self.consts: dict[float, str] = {0.0: "C0", 1.0: "C1", 0.5: "C05"}
+        self.vars: dict[int, str] = {}
+
+    def var(self, n: Node) -> str:
+        """A computed value's local variable: numbered in the order the emitter asks, so the
+        text depends on the spec alone, not on what was compiled before it."""
+        return self.vars.setdefault(n.uid, f"v{len(self.vars)}")
 
     def const(self, value: float) -> str:
         if value not in self.consts:
@@ -52,8 +63,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
     kernels += [fwd.text(), inf.text(), bwd.text()]
     glue = [_forward_glue(plan, names, fwd, save=True), _forward_glue(plan, names, inf, save=False),
             _backward_glue(plan, names, bwd)]
-    consts = "\n".join([f"{name} = DT({value!r})" for value, name in names.consts.items()]
-                       + ["CNEG = DT(-np.inf)"])
+    consts = constant_lines(names, dtype)
     return "\n".join([
         header,
         "import math",
@@ -61,13 +71,30 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         "import numpy as np",
         "from numba import njit",
         "",
+        "from rnndsl.blas import gemm",
+        "from rnndsl.scratch import empty",
+        "",
         f"DT = np.{dtype}",
         f"FAST = {FASTMATH}",
         consts,
-        kernel_functions(dtype),
+        kernel_functions(dtype, "cpu"),
         *kernels,
         *glue,
     ])
+
+
+def constant_lines(names: Names, dtype: str) -> str:
+    """The module's constants, of its dtype. A constant that the dtype cannot hold is an
+    error, not a silent inf."""
+    lines = []
+    for value, name in names.consts.items():
+        if math.isfinite(value) and abs(value) > float(np.finfo(dtype).max):
+            raise SpecError(f"the constant {value!r} does not fit in {dtype} (largest "
+                            f"{float(np.finfo(dtype).max):.4g}); run the cell in float64")
+        text = repr(value) if math.isfinite(value) else \
+            "np.nan" if math.isnan(value) else ("np.inf" if value > 0 else "-np.inf")
+        lines.append(f"{name} = DT({text})")
+    return "\n".join(lines + ["CNEG = DT(-np.inf)"])
 
 
 def legend(plan: Plan) -> list[str]:
@@ -113,6 +140,9 @@ class _Kernel:
         return "\n".join(head + floats + self.body) + "\n"
 
     # -- references ---------------------------------------------------------------------------
+    def var(self, n: Node) -> str:
+        return self.names.var(n)
+
     def use(self, array: str) -> str:
         self.arrays.add(array)
         return array
@@ -149,8 +179,6 @@ class _Kernel:
         if n.op == "size":
             self.sizes_used.add(n.attr)
             return f"z_{names.size[n.attr]}"
-        if n.op == "bcast":
-            return self.ref(n.args[0], here)
         if n.uid in prog.reads:
             return self.read(n)
         if n.op == "input":
@@ -164,7 +192,9 @@ class _Kernel:
         where = prog.place[n.uid]
         if n.uid in prog.spills and (where != here if n.shape else where[0] != here[0]):
             return f"{self.use(prog.spills[n.uid])}[b{', j' if n.shape else ''}]"
-        return f"v{n.uid}"
+        if n.op == "bcast":  # a per-row scalar read in place, unless spilled above
+            return self.ref(n.args[0], here)
+        return self.var(n)
 
     def seed(self, n: Node) -> str:
         """The adjoint arriving at this step: from step t+1 and from the loss, zero when
@@ -242,7 +272,7 @@ class _Kernel:
                 if kind == "scalar":
                     lines = []
                     if item is not None:
-                        lines.append(f"v{item.uid} = {self.expr(item, here)}")
+                        lines.append(f"{self.var(item)} = {self.expr(item, here)}")
                         lines += self._spill(item)
                     lines += [self.store(s, self.ref(s.node, here)) for s in stores_at.get(here, [])]
                     out += [" " * 12 + line for line in lines]
@@ -252,15 +282,15 @@ class _Kernel:
                 writes = []  # (value, how to write a value) of every vector result
                 for n in nodes:
                     if n.op in ("rsum", "rmax"):
-                        inits.append(f"v{n.uid} = {'C0' if n.op == 'rsum' else 'CNEG'}")
+                        inits.append(f"{self.var(n)} = {'C0' if n.op == 'rsum' else 'CNEG'}")
                         arg = self.ref(n.args[0], here)
-                        body.append(f"v{n.uid} += {arg}" if n.op == "rsum"
-                                    else f"v{n.uid} = max(v{n.uid}, {arg})")
+                        body.append(f"{self.var(n)} += {arg}" if n.op == "rsum"
+                                    else f"{self.var(n)} = maximum({self.var(n)}, {arg})")
                         after += self._spill(n)
                         continue
-                    body.append(f"v{n.uid} = {self.expr(n, here)}")
+                    body.append(f"{self.var(n)} = {self.expr(n, here)}")
                     if n.uid in self.prog.spills:
-                        writes.append((f"v{n.uid}", lambda v, n=n: self._spill(n, v)[0]))
+                        writes.append((self.var(n), lambda v, n=n: self._spill(n, v)[0]))
                 for s in stores_at.get(here, []):
                     if s.node.shape:
                         writes.append((self.ref(s.node, here), lambda v, s=s: self.store(s, v)))
@@ -295,7 +325,7 @@ class _Kernel:
         sp = self.prog.spills.get(n.uid)
         if sp is None:
             return []
-        return [f"{self.use(sp)}[b{', j' if n.shape else ''}] = {value or f'v{n.uid}'}"]
+        return [f"{self.use(sp)}[b{', j' if n.shape else ''}] = {value or self.var(n)}"]
 
     def _gemm_vector(self, v: Node) -> str:
         if v.op == "prev":
@@ -335,7 +365,7 @@ def _forward_glue(plan: Plan, names: Names, k: _Kernel, save: bool) -> str:
         pre = _Kernel(plan, names, plan.pre, "pre")
         for v, buf in plan.vectors.items():
             if buf.name.startswith("pvec"):
-                L.append(f"    {buf.name} = np.empty((T, B, {names.sizes(buf.width())}), DT)")
+                L.append(f"    {buf.name} = empty((T, B, {names.sizes(buf.width())}), DT)")
         L += _spill_allocs(plan, names, pre)
         L.append(f"    pre_loop({', '.join(pre.args())})")
     for g in plan.hoisted:
@@ -345,17 +375,17 @@ def _forward_glue(plan: Plan, names: Names, k: _Kernel, save: bool) -> str:
                  f".reshape(T, B, -1)")
     for g in plan.forward.gemms:
         L.append(f"    w_{g.name} = {_stack(names, g.weights, transpose=True)}")
-        L.append(f"    g_{g.name} = np.empty((B, w_{g.name}.shape[1]), DT)")
+        L.append(f"    g_{g.name} = empty((B, w_{g.name}.shape[1]), DT)")
     for s, code in names.state.items():
-        L.append(f"    {code} = np.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
+        L.append(f"    {code} = empty((T + 1, B, {names.size[step.states[s]]}), DT)")
         L.append(f"    {code}[0] = state0[{list(names.state).index(s)}]")
     for o, code in names.output.items():
-        L.append(f"    {code} = np.empty((T, B, {_width(names, step.shape_of(o))}), DT)")
+        L.append(f"    {code} = empty((T, B, {_width(names, step.shape_of(o))}), DT)")
     if save:
-        L.append(f"    tape = np.empty((T, B, {names.sizes(plan.tape.width())}), DT)")
+        L.append(f"    tape = empty((T, B, {names.sizes(plan.tape.width())}), DT)")
     for buf in plan.vectors.values():
         if not buf.name.startswith("pvec"):
-            L.append(f"    {buf.name} = np.empty((T, B, {names.sizes(buf.width())}), DT)")
+            L.append(f"    {buf.name} = empty((T, B, {names.sizes(buf.width())}), DT)")
     L += _spill_allocs(plan, names, k)
     L.append(f"    {k.name}({', '.join(k.args())})")
     outs = ", ".join(names.output.values())
@@ -388,16 +418,16 @@ def _backward_glue(plan: Plan, names: Names, k: _Kernel) -> str:
     L = backward_preamble(plan, names)
     L += _scalar_params(plan, names)
     for s, code in names.state.items():
-        L.append(f"    d{code} = np.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
+        L.append(f"    d{code} = empty((T + 1, B, {names.size[step.states[s]]}), DT)")
         L.append(f"    d{code}[T] = d_final[{list(names.state).index(s)}]")
     for x, code in names.input.items():
         make = "empty" if x in plan.input_rest else "zeros"
         L.append(f"    d{code} = np.{make}((T, B, {names.size[step.inputs[x]]}), DT)")
     for buf in plan.grad_buffers:
-        L.append(f"    {buf.name} = np.empty((T, B, {names.sizes(buf.width())}), DT)")
+        L.append(f"    {buf.name} = empty((T, B, {names.sizes(buf.width())}), DT)")
     for g in plan.back.gemm_ts:
         L.append(f"    w_{g.name} = {_stack(names, g.node.attr)}")
-        L.append(f"    g_{g.name} = np.empty((B, w_{g.name}.shape[1]), DT)")
+        L.append(f"    g_{g.name} = empty((B, w_{g.name}.shape[1]), DT)")
     L += _spill_allocs(plan, names, k)
     L.append(f"    backward_loop({', '.join(k.args())})")
     L.append("    # after the loop: input and weight gradients as GEMMs over all T*B rows")
@@ -450,14 +480,14 @@ def _spill_allocs(plan: Plan, names: Names, k: _Kernel) -> list[str]:
     if k.row_width:
         out.append(f"    if max(sizes) > 4096:")
         out.append(f"        raise ValueError('sizes above 4096 are not supported')")
-        out.append(f"    row = np.empty({k.row_width * ROW}, DT)")
+        out.append(f"    row = empty({k.row_width * ROW}, DT)")
     nodes = {n.uid: n for n in ir.topo_order([s.node for s in k.prog.stores] +
                                             [g.vector for g in k.prog.gemms] +
                                             [a for g in k.prog.gemm_ts for a in g.node.args])}
     for uid, sp in k.prog.spills.items():
         n = nodes[uid]
         shape = f"(B, {names.size[n.shape[0]]})" if n.shape else "(B,)"
-        out.append(f"    {sp} = np.empty({shape}, DT)")
+        out.append(f"    {sp} = empty({shape}, DT)")
     return out
 
 

@@ -26,64 +26,12 @@ is made here; names from the spec appear only in the header's legend comment.
 from __future__ import annotations
 
 from . import ir
-from .emit_cpu import Names, _Kernel, _unpack, backward_preamble
+from .emit_cpu import Names, _Kernel, _unpack, backward_preamble, constant_lines
 from .ir import Node
+from .kernel_lib import kernel_functions
 from .schedule import REDUCTIONS, Phase, Plan, Program
 
 DEVICE_FUNCTIONS = '''
-@cuda.jit(device=True)
-def exp(x):
-    return math.exp(x)
-
-
-@cuda.jit(device=True)
-def tanh(x):
-    return math.tanh(x)
-
-
-@cuda.jit(device=True)
-def sigmoid(x):
-    # exp of -|x| only, so it never overflows
-    e = math.exp(-abs(x))
-    s = C1 / (C1 + e)
-    return s if x >= C0 else C1 - s
-
-
-@cuda.jit(device=True)
-def relu(x):
-    return x if x > C0 else C0
-
-
-@cuda.jit(device=True)
-def softplus(x):
-    return max(x, C0) + math.log1p(math.exp(-abs(x)))
-
-
-@cuda.jit(device=True)
-def hard_sigmoid(x):
-    return min(max(CHS * x + C05, C0), C1)
-
-
-@cuda.jit(device=True)
-def step(x):
-    return C1 if x > C0 else C0
-
-
-@cuda.jit(device=True)
-def sign(x):
-    return C1 if x > C0 else (-C1 if x < C0 else C0)
-
-
-@cuda.jit(device=True)
-def equal(a, b):
-    return C1 if a == b else C0
-
-
-@cuda.jit(device=True)
-def power(a, b):
-    return a ** b
-
-
 @cuda.jit(device=True)
 def block_sum(buf, x, tid):
     """The sum of x over the block's threads, in every thread (buf: TPB shared words)."""
@@ -108,7 +56,7 @@ def block_max(buf, x, tid):
     half = TPB // 2
     while half > 0:
         if tid < half:
-            buf[tid] = max(buf[tid], buf[tid + half])
+            buf[tid] = maximum(buf[tid], buf[tid + half])
         cuda.syncthreads()
         half //= 2
     return buf[0]
@@ -127,8 +75,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
     kernels += [persistent[kind].text() for kind in ("forward", "backward")]
     glue = [_forward_glue(plan, names, phases, persistent["forward"]),
             _backward_glue(plan, names, phases["backward"], persistent["backward"])]
-    consts = "\n".join([f"{name} = DT({value!r})" for value, name in names.consts.items()]
-                       + ["CNEG = DT(-np.inf)", "CHS = DT(0.2)"])
+    consts = constant_lines(names, dtype)
     return "\n".join([
         header,
         "import math",
@@ -142,6 +89,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         "TPB = cs.THREADS  # threads per block (a power of two)",
         "SHARED = cs.shared_words(np.dtype(DT).itemsize)  # shared words for recurrent weights",
         consts,
+        kernel_functions(dtype, "cuda"),
         DEVICE_FUNCTIONS,
         *kernels,
         *glue,
@@ -186,7 +134,7 @@ class _CudaKernel(_Kernel):
             here = (ph.index, k)
             if kind == "scalar":  # every thread computes it; one writes it
                 if item is not None:
-                    out.append(pad + f"v{item.uid} = {self.expr(item, here)}")
+                    out.append(pad + f"{self.var(item)} = {self.expr(item, here)}")
                 writes = (self._spill(item) if item is not None else []) + \
                     [self.store(s, self.ref(s.node, here)) for s in stores_at.get(here, [])]
                 if writes:
@@ -199,16 +147,16 @@ class _CudaKernel(_Kernel):
             for n in nodes:
                 if n.op in REDUCTIONS:
                     assert rows, "a phase with reductions runs one block per row"
-                    inits.append(f"v{n.uid} = {'C0' if n.op == 'rsum' else 'CNEG'}")
+                    inits.append(f"{self.var(n)} = {'C0' if n.op == 'rsum' else 'CNEG'}")
                     arg = self.ref(n.args[0], here)
-                    body.append(f"v{n.uid} += {arg}" if n.op == "rsum"
-                                else f"v{n.uid} = max(v{n.uid}, {arg})")
+                    body.append(f"{self.var(n)} += {arg}" if n.op == "rsum"
+                                else f"{self.var(n)} = maximum({self.var(n)}, {arg})")
                     combine = "block_sum" if n.op == "rsum" else "block_max"
-                    inits_after = f"v{n.uid} = {combine}({self.use_red()}, v{n.uid}, tid)"
+                    inits_after = f"{self.var(n)} = {combine}({self.use_red()}, {self.var(n)}, tid)"
                     after.append(("all", inits_after))
                     after += [("one", w) for w in self._spill(n)]
                     continue
-                body.append(f"v{n.uid} = {self.expr(n, here)}")
+                body.append(f"{self.var(n)} = {self.expr(n, here)}")
                 body += self._spill(n)
             for s in stores_at.get(here, []):
                 if s.node.shape:

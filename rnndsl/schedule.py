@@ -214,10 +214,11 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
 
     # Backward roots, rewritten; input gradients split into stacked products (deferred) and
     # the rest (computed in the loop).
-    d_prev = {s: rw(n) for s, n in bwd.d_prev.items()}
+    # (a constant or per-row adjoint, d_h_prev = 0, is spread over the state's features)
+    d_prev = {s: rw(ir.bcast(n, (step.states[s],))) for s, n in bwd.d_prev.items()}
     deferred, input_rest = [], {}
     for x, n in bwd.d_inputs.items():
-        r = rw(n)
+        r = rw(n if n.is_const(0.0) else ir.bcast(n, (step.inputs[x],)))
         terms = _terms(r) if r.op == "add" else [r]
         for t in terms:
             if t.op == "gemm_t":
@@ -273,7 +274,9 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
     vectors = {g.vector.uid: Buffer(f"vec{k}", [(g.vector, 0)]) for k, g in enumerate(per_step)
                if not g.vector.is_leaf}
     pre = None
-    pre_vectors = [g.vector for g in hoisted if not g.vector.is_leaf]
+    # (a parameter vector too: its product is the same in every row, but a GEMM over all
+    # T*B rows, and the weight gradient's GEMM, want it as rows)
+    pre_vectors = [g.vector for g in hoisted if g.vector.op != "input"]
     if pre_vectors:
         for k, v in enumerate(pre_vectors):
             vectors[v.uid] = Buffer(f"pvec{k}", [(v, 0)])
@@ -309,8 +312,11 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
         items.sort(key=lambda item: item[1].uid)
         buf = buffer_for(tuple(g for _, g, _ in items))
         weight_grads.append(WeightGrad(buf, tuple(w for w, _, _ in items), items[0][2]))
-    gemm_ts_loop = []
-    for n in ir.topo_order([*d_prev.values(), *input_rest.values(), *d_params.values()]):
+    gemm_ts_loop = []  # every W.T @ g sum that a value stored in the loop needs
+    loop_roots = [*d_prev.values(), *input_rest.values(), *d_params.values()] + \
+        [g for terms in matrix_terms.values() for g, _ in terms] + \
+        [g for _, t in deferred for g in t.args]
+    for n in ir.topo_order(loop_roots):
         if n.op == "gemm_t":
             gemm_ts_loop.append(GemmT(f"gt{len(gemm_ts_loop)}", n, buffer_for(n.args), False))
     deferred = [(x, GemmT(f"dx{k}", t, buffer_for(t.args), True))
@@ -443,11 +449,11 @@ def _program(name: str, reverse: bool, stores: list[Store], reads: dict, gemms: 
     for p in phases:
         _loops(p, [n for n in computed if phase[n.uid] == p.index], place)
     for s in stores:  # a store of a value that is read, not computed, gets a copy loop
-        if s.node.uid not in place:
-            p = phases[last]
+        if s.node.uid not in place:  # as soon as it is ready: a GEMM of this step may read it
+            p = phases[min(needs[s.node.uid], last)]
             size = s.node.shape[0] if s.node.shape else None
             p.steps.append(("loop", (size, [])) if size else ("scalar", None))
-            place[s.node.uid] = (last, len(p.steps) - 1)
+            place[s.node.uid] = (p.index, len(p.steps) - 1)
     spills: dict[int, str] = {}
     for n in computed:
         users = {place[c.uid] for c in consumers[n.uid]}
