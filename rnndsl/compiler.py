@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import ir
 from .check import check
 from .errors import SpecError
 from .grad import Backward, grad
@@ -38,6 +39,11 @@ def load(source: str | Path) -> Spec:
 
 def analyse(source: str | Path) -> tuple[StepIR, Backward]:
     """Load, parse, check, lower and differentiate a spec."""
+    with ir.scope():
+        return _analyse(source)
+
+
+def _analyse(source: str | Path) -> tuple[StepIR, Backward]:
     step = lower(check(load(source)))
     return step, grad(step)
 
@@ -48,8 +54,9 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | None = N
     insists on it, False never uses it."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
-    step, bwd = analyse(source)
-    kernel_plan = plan(step, bwd)
+    with ir.scope():  # the plan's nodes must be the IR's own
+        step, bwd = _analyse(source)
+        kernel_plan = plan(step, bwd)
     if target == "cuda":
         from .cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
 

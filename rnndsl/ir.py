@@ -14,6 +14,8 @@ Matrix-valued states and index notation would add leaf shapes with two sizes and
 """
 from __future__ import annotations
 
+import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 LEAVES = ("input", "prev", "param", "const", "size", "adj")
@@ -39,16 +41,32 @@ class Node:
         return self.op == "const" and (value is None or self.attr == value)
 
 
-_INTERN: dict[tuple, Node] = {}
+# Hash-consing tables: one per compilation (`scope`), dropped when it ends, so a process that
+# compiles thousands of specs does not keep every node it ever made. Uids come from one
+# counter and are never reused, so nodes of different tables never collide; within a
+# compilation they increase in order of creation, which depends on the spec alone.
+_TABLES: list[dict[tuple, Node]] = [{}]
+_UIDS = itertools.count()
+
+
+@contextmanager
+def scope():
+    """Nodes made inside share one hash-consing table of their own."""
+    _TABLES.append({})
+    try:
+        yield
+    finally:
+        _TABLES.pop()
 
 
 def node(op: str, args: tuple[Node, ...], attr, shape: tuple[str, ...]) -> Node:
+    table = _TABLES[-1]
     key = (op, tuple(a.uid for a in args), attr, shape)
-    found = _INTERN.get(key)
+    found = table.get(key)
     if found is None:
         batched = op in ("input", "prev", "adj") or any(a.batched for a in args)
-        found = Node(op, args, attr, shape, batched, len(_INTERN))
-        _INTERN[key] = found
+        found = Node(op, args, attr, shape, batched, next(_UIDS))
+        table[key] = found
     return found
 
 
