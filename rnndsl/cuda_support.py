@@ -25,6 +25,8 @@ import numpy as np
 from numba import config
 from numba import cuda  # the one import of Numba's CUDA support in rnndsl
 
+from . import scratch
+
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 # Threads per block of every generated kernel: a power of two (the block reductions halve it).
@@ -81,6 +83,12 @@ def host(a) -> np.ndarray:
 
 
 def empty(shape, dtype):
+    if scratch.fill_nan():  # the debug mode of rnndsl.scratch
+        if SIMULATOR:
+            return cuda.to_device(np.full(shape, np.nan, dtype))
+        out = cuda.device_array(shape, dtype)
+        fill(out, np.nan)
+        return out
     return cuda.device_array(shape, dtype)
 
 

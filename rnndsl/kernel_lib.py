@@ -1,31 +1,53 @@
 """Scalar functions that generated kernels call, as source text for the generated module.
 
-They are written into each generated module (not imported) so that their constants are of
-the module's dtype: a float32 kernel must never promote to float64 through a literal.
-`C0`, `C1`, `C05`, `DT` and `FAST` are defined by the module before this text.
+One library for both targets: the module that includes it defines the decorator
+`KERNEL_FUNCTION` first (`njit(inline="always", ...)` on the CPU, `cuda.jit(device=True)` on
+CUDA), and `C0`, `C1`, `C05`, `DT` (and `FAST` on the CPU). They are written into each
+generated module (not imported) so that their constants are of the module's dtype: a float32
+kernel must never promote to float64 through a literal.
 
-Speed: LLVM vectorises a fused loop only if every call in it is vectorisable, and libm's
+Semantics are NumPy's, special values included (the reference engine is NumPy): NaN
+propagates through relu, min, max, sign, hard_sigmoid and row maxima; exp overflows to inf and
+underflows to 0 where NumPy does.
+
+Speed (CPU): LLVM vectorises a fused loop only if every call in it is vectorisable, and libm's
 exp and tanh are not (16 ns per float32 tanh here, against 0.3 ns for the rational form
-below). So exp builds 2**k from integer bits (Cody-Waite reduction, Taylor polynomial),
-tanh is a rational form in float32 and exp-based in float64, and sigmoid is 1/(1+exp(-x)).
-Measured against float64 NumPy (tests/test_kernel_functions.py): float32 relative error
-below 1e-6, float64 below 1e-14. Kernels also use `error_model="numpy"`: Numba's default
-puts a division-by-zero check in every division, which blocks vectorisation as well.
+below). So exp builds 2**k from integer bits (Cody-Waite reduction, Taylor polynomial; 2**k as
+two factors so that subnormal and near-overflow results come out right), tanh is a rational
+form in float32 and exp-based in float64, and sigmoid is 1/(1+exp(-x)); branches are written
+as selects. Measured against float64 NumPy (tests/test_kernel_functions.py): float32 relative
+error below 1e-6, float64 below 1e-14. Kernels also use `error_model="numpy"`: Numba's default
+puts a division-by-zero check in every division, which blocks vectorisation as well. On CUDA,
+exp and tanh are the device's own.
 """
+HARD_SLOPE = 0.2  # hard_sigmoid(x) = clip(0.2 x + 0.5, 0, 1); ops.py derives from the same value
+
+DECORATORS = {
+    "cpu": 'KERNEL_FUNCTION = njit(inline="always", fastmath=FAST, error_model="numpy")',
+    "cuda": "KERNEL_FUNCTION = cuda.jit(device=True)",
+}
 
 
-def kernel_functions(dtype: str) -> str:
-    return (FLOAT32 if dtype == "float32" else FLOAT64) + COMMON
+def kernel_functions(dtype: str, target: str = "cpu") -> str:
+    """The library's text for a module of `dtype` ("float32" | "float64") and `target`."""
+    if target == "cuda":
+        transcendental = CUDA
+    else:
+        transcendental = FLOAT32 if dtype == "float32" else FLOAT64
+    return "\n".join([DECORATORS[target], f"HARD_SLOPE = DT({HARD_SLOPE})", transcendental, COMMON])
 
 
 FLOAT32 = '''
 from rnndsl.kernel_intrinsics import float32_from_bits as from_bits
 
 IT = np.int32
-EXP_LO, EXP_HI, EXP_BIAS, EXP_SHIFT = DT(-87.0), DT(88.0), IT(127), IT(23)
+# below EXP_LO the result is 0 and above EXP_HI inf, as in NumPy (ln of the smallest subnormal
+# and of the largest float32)
+EXP_LO, EXP_HI, EXP_BIAS, EXP_SHIFT = DT(-103.972077), DT(88.7228394), IT(127), IT(23)
 LOG2E, LN2_HI, LN2_LO = DT(1.44269504088896341), DT(0.693359375), DT(-2.12194440e-4)
 EXP_POLY = tuple(DT(1.0 / f) for f in (5040.0, 720.0, 120.0, 24.0, 6.0, 2.0))
 E7, E6, E5, E4, E3, E2 = EXP_POLY
+INF = DT(np.inf)
 # tanh: a [13/6] rational minimax form on [-7.905, 7.905] (beyond, tanh is 1 in float32)
 TANH_CLAMP = DT(7.90531110763549805)
 TA1, TA3, TA5, TA7 = DT(4.89352455891786e-03), DT(6.37261928875436e-04), DT(1.48572235717979e-05), DT(5.12229709037114e-08)
@@ -33,18 +55,19 @@ TA9, TA11, TA13 = DT(-8.60467152213735e-11), DT(2.00018790482477e-13), DT(-2.760
 TB0, TB2, TB4, TB6 = DT(4.89352518554385e-03), DT(2.26843463243900e-03), DT(1.18534705686654e-04), DT(1.19825839466702e-06)
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def exp(x):
-    x = EXP_HI if x > EXP_HI else x
-    x = EXP_LO if x < EXP_LO else x
-    k = IT(x * LOG2E + (C05 if x >= C0 else -C05))
+    y = EXP_HI if x > EXP_HI else (EXP_LO if x < EXP_LO else x)
+    k = IT(y * LOG2E + (C05 if y >= C0 else -C05))
     n = DT(k)
-    r = (x - n * LN2_HI) - n * LN2_LO
+    r = (y - n * LN2_HI) - n * LN2_LO
     p = (((((((E7 * r + E6) * r + E5) * r + E4) * r + E3) * r + E2) * r + C1) * r + C1)
-    return p * from_bits((k + EXP_BIAS) << EXP_SHIFT)
+    half = k >> 1
+    e = p * from_bits((half + EXP_BIAS) << EXP_SHIFT) * from_bits((k - half + EXP_BIAS) << EXP_SHIFT)
+    return INF if x > EXP_HI else (C0 if x < EXP_LO else (e if x == x else x))
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def tanh(x):
     x = TANH_CLAMP if x > TANH_CLAMP else x
     x = -TANH_CLAMP if x < -TANH_CLAMP else x
@@ -58,7 +81,8 @@ FLOAT64 = '''
 from rnndsl.kernel_intrinsics import float64_from_bits as from_bits
 
 IT = np.int64
-EXP_LO, EXP_HI, EXP_BIAS, EXP_SHIFT = DT(-700.0), DT(700.0), IT(1023), IT(52)
+EXP_LO, EXP_HI, EXP_BIAS, EXP_SHIFT = DT(-745.1332191019412), DT(709.782712893384), IT(1023), IT(52)
+INF = DT(np.inf)
 LOG2E, LN2_HI, LN2_LO = DT(1.4426950408889634), DT(0.6931471803691238), DT(1.9082149292705877e-10)
 E13, E12, E11, E10, E9, E8, E7, E6, E5, E4, E3, E2 = (DT(1.0 / math.factorial(k)) for k in range(13, 1, -1))
 # tanh for |x| < 0.625: a rational form (Cephes); beyond it, 1 - 2 / (exp(2|x|) + 1)
@@ -67,20 +91,21 @@ TQ0, TQ1, TQ2 = DT(4.84406305325125486048e3), DT(2.23548839060100448583e3), DT(1
 TANH_SMALL, TANH_BIG, C2 = DT(0.625), DT(20.0), DT(2.0)
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def exp(x):
-    x = EXP_HI if x > EXP_HI else x
-    x = EXP_LO if x < EXP_LO else x
-    k = IT(x * LOG2E + (C05 if x >= C0 else -C05))
+    y = EXP_HI if x > EXP_HI else (EXP_LO if x < EXP_LO else x)
+    k = IT(y * LOG2E + (C05 if y >= C0 else -C05))
     n = DT(k)
-    r = (x - n * LN2_HI) - n * LN2_LO
+    r = (y - n * LN2_HI) - n * LN2_LO
     p = E13 * r + E12
     p = ((((p * r + E11) * r + E10) * r + E9) * r + E8) * r + E7
     p = (((((p * r + E6) * r + E5) * r + E4) * r + E3) * r + E2) * r + C1
-    return (p * r + C1) * from_bits((k + EXP_BIAS) << EXP_SHIFT)
+    half = k >> 1
+    e = (p * r + C1) * from_bits((half + EXP_BIAS) << EXP_SHIFT) * from_bits((k - half + EXP_BIAS) << EXP_SHIFT)
+    return INF if x > EXP_HI else (C0 if x < EXP_LO else (e if x == x else x))
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def tanh(x):
     a = abs(x)
     big = C1 - C2 / (exp(C2 * min(a, TANH_BIG)) + C1)
@@ -90,45 +115,63 @@ def tanh(x):
 '''
 
 COMMON = '''
-from rnndsl.blas import gemm
-
-
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def sigmoid(x):
     return C1 / (C1 + exp(-x))
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def relu(x):
-    return x if x > C0 else C0
+    return C0 if x < C0 else x
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
+def maximum(a, b):
+    return a if (a > b or a != a) else b
+
+
+@KERNEL_FUNCTION
+def minimum(a, b):
+    return a if (a < b or a != a) else b
+
+
+@KERNEL_FUNCTION
 def softplus(x):
-    return max(x, C0) + math.log1p(exp(-abs(x)))
+    return maximum(x, C0) + math.log1p(exp(-abs(x)))
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def hard_sigmoid(x):
-    return min(max(DT(0.2) * x + C05, C0), C1)
+    return minimum(maximum(HARD_SLOPE * x + C05, C0), C1)
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def step(x):
     return C1 if x > C0 else C0
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def sign(x):
-    return C1 if x > C0 else (-C1 if x < C0 else C0)
+    return C1 if x > C0 else (-C1 if x < C0 else x)
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def equal(a, b):
     return C1 if a == b else C0
 
 
-@njit(inline="always", fastmath=FAST, error_model="numpy")
+@KERNEL_FUNCTION
 def power(a, b):
     return a ** b
+'''
+
+CUDA = '''
+@KERNEL_FUNCTION
+def exp(x):
+    return math.exp(x)
+
+
+@KERNEL_FUNCTION
+def tanh(x):
+    return math.tanh(x)
 '''

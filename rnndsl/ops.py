@@ -15,9 +15,10 @@ import numpy as np
 
 from . import ir
 from .ir import Node, add, const, div, mul, neg, power, sub
+from .kernel_lib import HARD_SLOPE
 
 ONE, TWO, HALF = const(1.0), const(2.0), const(0.5)
-HARD_SLOPE, HARD_EDGE = 0.2, 2.5  # hard_sigmoid(x) = clip(0.2 x + 0.5, 0, 1)
+HARD_EDGE = 0.5 / HARD_SLOPE  # hard_sigmoid(x) = clip(HARD_SLOPE x + 0.5, 0, 1): flat beyond
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ OPS: dict[str, Op] = {
         "step", sub(const(HARD_EDGE), ir.apply("abs", _x(y)))))),), "hard_sigmoid({0})"),
     "abs": Op(np.abs, lambda y, g: (mul(g, ir.apply("sign", _x(y))),), "abs({0})"),
     "sqrt": Op(np.sqrt, lambda y, g: (div(mul(HALF, g), y),), "math.sqrt({0})"),
-    "minimum": Op(np.minimum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[1], y.args[0]))), "min({0}, {1})"),
-    "maximum": Op(np.maximum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[0], y.args[1]))), "max({0}, {1})"),
+    "minimum": Op(np.minimum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[1], y.args[0]))), "minimum({0}, {1})"),
+    "maximum": Op(np.maximum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[0], y.args[1]))), "maximum({0}, {1})"),
     # derivative helpers: piecewise constant, so no gradient of their own
     "step": Op(_step, lambda y, g: (None,), "step({0})"),
     "sign": Op(np.sign, lambda y, g: (None,), "sign({0})"),
