@@ -137,6 +137,10 @@ class _Checker:
             if name not in self.types:
                 raise SpecError(f"parameter '{name}' is declared but not used in any equation",
                                 decl.pos)
+        if not spec.inputs:  # the input sequence is what gives a run its length
+            raise SpecError("a cell needs at least one input, e.g. 'inputs: {x: input}': the "
+                            "input sequence sets how many steps a run takes",
+                            spec.where(f"states.{next(iter(spec.states))}"))
         return Checked(spec, tuple(order), self.param_infos(),
                        {n: self.concrete(self.types[n], n, defs[n].pos)
                         for n in defs if n not in spec.states})
@@ -188,7 +192,11 @@ class _Checker:
             raise SpecError(f"'{n}' is a function; call it as {n}(...)", name.pos)
         if n in spec.sizes:
             raise SpecError(f"'{n}' is a size, not a value", name.pos)
-        hint = suggest(n, self.known(defs), cutoff=0.75)
+        # A parameter named after the value it feeds (W_gate, b_gate for gate) is normal
+        # practice, not a typo: no suggestion when the part after the prefix is known.
+        prefix, _, rest = n.partition("_")
+        named_after = bool(prefix) and rest in self.known(defs)
+        hint = "" if named_after else suggest(n, self.known(defs), cutoff=0.75)
         if hint:
             raise SpecError(f"unknown name '{n}'{hint}", name.pos)
         return "param", n

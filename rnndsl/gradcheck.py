@@ -18,15 +18,28 @@ class GradcheckResult:
 
 
 def gradcheck(cell: Cell, T: int = 4, B: int = 3, size: int = 3, seed: int = 0,
-              eps: float = 1e-6, lengths=None, progress=None) -> GradcheckResult:
+              eps: float = 1e-6, lengths=None, progress=None, params: dict | None = None,
+              xs: dict | None = None, state0: dict | None = None) -> GradcheckResult:
     """Compare `cell.backward` with central differences of the loss
-    L = sum(R * outputs) + sum(S * final states), R and S random, in float64."""
+    L = sum(R * outputs) + sum(S * final states), R and S random, in float64.
+
+    Parameters, inputs and initial states are random unless given (a cell whose equations
+    have a restricted domain, such as a sharpening exponent >= 1, needs chosen values); given
+    arrays fix the sizes, and T and B are read off the inputs."""
     rng = np.random.default_rng(seed)
     sizes = {s: size + k for k, s in enumerate(cell.sizes)}  # distinct, so mixups show
-    params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
-    params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
-    xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
-    state0 = {s: 0.5 * rng.standard_normal((B, sizes[n])) for s, n in cell.states.items()}
+    if params is None:
+        params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
+        params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
+    if xs is None:
+        xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
+    if state0 is None:
+        B = next(iter(xs.values())).shape[1]
+        state0 = {s: 0.5 * rng.standard_normal((B, sizes[n])) for s, n in cell.states.items()}
+    # own float64 arrays (a 0-d parameter too, which arithmetic turns into a NumPy scalar):
+    # the perturbations below write into them
+    params, xs, state0 = ({k: np.array(v, dtype=np.float64) for k, v in group.items()}
+                          for group in (params, xs, state0))
     fwd = cell.forward(params, xs, state0, lengths)
     r = {o: rng.standard_normal(v.shape) for o, v in fwd.outputs.items()}
     s_w = {s: rng.standard_normal(v.shape) for s, v in fwd.states.items()}

@@ -222,6 +222,7 @@ class Cell:
                 raise ValueError(f"state0['{s}'] has shape {v.shape}, expected "
                                  f"{(B, sizes[self.states[s]])}")
         lengths = _lengths(lengths, T, B)
+        xs = {k: _zero_padding(v, lengths) for k, v in xs.items()}
         outs, finals, saved = self.engine.forward(params, xs, state0, lengths, sizes, dtype, save)
         tape = _Tape(xs, state0, lengths, sizes, dtype, saved) if save else None
         return Forward(outs, finals, tape)
@@ -340,6 +341,17 @@ def _dtype_of(v) -> np.dtype:
     if dt is None:
         return np.asarray(v).dtype
     return np.dtype(str(dt).removeprefix("torch."))
+
+
+def _zero_padding(x, lengths: np.ndarray):
+    """`x` with the steps past each sequence's length set to 0. Padding is never read into a
+    result, but a NaN or inf there would still reach the weight gradients through 0 * NaN in
+    the GEMMs over all T*B rows."""
+    T = x.shape[0]
+    if not isinstance(x, np.ndarray) or (lengths >= T).all():
+        return x
+    live = np.arange(T)[:, None] < lengths[None, :]
+    return np.where(live[:, :, None], x, 0).astype(x.dtype, copy=False)
 
 
 def _lengths(lengths, T: int, B: int) -> np.ndarray:
