@@ -22,6 +22,11 @@ import pytest
 
 import rnndsl
 from rnndsl import emit_cuda
+from rnndsl.kernel_lib import kernel_functions
+from rnndsl.scratch import nan_scratch
+
+from engines import differences, problem
+from test_differential import check_spec
 
 ON_DEVICE = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("RNNDSL_TEST_GPU") == "1"
 
@@ -101,7 +106,8 @@ def test_generated_code_names_only_compiler_made_identifiers(name):
     code = cell.engine.source_code("float64")
     user = set(cell.params) | set(cell.inputs) | set(cell.states) | set(cell.outputs) | \
         set(cell.sizes)
-    fixed = identifiers(emit_cuda.DEVICE_FUNCTIONS) | {"x", "y"}  # library names, blockIdx.y
+    library = emit_cuda.DEVICE_FUNCTIONS + kernel_functions("float64", "cuda")
+    fixed = identifiers(library) | {"x", "y"}  # library names, blockIdx.y
     assert not (identifiers(code) & user) - fixed, (identifiers(code) & user) - fixed
     body = "\n".join(line for line in code.splitlines() if not line.startswith("#"))
     assert "numba" not in body.replace("rnndsl.cuda_support", "")
@@ -142,44 +148,13 @@ if not ON_DEVICE:
 
 
 # -- on the device (the simulator, or a GPU) ------------------------------------------------
-def relative(a, b) -> float:
-    scale = max(np.abs(b).max(initial=0.0), 1e-30)
-    return float(np.abs(np.asarray(a, np.float64) - b).max(initial=0.0) / scale)
-
-
-def problem(cell, T, B, seed):
-    rng = np.random.default_rng(seed)
-    sizes = {s: 2 + k for k, s in enumerate(cell.sizes)}
-    params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
-    params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
-    xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
-    state0 = {s: 0.5 * rng.standard_normal((B, sizes[n])) for s, n in cell.states.items()}
-    return params, xs, state0
-
-
 def compare(cuda_cell, ref, T, B, lengths, dtype=np.float64, tol=1e-10):
-    params, xs, state0 = problem(ref, T, B, seed=T + B)
-    cast = lambda d: {k: v.astype(dtype) for k, v in d.items()}  # noqa: E731
-    up = lambda d: {k: v.astype(np.float64) for k, v in d.items()}  # noqa: E731
-    p, x, s = cast(params), cast(xs), cast(state0)
-    f_ref = ref.forward(up(p), up(x), up(s), lengths)
-    f_dev = cuda_cell.forward(p, x, s, lengths)
-    for o in f_ref.outputs:
-        assert f_dev.outputs[o].dtype == dtype
-        assert relative(f_dev.outputs[o], f_ref.outputs[o]) < tol, o
-    for k in f_ref.states:
-        assert relative(f_dev.states[k], f_ref.states[k]) < tol, k
-    rng = np.random.default_rng(1)
-    d_out = {o: rng.standard_normal(v.shape) for o, v in f_ref.outputs.items()}
-    d_fin = {k: rng.standard_normal(v.shape) for k, v in f_ref.states.items()}
-    g_ref = ref.backward(up(p), f_ref, d_out, d_fin)
-    g_dev = cuda_cell.backward(p, f_dev, cast(d_out), cast(d_fin))
-    for group in ("params", "inputs", "state0"):
-        want, got = getattr(g_ref, group), getattr(g_dev, group)
-        assert set(want) == set(got)
-        for k in want:
-            assert np.shape(got[k]) == np.shape(want[k]), (group, k)
-            assert relative(got[k], want[k]) < tol, (group, k)
+    """Every output, final state and gradient within `tol` of the reference, with the device's
+    scratch buffers filled with NaN."""
+    with nan_scratch():
+        diffs = differences(cuda_cell, ref, T, B, lengths, dtype, seed=T + B, problem_args=(2, 1))
+    bad = {k: v for k, v in diffs.items() if not v < tol}
+    assert not bad, bad
 
 
 device = pytest.mark.skipif(not ON_DEVICE, reason="runs in the simulator subprocess")
@@ -225,7 +200,7 @@ def test_device_arrays_in_device_arrays_out():
     from rnndsl import cuda_support as cs
 
     cell = rnndsl.compile("lstm", target="cuda", persistent=False)
-    params, xs, state0 = problem(cell, 2, 1, seed=0)
+    params, xs, state0 = problem(cell, 2, 1, seed=0, first_size=2, step=1)
     host = cell.forward(params, xs, state0)
     dev = cell.forward({p: cs.device(v) for p, v in params.items()},
                        {k: cs.device(v) for k, v in xs.items()},
@@ -238,3 +213,13 @@ def test_device_arrays_in_device_arrays_out():
     for p in g_host.params:
         assert cs.is_device(g_dev.params[p])
         np.testing.assert_allclose(cs.host(g_dev.params[p]), g_host.params[p], atol=1e-14)
+
+
+@device
+@pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
+@pytest.mark.parametrize("seed", range(4))
+def test_generated_specs_agree_with_the_reference(seed, persistent):
+    """The differential fuzzer's specs (tests/test_differential.py) on the CUDA kernels."""
+    T, lengths = (3, (3, 1, 0)) if not persistent else (2, (2, 1, 2))
+    problems = check_spec(seed, "cuda", T=T, B=3, lengths=lengths, persistent=persistent)
+    assert not problems, problems[0]

@@ -131,6 +131,6 @@ def test_long_chain_of_equations_compiles():
     """Ordering equations does not recurse: 1500 equations written last-first are fine."""
     n = 1500
     eqs = [f"h = a{n - 1}"] + [f"a{k} = a{k - 1} * 2" for k in range(n - 1, 0, -1)] + ["a0 = h_prev"]
-    text = ("name: t\nsizes: [input, hidden]\nstates: {h: hidden}\nequations: |\n  "
+    text = ("name: t\nsizes: [input, hidden]\ninputs: {x: input}\nstates: {h: hidden}\nequations: |\n  "
             + "\n  ".join(eqs) + "\n")
     assert len(rnndsl.compile(text).step.values) == n + 1

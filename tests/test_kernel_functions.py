@@ -14,7 +14,7 @@ def functions(request):
     source = "\n".join([
         "import math", "import numpy as np", "from numba import njit", f"DT = np.{dtype}",
         'FAST = {"nsz", "arcp", "contract", "afn"}', "C0, C1, C05 = DT(0), DT(1), DT(0.5)",
-        kernel_functions(dtype),
+        kernel_functions(dtype, "cpu"),
         "@njit(fastmath=FAST, error_model='numpy')",
         "def apply(kind, x, out):",
         "    for i in range(x.size):",

@@ -1,0 +1,64 @@
+"""Running two engines of the same cell on one random problem and comparing every array they
+return: outputs, final states, and the gradients of parameters, inputs and initial states."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def relative(a, b, floor: float = 1e-30) -> float:
+    """max |a - b| / max(max |b|, floor); NaN where they disagree on NaN or inf.
+    `floor` keeps an array that cancels to nearly zero in the reference from turning rounding
+    noise into a large relative error."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.array_equal(np.isfinite(a), np.isfinite(b)) or \
+            not np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)], equal_nan=True):
+        return float("nan")
+    a, b = np.where(np.isfinite(a), a, 0.0), np.where(np.isfinite(b), b, 0.0)
+    scale = max(np.abs(b).max(initial=0.0), floor)
+    return float(np.abs(a - b).max(initial=0.0) / scale)
+
+
+def problem(cell, T: int, B: int, seed: int, first_size: int = 3, step: int = 2):
+    """Parameters, inputs and initial states in float64; sizes differ so mixups show."""
+    rng = np.random.default_rng(seed)
+    sizes = {s: first_size + step * k for k, s in enumerate(cell.sizes)}
+    params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
+    params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
+    xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
+    state0 = {s: 0.5 * rng.standard_normal((B, sizes[n])) for s, n in cell.states.items()}
+    return params, xs, state0
+
+
+def differences(cell, ref, T: int, B: int, lengths=None, dtype=np.float64, seed: int = 0,
+                problem_args: tuple = (), floor: float = 1e-30) -> dict[str, float]:
+    """Relative difference of every array `cell` returns from what `ref` (run in float64 on
+    exactly the values `cell` sees) returns."""
+    params, xs, state0 = problem(ref, T, B, seed, *problem_args)
+    cast = lambda d: {k: np.asarray(v).astype(dtype) for k, v in d.items()}  # noqa: E731
+    up = lambda d: {k: np.asarray(v).astype(np.float64) for k, v in d.items()}  # noqa: E731
+    p, x, s = cast(params), cast(xs), cast(state0)
+    f_ref = ref.forward(up(p), up(x), up(s), lengths)
+    f_dev = cell.forward(p, x, s, lengths)
+    out = {}
+    for o in f_ref.outputs:
+        assert f_dev.outputs[o].dtype == dtype
+        out[f"output {o}"] = relative(_host(f_dev.outputs[o]), f_ref.outputs[o], floor)
+    for k in f_ref.states:
+        out[f"state {k}"] = relative(_host(f_dev.states[k]), f_ref.states[k], floor)
+    rng = np.random.default_rng(seed + 1)
+    d_out = {o: rng.standard_normal(v.shape) for o, v in f_ref.outputs.items()}
+    d_fin = {k: rng.standard_normal(v.shape) for k, v in f_ref.states.items()}
+    g_ref = ref.backward(up(p), f_ref, d_out, d_fin)
+    g_dev = cell.backward(p, f_dev, cast(d_out), cast(d_fin))
+    for group in ("params", "inputs", "state0"):
+        want, got = getattr(g_ref, group), getattr(g_dev, group)
+        assert set(want) == set(got), group
+        for k in want:
+            assert np.shape(got[k]) == np.shape(want[k]), (group, k)
+            out[f"d {group} {k}"] = relative(_host(got[k]), want[k], floor)
+    return out
+
+
+def _host(a):
+    """A device array's host copy (the CUDA engine may return device arrays)."""
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else a
