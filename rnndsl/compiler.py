@@ -25,10 +25,10 @@ def resolve(source: str | Path) -> tuple[str, str | None]:
     """A path, a built-in spec's name, or YAML text -> (source name, text or None to read).
     An existing file is always read as a file, whatever its name contains."""
     text = str(source)
-    if "\n" in text:
-        return "<string>", text
     if _is_file(text):
         return text, None
+    if "\n" in text:
+        return "<string>", text
     if text in builtin_specs():
         return str(builtin_specs()[text]), None
     if "equations" in text and ":" in text:  # one-line YAML, e.g. a flow mapping
