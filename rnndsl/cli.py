@@ -367,7 +367,9 @@ def train_(ctx: typer.Context,
            resume: str = typer.Option(None, help="Continue from a checkpoint, with its settings "
                                                  "(give --steps to train longer).")):
     """Train a network of SPEC cells on a generated task with BPTT."""
-    options = _plain({k: v for k, v in locals().items() if k != "ctx"})
+    options = dict(locals())
+    del options["ctx"]
+    options = _plain(options)
     json_out, plot = options.pop("json_out"), options.pop("plot")
     _check_plot(plot)
     run = {k: options.pop(k) for k in ("save", "save_every", "resume")}
