@@ -388,6 +388,9 @@ class _Checker:
         for n, pos in self.param_pos.items():
             decl: ParamDecl | None = self.spec.params.get(n)
             shape = self.concrete(self.types[n], n, pos)
+            if decl and decl.init == "orthogonal" and len(shape) != 2:
+                raise SpecError(f"init 'orthogonal' needs a matrix; '{n}' has shape "
+                                f"({', '.join(shape)}{',' if len(shape) == 1 else ''})", decl.pos)
             out[n] = ParamInfo(n, shape, decl.init if decl else "uniform",
                                decl.value if decl else 0.0, decl is not None, pos)
         return out

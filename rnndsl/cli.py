@@ -1,100 +1,141 @@
-"""The `rnndsl` command: parses arguments and calls library functions, nothing more."""
+"""The `rnndsl` command: parses arguments and calls library functions, nothing more.
+
+Options are validated where they are declared: a known set of choices is an Enum (so the
+shell completes it and a wrong one is refused by name), a number has its range (`min=`), and
+the library checks the rest (`TrainConfig`, checkpoints, the cache) with a `UserError`. Every
+refusal is one line naming the option or file, exit status 2, no traceback; user text in
+output goes through `printable`.
+"""
 from __future__ import annotations
 
 import sys
 from enum import Enum
 from functools import wraps
-from pathlib import Path
 
 import typer
 
-from . import compiler
-from .errors import SpecError
+from . import __version__, compiler
+from .errors import SpecError, UserError, printable
+from .tasks import TASKS
+from .train import BIDIRECTIONAL, DENSE, DTYPES, SAVE_EVERY
+from .bench import WORKLOADS
+from .optim import OPTIMIZERS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(no_args_is_help=True,
                   help="Recurrent cells written as equations, compiled to fused kernels.")
+cache_app = typer.Typer(no_args_is_help=True, help="The folder of generated kernels.")
+app.add_typer(cache_app, name="cache")
 
 SPEC = typer.Argument(..., help="A spec file, or the name of a built-in spec (see `rnndsl list`).")
 
 
-class Show(str, Enum):
-    ir = "ir"
-    backward = "backward"
-    code = "code"
+def _choices(name: str, values) -> type[Enum]:
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-def reports_spec_errors(fn):
-    """A bad spec is reported as `file:line:col: message` with a caret, and exit status 2."""
+Show = _choices("Show", ("ir", "backward", "code"))
+Target = _choices("Target", compiler.TARGETS)
+Dtype = _choices("Dtype", DTYPES)
+Task = _choices("Task", TASKS)
+Optimizer = _choices("Optimizer", OPTIMIZERS)
+Bidirectional = _choices("Bidirectional", BIDIRECTIONAL)
+Dense = _choices("Dense", DENSE)
+Size = _choices("Size", WORKLOADS)
+
+
+def reports_input_errors(fn):
+    """A bad spec is reported as `file:line:col: message` with a caret, any other bad input
+    as `error: message`; both with exit status 2."""
     @wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SpecError as exc:
             typer.echo(exc.render(), err=True)
-            raise typer.Exit(2) from None
+        except UserError as exc:
+            typer.echo(f"error: {printable(exc)}", err=True)
+        raise typer.Exit(2)
     return run
 
 
+def _show_version(value: bool):
+    if value:
+        import numba
+        import numpy
+
+        typer.echo(f"rnndsl {__version__} (numba {numba.__version__}, numpy {numpy.__version__}, "
+                   f"python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_show_version,
+                                              is_eager=True, help="Print the versions and exit.")):
+    """Recurrent cells written as equations, compiled to fused kernels."""
+
+
 @app.command("list")
+@reports_input_errors
 def list_specs():
     """The built-in cells, one line each."""
     for name, path in compiler.builtin_specs().items():
         spec = compiler.load(path)
-        typer.echo(f"{name:<18} {spec.summary}")
+        typer.echo(f"{name:<18} {printable(spec.summary)}")
 
 
 @app.command()
-@reports_spec_errors
+@reports_input_errors
 def check(spec: str = SPEC):
     """Check a spec: names, shapes, cycles. Prints nothing but 'ok' when it is sound."""
     step, _ = compiler.analyse(spec)
-    typer.echo(f"{spec}: ok ({step.name}: {len(step.values)} equations, "
+    typer.echo(f"{printable(spec)}: ok ({step.name}: {len(step.values)} equations, "
                f"{len(step.params)} parameters)")
 
 
 @app.command("compile")
-@reports_spec_errors
+@reports_input_errors
 def compile_(spec: str = SPEC,
              show: list[Show] = typer.Option([], "--show", help="Also print: ir, backward, code."),
-             target: str = typer.Option("cpu", help=f"One of: {', '.join(compiler.TARGETS)}."),
-             dtype: str = typer.Option("float32", help="float32 or float64: the kernels to emit."),
+             target: Target = typer.Option("cpu", help="Where the kernels run."),
+             dtype: Dtype = typer.Option("float32", help="The kernels to emit."),
              ):
     """Check, differentiate and emit kernels; print a summary of the cell."""
     from .summary import describe
 
+    target, dtype = target.value, dtype.value
     cell = compiler.compile(spec, target=target)
     typer.echo(describe(cell))
     if hasattr(cell.engine, "path"):
-        typer.echo(f"  generated {cell.engine.path(dtype)}")
+        typer.echo(f"  generated {printable(cell.engine.path(dtype))}")
     for what in show:
         typer.echo("")
-        if what is Show.ir:
+        if what == Show.ir:
             typer.echo("# forward step\n" + cell.step.equations())
-        elif what is Show.backward:
+        elif what == Show.backward:
             typer.echo("# backward step (d_<s>_next: adjoint arriving from step t+1 and the "
                        "loss)\n" + cell.backward_ir.equations())
-        elif what is Show.code:
+        elif what == Show.code:
             if not hasattr(cell.engine, "source_code"):
                 raise SpecError(f"the {target} target generates no code")
             typer.echo(cell.engine.source_code(dtype))
 
 
 @app.command()
-@reports_spec_errors
+@reports_input_errors
 def gradcheck(spec: str = SPEC,
-              steps: int = typer.Option(4, help="Sequence length T."),
-              batch: int = typer.Option(3, help="Batch size B."),
-              size: int = typer.Option(3, help="Smallest size; each size is one larger."),
-              seed: int = typer.Option(0),
-              tolerance: float = typer.Option(1e-6, help="Largest relative error accepted."),
-              target: str = typer.Option("reference", help="Engine whose gradients are checked.")):
+              steps: int = typer.Option(4, min=1, help="Sequence length T."),
+              batch: int = typer.Option(3, min=1, help="Batch size B."),
+              size: int = typer.Option(3, min=1, help="Smallest size; each size is one larger."),
+              seed: int = typer.Option(0, min=0),
+              tolerance: float = typer.Option(1e-6, min=0, help="Largest relative error accepted."),
+              target: Target = typer.Option("reference", help="Engine whose gradients are checked.")):
     """Finite differences against the derived gradients for every parameter, input and initial
     state (float64); exit status 1 if the worst relative error exceeds the tolerance."""
     from rich.progress import Progress
 
     from .gradcheck import gradcheck as run_check
 
-    cell = compiler.compile(spec, target=target)
+    cell = compiler.compile(spec, target=target.value)
     count = len(cell.params) + len(cell.inputs) + len(cell.states)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"gradcheck {cell.name}", total=count)
@@ -110,24 +151,26 @@ def gradcheck(spec: str = SPEC,
 
 
 @app.command()
-@reports_spec_errors
+@reports_input_errors
 def bench(spec: str = SPEC,
-          size: str = typer.Option("S", help="Workload: S, M, L or T1 (see README)."),
+          size: Size = typer.Option("S", help="Workload (see README)."),
           against: str = typer.Option("", help="'torch': also time PyTorch's module and an "
                                                "eager loop of the same cell."),
-          repeats: int = typer.Option(7, help="Runs per timing; the median is reported."),
+          repeats: int = typer.Option(7, min=1, help="Runs per timing; the median is reported."),
           json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Time a cell forward and forward+backward on a fixed workload (float32)."""
     import json
 
     from . import bench as timing
 
-    if size not in timing.WORKLOADS:
-        raise typer.BadParameter(f"size must be one of {', '.join(timing.WORKLOADS)}")
+    size = size.value
+    if against not in ("", "torch"):
+        raise typer.BadParameter("--against takes 'torch'")
     cell = compiler.compile(spec)
     mine = timing.time_cell(cell, size, repeats=repeats)
     T, B, I, H = timing.WORKLOADS[size]
-    row = {"spec": cell.name, "size": size, "T": T, "B": B, "input": I, "hidden": H,
+    row = {"spec": cell.name, "size": size, "repeats": repeats, "versions": versions(),
+           "T": T, "B": B, "input": I, "hidden": H,
            "forward_ms": mine.forward * 1e3, "forward_backward_ms": mine.forward_backward * 1e3,
            "forward_gflops": mine.forward_gflops}
     if against == "torch":
@@ -138,8 +181,6 @@ def bench(spec: str = SPEC,
             row["torch_module_ms"] = [v * 1e3 for v in lib]
         row["torch_eager_ms"] = [v * 1e3 for v in peers.time_eager(cell, params, xs, sizes,
                                                                    max(3, repeats // 2))]
-    elif against:
-        raise typer.BadParameter("--against takes 'torch'")
     if json_out:
         typer.echo(json.dumps(row, indent=1))
         return
@@ -156,28 +197,36 @@ def bench(spec: str = SPEC,
 
 # -- training -----------------------------------------------------------------------------------
 # Options shared by `train` and `compare` (declared once, used in both signatures).
-TASK = typer.Option(None, help="adding, copy, repeat_copy, recall, sort or charlm. Without a "
-                               "task: a short demonstration (adding problem, T=50, lr 1e-2, "
-                               "2000 steps).")
-LENGTH = typer.Option(None, help="Sequence length (the task's default when not given).")
+TASK = typer.Option(None, help="The task. Without one: a short demonstration (adding problem, "
+                               "T=50, lr 1e-2, 2000 steps).")
+LENGTH = typer.Option(None, min=1, help="Sequence length (the task's default when not given).")
 TEXT = typer.Option(None, help="charlm: a text file to model (default: a shipped text).")
-HIDDEN = typer.Option(64, help="Hidden size of every layer.")
-STEPS = typer.Option(None, help="Optimizer steps (default 1000; the demonstration: 2000).")
-LAYERS = typer.Option(1, help="Stacked layers.")
-BIDIRECTIONAL = typer.Option(None, help="concat, separate or alternate.")
+HIDDEN = typer.Option(64, min=1, help="Hidden size of every layer.")
+STEPS = typer.Option(None, min=1, help="Optimizer steps (default 1000; the demonstration: 2000).")
+LAYERS = typer.Option(1, min=1, help="Stacked layers.")
+BIDIRECTIONAL = typer.Option(None, help="Run each layer both ways, joined this way.")
 RESIDUAL = typer.Option(False, "--residual", help="Add each layer's input to its output.")
-DENSE = typer.Option(None, help="add or concat: every layer sees all lower layers' outputs.")
+DENSE = typer.Option(None, help="Every layer sees all lower layers' outputs, joined this way.")
 ORTHOGONAL = typer.Option(False, "--orthogonal", help="Orthogonal recurrent matrices at init.")
-OPTIMIZER = typer.Option("adam", help="adam or sgd.")
-LR = typer.Option(None, help="Learning rate (adam 1e-3, sgd 0.1 when not given).")
-MOMENTUM = typer.Option(0.0, help="SGD momentum.")
+OPTIMIZER = typer.Option("adam", help="The optimizer.")
+LR = typer.Option(None, help="Learning rate > 0 (adam 1e-3, sgd 0.1 when not given).")
+MOMENTUM = typer.Option(0.0, help="SGD momentum, in [0, 1).")
 CLIP = typer.Option(1.0, help="Clip gradients by global norm at this threshold (0: off).")
-CLIP_VALUE = typer.Option(None, help="Also clip every gradient element to [-v, v].")
-BATCH = typer.Option(32, help="Sequences per batch.")
-SEED = typer.Option(0, help="Seed of the parameters and of every batch.")
-DTYPE = typer.Option("float32", help="float32 or float64.")
-JSON = typer.Option(False, "--json", help="Machine-readable log: one JSON object per line.")
+CLIP_VALUE = typer.Option(None, help="Also clip every gradient element to [-v, v] (v > 0).")
+BATCH = typer.Option(32, min=1, help="Sequences per batch.")
+SEED = typer.Option(0, min=0, help="Seed of the parameters and of every batch.")
+DTYPE = typer.Option("float32", help="Floating-point type of the run.")
+JSON = typer.Option(False, "--json", help="Machine-readable log: one JSON object per line; "
+                                          "the last holds the settings and versions.")
 PLOT = typer.Option(None, help="Write a learning curve to this image (needs matplotlib).")
+
+
+def versions() -> dict:
+    import numba
+    import numpy
+
+    return {"rnndsl": __version__, "numba": numba.__version__, "numpy": numpy.__version__,
+            "python": sys.version.split()[0]}
 
 
 def _configs(specs, task, length, steps, lr, **options):
@@ -194,12 +243,15 @@ def _check_plot(path):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise typer.BadParameter("--plot needs matplotlib: pip install 'rnndsl[plot]'")
+            raise UserError("--plot needs matplotlib: pip install 'rnndsl[plot]'") from None
+        from .train import check_writable
+        check_writable(path, "plot")
 
 
-def _run(configs, json_out: bool, save=None, resume=None):
+def _run(configs, json_out: bool, **train_options):
     """Train each configuration with a progress bar (or JSON lines); return the results."""
     import json
+    from dataclasses import asdict
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeElapsedColumn
@@ -211,12 +263,13 @@ def _run(configs, json_out: bool, save=None, resume=None):
     try:
         for config in configs:
             if json_out:
-                def show(step, rec, name=config.spec):
+                def show(step, rec, name=config.label):
                     if rec is not None:
                         typer.echo(json.dumps({"spec": name, **rec}))
-                results.append(train(config, progress=show, save=save, resume=resume))
-                typer.echo(json.dumps({"spec": config.spec, "final": results[-1].final,
-                                       "seconds": results[-1].seconds}))
+                results.append(train(config, progress=show, **train_options))
+                typer.echo(json.dumps({"spec": config.label, "final": results[-1].final,
+                                       "seconds": results[-1].seconds,
+                                       "settings": asdict(config), "versions": versions()}))
                 continue
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
@@ -225,16 +278,18 @@ def _run(configs, json_out: bool, save=None, resume=None):
 
                 def show(step, rec, config=config):
                     if not jobs:
-                        jobs.append(bar.add_task(config.spec, total=config.steps, status=""))
+                        jobs.append(bar.add_task(config.label, total=config.steps, status=""))
                     status = None if rec is None else _status(rec)
                     bar.update(jobs[0], completed=step, **({"status": status} if status else {}))
-                results.append(train(config, progress=show, save=save, resume=resume))
+                results.append(train(config, progress=show, **train_options))
     except TrainingDiverged as exc:
         typer.echo(f"training stopped: {exc}", err=True)
         raise typer.Exit(1) from None
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except OSError as exc:  # e.g. the --text file of charlm
+        where = f"{printable(exc.filename)}: " if exc.filename else ""
+        raise UserError(f"{where}{exc.strerror or exc}") from None
+    except ValueError as exc:  # a setting the library refused (UserError is one)
+        raise UserError(str(exc)) from None
     return results
 
 
@@ -257,13 +312,10 @@ def _summary(results) -> None:
                    f"{r.seconds:8.1f} {rate:8.1f}")
 
 
-def _train_command(specs, json_out, plot, save=None, resume=None, task=None, length=None,
-                   steps=None, clip=None, **options):
-    _check_plot(plot)
-    configs = _configs(specs, task, length, steps, clip=clip or None, **options)
+def _finish(configs, json_out, plot, **train_options):
     if not json_out and len(configs) == 1:
         typer.echo(configs[0].describe())
-    results = _run(configs, json_out, save=save, resume=resume)
+    results = _run(configs, json_out, **train_options)
     if not json_out:
         _summary(results)
     if plot:
@@ -271,34 +323,102 @@ def _train_command(specs, json_out, plot, save=None, resume=None, task=None, len
         plot_curves(results, plot)
 
 
+def _plain(options: dict) -> dict:
+    """Enum choices as their strings; `--clip 0` as no clipping."""
+    out = {k: v.value if isinstance(v, Enum) else v for k, v in options.items()}
+    if "clip" in out:
+        out["clip"] = out["clip"] or None
+    return out
+
+
+def _resumed_config(ctx: typer.Context, resume: str, options: dict):
+    """The checkpoint's settings, with `--steps` if given; any other option given on the
+    command line must agree with the checkpoint (an error names each that does not)."""
+    from dataclasses import fields, replace
+
+    from .train import TrainConfig, read_checkpoint
+
+    saved = read_checkpoint(resume)["config"]
+    given = {k: v for k, v in options.items() if k in {f.name for f in fields(TrainConfig)}
+             and ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")}
+    clash = [f"{'' if k == 'spec' else '--' + k.replace('_', '-') + ' '}{printable(v)} "
+             f"(the checkpoint has {printable(getattr(saved, k))})"
+             for k, v in given.items() if k != "steps" and v != getattr(saved, k)]
+    if clash:
+        raise UserError(f"{printable(resume)} was made with other settings: {'; '.join(clash)}. "
+                        "Leave these options out to continue it as it was.")
+    return replace(saved, steps=given.get("steps", saved.steps))
+
+
 @app.command("train")
-@reports_spec_errors
-def train_(spec: str = typer.Argument("lstm", help="A spec file or a built-in spec name."),
-           task: str = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN, steps: int = STEPS,
-           layers: int = LAYERS, bidirectional: str = BIDIRECTIONAL, residual: bool = RESIDUAL,
-           dense: str = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: str = OPTIMIZER,
-           lr: float = LR, momentum: float = MOMENTUM, clip: float = CLIP,
-           clip_value: float = CLIP_VALUE, batch: int = BATCH, seed: int = SEED,
-           dtype: str = DTYPE, json_out: bool = JSON, plot: str = PLOT,
-           save: str = typer.Option(None, help="Write a checkpoint (.npz) at the end."),
-           resume: str = typer.Option(None, help="Continue from a checkpoint.")):
+@reports_input_errors
+def train_(ctx: typer.Context,
+           spec: str = typer.Argument("lstm", help="A spec file or a built-in spec name."),
+           task: Task = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN,
+           steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
+           residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
+           optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
+           clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
+           seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
+           save: str = typer.Option(None, help="Write a checkpoint (.npz) to this file every "
+                                               "--save-every steps and at the end."),
+           save_every: int = typer.Option(SAVE_EVERY, min=0, help="Steps between checkpoints "
+                                                                  "(0: only at the end)."),
+           resume: str = typer.Option(None, help="Continue from a checkpoint, with its settings "
+                                                 "(give --steps to train longer).")):
     """Train a network of SPEC cells on a generated task with BPTT."""
-    options = dict(locals())  # every option above, passed on by name
-    _train_command([options.pop("spec")], **options)
+    options = dict(locals())
+    del options["ctx"]
+    options = _plain(options)
+    json_out, plot = options.pop("json_out"), options.pop("plot")
+    _check_plot(plot)
+    run = {k: options.pop(k) for k in ("save", "save_every", "resume")}
+    if run["resume"] is not None:
+        configs = [_resumed_config(ctx, run["resume"], options)]
+    else:
+        configs = _configs([options.pop("spec")], **options)
+    _finish(configs, json_out, plot, **run)
 
 
 @app.command()
-@reports_spec_errors
+@reports_input_errors
 def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
-            task: str = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN, steps: int = STEPS,
-            layers: int = LAYERS, bidirectional: str = BIDIRECTIONAL, residual: bool = RESIDUAL,
-            dense: str = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: str = OPTIMIZER,
-            lr: float = LR, momentum: float = MOMENTUM, clip: float = CLIP,
-            clip_value: float = CLIP_VALUE, batch: int = BATCH, seed: int = SEED,
-            dtype: str = DTYPE, json_out: bool = JSON, plot: str = PLOT):
+            task: Task = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN,
+            steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
+            residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
+            optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
+            clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
+            seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT):
     """Train several cells on the same task, data and seeds; print a table."""
-    options = dict(locals())
-    _train_command(options.pop("specs"), **options)
+    options = _plain(dict(locals()))
+    json_out, plot = options.pop("json_out"), options.pop("plot")
+    _check_plot(plot)
+    _finish(_configs(options.pop("specs"), **options), json_out, plot)
+
+
+# -- the kernel cache ----------------------------------------------------------------------------
+@cache_app.command("path")
+@reports_input_errors
+def cache_path():
+    """Print the cache folder ($RNNDSL_CACHE_DIR, else $XDG_CACHE_HOME/rnndsl, else
+    ~/.cache/rnndsl)."""
+    from .loader import cache_root
+    typer.echo(printable(cache_root()))
+
+
+@cache_app.command("clear")
+@reports_input_errors
+def cache_clear():
+    """Delete the generated kernels (only rnndsl's files); they are made again when needed."""
+    from .loader import cache_root, clear_cache
+
+    try:
+        count = clear_cache()
+    except OSError as exc:
+        raise UserError(f"cannot clear the kernel cache {printable(cache_root())}: "
+                        f"{exc.strerror or exc}") from None
+    typer.echo(f"removed {count} file(s) from {printable(cache_root())}")
+
 
 def main():
     app(prog_name="rnndsl")

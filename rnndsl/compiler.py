@@ -23,13 +23,25 @@ def builtin_specs() -> dict[str, Path]:
 
 
 def resolve(source: str | Path) -> tuple[str, str | None]:
-    """A path, a built-in spec's name, or YAML text -> (source name, text or None to read)."""
+    """A path, a built-in spec's name, or YAML text -> (source name, text or None to read).
+    An existing file is always read as a file, whatever its name contains."""
     text = str(source)
-    if "\n" in text or ("equations" in text and ":" in text):
+    if _is_file(text):
+        return text, None
+    if "\n" in text:
         return "<string>", text
-    if not Path(text).exists() and text in builtin_specs():
+    if text in builtin_specs():
         return str(builtin_specs()[text]), None
+    if "equations" in text and ":" in text:  # one-line YAML, e.g. a flow mapping
+        return "<string>", text
     return text, None
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a name too long for the system, a NUL byte
+        return False
 
 
 def load(source: str | Path) -> Spec:

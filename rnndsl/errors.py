@@ -1,4 +1,11 @@
-"""One error type for everything a user can get wrong, rendered in one place."""
+"""The errors a user can cause, rendered in one place.
+
+`SpecError` is a problem in a spec, located at its file, line and column; `UserError` is any
+other bad input (an option, a checkpoint, the kernel cache), its message naming what and where.
+The CLI prints either as one message and exits with status 2. Text that came from the user
+(paths, names, spec lines, summaries) is passed through `printable` wherever it is shown, so
+no control character or escape sequence reaches the terminal.
+"""
 from __future__ import annotations
 
 import difflib
@@ -29,12 +36,13 @@ class SpecError(Exception):
     def render(self) -> str:
         """`file:line:col: message`, then the source line and a caret under the column."""
         if self.pos is None:
-            return f"error: {self.message}"
-        head = f"{self.pos}: {self.message}"
+            return f"error: {printable(self.message)}"
+        head = printable(f"{self.pos}: {self.message}")
         if not self.pos.text:
             return head
         line = self.pos.text.rstrip("\n").expandtabs(1)
-        return f"{head}\n    {line}\n    {' ' * (self.pos.column - 1)}^"
+        before = printable(line[:self.pos.column - 1])  # the caret stays under its character
+        return f"{head}\n    {printable(line)}\n    {' ' * len(before)}^"
 
     def __str__(self) -> str:
         return self.render()
@@ -44,3 +52,14 @@ def suggest(word: str, candidates, cutoff: float = 0.7) -> str:
     """' (did you mean 'x'?)' naming the closest candidate, or '' when none is close."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class UserError(ValueError):
+    """Bad input other than a spec: an option, a checkpoint, the kernel cache. The message
+    names what was wrong and where (the option, the file)."""
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character (ANSI escapes, carriage returns, line and
+    paragraph separators, NUL, ...) written as a Python escape such as \\x1b."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))

@@ -26,15 +26,32 @@ class _Optimizer:
         return {f"{kind}/{name}": buf.copy()
                 for kind, bufs in self._state.items() for name, buf in bufs.items()}
 
-    def load_state_dict(self, d) -> None:
-        """Take the state from `state_dict()` or from np.load of an .npz file holding it."""
+    def load_state_dict(self, d, params: dict | None = None) -> None:
+        """Take the state from `state_dict()` or from np.load of an .npz file holding it.
+        With `params`, every buffer must belong to one of them and have its shape; the
+        state is replaced only when all of it is sound."""
         state = {b: {} for b in self._BUFFERS}
         for key in d.keys():
             kind, sep, name = key.partition("/")
             if not (sep and kind in state):
                 raise ValueError(f"{type(self).__name__}: unexpected state entry {key!r}")
-            state[kind][name] = np.array(d[key])
+            buf = np.array(d[key])
+            if params is not None:
+                if name not in params:
+                    raise ValueError(f"{key!r} belongs to no parameter")
+                if buf.shape != params[name].shape or not np.isfinite(buf).all():
+                    raise ValueError(f"{key!r} has shape {buf.shape} or values that do not fit "
+                                     f"the parameter (shape {params[name].shape})")
+            state[kind][name] = buf
         self._state = state
+
+
+def _lr(lr) -> float:
+    """A learning rate must be a positive finite number (a negative one ascends the loss)."""
+    value = float(lr)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"the learning rate must be a positive number, got {lr}")
+    return value
 
 
 class SGD(_Optimizer):
@@ -44,7 +61,9 @@ class SGD(_Optimizer):
 
     def __init__(self, lr: float = 0.1, momentum: float = 0.0):
         super().__init__()
-        self.lr, self.momentum = float(lr), float(momentum)
+        self.lr, self.momentum = _lr(lr), float(momentum)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         """Update the parameters that have a gradient, in place."""
@@ -67,7 +86,7 @@ class Adam(_Optimizer):
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
         super().__init__()
-        self.lr, self.eps = float(lr), float(eps)
+        self.lr, self.eps = _lr(lr), float(eps)
         self.betas = (float(betas[0]), float(betas[1]))
         self.t = 0  # steps taken; the bias correction depends on it
 
@@ -90,12 +109,18 @@ class Adam(_Optimizer):
     def state_dict(self) -> dict[str, np.ndarray]:
         return {**super().state_dict(), "t": np.array(self.t, dtype=np.int64)}
 
-    def load_state_dict(self, d) -> None:
+    def load_state_dict(self, d, params: dict | None = None) -> None:
         d = dict(d)
         if "t" not in d:
             raise ValueError("Adam: the state has no step count 't'")
-        self.t = int(d.pop("t"))
-        super().load_state_dict(d)
+        t = np.asarray(d.pop("t"))
+        if t.shape != () or t.dtype.kind not in "iu" or t < 0:
+            raise ValueError(f"Adam: the step count 't' must be a whole number >= 0, got {t}")
+        super().load_state_dict(d, params)
+        self.t = int(t)
+
+
+OPTIMIZERS = ("sgd", "adam")
 
 
 def make_optimizer(name: str, lr: float | None = None, momentum: float = 0.0):
@@ -107,7 +132,7 @@ def make_optimizer(name: str, lr: float | None = None, momentum: float = 0.0):
         if momentum:
             raise ValueError("momentum applies to sgd only (adam keeps its own moment estimates)")
         return Adam(1e-3 if lr is None else lr)
-    raise ValueError(f"unknown optimizer {name!r}; choose sgd or adam")
+    raise ValueError(f"unknown optimizer {name!r}; choose {' or '.join(OPTIMIZERS)}")
 
 
 def global_norm(grads: dict[str, np.ndarray]) -> float:

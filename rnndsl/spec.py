@@ -2,9 +2,15 @@
 
 YAML is composed with the safe loader into nodes (which carry marks) and read from the node
 tree directly, so every later error can point at the file, line and column of the text.
+
+Hostile text gets a located error too: bytes that are not UTF-8 and characters YAML refuses
+(NUL, most control characters) are reported at their line and column, YAML nested deeper than
+MAX_YAML_DEPTH is refused before it is composed (composing recurses), names are at most
+MAX_NAME characters (the spec's name becomes part of a file name), and numbers must be finite.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +20,8 @@ import yaml
 from .errors import SourcePos, SpecError, suggest
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+MAX_NAME = 64
+MAX_YAML_DEPTH = 32  # a spec needs 4 levels (params: W: shape: [...])
 TOP_KEYS = ("name", "summary", "sizes", "inputs", "states", "outputs", "params", "equations")
 PARAM_KEYS = ("shape", "init")
 INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
@@ -80,14 +88,25 @@ class Spec:
 def load_spec(source: str | Path, text: str | None = None) -> Spec:
     """Load a spec from a path, or from YAML text (then `source` names it in messages)."""
     if text is None:
-        path = Path(source)
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SpecError(f"cannot read spec '{source}': {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise SpecError(f"{source}: not a UTF-8 text file") from None
+            data = Path(source).read_bytes()
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            reason = getattr(exc, "strerror", None) or exc
+            raise SpecError(f"cannot read spec '{source}': {reason}") from None
+        text = _decode(str(source), data)
     return _SpecReader(str(source), text).read()
+
+
+def _decode(file: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start].decode("utf-8")
+        line = before.count("\n")
+        column = len(before) - (before.rfind("\n") + 1)
+        text = data.decode("utf-8", errors="replace").split("\n")[line]
+        raise SpecError(f"byte 0x{data[exc.start]:02x} is not UTF-8 text (a spec is UTF-8)",
+                        SourcePos(file, line + 1, column + 1, text)) from None
 
 
 class _SpecReader:
@@ -108,9 +127,41 @@ class _SpecReader:
         return SpecError(message, self.at(mark) if mark is not None else None)
 
     # -- reading -------------------------------------------------------------------------
+    def at_offset(self, offset: int) -> SourcePos:
+        """The position of the `offset`-th character of the text."""
+        start = 0
+        for i, line in enumerate(self.text.splitlines(True)):
+            if offset < start + len(line):
+                return SourcePos(self.file, i + 1, offset - start + 1, self.lines[i])
+            start += len(line)
+        return SourcePos(self.file, len(self.lines) + 1, 1)
+
+    def shallow_enough(self) -> None:
+        """Refuse YAML nested deeper than MAX_YAML_DEPTH, scanning tokens (no recursion)."""
+        depth = 0
+        tokens = yaml.scan(self.text, Loader=yaml.SafeLoader)
+        while True:
+            try:
+                token = next(tokens)
+            except (StopIteration, yaml.YAMLError):  # syntax errors: composing reports them
+                return
+            if isinstance(token, (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken,
+                                  yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise self.fail(f"YAML nested more than {MAX_YAML_DEPTH} levels deep "
+                                    "(a spec needs 4)", mark=token.start_mark)
+            elif isinstance(token, (yaml.BlockEndToken, yaml.FlowMappingEndToken,
+                                    yaml.FlowSequenceEndToken)):
+                depth -= 1
+
     def read(self) -> Spec:
         try:
+            self.shallow_enough()
             root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+        except yaml.reader.ReaderError as exc:  # a character YAML refuses, such as NUL
+            raise SpecError(f"character {repr(chr(exc.character))} (U+{exc.character:04X}) is "
+                            "not allowed in a spec", self.at_offset(exc.position)) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             problem = exc.problem or exc.context or "malformed YAML"
@@ -135,8 +186,9 @@ class _SpecReader:
                 raise self.fail(f"missing required key '{key}'", root)
 
         name = self.scalar_str(top["name"][1], "name")
-        if not NAME_RE.match(name):
-            raise self.fail(f"spec name '{name}' must be a name (letters, digits, _)", top["name"][1])
+        if not NAME_RE.match(name) or len(name) > MAX_NAME:
+            raise self.fail(f"spec name '{name}' must be a name (letters, digits, _) of at most "
+                            f"{MAX_NAME} characters", top["name"][1])
         summary = self.scalar_str(top["summary"][1], "summary") if "summary" in top else ""
         sizes = self.names_list(top["sizes"][1], "sizes", "sizes")
         if not sizes:
@@ -266,7 +318,7 @@ class _SpecReader:
     def init(self, node, pname: str) -> tuple[str, float]:
         if isinstance(node, yaml.ScalarNode):
             try:
-                return "constant", float(node.value)
+                return "constant", self.finite(float(node.value), pname, node)
             except ValueError:
                 pass
             if node.value in INITS and node.value != "constant":
@@ -278,9 +330,15 @@ class _SpecReader:
             raise self.fail("an init mapping must be {constant: VALUE}", node)
         vnode = fields["constant"][1]
         try:
-            return "constant", float(self.scalar_str(vnode, "constant"))
+            value = float(self.scalar_str(vnode, "constant"))
         except ValueError:
             raise self.fail("constant init needs a number", vnode) from None
+        return "constant", self.finite(value, pname, vnode)
+
+    def finite(self, value: float, pname: str, node) -> float:
+        if not math.isfinite(value):
+            raise self.fail(f"the init of '{pname}' must be a finite number, not {value}", node)
+        return value
 
     def equations(self, node) -> tuple[Equation, ...]:
         if isinstance(node, yaml.ScalarNode):

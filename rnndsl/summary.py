@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 from . import ir
+from .errors import printable
 from .ir import Node, StepIR
 from .runtime import Cell
 
@@ -51,7 +52,7 @@ def evaluate_poly(poly: Counter, sizes: dict[str, int]) -> int:
 
 def describe(cell: Cell) -> str:
     step: StepIR = cell.step
-    lines = [f"{step.name}: {step.summary}" if step.summary else step.name]
+    lines = [f"{step.name}: {printable(step.summary)}" if step.summary else step.name]
     lines.append(f"  sizes    {', '.join(step.sizes)}")
     lines.append(f"  inputs   {_sized(step.inputs)}")
     lines.append(f"  states   {_sized(step.states)}")

@@ -7,12 +7,24 @@ from a generator seeded with (seed, k), so a run resumed from a checkpoint at st
 exactly the batches the uninterrupted run would have seen, and ends with the same numbers.
 
 A checkpoint is one NumPy .npz file: the parameters (`param/<name>`), the optimizer state
-(`optim/<key>`), the step reached, the log so far and the configuration (as JSON).
+(`optim/<key>`), the step reached, the log so far and the configuration (as JSON). With `save`,
+one is written every `save_every` steps and at the end, each time whole to a temporary file
+that is then renamed over the last, so a run killed at any moment leaves its last checkpoint
+intact. The path is tried before the first step, so a bad one costs no training.
+
+Bad input is refused before any work, as a `UserError` naming it: every setting is checked
+when a `TrainConfig` is made, and a checkpoint is read whole and checked entry by entry (the
+zip's checksums catch flipped bits; shapes, step and settings are compared with the run), so
+a damaged or foreign file is named as such instead of failing somewhere inside NumPy.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -21,10 +33,15 @@ import numpy as np
 from . import compiler
 from .heads import Head
 from .layers import Network
-from .optim import check_finite, clip_global_norm, clip_value, make_optimizer
-from .tasks import Batch, make_task
+from .errors import UserError, printable
+from .optim import OPTIMIZERS, check_finite, clip_global_norm, clip_value, make_optimizer
+from .tasks import TASKS, Batch, make_task
 
 EVAL_SEED = 2**31 - 1  # the held-out batch's seed; training batches use (seed, step)
+DTYPES = ("float32", "float64")
+BIDIRECTIONAL = ("concat", "separate", "alternate")
+DENSE = ("add", "concat")
+SAVE_EVERY = 100  # steps between checkpoints
 
 
 @dataclass
@@ -51,13 +68,52 @@ class TrainConfig:
     log_every: int = 50
     eval_batch: int = 256
 
+    def __post_init__(self):
+        """Refuse any setting that cannot make a sound run, naming it."""
+        for name, choices in (("task", TASKS), ("optimizer", OPTIMIZERS), ("dtype", DTYPES),
+                              ("bidirectional", BIDIRECTIONAL), ("dense", DENSE)):
+            value = getattr(self, name)
+            if not (value in choices or (value is None and name in ("bidirectional", "dense"))):
+                raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        for name in ("hidden", "layers", "batch", "steps", "log_every", "eval_batch", "length"):
+            value = getattr(self, name)
+            if not (value is None and name == "length") and \
+                    not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise UserError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise UserError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        _number("lr", self.lr, low=0, low_open=True, none_ok=True)
+        _number("momentum", self.momentum, low=0, high=1)
+        _number("clip", self.clip, low=0, none_ok=True)  # 0: no clipping
+        _number("clip_value", self.clip_value, low=0, low_open=True, none_ok=True)
+        if self.momentum and self.optimizer != "sgd":
+            raise UserError("momentum applies to sgd only (adam keeps its own moment estimates)")
+
+    @property
+    def label(self) -> str:
+        """The spec's short name for tables, bars and legends: a file's stem, not its path."""
+        return "<string>" if "\n" in self.spec else printable(Path(self.spec).stem)
+
     def describe(self) -> str:
-        net = f"{self.layers}x{self.spec} hidden {self.hidden}"
+        net = f"{self.layers}x{self.label} hidden {self.hidden}"
         for flag, word in ((self.bidirectional, f"bidirectional {self.bidirectional}"),
                            (self.residual, "residual"), (self.dense, f"dense {self.dense}")):
             if flag:
                 net += f", {word}"
         return f"{net}; task {self.task}" + (f" length {self.length}" if self.length else "")
+
+
+def _number(name: str, value, low: float, high: float = math.inf, low_open: bool = False,
+            none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and (value > low if low_open else value >= low) and value < high
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        if high != math.inf:
+            bound += f" and < {high:g}"
+        raise UserError(f"{name} must be a number {bound}, got {value!r}")
 
 
 @dataclass
@@ -105,10 +161,14 @@ def batch_at(task, seed: int, step: int, size: int, dtype) -> Batch:
 
 
 def train(config: TrainConfig, progress=None, save: str | Path | None = None,
-          resume: str | Path | None = None) -> TrainResult:
+          resume: str | Path | None = None, save_every: int = SAVE_EVERY) -> TrainResult:
     """Train as `config` says. `progress(step, record)` is called after every step (record is
-    a log record on logging steps, else None). `save` writes a checkpoint at the end; `resume`
-    continues from one."""
+    a log record on logging steps, else None). `save` writes a checkpoint every `save_every`
+    steps (0: only at the end) and at the end; `resume` continues from one."""
+    if save is not None:
+        check_writable(save, "checkpoint")
+    if not (isinstance(save_every, int) and save_every >= 0):
+        raise UserError(f"save_every must be a whole number >= 0, got {save_every!r}")
     model = Model(config)
     optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
     params = model.init_params(config.seed, config.orthogonal)
@@ -133,6 +193,9 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
             record = _record(step + 1, window, time.perf_counter() - t0, start)
             log.append(record)
             window = []
+        if save is not None and save_every and (step + 1) % save_every == 0 and \
+                step + 1 < config.steps:
+            save_checkpoint(save, config, params, optimizer, step + 1, log)
         if progress is not None:
             progress(step + 1, record)
     seconds = time.perf_counter() - t0
@@ -165,6 +228,25 @@ def _record(step: int, window, elapsed: float, start: int) -> dict:
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+def check_writable(path, what: str) -> None:
+    """Refuse a path that cannot be written (no such folder, a folder, no permission) before
+    any work is done, by writing and removing a temporary file beside it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {printable(path)} is a folder; give a file name")
+    try:
+        probe = _temporary(path)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the {what} {printable(path)}: "
+                        f"{exc.strerror or exc}") from None
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+
+
 def save_checkpoint(path, config: TrainConfig, params, optimizer, step: int, log) -> None:
     arrays = {f"param/{k}": v for k, v in params.items()}
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
@@ -172,30 +254,84 @@ def save_checkpoint(path, config: TrainConfig, params, optimizer, step: int, log
     arrays["config"] = np.array(json.dumps(asdict(config)))
     arrays["log"] = np.array(json.dumps(log))
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")  # written whole, then renamed into place
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    tmp = _temporary(path)  # written whole, then renamed into place
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the checkpoint {printable(path)}: "
+                        f"{exc.strerror or exc}") from None
+
+
+# What reading a damaged .npz can raise, from the zip layer up to NumPy's header parser.
+_DAMAGE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+def read_checkpoint(path) -> dict:
+    """Every entry of a checkpoint, read whole and checked for form; a damaged file, or one
+    that is not a checkpoint, is a UserError naming the file and what is wrong."""
+    where = printable(path)
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint {where} is a folder, not a file")
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            entries = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {where} does not exist") from None
+    except _DAMAGE as exc:
+        raise UserError(f"{where} is not a readable checkpoint (damaged or not an .npz file: "
+                        f"{printable(exc)})") from None
+    missing = [k for k in ("step", "config", "log") if k not in entries]
+    if missing:
+        raise UserError(f"{where} is not an rnndsl checkpoint: no {', '.join(missing)} entry")
+    try:
+        settings = json.loads(str(entries["config"]))
+        log = json.loads(str(entries["log"]))
+        config = TrainConfig(**settings)
+        step = entries["step"]
+        if step.shape != () or step.dtype.kind not in "iu":
+            raise ValueError("the step is not a whole number")
+        if not isinstance(log, list) or not all(isinstance(r, dict) for r in log):
+            raise ValueError("the log is not a list of records")
+    except UserError as exc:
+        raise UserError(f"{where} holds bad settings: {exc}") from None
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"{where} is not a valid checkpoint: {printable(exc)}") from None
+    if not 0 <= int(step) <= config.steps:
+        raise UserError(f"{where} claims step {int(step)} of a {config.steps}-step run")
+    return {"entries": entries, "config": config, "step": int(step), "log": log}
 
 
 def load_checkpoint(path, config: TrainConfig, params, optimizer) -> tuple[int, list]:
     """Fill `params` and `optimizer` from a checkpoint made with the same configuration (the
-    number of steps may differ); returns the step reached and the log so far."""
+    number of steps may differ, but not be below the checkpoint's step); returns the step
+    reached and the log so far."""
+    where = printable(path)
+    ckpt = read_checkpoint(path)
+    saved, entries, step = ckpt["config"], ckpt["entries"], ckpt["step"]
+    differ = [f.name for f in fields(TrainConfig)
+              if f.name != "steps" and getattr(saved, f.name) != getattr(config, f.name)]
+    if differ:
+        raise UserError(f"{where} was made with different settings: " + ", ".join(
+            f"{k}={getattr(saved, k)!r} (now {getattr(config, k)!r})" for k in differ))
+    if config.steps < step:
+        raise UserError(f"{where} is at step {step}; steps ({config.steps}) must be at least "
+                        "that to continue it")
+    for k, p in params.items():
+        value = entries.get(f"param/{k}")
+        if value is None or value.shape != p.shape or not np.isfinite(value).all():
+            problem = "missing" if value is None else f"shape {value.shape}, expected " \
+                f"{p.shape}" if value.shape != p.shape else "not finite"
+            raise UserError(f"{where}: parameter '{k}' is {problem}")
+    state = {k.removeprefix("optim/"): v for k, v in entries.items() if k.startswith("optim/")}
     try:
-        data = np.load(Path(path), allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
-    with data:
-        saved = json.loads(str(data["config"]))
-        differ = [f.name for f in fields(TrainConfig)
-                  if f.name != "steps" and saved.get(f.name) != getattr(config, f.name)]
-        if differ:
-            raise ValueError(f"{path} was made with different settings: " + ", ".join(
-                f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})" for k in differ))
-        for k in params:
-            params[k][...] = data[f"param/{k}"]
-        optimizer.load_state_dict({k.removeprefix("optim/"): data[k] for k in data.files
-                                   if k.startswith("optim/")})
-        return int(data["step"]), json.loads(str(data["log"]))
+        optimizer.load_state_dict(state, params)
+    except ValueError as exc:
+        raise UserError(f"{where}: optimizer state: {exc}") from None
+    for k, p in params.items():
+        p[...] = entries[f"param/{k}"]
+    return step, ckpt["log"]
 
 
 def plot_curves(results: list[TrainResult], path) -> None:
@@ -206,7 +342,7 @@ def plot_curves(results: list[TrainResult], path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
-        ax.plot([x["step"] for x in r.log], [x["loss"] for x in r.log], label=r.config.spec)
+        ax.plot([x["step"] for x in r.log], [x["loss"] for x in r.log], label=r.config.label)
     baseline = results[0].final.get("baseline")
     if baseline:
         ax.axhline(baseline, color="grey", linestyle=":", label="trivial baseline")
