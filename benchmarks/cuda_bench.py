@@ -19,17 +19,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import rnndsl  # noqa: E402
-from rnndsl.bench import WORKLOADS, problem  # noqa: E402
-
-import peers  # noqa: E402
+import rnndsl
+from rnndsl import peers
+from rnndsl.bench import WORKLOADS, problem
 
 SPECS = ["lstm", "gru", "peephole_lstm", "indrnn", "layernorm_lstm"]
 SIZES = ["S", "M", "L", "T1"]

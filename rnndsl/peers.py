@@ -1,4 +1,5 @@
-"""PyTorch peers for the benchmarks: the library modules, and an eager loop of any spec.
+"""PyTorch peers for the benchmarks (`rnndsl bench --against torch`, benchmarks/): the library
+modules, and an eager loop of any spec. Imports torch: load it only when torch is wanted.
 
 The eager loop is what a researcher writes today for a custom cell: the input products
 hoisted into one matmul over all T*B rows, then a Python loop over `x.unbind(0)` that
@@ -10,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnndsl import ir
-from rnndsl.bench import WORKLOADS, median_time
+from . import ir
+from .bench import WORKLOADS, median_time
 
 TORCH_OPS = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "neg": torch.neg,
