@@ -16,9 +16,11 @@ Three layers, each usable on its own:
   tensors) and come back through `torch.from_numpy`.
 * `cell_apply(cell, params, x, state0, lengths)`: that op called from Python.
 * `RNN(spec, input_size, hidden_size, ...)`: an `nn.Module` shaped like `nn.LSTM`, `nn.GRU`
-  and `nn.RNN`; layers, both directions, dropout between layers, `lengths` and
-  `PackedSequence` are done in torch around the per-layer op. `RNN.from_torch(module)`
-  loads an `nn.LSTM`/`nn.GRU`/`nn.RNN`, `to_torch()` exports back.
+  and `nn.RNN` (after the spec, nn.LSTM's arguments in nn.LSTM's order); layers, both
+  directions, dropout between layers, `lengths` and `PackedSequence` are done in torch around
+  the per-layer op. `RNN.from_torch(module)` loads an `nn.LSTM`/`nn.GRU`/`nn.RNN` (or their
+  cells), `to_torch()` exports back, and the state dict of a spec with a torch twin has
+  torch's keys; `from_checkpoint`/`to_checkpoint` convert training checkpoints.
 
 What the backward op needs from the forward pass (the engine's record: states, gate
 values) is kept in a per-process table of tapes, keyed by an integer "tape handle" that
@@ -491,7 +493,7 @@ class RNN(nn.Module):
         if packed:
             if lengths is not None:
                 raise ValueError("a PackedSequence carries its own lengths")
-            x, lengths = pad_packed_sequence(input)  # (T, B, I), batch in the caller's order
+            x, lengths = _unpack(input)  # (T, B, I), batch in the caller's order
         else:
             x = input.transpose(0, 1) if self.batch_first and input.dim() == 3 else input
         unbatched = x.dim() == 2
@@ -758,10 +760,40 @@ def _reverse(x: Tensor, index: Tensor | None) -> Tensor:
     return x.gather(0, index[:, :, None].expand(-1, -1, x.shape[2]))
 
 
+# PackedSequence <-> padded (T, B, n), without pack_padded_sequence / pad_packed_sequence, which
+# torch.compile does not trace: packed data is time-major with each step's live sequences in
+# sorted order, so every padded row's place in it is a running count of live rows. Shapes stay
+# those of the input, so a compiled model neither breaks its graph nor recompiles.
+def _packed_places(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """(lengths in sorted order (B,), each padded row's row in packed.data, or a spare row
+    past its end for padding (T*B,))."""
+    batch_sizes = packed.batch_sizes
+    B = packed.sorted_indices.shape[0]
+    lengths = (batch_sizes[:, None] > torch.arange(B)[None, :]).sum(0)
+    live = (torch.arange(batch_sizes.shape[0])[:, None] < lengths[None, :]).reshape(-1)
+    return lengths, torch.where(live, torch.cumsum(live, 0) - 1, packed.data.shape[0])
+
+
+def _unpack(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """(padded (T, B, n) in the caller's batch order, lengths (B,))."""
+    if packed.sorted_indices is None:  # packed from sorted input: B is a value, not a shape
+        return pad_packed_sequence(packed)
+    lengths, place = _packed_places(packed)
+    data = torch.cat([packed.data, packed.data.new_zeros((1, packed.data.shape[1]))])
+    padded = data.index_select(0, place).reshape(packed.batch_sizes.shape[0], -1,
+                                                 packed.data.shape[1])
+    return (padded.index_select(1, packed.unsorted_indices),
+            lengths.index_select(0, packed.unsorted_indices))
+
+
 def _repack(output: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
     """Pack `output` (T, B, n) with the batch order and batch sizes of the input `like`."""
-    order = like.sorted_indices
-    if order is not None:
-        output, lengths = output.index_select(1, order), lengths[order]
-    data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+    if like.sorted_indices is None:
+        data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+    else:
+        _, place = _packed_places(like)
+        T, B, n = output.shape
+        rows = like.data.shape[0]
+        flat = output.index_select(1, like.sorted_indices).reshape(T * B, n)
+        data = output.new_zeros((rows + 1, n)).index_put((place,), flat)[:rows]
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)

@@ -231,3 +231,27 @@ def test_to_checkpoint_writes_weights_that_training_resumes_from(checkpoint, tmp
     assert resumed.steps_run == 1
     with pytest.raises(ValueError, match="param/layer0.fwd.W_ir"):
         RNN("gru", 3, 4).to_checkpoint(tmp_path / "bad.npz", template=path)
+
+
+def test_torch_compile_of_packed_sequences_neither_breaks_nor_recompiles_per_batch():
+    torch.manual_seed(0)
+    mine = RNN("lstm", I, H, 2, bidirectional=True, dtype=torch.float64)
+    graphs = []
+
+    def count(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(mine, backend=count, fullgraph=True)  # fullgraph: no breaks
+    for lengths in ([5, 2, 4], [3, 3, 1], [5, 5, 5], [1, 4, 2], [2, 1, 1]):
+        x = x64().requires_grad_()
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths),
+                                                   enforce_sorted=False)
+        results = []
+        for m in (compiled, mine):
+            out, (h, c) = m(packed)
+            loss = (out.data.sin().sum() + h.sum() + c.square().sum())
+            results.append((out.data, h, c, torch.autograd.grad(loss, x, retain_graph=True)))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, **F64)
+    assert len(graphs) <= 2  # one graph for the first shapes, one with dynamic sizes
