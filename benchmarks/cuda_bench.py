@@ -81,19 +81,7 @@ def time_rnndsl(spec: str, size: str, persistent, repeats: int):
 def time_eager(spec: str, size: str, repeats: int):
     cell = rnndsl.compile(spec)  # the plan (hoisted products) is all the eager loop reads
     params, xs, sizes = problem(cell, size)
-    model = peers.EagerLoop(cell, params).cuda()
-    txs = {k: torch.as_tensor(v, device="cuda") for k, v in xs.items()}
-    gxs = {k: v.clone().requires_grad_(True) for k, v in txs.items()}
-
-    def forward():
-        with torch.no_grad():
-            return model(txs, sizes)
-
-    def forward_backward():
-        outs = model(gxs, sizes)
-        sum(o.sum() for o in outs.values()).backward()
-
-    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats)
+    return peers.time_eager(cell, params, xs, sizes, repeats, device="cuda", timer=median_gpu)
 
 
 def main():

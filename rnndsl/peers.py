@@ -85,11 +85,15 @@ class EagerLoop(torch.nn.Module):
 
 
 def time_eager(cell, params: dict, xs: dict, sizes: dict, repeats: int = 7,
-               compiled: bool = False) -> tuple[float, float]:
-    model = EagerLoop(cell, {p: v.copy() for p, v in params.items()})
+               compiled: bool = False, device: str = "cpu",
+               timer=None) -> tuple[float, float]:
+    """Median forward and forward+backward times of the eager loop of `cell` on `device`,
+    timed by `timer(fn, repeats)` (median_time by default)."""
+    timer = timer or median_time
+    model = EagerLoop(cell, {p: v.copy() for p, v in params.items()}).to(device)
     if compiled:
         model = torch.compile(model)
-    txs = {k: torch.tensor(v) for k, v in xs.items()}
+    txs = {k: torch.as_tensor(v, device=device) for k, v in xs.items()}
     gxs = {k: v.clone().requires_grad_(True) for k, v in txs.items()}
 
     def forward():
@@ -100,7 +104,7 @@ def time_eager(cell, params: dict, xs: dict, sizes: dict, repeats: int = 7,
         outs = model(gxs, sizes)
         sum(o.sum() for o in outs.values()).backward()
 
-    return median_time(forward, repeats), median_time(forward_backward, repeats)
+    return timer(forward, repeats), timer(forward_backward, repeats)
 
 
 def time_library(name: str, workload: str, repeats: int = 7, device: str = "cpu",
