@@ -25,7 +25,7 @@ import torch
 
 import rnndsl
 from rnndsl import peers
-from rnndsl.bench import WORKLOADS, problem
+from rnndsl.bench import problem
 
 SPECS = ["lstm", "gru", "peephole_lstm", "indrnn", "layernorm_lstm"]
 SIZES = ["S", "M", "L", "T1"]
