@@ -124,7 +124,10 @@ NOT_RUN = [pytest.param(c, marks=pytest.mark.skip(reason=excepted(c)), id=f"line
            for line, cmds in SHELL for c, _ in cmds if excepted(c)]
 
 
-def test_readme_has_what_this_test_reads():
+def test_every_block_is_one_this_test_reads():
+    for line, lang, _, text in blocks():
+        assert is_shell(lang, text) or lang in ("python", "yaml") or \
+            (lang == "" and text.startswith("d_")), f"README.md:{line}: a block nothing checks"
     langs = [lang for _, lang, _, _ in blocks()]
     assert len(RUNNABLE) >= 4 and langs.count("python") >= 4 and "yaml" in langs
 
