@@ -19,17 +19,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import rnndsl  # noqa: E402
-from rnndsl.bench import WORKLOADS, problem  # noqa: E402
-
-import peers  # noqa: E402
+import rnndsl
+from rnndsl import peers
+from rnndsl.bench import problem
 
 SPECS = ["lstm", "gru", "peephole_lstm", "indrnn", "layernorm_lstm"]
 SIZES = ["S", "M", "L", "T1"]
@@ -85,19 +81,7 @@ def time_rnndsl(spec: str, size: str, persistent, repeats: int):
 def time_eager(spec: str, size: str, repeats: int):
     cell = rnndsl.compile(spec)  # the plan (hoisted products) is all the eager loop reads
     params, xs, sizes = problem(cell, size)
-    model = peers.EagerLoop(cell, params).cuda()
-    txs = {k: torch.as_tensor(v, device="cuda") for k, v in xs.items()}
-    gxs = {k: v.clone().requires_grad_(True) for k, v in txs.items()}
-
-    def forward():
-        with torch.no_grad():
-            return model(txs, sizes)
-
-    def forward_backward():
-        outs = model(gxs, sizes)
-        sum(o.sum() for o in outs.values()).backward()
-
-    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats)
+    return peers.time_eager(cell, params, xs, sizes, repeats, device="cuda", timer=median_gpu)
 
 
 def main():

@@ -12,17 +12,13 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import rnndsl  # noqa: E402
-from rnndsl.bench import gemm_gflops, problem, time_cell  # noqa: E402
-
-import peers  # noqa: E402
+import rnndsl
+from rnndsl import peers
+from rnndsl.bench import gemm_gflops, problem, time_cell
 
 DEFAULT = [("lstm", "S"), ("lstm", "M"), ("lstm", "L"), ("lstm", "T1"),
            ("gru", "S"), ("gru", "M"), ("gru", "L"), ("gru", "T1"),
