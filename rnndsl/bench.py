@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UserError
 from .runtime import Cell
 from .summary import evaluate_poly, flops_per_step
 
@@ -89,6 +90,6 @@ def load_peers():
     try:
         from . import peers
     except ImportError as exc:
-        raise ImportError(f"timing against PyTorch needs torch ({exc}): pip install "
-                          "'rnndsl[torch]'") from None
+        raise UserError(f"timing against PyTorch needs torch ({exc}): pip install "
+                        "'rnndsl[torch]'") from None
     return peers
