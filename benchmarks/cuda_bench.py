@@ -33,7 +33,7 @@ MODES = {"auto": None, "steps": False, "persistent": True}
 
 
 def sync():
-    from rnndsl.cuda_support import cuda
+    from rnndsl.backend.cuda_support import cuda
 
     cuda.synchronize()
     torch.cuda.synchronize()
@@ -55,7 +55,7 @@ def median_gpu(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def time_rnndsl(spec: str, size: str, persistent, repeats: int):
-    from rnndsl import cuda_support as cs
+    from rnndsl.backend import cuda_support as cs
 
     cell = rnndsl.compile(spec, target="cuda", persistent=persistent)
     params, xs, _ = problem(cell, size)  # float32, host
@@ -93,7 +93,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_bench needs a GPU and PyTorch with CUDA")
-    from rnndsl import cuda_support as cs
+    from rnndsl.backend import cuda_support as cs
 
     rows = []
     for spec in args.specs:

@@ -61,7 +61,7 @@ def main():
         print(json.dumps({"info": info, "rows": rows}, indent=1))
         return
     print(f"Machine: {info['machine']}; {info['date']}; torch {info['torch']}; float32 GEMM "
-          f"(rnndsl.blas) {info['gemm_gflops_f32']:.0f} GFLOP/s. Medians of {args.repeats} runs, ms; "
+          f"(rnndsl.backend.blas) {info['gemm_gflops_f32']:.0f} GFLOP/s. Medians of {args.repeats} runs, ms; "
           "ratio = rnndsl / peer.\n")
     print("| cell | size | rnndsl fwd | fwd+bwd | nn fwd | nn fwd+bwd | ratio fwd | ratio fwd+bwd "
           "| eager fwd | eager fwd+bwd | ratio fwd | ratio fwd+bwd | rnndsl GFLOP/s |")

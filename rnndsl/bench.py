@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
-from .runtime import Cell
-from .summary import evaluate_poly, flops_per_step
+from rnndsl.language.errors import UserError
+from rnndsl.engines.cell import Cell
+from rnndsl.summary import evaluate_poly, flops_per_step
 
 # name: (T, B, input size, hidden size)
 WORKLOADS = {
@@ -75,9 +75,9 @@ def time_cell(cell: Cell, workload: str, dtype=np.float32, repeats: int = 7) -> 
 
 
 def gemm_gflops(dtype=np.float32, n: int = 1024, repeats: int = 7) -> float:
-    """The machine's GEMM rate through the BLAS the kernels call (rnndsl.blas), the roofline
+    """The machine's GEMM rate through the BLAS the kernels call (rnndsl.backend.blas), the roofline
     for the large workloads."""
-    from .blas import gemm
+    from rnndsl.backend.blas import gemm
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)
@@ -88,7 +88,7 @@ def gemm_gflops(dtype=np.float32, n: int = 1024, repeats: int = 7) -> float:
 def load_peers():
     """rnndsl.peers: PyTorch's modules and an eager loop of any spec (needs PyTorch)."""
     try:
-        from . import peers
+        from rnndsl import peers
     except ImportError as exc:
         raise UserError(f"timing against PyTorch needs torch ({exc}): pip install "
                         "'rnndsl[torch]'") from None

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ir
-from .bench import WORKLOADS, median_time
+from rnndsl.symbolic import ir
+from rnndsl.bench import WORKLOADS, median_time
 
 TORCH_OPS = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "neg": torch.neg,

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import compiler
-from .blas import blas_threads
-from .runtime import Cell
+from rnndsl import compiler
+from rnndsl.backend.blas import blas_threads
+from rnndsl.engines.cell import Cell
 
 __all__ = ["RNN", "cell_apply", "register", "set_kernel_threads", "TORCH_LAYOUT", "LSTM_PROJ_YAML"]
 

@@ -1,6 +1,6 @@
 """The differential fuzzer: random valid specs (tests/specgen.py) run by the CPU kernels and by
 the NumPy reference, float64, forward and backward, at B = 3 with per-sequence lengths (one of
-them 0), with every scratch buffer of the kernels filled with NaN (rnndsl.scratch) so that a
+them 0), with every scratch buffer of the kernels filled with NaN (rnndsl.backend.scratch) so that a
 read before a write cannot pass by luck. (The CUDA kernels get the same in tests/test_cuda.py,
 in the simulator.)
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.scratch import nan_scratch
+from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences
 from specgen import random_spec
@@ -65,7 +65,7 @@ def test_generator_covers_the_language():
 @pytest.mark.parametrize("seed", range(3))
 def test_a_broken_kernel_is_caught(seed, monkeypatch):
     """The comparison can fail: a kernel with a wrong derivative rule is reported."""
-    from rnndsl import ops
+    from rnndsl.symbolic import ops
 
     tanh = ops.OPS["tanh"]
     monkeypatch.setitem(ops.OPS, "tanh", ops.Op(tanh.numpy, tanh.grad, "sigmoid({0})"))

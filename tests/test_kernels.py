@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.scratch import nan_scratch
+from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences, problem
 

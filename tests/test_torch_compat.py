@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import rnndsl.torch as rt  # noqa: E402
-from rnndsl.blas import blas_threads  # noqa: E402
+from rnndsl.backend.blas import blas_threads  # noqa: E402
 from rnndsl.torch import RNN  # noqa: E402
 from torch_cells import PEEPHOLE_YAML  # noqa: E402
 
@@ -186,7 +186,7 @@ def test_kernels_use_one_blas_thread_while_torch_has_a_pool(monkeypatch):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from rnndsl.train import TrainConfig, train
+    from rnndsl.training.train import TrainConfig, train
 
     path = tmp_path_factory.mktemp("ckpt") / "run.npz"
     config = TrainConfig(spec="gru", task="adding", length=6, hidden=4, layers=2,
@@ -197,7 +197,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_from_checkpoint_runs_the_trained_network(checkpoint):
-    from rnndsl.train import Model
+    from rnndsl.training.train import Model
 
     path, config, params = checkpoint
     mine = RNN.from_checkpoint(path)
@@ -211,7 +211,7 @@ def test_from_checkpoint_runs_the_trained_network(checkpoint):
 
 
 def test_to_checkpoint_writes_weights_that_training_resumes_from(checkpoint, tmp_path):
-    from rnndsl.train import train
+    from rnndsl.training.train import train
 
     path, config, params = checkpoint
     mine = RNN.from_checkpoint(path)

@@ -1,10 +1,10 @@
 """Stage 4, lower: the checked AST becomes step IR (hash-consed nodes with concrete shapes)."""
 from __future__ import annotations
 
-from . import ir
-from .check import FUNCTIONS, PREV, Checked
-from .ops import MACROS
-from .parse import Binary, Call, Name, Neg, Num
+from rnndsl.symbolic import ir
+from rnndsl.language.check import FUNCTIONS, PREV, Checked
+from rnndsl.symbolic.ops import MACROS
+from rnndsl.language.parse import Binary, Call, Name, Neg, Num
 
 _BINARY = {"+": ir.add, "-": ir.sub, "*": ir.mul, "/": ir.div, "**": ir.power}
 
