@@ -396,6 +396,33 @@ def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in 
     _finish(_configs(options.pop("specs"), **options), json_out, plot)
 
 
+# -- generation ---------------------------------------------------------------------------------
+@app.command()
+@reports_input_errors
+def sample(checkpoint: str = typer.Argument(..., help="A checkpoint of `rnndsl train --task "
+                                                         "charlm --save FILE`."),
+           length: int = typer.Option(200, min=1, help="Characters to generate."),
+           prompt: str = typer.Option("", help="Text to continue (printed first)."),
+           temperature: float = typer.Option(1.0, help="> 0: below 1 sharpens the model's "
+                                                       "distribution, above 1 flattens it."),
+           top_k: int = typer.Option(None, min=1, help="Draw only among the k most likely "
+                                                       "characters."),
+           seed: int = typer.Option(0, min=0, help="Seed of the draws: same seed, same text.")):
+    """Generate text from a character-level language model, streaming it as it comes."""
+    from .sample import Generator, charlm_text, check_sampling, load_charlm, terminal_text
+
+    check_sampling(temperature, top_k)
+    _, model, params = load_charlm(checkpoint)
+    generator = Generator(model.network, model.head, params)
+    chars = charlm_text(model.task, generator, length, prompt, temperature, top_k, seed)
+    first = next(chars)  # a bad prompt is refused before anything is printed
+    typer.echo(terminal_text(prompt + first), nl=False)
+    for c in chars:
+        typer.echo(terminal_text(c), nl=False)
+        sys.stdout.flush()
+    typer.echo("")
+
+
 # -- the kernel cache ----------------------------------------------------------------------------
 @cache_app.command("path")
 @reports_input_errors
