@@ -1,0 +1,163 @@
+"""Encoder-decoder and vector-to-sequence models (rnndsl.seq2seq): every gradient against
+central differences on tiny float64 models with ragged lengths; beam search against an
+exhaustive search; decoding one step at a time against the teacher-forced pass; bad
+combinations refused by name."""
+import itertools
+
+import numpy as np
+import pytest
+
+import rnndsl
+from rnndsl.layers import Network
+from rnndsl.seq2seq import Seq2Seq, Seq2SeqBatch, VectorToSequence
+
+SRC, TGT, H = 5, 4, 3  # source vocabulary, target vocabulary (eos = 0), hidden size
+
+
+@pytest.fixture(scope="module")
+def cells():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = rnndsl.compile(name)
+        return cache[name]
+    return get
+
+
+def ragged_batch(rng, vector_size=None):
+    """Four sequences; source lengths 4, 2, 0, 3 and target lengths 1 (eos alone) to 4, the
+    padding filled with ids that must not matter."""
+    src_len, tgt_len = np.array([4, 2, 0, 3]), np.array([3, 1, 4, 2])
+    source = rng.integers(0, SRC, (4, 4))
+    target = rng.integers(1, TGT, (4, 4))
+    target[tgt_len - 1, np.arange(4)] = 0  # eos
+    vector = None if vector_size is None else rng.standard_normal((4, vector_size))
+    return Seq2SeqBatch(source, src_len, target, tgt_len, vector)
+
+
+def perturbed(model, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: v + 0.3 * rng.standard_normal(v.shape)  # off the init: no symmetry hides
+            for k, v in model.init_params(seed=seed, dtype=np.float64).items()}
+
+
+def check_gradients(model, params, batch, picks=2):
+    loss, _, grads = model.loss(params, batch)
+    assert set(grads) == set(params)
+    rng = np.random.default_rng(3)
+    eps = 1e-6
+    for name, arr in params.items():
+        assert grads[name].shape == arr.shape, name
+        flat = arr.reshape(-1)
+        for k in rng.choice(flat.size, size=min(picks, flat.size), replace=False):
+            keep = flat[k]
+            flat[k] = keep + eps
+            up = model.loss(params, batch, grads=False)[0]
+            flat[k] = keep - eps
+            down = model.loss(params, batch, grads=False)[0]
+            flat[k] = keep
+            numeric = (up - down) / (2 * eps)
+            derived = grads[name].reshape(-1)[k]
+            assert abs(derived - numeric) <= 1e-6 * max(1.0, abs(numeric)), \
+                (name, k, derived, numeric)
+
+
+@pytest.mark.parametrize("enc,dec,layers,dec_layers,bidirectional", [
+    ("lstm", "gru", 2, 1, "concat"),      # bridge projects [h_fwd, h_bwd] to h
+    ("gru", "lstm", 1, 2, None),          # one encoder h feeds both h and c, copied
+    ("elman", "lstm", 2, 2, "separate"),  # per layer, both streams' final states
+])
+def test_seq2seq_gradients_match_finite_differences(cells, enc, dec, layers, dec_layers,
+                                                    bidirectional):
+    model = Seq2Seq(Network(cells(enc), SRC, H, layers, bidirectional),
+                    Network(cells(dec), TGT + 1, H, dec_layers), TGT)
+    if bidirectional:
+        assert any(name.startswith("bridge.") for name in model.param_shapes())
+    else:
+        assert not any(name.startswith("bridge.") for name in model.param_shapes())
+    check_gradients(model, perturbed(model), ragged_batch(np.random.default_rng(1)))
+
+
+@pytest.mark.parametrize("condition", ["state", "input", "both"])
+def test_vector_to_sequence_gradients_match_finite_differences(cells, condition):
+    size = 2
+    as_input = condition != "state"
+    model = VectorToSequence(Network(cells("lstm"), TGT + 1 + size * as_input, H), TGT, size,
+                             condition)
+    check_gradients(model, perturbed(model), ragged_batch(np.random.default_rng(2), size))
+
+
+def test_padding_ids_do_not_matter(cells):
+    model = Seq2Seq(Network(cells("gru"), SRC, H), Network(cells("gru"), TGT + 1, H), TGT)
+    params = perturbed(model)
+    batch = ragged_batch(np.random.default_rng(4))
+    loss, _, grads = model.loss(params, batch)
+    pad_src = np.arange(4)[:, None] >= batch.source_lengths
+    pad_tgt = np.arange(4)[:, None] >= batch.target_lengths
+    other = Seq2SeqBatch(np.where(pad_src, 1, batch.source), batch.source_lengths,
+                         np.where(pad_tgt, 3, batch.target), batch.target_lengths)
+    loss2, _, grads2 = model.loss(params, other)
+    assert loss == loss2
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], grads2[k], err_msg=k)
+
+
+def peaked(model, seed):
+    """Parameters scaled up so the decoder's distributions are far from uniform."""
+    return {k: 3 * v for k, v in perturbed(model, seed).items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_search_finds_what_an_exhaustive_search_finds(cells, seed):
+    V, max_len = 3, 4  # eos and two tokens: 1 + 2 + 4 + 8 = 15 finished sequences
+    model = Seq2Seq(Network(cells("lstm"), SRC, H), Network(cells("gru"), V + 1, H), V)
+    params = peaked(model, seed)
+    source, src_len = np.array([[1, 2], [3, 0], [4, 1]]), np.array([3, 2])
+    _, vectors = model.encode(params, source, src_len)
+    state0 = model.bridge.forward(params, vectors)
+    candidates = [list(c) for n in range(max_len) for c in itertools.product([1, 2], repeat=n)]
+    found = model.decoder.beam(params, state0, 2, max_len, width=V ** max_len)
+    for b in range(2):
+        one = {k: {s: v[b:b + 1] for s, v in st.items()} for k, st in state0.items()}
+        scores = []
+        for c in candidates:
+            target = np.array(c + [0])[:, None]
+            scores.append(model.decoder.log_prob(params, one, target, [len(c) + 1])[0])
+        best = int(np.argmax(scores))
+        tokens, score = found[b]
+        assert tokens == candidates[best]
+        assert score == pytest.approx(scores[best], abs=1e-9)  # stepping = teacher forcing
+    greedy = model.translate(params, source, src_len, max_len)
+    narrow = model.translate(params, source, src_len, max_len, beam=2)
+    for b in range(2):
+        one = {k: {s: v[b:b + 1] for s, v in st.items()} for k, st in state0.items()}
+        if len(greedy[b]) < max_len:  # a finished greedy output cannot beat the best
+            g = model.decoder.log_prob(params, one, np.array(greedy[b] + [0])[:, None],
+                                       [len(greedy[b]) + 1])[0]
+            assert g <= found[b][1] + 1e-12
+        assert len(narrow[b]) <= max_len
+
+
+def test_bad_combinations_are_refused(cells):
+    enc = Network(cells("lstm"), SRC, H)
+    with pytest.raises(ValueError, match=r"4 target tokens \+ 1 start token = 5"):
+        Seq2Seq(enc, Network(cells("gru"), TGT, H), TGT)
+    with pytest.raises(ValueError, match="cannot be bidirectional"):
+        Seq2Seq(enc, Network(cells("gru"), TGT + 1, H, bidirectional="concat"), TGT)
+    with pytest.raises(ValueError, match="eos must be"):
+        Seq2Seq(enc, Network(cells("gru"), TGT + 1, H), TGT, eos=TGT)
+    with pytest.raises(ValueError, match="condition must be"):
+        VectorToSequence(Network(cells("gru"), TGT + 1, H), TGT, 2, condition="sideways")
+    model = Seq2Seq(enc, Network(cells("gru"), TGT + 1, H), TGT)
+    params = model.init_params(dtype=np.float64)
+    batch = ragged_batch(np.random.default_rng(0))
+    batch.target[0, 1] = 2  # sequence 1 has length 1: its only token must be eos
+    with pytest.raises(ValueError, match="does not end with eos"):
+        model.loss(params, batch)
+    batch = ragged_batch(np.random.default_rng(0))
+    batch.source[0, 0] = SRC
+    with pytest.raises(ValueError, match="outside the vocabulary of 5"):
+        model.loss(params, batch)
+    with pytest.raises(ValueError, match="missing"):
+        model.loss({k: v for k, v in params.items() if k != "head.b"}, batch)
