@@ -6,7 +6,8 @@ the prefix. `next_token` draws from the head's distribution, sharpened or flatte
 temperature (probabilities proportional to p ** (1 / temperature)) and optionally cut to the
 `top_k` most likely tokens. Draws come from one NumPy generator, so a seed fixes the text.
 
-`charlm_text(...)` samples from a model trained with `rnndsl train --task charlm`. Such a
+`charlm_text(...)` samples from a model trained with `rnndsl train --task charlm`, and
+`decode_prompt` answers a prompt with a model of a sequence task (reverse, expand). Such a
 model saw each line of its text as one sequence starting from zero states, with no start
 symbol; so the generator does the same: a line starts from zero states, its first character
 drawn from how the text's lines begin (unless a prompt gives it), and after each newline the
@@ -79,30 +80,35 @@ def next_token(logp: np.ndarray, rng: np.random.Generator, temperature: float = 
 
 # -- the character-level language model --------------------------------------------------------
 
-def load_charlm(path):
-    """The training configuration, task, network, head and parameters of a charlm checkpoint;
-    any other checkpoint (another task, a bidirectional network, a changed text) is a
-    UserError naming it."""
+GENERATING = ("charlm", "reverse", "expand")  # the tasks whose models write sequences
+
+
+def load_trained(path):
+    """The training configuration, model and parameters of a checkpoint whose model writes
+    sequences (GENERATING); any other (another task, a bidirectional language model, a changed
+    text) is a UserError naming it."""
     from .optim import make_optimizer
-    from .train import Model, load_checkpoint, read_checkpoint
+    from .train import load_checkpoint, make_model, read_checkpoint
 
     where = printable(path)
     ckpt = read_checkpoint(path)
     config = ckpt["config"]
-    if config.task != "charlm":
-        raise UserError(f"{where} holds a model of the task '{config.task}'; sampling needs "
-                        "one trained with --task charlm")
-    if config.bidirectional:
+    if config.task not in GENERATING:
+        raise UserError(f"{where} holds a model of the task '{config.task}', which writes no "
+                        f"sequence; sampling needs one trained with --task "
+                        f"{', '.join(GENERATING)}")
+    if config.task == "charlm" and config.bidirectional:
         raise UserError(f"{where} holds a bidirectional network ({config.bidirectional}), "
                         "which reads each line backwards too and cannot generate")
     try:
-        model = Model(config)
+        model = make_model(config)
     except UserError:
         raise
     except (OSError, ValueError) as exc:  # the text of the run, e.g. moved or unreadable
         raise UserError(f"{where}: {printable(exc)}") from None
     saved = ckpt["entries"].get("param/head.W")
-    if saved is not None and saved.shape[0] != model.task.output_size:
+    if config.task == "charlm" and saved is not None and \
+            saved.shape[0] != model.task.output_size:
         raise UserError(f"{where} was trained on a text of {saved.shape[0]} distinct "
                         f"characters; {printable(config.text or 'the built-in text')} now has "
                         f"{model.task.output_size}: the text changed since training")
@@ -110,6 +116,25 @@ def load_charlm(path):
     load_checkpoint(path, config, params, make_optimizer(config.optimizer, config.lr,
                                                          config.momentum))
     return config, model, params
+
+
+def decode_prompt(model, params, prompt: str, max_len: int, beam: int | None) -> str:
+    """A sequence task's answer to `prompt` (reverse: the source letters; expand: the counts),
+    decoded greedily or by beam search of width `beam`."""
+    if not prompt:
+        raise UserError(f"give the input with --prompt (the task {model.task.name}: "
+                        f"{model.task.description})")
+    try:
+        given = model.task.encode(prompt)
+    except ValueError as exc:
+        raise UserError(f"prompt: {exc}") from None
+    dtype = model.dtype
+    if model.task.head == "seq2seq":
+        ids = model.model.translate(params, given[:, None], [len(given)], max_len, beam)
+    else:
+        vector = given[None].astype(dtype) / model.task.length
+        ids = model.model.generate(params, vector, max_len, beam)
+    return model.task.decode(ids[0])
 
 
 def charlm_text(task, generator: Generator, length: int, prompt: str = "",

@@ -452,3 +452,37 @@ class VectorToSequence:
             return self.decoder.greedy(params, state0 or None, len(vector), max_len, context)
         return [t for t, _ in self.decoder.beam(params, state0 or None, len(vector), max_len,
                                                 beam, context)]
+
+
+class SequenceModel:
+    """What `rnndsl.train` trains on the sequence tasks (rnndsl.tasks.SEQUENCE_TASKS), with the
+    interface of `rnndsl.train.Model`: a Seq2Seq for "seq2seq" tasks (encoder `config.spec`,
+    decoder `config.decoder`, else the same spec; `bidirectional` applies to the encoder),
+    a VectorToSequence for "vector2seq" tasks (decoder `config.decoder` or `config.spec`,
+    conditioned as `config.condition` says, "state" by default). Both networks take the
+    configuration's hidden size, layers, residual and dense options."""
+
+    def __init__(self, config):
+        from . import compiler
+        from .tasks import make_task
+        from .train import network_for
+
+        self.task = make_task(config.task, config.length)
+        self.dtype = np.dtype(config.dtype)
+        decoder = compiler.compile(config.decoder or config.spec)
+        vocab = self.task.output_size
+        if self.task.head == "seq2seq":
+            encoder = network_for(config, compiler.compile(config.spec), self.task.input_size)
+            self.model = Seq2Seq(encoder, network_for(config, decoder, vocab + 1, None), vocab,
+                                 self.task.EOS)
+        else:
+            condition = config.condition or "state"
+            context = self.task.input_size if condition != "state" else 0
+            self.model = VectorToSequence(network_for(config, decoder, vocab + 1 + context),
+                                          vocab, self.task.input_size, condition, self.task.EOS)
+
+    def init_params(self, seed: int, orthogonal: bool) -> dict:
+        return self.model.init_params(seed, self.dtype, orthogonal)
+
+    def loss(self, params, batch: Seq2SeqBatch, grads: bool = True):
+        return self.model.loss(params, batch, grads)
