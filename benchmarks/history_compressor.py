@@ -2,7 +2,7 @@
 filler (rnndsl.compressor): how often the remembered symbol is predicted on 200 held-out
 sequences, as training proceeds, and what each level passes up.
 
-    python benchmarks/history_compressor.py            # about a minute on 2 cores
+    python benchmarks/history_compressor.py            # about 2 minutes on 2 cores
 """
 import argparse
 import time

@@ -210,8 +210,9 @@ def filler_sequences(rng, batch: int, min_filler: int, max_filler: int) -> list:
 
 def end_predicted(model: HistoryCompressor, params: dict, seqs: list) -> float:
     """How often each sequence's last symbol (the remembered x) is predicted by some level,
-    that is, is not among what the top level keeps. A level that guesses a fixed symbol
-    scores 1/4, two such levels at most 1/2 (the second guesses among what the first got
-    wrong); only a hierarchy that carries the symbol across the lag scores 1."""
+    that is, is not among what the top level keeps. One level guessing scores 1/4; with
+    two, the second gets another guess where the first was wrong, and an untrained second
+    level's guess depends on what it read, so chance ranges from 1/4 to about 1/2 and more
+    by luck; only a hierarchy that carries the symbol across the lag scores 1 reliably."""
     packed = model.compress(params, seqs)
     return float(np.mean([len(s) - 1 not in top for s, top in zip(seqs, packed.stamps[-1])]))

@@ -239,3 +239,16 @@ def test_cli_trains_and_decodes_a_sequence_task(tmp_path):
         out = CliRunner().invoke(app, [*args, "--steps", "1"] if args[0] == "train" else args)
         assert out.exit_code == 2, (args, out.output)
         assert message in out.output and "Traceback" not in out.output, (args, out.output)
+
+
+def test_readme_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"### Encoder-decoder \(sequence to sequence\)\n\n```python\n(.*?)```",
+                     readme, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert np.isfinite(scope["loss"]) and set(scope["grads"]) == set(scope["params"])
+    assert len(scope["greedy"]) == len(scope["beam"]) == 2
