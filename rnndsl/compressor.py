@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas import matmul
 from .heads import Head
 from .layers import Network
 from .optim import Adam, check_finite, clip_global_norm
@@ -116,7 +117,7 @@ class HistoryCompressor:
                 run = net.run(net_params, self._one_hot(symbols[t:t + 1], own), state0=states,
                               save=False)
                 states = run.states
-                z = run.y[0] @ own["head.W"].T + own["head.b"]
+                z = matmul(run.y[0], own["head.W"].T) + own["head.b"]
                 predicted[t + 1] = z.argmax(axis=1)
         live = np.arange(T)[:, None] < lengths
         return np.where(live, symbols, 0), np.where(live, predicted, -1)

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .blas import matmul
 from .errors import UserError, printable
 from .heads import Head, _log_softmax
 from .layers import Network
@@ -55,7 +56,7 @@ class Generator:
         x[np.arange(len(ids)), 0, ids] = 1
         run = self.network.run(self.net_params, x, state0=self.states, save=False)
         self.states = run.states
-        z = run.y[-1] @ self.params["head.W"].T + self.params["head.b"]
+        z = matmul(run.y[-1], self.params["head.W"].T) + self.params["head.b"]
         return _log_softmax(z[0].astype(np.float64))
 
 

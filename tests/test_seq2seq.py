@@ -2,6 +2,7 @@
 central differences on tiny float64 models with ragged lengths; beam search against an
 exhaustive search; decoding one step at a time against the teacher-forced pass; bad
 combinations refused by name."""
+import functools
 import itertools
 
 import numpy as np
@@ -14,15 +15,9 @@ from rnndsl.seq2seq import Seq2Seq, Seq2SeqBatch, VectorToSequence
 SRC, TGT, H = 5, 4, 3  # source vocabulary, target vocabulary (eos = 0), hidden size
 
 
-@pytest.fixture(scope="module")
-def cells():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = rnndsl.compile(name)
-        return cache[name]
-    return get
+@functools.cache
+def cells(name):
+    return rnndsl.compile(name)
 
 
 def ragged_batch(rng, vector_size=None):
@@ -68,7 +63,7 @@ def check_gradients(model, params, batch, picks=2):
     ("gru", "lstm", 1, 2, None),          # one encoder h feeds both h and c, copied
     ("elman", "lstm", 2, 2, "separate"),  # per layer, both streams' final states
 ])
-def test_seq2seq_gradients_match_finite_differences(cells, enc, dec, layers, dec_layers,
+def test_seq2seq_gradients_match_finite_differences(enc, dec, layers, dec_layers,
                                                     bidirectional):
     model = Seq2Seq(Network(cells(enc), SRC, H, layers, bidirectional),
                     Network(cells(dec), TGT + 1, H, dec_layers), TGT)
@@ -80,7 +75,7 @@ def test_seq2seq_gradients_match_finite_differences(cells, enc, dec, layers, dec
 
 
 @pytest.mark.parametrize("condition", ["state", "input", "both"])
-def test_vector_to_sequence_gradients_match_finite_differences(cells, condition):
+def test_vector_to_sequence_gradients_match_finite_differences(condition):
     size = 2
     as_input = condition != "state"
     model = VectorToSequence(Network(cells("lstm"), TGT + 1 + size * as_input, H), TGT, size,
@@ -88,7 +83,7 @@ def test_vector_to_sequence_gradients_match_finite_differences(cells, condition)
     check_gradients(model, perturbed(model), ragged_batch(np.random.default_rng(2), size))
 
 
-def test_padding_ids_do_not_matter(cells):
+def test_padding_ids_do_not_matter():
     model = Seq2Seq(Network(cells("gru"), SRC, H), Network(cells("gru"), TGT + 1, H), TGT)
     params = perturbed(model)
     batch = ragged_batch(np.random.default_rng(4))
@@ -109,7 +104,7 @@ def peaked(model, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_beam_search_finds_what_an_exhaustive_search_finds(cells, seed):
+def test_beam_search_finds_what_an_exhaustive_search_finds(seed):
     V, max_len = 3, 4  # eos and two tokens: 1 + 2 + 4 + 8 = 15 finished sequences
     model = Seq2Seq(Network(cells("lstm"), SRC, H), Network(cells("gru"), V + 1, H), V)
     params = peaked(model, seed)
@@ -139,7 +134,7 @@ def test_beam_search_finds_what_an_exhaustive_search_finds(cells, seed):
         assert len(narrow[b]) <= max_len
 
 
-def test_bad_combinations_are_refused(cells):
+def test_bad_combinations_are_refused():
     enc = Network(cells("lstm"), SRC, H)
     with pytest.raises(ValueError, match=r"4 target tokens \+ 1 start token = 5"):
         Seq2Seq(enc, Network(cells("gru"), TGT, H), TGT)
