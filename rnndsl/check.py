@@ -15,20 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import SourcePos, SpecError, suggest
+from .ops import user_functions
 from .parse import Assign, Binary, Call, Name, Neg, Num, parse_equations
 from .spec import ParamDecl, Spec
 
-# user-facing name -> {number of arguments: (op, kind)}; kinds: "map" elementwise,
-# "reduce" vector -> per-row scalar, "row" vector -> vector
-FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = {
-    **{f: {1: (f, "map")} for f in
-       ("sigmoid", "tanh", "relu", "exp", "log", "softplus", "hard_sigmoid", "abs", "sqrt")},
-    "min": {1: ("rmin", "reduce"), 2: ("minimum", "map")},
-    "max": {1: ("rmax", "reduce"), 2: ("maximum", "map")},
-    "sum": {1: ("rsum", "reduce")},
-    "mean": {1: ("rmean", "reduce")},
-    "softmax": {1: ("softmax", "row")},
-}
+# user-facing name -> {number of arguments: (op, kind)}, from the operators' records
+FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = user_functions()
 PREV = "_prev"
 
 
@@ -294,7 +286,10 @@ class _Checker:
             for t, arg in zip(ts, e.args):
                 self.not_matrix(t, arg)
             if kind == "map":
-                return self.join(ts[0], ts[-1], e.pos, f"'{e.func}'")
+                joined = ts[0]
+                for t in ts[1:]:
+                    joined = self.join(joined, t, e.pos, f"'{e.func}'")
+                return joined
             if ts[0].kind != "vector":
                 raise SpecError(f"'{e.func}' of one argument works along a vector's features; "
                                 f"its argument is a scalar", e.args[0].pos)

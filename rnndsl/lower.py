@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import ir
 from .check import FUNCTIONS, PREV, Checked
+from .ops import MACROS
 from .parse import Binary, Call, Name, Neg, Num
 
 _BINARY = {"+": ir.add, "-": ir.sub, "*": ir.mul, "/": ir.div, "**": ir.power}
@@ -43,6 +44,8 @@ def lower(checked: Checked) -> ir.StepIR:
             return ir.reduce(op, args[0])
         if kind == "row":
             return ir.softmax(args[0])
+        if op in MACROS:
+            return MACROS[op].expand(*args)
         return ir.apply(op, *args)
 
     for a in checked.order:

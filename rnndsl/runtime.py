@@ -16,6 +16,8 @@ from .grad import Backward
 from .ir import StepIR
 
 DTYPES = (np.float32, np.float64)
+# The size that sets a layer's width and PyTorch's init bound 1/sqrt(hidden), when a spec has it
+HIDDEN = "hidden"
 
 
 @dataclass
@@ -91,7 +93,7 @@ class GeneratedEngine:
 
     def header(self, dtype: str) -> str:
         from . import __version__
-        from .emit_cpu import legend
+        from .emit_common import legend
 
         # Only validated identifiers reach the header: the spec's file path and summary are
         # user text, and a carriage return in either would end the comment and run the rest.
@@ -179,6 +181,11 @@ class Cell:
     def __repr__(self) -> str:
         return f"<rnndsl.Cell {self.name} ({self.engine.name})>"
 
+    @property
+    def width_size(self) -> str:
+        """The size name of the layer's width: `hidden`, else the first state's size."""
+        return HIDDEN if HIDDEN in self.sizes else next(iter(self.states.values()))
+
     def param_shapes(self, **sizes: int) -> dict[str, tuple[int, ...]]:
         return {p: tuple(sizes[s] for s in info.shape) for p, info in self.params.items()}
 
@@ -204,7 +211,7 @@ class Cell:
         out = {}
         for p, info in self.params.items():
             shape = tuple(sizes[s] for s in info.shape)
-            out[p] = init_array(info.init, info.value, shape, sizes.get("hidden"), rng, p)
+            out[p] = init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng, p)
         return {p: v.astype(dtype) for p, v in out.items()}
 
     # -- running --------------------------------------------------------------------------------
