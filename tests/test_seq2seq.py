@@ -74,6 +74,26 @@ def test_seq2seq_gradients_match_finite_differences(enc, dec, layers, dec_layers
     check_gradients(model, perturbed(model), ragged_batch(np.random.default_rng(1)))
 
 
+CUSTOM = """name: custom
+sizes: [input, hidden]
+inputs: {x: input}
+states: {h: hidden}
+equations: |
+  r = sigmoid(W_r @ x + U_r @ h_prev + b_r)
+  h = (1 - r) * h_prev + r * tanh(W @ x + U @ (r * h_prev) + b)
+"""
+
+
+def test_any_spec_custom_encoder_and_jordan_decoder():
+    """A spec given as text for the encoder; Jordan's network, whose state is its softmax
+    output y (no state of that name in the encoder: it starts from the encoder's h, projected
+    to the output width), as the decoder."""
+    model = Seq2Seq(Network(rnndsl.compile(CUSTOM), SRC, H, 2, "alternate"),
+                    Network(cells("jordan"), TGT + 1, H, sizes={"output": 2}), TGT)
+    assert model.bridge.shapes == {"bridge.layer0.y": (2, 2 * H)}
+    check_gradients(model, perturbed(model), ragged_batch(np.random.default_rng(5)))
+
+
 @pytest.mark.parametrize("condition", ["state", "input", "both"])
 def test_vector_to_sequence_gradients_match_finite_differences(condition):
     size = 2
