@@ -220,7 +220,8 @@ DTYPE = typer.Option("float32", help="Floating-point type of the run.")
 JSON = typer.Option(False, "--json", help="Machine-readable log: one JSON object per line; "
                                           "the last holds the settings and versions.")
 PLOT = typer.Option(None, help="Write a learning curve to this image (needs matplotlib).")
-DECODER = typer.Option(None, help="reverse, expand: the decoder's spec (default: SPEC).")
+DECODER = typer.Option(None, help="reverse, dates, expand: the decoder's spec (default: "
+                                  "SPEC).")
 CONDITION = typer.Option(None, help="expand: the decoder reads the vector as its initial "
                                     "state (default), as an input at every step, or both.")
 
@@ -415,15 +416,16 @@ def sample(ctx: typer.Context,
            length: int = typer.Option(200, min=1, help="Characters to generate (reverse, "
                                                        "expand: the most target tokens)."),
            prompt: str = typer.Option("", help="charlm: text to continue (printed first); "
-                                               "reverse, expand: the input to answer."),
+                                               "reverse, dates, expand: the input to answer."),
            temperature: float = typer.Option(1.0, help="charlm, > 0: below 1 sharpens the "
-                                                       "model's distribution, above 1 flattens it."),
+                                                       "model's distribution, above 1 "
+                                                       "flattens it."),
            top_k: int = typer.Option(None, min=1, help="charlm: draw only among the k most "
                                                        "likely characters."),
            seed: int = typer.Option(0, min=0, help="charlm: seed of the draws (same seed, same "
                                                    "text)."),
-           beam: int = typer.Option(None, min=1, help="reverse, expand: beam search of this "
-                                                      "width (default: greedy).")):
+           beam: int = typer.Option(None, min=1, help="reverse, dates, expand: beam search of "
+                                                      "this width (default: greedy).")):
     """Generate from a trained model: text from a character-level language model, streamed as
     it comes, or a sequence task's answer to --prompt."""
     from .sample import (Generator, charlm_text, check_sampling, decode_prompt, load_trained,

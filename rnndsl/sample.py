@@ -6,12 +6,12 @@ the prefix. `next_token` draws from the head's distribution, sharpened or flatte
 temperature (probabilities proportional to p ** (1 / temperature)) and optionally cut to the
 `top_k` most likely tokens. Draws come from one NumPy generator, so a seed fixes the text.
 
-`charlm_text(...)` samples from a model trained with `rnndsl train --task charlm`, and
-`decode_prompt` answers a prompt with a model of a sequence task (reverse, expand). Such a
+`charlm_text(...)` samples from a model trained with `rnndsl train --task charlm`. Such a
 model saw each line of its text as one sequence starting from zero states, with no start
 symbol; so the generator does the same: a line starts from zero states, its first character
 drawn from how the text's lines begin (unless a prompt gives it), and after each newline the
-states are reset and the next line starts afresh.
+states are reset and the next line starts afresh. `decode_prompt` answers a prompt with a
+model of a sequence task (rnndsl.tasks.SEQUENCE_TASKS).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .blas import matmul
 from .errors import UserError, printable
 from .heads import Head, _log_softmax
 from .layers import Network
+from .tasks import SEQUENCE_TASKS
 
 
 class Generator:
@@ -81,7 +82,7 @@ def next_token(logp: np.ndarray, rng: np.random.Generator, temperature: float = 
 
 # -- the character-level language model --------------------------------------------------------
 
-GENERATING = ("charlm", "reverse", "expand")  # the tasks whose models write sequences
+GENERATING = ("charlm", *SEQUENCE_TASKS)  # the tasks whose models write sequences
 
 
 def load_trained(path):
@@ -120,8 +121,8 @@ def load_trained(path):
 
 
 def decode_prompt(model, params, prompt: str, max_len: int, beam: int | None) -> str:
-    """A sequence task's answer to `prompt` (reverse: the source letters; expand: the counts),
-    decoded greedily or by beam search of width `beam`."""
+    """A sequence task's answer to `prompt` (reverse: the source letters; dates: YYYY-MM-DD;
+    expand: the counts), decoded greedily or by beam search of width `beam`."""
     if not prompt:
         raise UserError(f"give the input with --prompt (the task {model.task.name}: "
                         f"{model.task.description})")

@@ -12,6 +12,7 @@ fixes every batch. A batch's `target` has the form its head (rnndsl.heads) expec
 | sort | bits_step | Graves et al. 2014, sec. 4.5 (priority sort) |
 | charlm | softmax_step | character-level language modelling (Graves 2013; Karpathy 2015) |
 | reverse | seq2seq | reverse and map a letter sequence (encoder-decoder; exact match) |
+| dates | seq2seq | ISO dates to words, 1987-04-23 -> 23 april 1987 (encoder-decoder) |
 | expand | vector2seq | write symbols as often as a vector of counts says (one-to-many) |
 
 `make_task(name, length, **options)` builds one; `length` sets each task's main size (the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from datetime import date
 from importlib import resources
 from pathlib import Path
 
@@ -431,6 +433,50 @@ class Reverse(_TokenTask):
         return Seq2SeqBatch(source, src_len, target, lengths)
 
 
+MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
+          "september", "october", "november", "december")
+
+
+class Dates(_TokenTask):
+    """Dates between written formats (a small character-level translation): the source is a
+    date as ISO 8601 writes it, `1987-04-23`, the target the same date in words and numbers,
+    `23 april 1987`, one character per token. Dates are uniform over `years` years from 1950
+    (all 36524 days of 1950-2049 by default)."""
+    name, LENGTH_OPTION, head = "dates", "years", "seq2seq"
+
+    def __init__(self, years: int = 100):
+        _require(1 <= years <= 8049, self.name, f"years must be in 1..8049, not {years}")
+        self.years = int(years)
+        self.first = date(1950, 1, 1).toordinal()
+        self.days = date(1950 + self.years - 1, 12, 31).toordinal() - self.first + 1
+        self.source_chars = "0123456789-"
+        self.target_chars = "".join(sorted(set("0123456789 " + "".join(MONTHS))))
+        self.input_size, self.output_size = len(self.source_chars), len(self.target_chars) + 1
+        self.baseline = float(np.log(self.output_size))
+        self.description = (f"ISO dates of {1950}-{1950 + self.years - 1} to words: "
+                            f"1987-04-23 -> 23 april 1987")
+
+    def _draw(self, rng):
+        day = date.fromordinal(self.first + int(rng.integers(0, self.days)))
+        return tuple(self.source_chars.index(c) for c in day.isoformat())
+
+    def answer(self, key):
+        day = date.fromisoformat("".join(self.source_chars[i] for i in key))
+        text = f"{day.day} {MONTHS[day.month - 1]} {day.year}"
+        return [self.target_chars.index(c) + 1 for c in text]
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            date.fromisoformat(text)
+            ok = len(text) == 10
+        except ValueError:
+            ok = False
+        _require(ok, self.name, f"give a date as YYYY-MM-DD, e.g. 1987-04-23, not {text!r}")
+        return np.array([self.source_chars.index(c) for c in text], dtype=np.int64)
+
+    _batch = Reverse._batch
+
+
 class Expand(_TokenTask):
     """One-to-many: the input is a vector of `symbols` counts, each 0..`length`, scaled to
     [0, 1]; the target writes each symbol as many times as its count, in order: (2, 0, 1) ->
@@ -476,8 +522,9 @@ class Expand(_TokenTask):
 
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in
-                                 (Adding, Copy, RepeatCopy, Recall, Sort, CharLM, Reverse, Expand)}
-SEQUENCE_TASKS = ("reverse", "expand")  # a decoder writes the target: rnndsl.seq2seq
+                                 (Adding, Copy, RepeatCopy, Recall, Sort, CharLM, Reverse, Dates,
+                                  Expand)}
+SEQUENCE_TASKS = ("reverse", "dates", "expand")  # a decoder writes the target: rnndsl.seq2seq
 
 
 def make_task(name: str, length: int | None = None, **options) -> Task:

@@ -182,7 +182,7 @@ def test_bad_combinations_are_refused():
 def test_held_out_inputs_never_occur_in_training():
     from rnndsl.tasks import _is_held_out, make_task
 
-    for task in (make_task("reverse", 3), make_task("expand")):
+    for task in (make_task("reverse", 3), make_task("dates", 1), make_task("expand")):
         rng = np.random.default_rng(0)
         train_batch, held = task.sample(rng, 300), task.sample_held_out(rng, 300)
         for batch, want in ((train_batch, False), (held, True)):
@@ -196,7 +196,7 @@ def test_held_out_inputs_never_occur_in_training():
                 assert batch.target[:n, b].tolist() == task.answer(k) + [0]
 
 
-@pytest.mark.parametrize("name", ["reverse", "expand"])
+@pytest.mark.parametrize("name", ["reverse", "dates", "expand"])
 def test_sequence_tasks_are_determined_by_the_generator(name):
     from rnndsl.tasks import make_task
 
@@ -267,3 +267,21 @@ def test_readme_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert np.isfinite(scope["loss"]) and set(scope["grads"]) == set(scope["params"])
     assert len(scope["greedy"]) == len(scope["beam"]) == 2
+
+
+def test_dates_task_writes_each_date_in_words():
+    from datetime import date
+
+    from rnndsl.tasks import make_task
+
+    task = make_task("dates")
+    batch = task.sample(np.random.default_rng(0), 50)
+    for b in range(50):
+        iso = "".join(task.source_chars[i] for i in batch.source[:batch.source_lengths[b], b])
+        day = date.fromisoformat(iso)
+        words = task.decode(batch.target[:batch.target_lengths[b], b])
+        assert words == f"{day.day} {day.strftime('%B').lower()} {day.year}"
+        assert 1950 <= day.year <= 2049
+    assert task.encode("2024-02-29").tolist() == [2, 0, 2, 4, 10, 0, 2, 10, 2, 9]
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        task.encode("2023-02-29")
