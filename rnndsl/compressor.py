@@ -83,6 +83,9 @@ class HistoryCompressor:
         own = self._own(params, k)
         net, head = self.networks[k], self.heads[k]
         ids, lengths = pad(seqs)
+        if lengths.max() < 2:  # every input was predicted below: nothing left to predict
+            zeros = {f"level{k}.{p}": np.zeros_like(v) for p, v in own.items()}
+            return 0.0, {"accuracy": 1.0}, (zeros if grads else None)
         x = self._one_hot(ids[:-1], own)
         steps = np.maximum(lengths - 1, 0)  # predict symbol t+1 from symbols 0..t
         net_params = {p: own[p] for p in net.param_shapes()}

@@ -76,3 +76,11 @@ def test_long_lag_compressor_learns_where_a_flat_lstm_does_not(trained):
     flat_params = flat.init_params(0)
     train_level(flat, flat_params, 0, sample, 300)  # as many steps as both levels had
     assert end_predicted(flat, flat_params, seqs) < 0.6
+
+
+def test_a_level_with_nothing_to_predict_has_zero_loss():
+    model = HistoryCompressor(rnndsl.compile("lstm"), 8, 4, levels=2)
+    params = model.init_params(0)
+    loss, _, grads = model.level_loss(params, 1, [[3], [1]])
+    assert loss == 0 and set(grads) == {p for p in params if p.startswith("level1.")}
+    assert not any(g.any() for g in grads.values())
