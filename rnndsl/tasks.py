@@ -530,7 +530,7 @@ SEQUENCE_TASKS = ("reverse", "dates", "expand")  # a decoder writes the target: 
 def make_task(name: str, length: int | None = None, **options) -> Task:
     """The task `name` (one of TASKS) with its options; `length`, if given, sets the task's
     LENGTH_OPTION (adding, charlm: length; copy, repeat_copy: max_len; recall: max_items;
-    sort: in_count)."""
+    sort: in_count; reverse: the longest source; dates: years; expand: the largest count)."""
     cls = TASKS.get(name)
     if cls is None:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
