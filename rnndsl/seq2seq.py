@@ -464,21 +464,21 @@ class SequenceModel:
 
     def __init__(self, config):
         from . import compiler
-        from .tasks import make_task
-        from .train import network_for
+        from .train import network_for, task_for
 
-        self.task = make_task(config.task, config.length)
+        self.task = task_for(config)
         self.dtype = np.dtype(config.dtype)
         decoder = compiler.compile(config.decoder or config.spec)
         vocab = self.task.output_size
         if self.task.head == "seq2seq":
             encoder = network_for(config, compiler.compile(config.spec), self.task.input_size)
-            self.model = Seq2Seq(encoder, network_for(config, decoder, vocab + 1, None), vocab,
-                                 self.task.EOS)
+            self.model = Seq2Seq(encoder, network_for(config, decoder, vocab + 1, one_way=True),
+                                 vocab, self.task.EOS)
         else:
             condition = config.condition or "state"
             context = self.task.input_size if condition != "state" else 0
-            self.model = VectorToSequence(network_for(config, decoder, vocab + 1 + context),
+            self.model = VectorToSequence(network_for(config, decoder, vocab + 1 + context,
+                                                      one_way=True),
                                           vocab, self.task.input_size, condition, self.task.EOS)
 
     def init_params(self, seed: int, orthogonal: bool) -> dict:

@@ -146,12 +146,19 @@ class TrainResult:
     params: dict = field(repr=False, default_factory=dict)
 
 
-def network_for(config: TrainConfig, cell, input_size: int, bidirectional="config") -> Network:
-    """A Network of `cell` as the configuration says (every size but the input's is hidden)."""
+def task_for(config: TrainConfig):
+    """The configuration's task (a `text` for any task but charlm is refused there)."""
+    options = {"path": config.text} if config.text else {}
+    return make_task(config.task, config.length, **options)
+
+
+def network_for(config: TrainConfig, cell, input_size: int, one_way: bool = False) -> Network:
+    """A Network of `cell` as the configuration says (every size but the input's is hidden);
+    `one_way` (a decoder's) ignores `bidirectional`."""
     extra = {s: config.hidden for s in cell.sizes if s not in ("input", HIDDEN)}
     return Network(cell, input_size, config.hidden, layers=config.layers,
-                   bidirectional=config.bidirectional if bidirectional == "config" else
-                   bidirectional, residual=config.residual, dense=config.dense, sizes=extra)
+                   bidirectional=None if one_way else config.bidirectional,
+                   residual=config.residual, dense=config.dense, sizes=extra)
 
 
 def make_model(config: TrainConfig):
@@ -167,8 +174,7 @@ class Model:
     """A network of cells and a head on its output; parameters in one flat dict."""
 
     def __init__(self, config: TrainConfig):
-        options = {"path": config.text} if config.text else {}
-        self.task = make_task(config.task, config.length, **options)
+        self.task = task_for(config)
         self.network = network_for(config, compiler.compile(config.spec), self.task.input_size)
         self.head = Head(self.task.head, self.network.output_size, self.task.output_size)
         self.dtype = np.dtype(config.dtype)

@@ -247,6 +247,8 @@ def test_cli_trains_and_decodes_a_sequence_task(tmp_path):
                            "bidirectional applies to an encoder"),
                           (["train", "lstm", "--task", "reverse", "--condition", "input"],
                            "condition applies to"),
+                          (["train", "lstm", "--task", "dates", "--text", "README.md"],
+                           "unknown option 'path'"),
                           (["sample", str(ckpt)], "give the input with --prompt"),
                           (["sample", str(ckpt), "--prompt", "abz"], "not in the source"),
                           (["sample", str(ckpt), "--prompt", "ab", "--top-k", "2"],
