@@ -38,6 +38,8 @@ EXCEPTED = [  # (pattern, why the command is not run here)
     (r"^pip install", "installs: the suite runs in the installed package; tests/test_wheel.py "
                       "installs the wheel in a fresh environment"),
     (r"^python -m pytest", "the suite that runs this test"),
+    (r"^python benchmarks/", "a benchmark of minutes: its figures are in the README, with the "
+                             "machine and the date"),
 ]
 
 

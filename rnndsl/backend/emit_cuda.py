@@ -84,7 +84,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         "",
         "import numpy as np",
         "",
-        "from rnndsl import cuda_support as cs",
+        "from rnndsl.backend import cuda_support as cs",
         "from rnndsl.backend.cuda_support import cuda",
         "",
         f"DT = np.{dtype}",
