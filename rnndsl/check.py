@@ -9,14 +9,20 @@ A name that is not an input, a state, an equation's target, a declared parameter
 function is a parameter inferred from its use: a matrix where it stands left of `@`, a vector
 elsewhere (declare a scalar with `shape: []`). A name within typing distance of a known
 variable is reported as unknown instead, with a suggestion, since it is far more likely a typo.
+A name in `constants:` is that number.
+
+Concatenation. `W @ [h_prev, x]` is checked as one product whose matrix has a column block per
+part; it runs as the split form `W[:, :hidden] @ h_prev + W[:, hidden:] @ x` (see ParamLayout),
+so its kernels are exactly those of a spec written with two matrices. A concatenation stands
+only right of `@`: elsewhere it would be a vector whose size is a sum, which no kernel has.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .errors import SourcePos, SpecError, suggest
-from .parse import Assign, Binary, Call, Name, Neg, Num, parse_equations
-from .spec import ParamDecl, Spec
+from .parse import Assign, Binary, Call, Concat, Name, Neg, Num, parse_equations
+from .spec import SUM, ParamDecl, Spec
 
 # user-facing name -> {number of arguments: (op, kind)}; kinds: "map" elementwise,
 # "reduce" vector -> per-row scalar, "row" vector -> vector
@@ -86,11 +92,23 @@ class ParamInfo:
 
 
 @dataclass(frozen=True)
+class ParamLayout:
+    """The parameters as the user declares, initialises and trains them, and the column blocks
+    the kernels take instead of a matrix that multiplies a concatenation: `W` of shape
+    (hidden, hidden + input), columns in the order of the parts, becomes `W[:, :hidden]` and
+    `W[:, hidden:]`. Block names contain '[', which no name in a spec can."""
+
+    params: dict[str, ParamInfo]  # in order of first use
+    blocks: dict[str, tuple[str, ...]]  # matrix -> its blocks' parameter names, left to right
+
+
+@dataclass(frozen=True)
 class Checked:
     spec: Spec
     order: tuple[Assign, ...]  # equations, each after what it uses
-    params: dict[str, ParamInfo]
+    params: dict[str, ParamInfo]  # what the kernels take: a concatenated matrix's blocks
     locals: dict[str, tuple[str, ...]]  # intermediate values and their shapes
+    layout: ParamLayout
 
 
 def check(spec: Spec) -> Checked:
@@ -102,7 +120,8 @@ def _walk(expr):
     yield expr
     for child in (expr.left, expr.right) if isinstance(expr, Binary) else \
             (expr.operand,) if isinstance(expr, Neg) else \
-            expr.args if isinstance(expr, Call) else ():
+            expr.args if isinstance(expr, Call) else \
+            expr.items if isinstance(expr, Concat) else ():
         yield from _walk(child)
 
 
@@ -114,12 +133,16 @@ class _Checker:
         self.types: dict[str, Shape] = {}  # defined values and parameters
         self.param_pos: dict[str, SourcePos] = {}
         self.defs: dict[str, Assign] = {}
+        # matrix -> (size variables of its column blocks, first product with a concatenation)
+        self.blocks: dict[str, tuple[list[int], SourcePos]] = {}
+        self.plain: dict[str, SourcePos] = {}  # matrix -> first product with a plain vector
 
     def run(self) -> Checked:
         spec = self.spec
         if not self.assigns:
             raise SpecError("no equations: write one 'name = expression' per line",
                             spec.equations[0].origin.pos(1, 1))
+        self.constants()
         self.defs = defs = self.definitions()
         order = self.order(defs)
         for a in order:
@@ -141,11 +164,31 @@ class _Checker:
             raise SpecError("a cell needs at least one input, e.g. 'inputs: {x: input}': the "
                             "input sequence sets how many steps a run takes",
                             spec.where(f"states.{next(iter(spec.states))}"))
-        return Checked(spec, tuple(order), self.param_infos(),
+        layout = self.param_infos()
+        kernel_params = {}
+        for n, info in layout.params.items():
+            parts = layout.blocks.get(n, ())
+            cols = info.shape[1].split(SUM) if parts else ()
+            kernel_params.update({k: ParamInfo(k, (info.shape[0], c), info.init, info.value,
+                                               info.declared, info.pos)
+                                  for k, c in zip(parts, cols)} or {n: info})
+        return Checked(spec, tuple(order), kernel_params,
                        {n: self.concrete(self.types[n], n, defs[n].pos)
-                        for n in defs if n not in spec.states})
+                        for n in defs if n not in spec.states}, layout)
 
     # -- names ----------------------------------------------------------------------------
+    def constants(self):
+        """A constant may not take the name of anything else the spec or the language names."""
+        spec = self.spec
+        for n, c in spec.constants.items():
+            clash = "an input" if n in spec.inputs else "a state" if n in spec.states else \
+                "a size" if n in spec.sizes else "a parameter" if n in spec.params else \
+                "a function" if n in FUNCTIONS else \
+                "a state's previous value" if n.endswith(PREV) and n[:-len(PREV)] in spec.states \
+                else None
+            if clash:
+                raise SpecError(f"constant '{n}' has the name of {clash}; rename one of them",
+                                c.pos)
     def definitions(self) -> dict[str, Assign]:
         spec, defs = self.spec, {}
         for a in self.assigns:
@@ -158,6 +201,9 @@ class _Checker:
                 raise SpecError(f"'{t}' is an input and cannot be assigned", a.pos)
             if t in spec.params:
                 raise SpecError(f"'{t}' is a declared parameter and cannot be assigned", a.pos)
+            if t in spec.constants:
+                raise SpecError(f"'{t}' is a constant and cannot be assigned (set it with "
+                                f"'--set {t}=VALUE' or compile(..., constants={{...}}))", a.pos)
             if t in FUNCTIONS:
                 raise SpecError(f"'{t}' is a function name and cannot be assigned", a.pos)
             if t.endswith(PREV):
@@ -169,10 +215,12 @@ class _Checker:
         return defs
 
     def classify(self, name: Name, defs) -> tuple[str, str]:
-        """('input'|'prev'|'value'|'param', base name) for a name in an expression."""
+        """('input'|'prev'|'value'|'const'|'param', base name) for a name in an expression."""
         spec, n = self.spec, name.id
         if n in spec.inputs:
             return "input", n
+        if n in spec.constants:
+            return "const", n
         if n in defs:
             return "value", n
         if n in spec.params:
@@ -203,7 +251,7 @@ class _Checker:
 
     def known(self, defs) -> list[str]:
         spec = self.spec
-        return [*spec.inputs, *defs, *(s + PREV for s in spec.states)]
+        return [*spec.inputs, *defs, *(s + PREV for s in spec.states), *spec.constants]
 
     def order(self, defs: dict[str, Assign]) -> list[Assign]:
         """Equations sorted so each comes after the values it uses; a cycle is an error."""
@@ -284,6 +332,9 @@ class _Checker:
             return Shape("scalar")
         if isinstance(e, Name):
             return self.name_type(e)
+        if isinstance(e, Concat):
+            raise SpecError("a concatenation [...] can only be the vector of a product, as in "
+                            "W @ [h_prev, x]", e.pos)
         if isinstance(e, Neg):
             t = self.infer(e.operand)
             self.not_matrix(t, e.operand)
@@ -312,13 +363,58 @@ class _Checker:
             raise SpecError("the left side of '@' must be a weight matrix (a parameter name)",
                             e.left.pos)
         w = self.param_type(e.left, "matrix")
-        v = self.infer(e.right)
+        right = e.right
+        if isinstance(right, Concat) and len(right.items) == 1:  # W @ [x] is W @ x
+            right = right.items[0]
+        if isinstance(right, Concat):
+            return self.matvec_concat(e.left, right, w, e.pos)
+        n = e.left.id
+        if n in self.blocks:
+            raise SpecError(f"'{n}' multiplies a concatenation at {_at(self.blocks[n][1])}; "
+                            "it must multiply one here too, of the same sizes", e.pos)
+        decl = self.spec.params.get(n)
+        if decl is not None and decl.shape and SUM in decl.shape[-1]:
+            raise SpecError(f"'{n}' is declared with columns ({decl.shape[-1]}): it multiplies "
+                            "a concatenation of vectors of those sizes, as in "
+                            f"{n} @ [a, b]", e.pos)
+        self.plain.setdefault(n, e.pos)
+        v = self.infer(right)
         if v.kind != "vector":
             raise SpecError(f"the right side of '@' must be a vector; it is {self.describe(v)}",
-                            e.right.pos)
+                            right.pos)
         if not self.sizes.unify(w.dims[1], v.dims[0]):
-            raise SpecError(f"shape mismatch at '@': '{e.left.id}' has "
+            raise SpecError(f"shape mismatch at '@': '{n}' has "
                             f"{self.describe(w)} but the vector has {self.describe(v)}", e.pos)
+        return Shape("vector", (w.dims[0],))
+
+    def matvec_concat(self, matrix: Name, cat: Concat, w: Shape, pos: SourcePos) -> Shape:
+        """W @ [a, b, ...]: W gets one column block per part, the same in every product."""
+        n, parts = matrix.id, []
+        for item in cat.items:
+            t = self.infer(item)
+            if t.kind != "vector":
+                what = "a matrix" if t.kind == "matrix" else "a scalar"
+                raise SpecError(f"cannot concatenate {what}: the parts of [...] are vectors",
+                                item.pos)
+            parts.append(t.dims[0])
+        if n in self.plain:
+            raise SpecError(f"'{n}' multiplies a plain vector at {_at(self.plain[n])}; it "
+                            "cannot also multiply a concatenation", pos)
+        if n not in self.blocks:
+            decl = self.spec.params.get(n)
+            declared = decl.shape[1].split(SUM) if decl and decl.shape else None
+            if declared is not None and len(declared) != len(parts):
+                raise SpecError(f"shape mismatch at '@': '{n}' is declared with columns "
+                                f"({decl.shape[1]}) but multiplies {len(parts)} joined "
+                                f"vectors {self.describe_blocks(parts)}", pos)
+            self.blocks[n] = ([self.sizes.fresh(s) for s in declared] if declared else
+                              [self.sizes.fresh() for _ in parts], pos)
+        blocks, first = self.blocks[n]
+        if len(blocks) != len(parts) or not all(map(self.sizes.unify, blocks, parts)):
+            where = "here" if first is pos else f"and at {_at(first)}"
+            raise SpecError(f"shape mismatch at '@': '{n}' has columns "
+                            f"{self.describe_blocks(blocks)} but multiplies "
+                            f"{self.describe_blocks(parts)} {where}", pos)
         return Shape("vector", (w.dims[0],))
 
     def name_type(self, name: Name) -> Shape:
@@ -329,6 +425,8 @@ class _Checker:
             return Shape("vector", (self.sizes.fresh(self.spec.states[base]),))
         if kind == "value":
             return self.types[base]
+        if kind == "const":
+            return Shape("scalar")
         return self.param_type(name, "vector")
 
     def param_type(self, name: Name, use: str) -> Shape:
@@ -363,6 +461,9 @@ class _Checker:
             name = e.id if isinstance(e, Name) else "this"
             raise SpecError(f"'{name}' is a matrix; use it as {name} @ vector", e.pos)
 
+    def describe_blocks(self, dims) -> str:
+        return f"({SUM.join(self.sizes.name(d) or '?' for d in dims)})"
+
     def describe(self, t: Shape) -> str:
         if t.kind == "scalar":
             return "a scalar"
@@ -383,14 +484,37 @@ class _Checker:
                             f"{', '.join(self.spec.sizes)}", pos)
         return dims
 
-    def param_infos(self) -> dict[str, ParamInfo]:
-        out = {}
+    def param_infos(self) -> ParamLayout:
+        out, blocks = {}, {}
         for n, pos in self.param_pos.items():
             decl: ParamDecl | None = self.spec.params.get(n)
-            shape = self.concrete(self.types[n], n, pos)
+            if n in self.blocks:
+                cols = [self.sizes.name(d) for d in self.blocks[n][0]]
+                rows = self.sizes.name(self.types[n].dims[0])
+                if rows is None or None in cols:
+                    so_far = f"{rows or '?'}, {SUM.join(c or '?' for c in cols)}"
+                    raise SpecError(f"cannot infer the size of '{n}' from its use (shape "
+                                    f"({so_far}) so far); declare it under 'params', e.g. "
+                                    f"{n}: {{shape: [{so_far.replace('?', 'SIZE')}]}}, with "
+                                    f"SIZE one of {', '.join(self.spec.sizes)}", pos)
+                shape = (rows, SUM.join(cols))
+                blocks[n] = tuple(_block_name(n, cols, k) for k in range(len(cols)))
+            else:
+                shape = self.concrete(self.types[n], n, pos)
             if decl and decl.init == "orthogonal" and len(shape) != 2:
                 raise SpecError(f"init 'orthogonal' needs a matrix; '{n}' has shape "
                                 f"({', '.join(shape)}{',' if len(shape) == 1 else ''})", decl.pos)
             out[n] = ParamInfo(n, shape, decl.init if decl else "uniform",
                                decl.value if decl else 0.0, decl is not None, pos)
-        return out
+        return ParamLayout(out, blocks)
+
+
+def _block_name(matrix: str, cols: list[str], k: int) -> str:
+    """The columns of `matrix` that multiply part k, in NumPy's notation: W[:, hidden:]."""
+    start = "+".join(cols[:k])
+    stop = "+".join(cols[:k + 1]) if k < len(cols) - 1 else ""
+    return f"{matrix}[:, {start}:{stop}]"
+
+
+def _at(pos: SourcePos) -> str:
+    return f"line {pos.line}, column {pos.column}"

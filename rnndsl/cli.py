@@ -89,7 +89,7 @@ def check(spec: str = SPEC):
     """Check a spec: names, shapes, cycles. Prints nothing but 'ok' when it is sound."""
     step, _ = compiler.analyse(spec)
     typer.echo(f"{printable(spec)}: ok ({step.name}: {len(step.values)} equations, "
-               f"{len(step.params)} parameters)")
+               f"{len(step.layout.params)} parameters)")
 
 
 @app.command("compile")

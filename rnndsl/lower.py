@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import ir
 from .check import FUNCTIONS, PREV, Checked
-from .parse import Binary, Call, Name, Neg, Num
+from .parse import Binary, Call, Concat, Name, Neg, Num
 
 _BINARY = {"+": ir.add, "-": ir.sub, "*": ir.mul, "/": ir.div, "**": ir.power}
 
@@ -18,6 +18,8 @@ def lower(checked: Checked) -> ir.StepIR:
             return ir.leaf("input", n, (spec.inputs[n],))
         if n in values:
             return values[n]
+        if n in spec.constants:
+            return ir.const(spec.constants[n].value)
         if n.endswith(PREV) and n[:-len(PREV)] in spec.states:
             s = n[:-len(PREV)]
             return ir.leaf("prev", s, (spec.states[s],))
@@ -32,7 +34,7 @@ def lower(checked: Checked) -> ir.StepIR:
             return ir.neg(expr(e.operand))
         if isinstance(e, Binary):
             if e.op == "@":
-                return ir.matvec(name(e.left), expr(e.right))
+                return product(e.left.id, e.right)
             return _BINARY[e.op](expr(e.left), expr(e.right))
         assert isinstance(e, Call)
         op, kind = FUNCTIONS[e.func][len(e.args)]
@@ -45,10 +47,20 @@ def lower(checked: Checked) -> ir.StepIR:
             return ir.softmax(args[0])
         return ir.apply(op, *args)
 
+    def product(matrix: str, v) -> ir.Node:
+        """W @ v; W @ [a, b] as W[:, :|a|] @ a + W[:, |a|:] @ b, the form the scheduler knows."""
+        if isinstance(v, Concat) and len(v.items) == 1:
+            v = v.items[0]
+        if not isinstance(v, Concat):
+            return ir.matvec(ir.leaf("param", matrix, checked.params[matrix].shape), expr(v))
+        blocks = checked.layout.blocks[matrix]
+        return ir.add_all([ir.matvec(ir.leaf("param", k, checked.params[k].shape), expr(part))
+                           for k, part in zip(blocks, v.items)])
+
     for a in checked.order:
         value = expr(a.expr)
         if a.target in spec.states:
             value = ir.bcast(value, (spec.states[a.target],))
         values[a.target] = value
     return ir.StepIR(spec.name, spec.summary, spec.sizes, dict(spec.inputs), dict(spec.states),
-                     spec.outputs, dict(checked.params), values, spec.file)
+                     spec.outputs, dict(checked.params), values, spec.file, checked.layout)

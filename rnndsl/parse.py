@@ -39,6 +39,12 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Concat:
+    items: tuple  # vectors joined end to end, nested brackets flattened
+    pos: SourcePos  # the '['
+
+
+@dataclass(frozen=True)
 class Binary:
     op: str  # one of + - * / @ **
     left: object
@@ -62,7 +68,7 @@ class Assign:
 _READABLE = {
     "NAME": "a name", "NUMBER": "a number", "EQUALS": "'='", "PLUS": "'+'", "MINUS": "'-'",
     "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "POW": "'**'", "LPAR": "'('", "RPAR": "')'",
-    "COMMA": "','", "_NL": "end of line", "$END": "end of equations",
+    "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "_NL": "end of line", "$END": "end of equations",
 }
 
 
@@ -180,3 +186,12 @@ class _ToAst(Transformer):
 
     def group(self, _lpar, expr, _rpar):
         return expr
+
+    def concat(self, lsqb, *rest):
+        items = []
+        for item in rest[:-1]:
+            if isinstance(item, Concat):  # [[a, b], c] is [a, b, c]
+                items.extend(item.items)
+            elif not isinstance(item, Token):
+                items.append(item)
+        return Concat(tuple(items), self.at(lsqb))

@@ -14,6 +14,7 @@ import numpy as np
 from . import reference
 from .grad import Backward
 from .ir import StepIR
+from .spec import SUM
 
 DTYPES = (np.float32, np.float64)
 
@@ -173,14 +174,15 @@ class Cell:
 
     @property
     def params(self) -> dict:
-        """name -> ParamInfo (shape as size names, init, where it was declared or inferred)."""
-        return self.step.params
+        """name -> ParamInfo (shape as size names, init, where it was declared or inferred).
+        A matrix that multiplies a concatenation has columns such as 'hidden + input'."""
+        return self.step.layout.params
 
     def __repr__(self) -> str:
         return f"<rnndsl.Cell {self.name} ({self.engine.name})>"
 
     def param_shapes(self, **sizes: int) -> dict[str, tuple[int, ...]]:
-        return {p: tuple(sizes[s] for s in info.shape) for p, info in self.params.items()}
+        return {p: _dims(info.shape, sizes) for p, info in self.params.items()}
 
     # -- parameters ---------------------------------------------------------------------------
     def init_params(self, *sizes_in_order: int, seed: int = 0, dtype=np.float32,
@@ -202,8 +204,8 @@ class Cell:
                 raise ValueError(f"size '{s}' must be a whole number of at least 1, got {n!r}")
         rng = np.random.default_rng(seed)
         out = {}
-        for p, info in self.params.items():
-            shape = tuple(sizes[s] for s in info.shape)
+        for p, info in self.params.items():  # a concatenated matrix as a whole
+            shape = _dims(info.shape, sizes)
             out[p] = init_array(info.init, info.value, shape, sizes.get("hidden"), rng, p)
         return {p: v.astype(dtype) for p, v in out.items()}
 
@@ -230,6 +232,7 @@ class Cell:
                                  f"{(B, sizes[self.states[s]])}")
         lengths = _lengths(lengths, T, B)
         xs = {k: _zero_padding(v, lengths) for k, v in xs.items()}
+        params = self._blocks(params, sizes, dtype)
         outs, finals, saved = self.engine.forward(params, xs, state0, lengths, sizes, dtype, save)
         tape = _Tape(xs, state0, lengths, sizes, dtype, saved) if save else None
         return Forward(outs, finals, tape)
@@ -261,10 +264,24 @@ class Cell:
             if g.shape != fwd.states[s].shape:  # no broadcasting: (1, n) for (B, n) is a bug
                 raise ValueError(f"d_states['{s}'] has shape {g.shape}, expected "
                                  f"{fwd.states[s].shape}")
+        params = self._blocks(params, tape.sizes, dtype)
         d_params, d_inputs, d_state0 = self.engine.backward(params, tape, d_outputs, d_final)
-        return Grads(d_params, d_inputs, d_state0)
+        for p, parts in self.step.layout.blocks.items():
+            d_params[p] = _join_columns([d_params.pop(k) for k in parts])
+        return Grads({p: d_params[p] for p in self.params}, d_inputs, d_state0)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _blocks(self, params: dict, sizes: dict, dtype) -> dict:
+        """The kernels' parameters: each concatenated matrix cut into its column blocks."""
+        out = dict(params)
+        for p, parts in self.step.layout.blocks.items():
+            start, w = 0, out.pop(p)
+            for k in parts:
+                width = sizes[self.step.params[k].shape[1]]
+                out[k] = self._array(w[:, start:start + width], dtype)
+                start += width
+        return out
+
     def _array(self, v, dtype):
         """A C-contiguous NumPy array of `dtype`, unless the engine takes the value as it is
         (the CUDA engine keeps device arrays on the device)."""
@@ -305,13 +322,20 @@ class Cell:
                 raise ValueError(f"parameter '{p}' must have {len(info.shape)} dimension(s) "
                                  f"({', '.join(info.shape)}), got shape {params[p].shape}")
             for s, n in zip(info.shape, params[p].shape):
-                see(s, n, f"parameter '{p}'")
+                if SUM not in s:  # a sum of sizes is checked once its terms are known
+                    see(s, n, f"parameter '{p}'")
         for s, v in (state0 or {}).items():
             if s in self.states:
                 see(self.states[s], tuple(np.shape(v))[-1], f"state0['{s}']")
         missing = [s for s in self.sizes if s not in found]
         if missing:
             raise ValueError(f"cannot tell size(s) {missing} from the arrays given")
+        for p, info in self.params.items():
+            for s, n in zip(info.shape, params[p].shape):
+                total = sum(found[t][0] for t in s.split(SUM))
+                if SUM in s and n != total:
+                    raise ValueError(f"parameter '{p}' has {n} columns but its shape "
+                                     f"({', '.join(info.shape)}) makes {total}")
         x, v = next(iter(xs.items()))
         empty = [f"size '{s}' is 0 from {where}" for s, (n, where) in found.items() if n < 1] + \
             [f"input '{x}' has {n} {what}" for n, what in zip(v.shape[:2], ("time steps",
@@ -319,6 +343,20 @@ class Cell:
         if empty:
             raise ValueError(f"{self.name}: nothing to run: {'; '.join(empty)}")
         return {s: v for s, (v, _) in found.items()}
+
+
+def _dims(shape: tuple[str, ...], sizes: dict) -> tuple[int, ...]:
+    """A shape of size names (a sum such as 'hidden + input' for concatenated columns) in numbers."""
+    return tuple(sum(sizes[t] for t in s.split(SUM)) for s in shape)
+
+
+def _join_columns(blocks: list):
+    """A concatenated matrix's gradient from its blocks' (device arrays come back to the host
+    and go back to the device: a matrix is small next to a sequence)."""
+    if all(isinstance(b, np.ndarray) for b in blocks):
+        return np.concatenate(blocks, axis=1)
+    from . import cuda_support as cs
+    return cs.device(np.concatenate([cs.host(b) for b in blocks], axis=1))
 
 
 def init_array(kind: str, value: float, shape, hidden: int | None, rng, name: str) -> np.ndarray:
