@@ -29,8 +29,11 @@ TOP_KEYS = ("name", "summary", "sizes", "inputs", "states", "outputs", "params",
 PARAM_KEYS = ("shape", "init")
 INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
 # A matrix that multiplies a concatenation, W @ [h_prev, x], has as many columns as the parts
-# together: its shape is written [hidden, hidden + input], the sizes in the order of the parts.
+# together: its shape is written [hidden, hidden + input], the sizes in the order of the parts;
+# a parameter cut into parts, [a, b] = W @ x, as many rows: [hidden + hidden, input].
 SUM = " + "
+# A size may be a number (`shape: [3, hidden]`): such a vector is that many per-row scalars.
+MAX_NUMBER_SIZE = 64
 # The only YAML tags a spec may carry (those plain YAML resolves to); anything else, above all
 # `!!python/...`, is refused before any value is read.
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq",
@@ -341,7 +344,7 @@ class _SpecReader:
         return out
 
     def shape(self, node, pname: str, sizes: list[str]) -> tuple[str, ...]:
-        """`hidden`, `[]`, `[hidden]`, `[hidden, input]` or `[hidden, hidden + input]`."""
+        """`hidden`, `[]`, `[hidden]`, `[3, hidden]`, `[hidden, input]`, `[hidden, hidden + input]`."""
         what = f"the shape of '{pname}'"
         if isinstance(node, yaml.ScalarNode) and node.value in sizes:
             return (node.value,)
@@ -351,18 +354,18 @@ class _SpecReader:
             raise self.fail(f"parameter '{pname}' has {len(node.value)} dimensions; "
                             "at most 2 (a matrix) are supported", node)
         dims = []
-        for k, item in enumerate(node.value):
+        for item in node.value:
             terms = [t.strip() for t in self.scalar_str(item, what).split("+")]
-            for t in terms:
-                if not NAME_RE.match(t):
-                    raise self.fail(f"'{t}' in {what} is not a valid name "
-                                    "(letters, digits and _, not starting with a digit)", item)
-                if t not in sizes:
+            for k, t in enumerate(terms):
+                if t.isdigit() and 1 <= int(t) <= MAX_NUMBER_SIZE:
+                    terms[k] = str(int(t))
+                elif t.isdigit():
+                    raise self.fail(f"a size that is a number is 1 to {MAX_NUMBER_SIZE} (each "
+                                    f"element is its own value in the kernels), not {t}", item)
+                elif not NAME_RE.match(t):
+                    raise self.fail(f"'{t}' in {what} is not a size name or a number", item)
+                elif t not in sizes:
                     raise self.fail(f"unknown size '{t}'{suggest(t, sizes)}", item)
-            if len(terms) > 1 and (k, len(node.value)) != (1, 2):
-                raise self.fail(f"a sum of sizes only counts a matrix's columns, those that "
-                                f"multiply a concatenation (W @ [h_prev, x] has shape "
-                                f"[hidden, hidden + input])", item)
             dims.append(SUM.join(terms))
         return tuple(dims)
 

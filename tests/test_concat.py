@@ -142,8 +142,19 @@ def test_declared_shape_with_a_sum_and_three_parts():
     x = np.array([[[0.5, -1.0]]])
     out = c.forward(p, x, {"h": h0}).output[0]
     np.testing.assert_allclose(out, np.tanh(np.hstack([h0, x[0], h0 * h0]) @ p["W"].T))
-    with pytest.raises(ValueError, match="has 6 columns but its shape"):
+    with pytest.raises(ValueError, match=r"'W' has shape \(3, 6\); \(hidden, hidden \+ input \+ hidden\) is \(3, 8\)"):
         c.forward({"W": p["W"][:, :6]}, x)
+
+
+def test_a_scalar_part_is_one_column():
+    c = cell("h = tanh(W @ [h_prev, x, 1])")  # the bias as a column, as some papers write it
+    assert c.params["W"].shape == ("hidden", "hidden + input + 1")
+    assert list(c.step.params) == ["W[:, :hidden]", "W[:, hidden:hidden+input]",
+                                   "W[:, hidden+input]"]
+    p = c.init_params(input=2, hidden=3, dtype=np.float64)
+    h0, x = np.array([[0.1, -0.2, 0.3]]), np.array([[[0.5, -1.0]]])
+    out = c.forward(p, x, {"h": h0}).output[0]
+    np.testing.assert_allclose(out, np.tanh(np.hstack([h0, x[0], [[1.0]]]) @ p["W"].T))
 
 
 def test_a_concatenation_in_the_summary_and_the_network():
@@ -171,7 +182,6 @@ def test_torch_bridge_trains_a_concatenated_cell():
 @pytest.mark.parametrize("equations, extra, message, column", [
     ("h = tanh([h_prev, x])", "", "can only be the vector of a product", 12),
     ("z = [h_prev, x]\nh = W @ z", "", "can only be the vector of a product", 7),
-    ("h = W @ [h_prev, 2]", "", "cannot concatenate a scalar", 20),
     ("h = W @ [h_prev, U] + U @ x", "", "used as a matrix here", 25),
     ("h = U @ x + W @ [U, x]", "", "cannot concatenate a matrix", 20),
     ("h = W @ [h_prev, x] + W @ h_prev", "", "multiplies a concatenation at line 6, column 9", 27),
@@ -185,6 +195,8 @@ def test_torch_bridge_trains_a_concatenated_cell():
     ("h = W @ h_prev", "params:\n  W: {shape: [hidden, hidden + input]}\n",
      "declared with columns (hidden + input): it multiplies a concatenation", 9),
     ("h = W @ [h_prev, v]", "", "cannot infer the size of 'W'", 7),
+    ("h = tanh(W @ x)", "params:\n  W: {shape: [hidden + input, input]}\n",
+     "'W' is declared with rows (hidden + input): cut it into parts, as in [a, b] = W @ x", 12),
 ])
 def test_misuse_is_a_located_error(equations, extra, message, column):
     with pytest.raises(rnndsl.SpecError) as info:
@@ -194,10 +206,10 @@ def test_misuse_is_a_located_error(equations, extra, message, column):
 
 
 @pytest.mark.parametrize("shape, message, column", [
-    ("[hidden + input, hidden]", "a sum of sizes only counts a matrix's columns", 15),
-    ("[hidden + input]", "a sum of sizes only counts a matrix's columns", 15),
     ("[hidden, hidden + inptu]", "unknown size 'inptu' (did you mean 'input'?)", 23),
-    ("[hidden, hidden +]", "'' in the shape of 'W' is not a valid name", 23),
+    ("[hidden, hidden +]", "'' in the shape of 'W' is not a size name or a number", 23),
+    ("[hidden, hidden + 0]", "a size that is a number is 1 to 64", 23),
+    ("[hidden, 65]", "a size that is a number is 1 to 64", 23),
 ])
 def test_bad_sum_of_sizes_is_a_located_error(shape, message, column):
     with pytest.raises(rnndsl.SpecError) as info:
