@@ -7,7 +7,7 @@ import pytest
 import rnndsl
 from rnndsl.gradcheck import gradcheck
 
-HEAD = "name: t\nsizes: [input, hidden]\ninputs: {x: input}\nstates: {h: hidden}\n"
+from test_concat import HEAD, cell
 
 STACKED = """name: lstm_stacked
 sizes: [input, hidden]
@@ -26,11 +26,6 @@ equations: |
   s = softmax(W_s @ h_prev + b_s)
   h = tanh(s[0] * h_prev + s[1] * (U @ x) + s[2] + V @ s + max(s) - mean(s) * min(s))
 """
-
-
-def cell(equations: str, extra: str = "", **kw):
-    return rnndsl.compile(HEAD + extra + "equations: |\n  " + equations.replace("\n", "\n  ")
-                          + "\n", **kw)
 
 
 def test_stacked_lstm_equals_the_one_written_gate_by_gate():
