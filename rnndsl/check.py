@@ -27,20 +27,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .errors import SourcePos, SpecError, suggest
+from .ops import user_functions
 from .parse import Assign, Binary, Call, Concat, Index, Name, Neg, Num, parse_equations
 from .spec import SUM, ParamDecl, Spec
 
-# user-facing name -> {number of arguments: (op, kind)}; kinds: "map" elementwise,
-# "reduce" vector -> per-row scalar, "row" vector -> vector
-FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = {
-    **{f: {1: (f, "map")} for f in
-       ("sigmoid", "tanh", "relu", "exp", "log", "softplus", "hard_sigmoid", "abs", "sqrt")},
-    "min": {1: ("rmin", "reduce"), 2: ("minimum", "map")},
-    "max": {1: ("rmax", "reduce"), 2: ("maximum", "map")},
-    "sum": {1: ("rsum", "reduce")},
-    "mean": {1: ("rmean", "reduce")},
-    "softmax": {1: ("softmax", "row")},
-}
+# user-facing name -> {number of arguments: (op, kind)}, from the operators' records
+FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = user_functions()
 PREV = "_prev"
 
 
@@ -381,7 +373,7 @@ class _Checker:
             for t, arg in zip(ts, e.args):
                 self.not_matrix(t, arg)
             if kind == "map":
-                return self.join(ts[0], ts[-1], e.pos, f"'{e.func}'")
+                return self.join_all(ts, e.pos, f"'{e.func}'")
             if ts[0].kind != "vector":
                 raise SpecError(f"'{e.func}' of one argument works along a vector's features; "
                                 f"its argument is a scalar", e.args[0].pos)
@@ -474,7 +466,7 @@ class _Checker:
             return [self.join(a, b, e.pos, f"'{e.op}'") for a, b in pairs]
         if isinstance(e, Call) and self.function(e)[1] == "map":
             parts = [self.infer_split(arg, n) for arg in e.args]
-            return [self.join(p[0], p[-1], e.pos, f"'{e.func}'") for p in zip(*parts)]
+            return [self.join_all(p, e.pos, f"'{e.func}'") for p in zip(*parts)]
         if isinstance(e, Name):
             kind, base = self.classify(e, self.defs)
             if kind == "param":
@@ -562,6 +554,12 @@ class _Checker:
             raise SpecError(f"'{n}' is used as a matrix here but is {self.describe(t)} "
                             f"elsewhere", name.pos)
         return t
+
+    def join_all(self, ts, pos: SourcePos, where: str) -> Shape:
+        joined = ts[0]
+        for t in ts[1:]:
+            joined = self.join(joined, t, pos, where)
+        return joined
 
     def join(self, a: Shape, b: Shape, pos: SourcePos, where: str) -> Shape:
         if a.kind == "scalar":

@@ -38,7 +38,7 @@ SHARED_BYTES = 40 * 1024
 # Persistent kernels: one thread block per this many output columns of the recurrent GEMM at
 # least, and no more than this many batch rows (beyond, the per-step GEMMs do better in cuBLAS).
 PERSISTENT_MAX_BATCH = 64
-TILE = 16 if SIMULATOR else 16  # the fallback GEMM's tile edge
+TILE = 16  # the fallback GEMM's tile edge
 
 
 def available() -> bool:

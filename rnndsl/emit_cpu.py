@@ -19,7 +19,8 @@ from .kernel_lib import kernel_functions
 from .ops import OPS
 from .schedule import Buffer, Plan, Program
 
-ROW = 4096 + 64  # the row buffer's block stride (padded off the same cache sets): sizes up to 4096
+MAX_SIZE = 4096  # the largest size a fused loop's row buffer holds
+ROW = MAX_SIZE + 64  # the row buffer's block stride (padded off the same cache sets)
 FASTMATH = '{"nsz", "arcp", "contract", "afn"}'
 
 
@@ -216,7 +217,7 @@ class _Kernel:
             return f"({args[0]} * {args[0]})"
         if n.op == "pow" and n.args[1].is_const(0.5):
             return f"math.sqrt({args[0]})"
-        return OPS[n.op].code.format(*args)
+        return OPS[n.op].code(n.op).format(*args)
 
     # -- stores -------------------------------------------------------------------------------
     def store(self, s, value: str) -> str:
@@ -478,8 +479,8 @@ def _spill_allocs(plan: Plan, names: Names, k: _Kernel) -> list[str]:
     """Scratch arrays: spilled values, and the row buffer of the fused loops."""
     out = []
     if k.row_width:
-        out.append(f"    if max(sizes) > 4096:")
-        out.append(f"        raise ValueError('sizes above 4096 are not supported')")
+        out.append(f"    if max(sizes) > {MAX_SIZE}:")
+        out.append(f"        raise ValueError('sizes above {MAX_SIZE} are not supported')")
         out.append(f"    row = empty({k.row_width * ROW}, DT)")
     nodes = {n.uid: n for n in ir.topo_order([s.node for s in k.prog.stores] +
                                             [g.vector for g in k.prog.gemms] +

@@ -15,26 +15,42 @@ exp and tanh are not (16 ns per float32 tanh here, against 0.3 ns for the ration
 below). So exp builds 2**k from integer bits (Cody-Waite reduction, Taylor polynomial; 2**k as
 two factors so that subnormal and near-overflow results come out right), tanh is a rational
 form in float32 and exp-based in float64, and sigmoid is 1/(1+exp(-x)); branches are written
-as selects. Measured against float64 NumPy (tests/test_kernel_functions.py): float32 relative
-error below 1e-6, float64 below 1e-14. Kernels also use `error_model="numpy"`: Numba's default
+as selects. The other functions' bodies are the operators' own, from ops.py. Measured against
+float64 NumPy (tests/test_kernel_functions.py): float32 relative error below 1e-6, float64
+below 1e-14. Kernels also use `error_model="numpy"`: Numba's default
 puts a division-by-zero check in every division, which blocks vectorisation as well. On CUDA,
 exp and tanh are the device's own.
 """
-HARD_SLOPE = 0.2  # hard_sigmoid(x) = clip(0.2 x + 0.5, 0, 1); ops.py derives from the same value
+from .ops import HARD_SLOPE, OPS
 
 DECORATORS = {
     "cpu": 'KERNEL_FUNCTION = njit(inline="always", fastmath=FAST, error_model="numpy")',
     "cuda": "KERNEL_FUNCTION = cuda.jit(device=True)",
 }
+TARGETS = ("cpu", "cuda")
+DTYPES = ("float32", "float64")
 
 
 def kernel_functions(dtype: str, target: str = "cpu") -> str:
     """The library's text for a module of `dtype` ("float32" | "float64") and `target`."""
+    return "\n".join([DECORATORS[target], f"HARD_SLOPE = DT({HARD_SLOPE})",
+                      _transcendental(dtype, target), _bodies()])
+
+
+def _transcendental(dtype: str, target: str) -> str:
     if target == "cuda":
-        transcendental = CUDA
-    else:
-        transcendental = FLOAT32 if dtype == "float32" else FLOAT64
-    return "\n".join([DECORATORS[target], f"HARD_SLOPE = DT({HARD_SLOPE})", transcendental, COMMON])
+        return CUDA
+    return FLOAT32 if dtype == "float32" else FLOAT64
+
+
+def _bodies() -> str:
+    """One kernel function per operator that has a body (ops.py)."""
+    out = []
+    for name, op in OPS.items():
+        if op.body:
+            params = ", ".join(("x",) if op.arity == 1 else "ab"[:op.arity])
+            out.append(f"\n@KERNEL_FUNCTION\ndef {name}({params}):\n    return {op.body}\n")
+    return "\n".join(out)
 
 
 FLOAT32 = '''
@@ -114,57 +130,6 @@ def tanh(x):
     return small if a < TANH_SMALL else math.copysign(big, x)
 '''
 
-COMMON = '''
-@KERNEL_FUNCTION
-def sigmoid(x):
-    return C1 / (C1 + exp(-x))
-
-
-@KERNEL_FUNCTION
-def relu(x):
-    return C0 if x < C0 else x
-
-
-@KERNEL_FUNCTION
-def maximum(a, b):
-    return a if (a > b or a != a) else b
-
-
-@KERNEL_FUNCTION
-def minimum(a, b):
-    return a if (a < b or a != a) else b
-
-
-@KERNEL_FUNCTION
-def softplus(x):
-    return maximum(x, C0) + math.log1p(exp(-abs(x)))
-
-
-@KERNEL_FUNCTION
-def hard_sigmoid(x):
-    return minimum(maximum(HARD_SLOPE * x + C05, C0), C1)
-
-
-@KERNEL_FUNCTION
-def step(x):
-    return C1 if x > C0 else C0
-
-
-@KERNEL_FUNCTION
-def sign(x):
-    return C1 if x > C0 else (-C1 if x < C0 else x)
-
-
-@KERNEL_FUNCTION
-def equal(a, b):
-    return C1 if a == b else C0
-
-
-@KERNEL_FUNCTION
-def power(a, b):
-    return a ** b
-'''
-
 CUDA = '''
 @KERNEL_FUNCTION
 def exp(x):
@@ -175,3 +140,20 @@ def exp(x):
 def tanh(x):
     return math.tanh(x)
 '''
+
+
+def _check_complete():
+    """Every primitive computes on every target and dtype, or importing rnndsl says which does
+    not (rather than Numba at JIT time, and for CUDA only on a GPU or in the simulator)."""
+    for name, op in OPS.items():
+        if op.structural or op.inline or op.body:
+            continue
+        for target in TARGETS:
+            for dtype in DTYPES:
+                if f"def {name}(" not in _transcendental(dtype, target):
+                    raise TypeError(f"operator '{name}' has no kernel code for {target} "
+                                    f"{dtype}: give it an inline form or a body in ops.py, or "
+                                    f"a library function in kernel_lib.py")
+
+
+_check_complete()

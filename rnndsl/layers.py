@@ -108,7 +108,7 @@ class Network:
         self.cell, self.layers, self.input_size = cell, layers, input_size
         self.bidirectional, self.residual, self.dense = bidirectional, residual, dense
         self.x_name, x_size = next(iter(cell.inputs.items()))  # x_size: a size's name
-        h_size = "hidden" if "hidden" in cell.sizes else next(iter(cell.states.values()))
+        h_size = cell.width_size
         given = set(sizes or {}) & {x_size, h_size}
         if given:
             raise ValueError(f"sizes: {sorted(given)} are set by input_size and hidden")

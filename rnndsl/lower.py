@@ -15,6 +15,7 @@ from functools import reduce
 
 from . import ir
 from .check import FUNCTIONS, PREV, Checked
+from .ops import MACROS
 from .parse import Binary, Call, Concat, Index, Name, Neg, Num
 
 _BINARY = {"+": ir.add, "-": ir.sub, "*": ir.mul, "/": ir.div, "**": ir.power}
@@ -65,7 +66,7 @@ def lower(checked: Checked) -> ir.StepIR:
             return row_reduce(op, args[0])
         if kind == "row":
             return softmax(args[0])
-        return each(lambda *a: ir.apply(op, *a), *args)
+        return each(lambda *a: elementwise(op, *a), *args)
 
     def product(matrix: str, v) -> ir.Node | list:
         """W @ v, block by block where W is cut; a list when W's rows are cut."""
@@ -90,7 +91,7 @@ def lower(checked: Checked) -> ir.StepIR:
             return [ir.neg(p) for p in split(e.operand, n)]
         if isinstance(e, Call):
             op, _ = FUNCTIONS[e.func][len(e.args)]
-            return [ir.apply(op, *ps) for ps in zip(*(split(a, n) for a in e.args))]
+            return [elementwise(op, *ps) for ps in zip(*(split(a, n) for a in e.args))]
         whole = expr(e)  # a parameter in parts, or a scalar the same for every part
         return whole if isinstance(whole, list) else [whole] * n
 
@@ -111,6 +112,11 @@ def lower(checked: Checked) -> ir.StepIR:
             values[a.target] = value
     return ir.StepIR(spec.name, spec.summary, spec.sizes, dict(spec.inputs), dict(spec.states),
                      spec.outputs, dict(checked.params), values, spec.file, checked.layout)
+
+
+def elementwise(op: str, *args: ir.Node) -> ir.Node:
+    """A function of the table in ops.py; a composite one (gelu, ...) built from others."""
+    return MACROS[op].expand(*args) if op in MACROS else ir.apply(op, *args)
 
 
 def block_product(w: ir.Node, col: str | None, v: ir.Node) -> ir.Node:

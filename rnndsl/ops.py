@@ -1,31 +1,65 @@
-"""The primitive table: for each op, its NumPy forward rule and its derivative rule, side by side.
+"""The operators of the language: one record per operator, everything about it in one place.
 
-Adding an operator means adding one entry here (and its spelling in `check.FUNCTIONS` if
-users may call it); the reference interpreter, `grad` and the code generators read this
-table. A derivative rule gets the node `y = op(*args)` and the adjoint `g` of y, and returns
-one contribution per argument (None where no gradient flows). Rules reuse forward values:
+A primitive (`Op`) carries its spelling for users (if they may call it) and arity, its NumPy
+rule (the reference engine), its derivative rule (`grad.py`) and its scalar body for the
+generated kernels (`kernel_lib.py` writes it as a function of every target's module). A
+composite (`Macro`) is a function of other operators, expanded when the spec is lowered: it
+needs no derivative and no kernel code. Adding an operator means adding one record here and
+its line in the README's function list; `kernel_lib` checks at import that every primitive
+has kernel code for every target, and the table-driven test (tests/test_ops.py) runs every
+record through the reference, the CPU and CUDA kernels and finite differences.
+
+A derivative rule gets the node `y = op(*args)` and the adjoint `g` of y, and returns one
+contribution per argument (None where no gradient flows). Rules reuse forward values:
 sigmoid' is written with y itself, tanh' as 1 - y**2.
+
+Kernel bodies are Python expressions of the arguments (`x`; or `a`, `b`) in the generated
+module's dtype: `C0`, `C1`, `C05` are 0, 1, 0.5 of that dtype, and other library functions
+(exp, tanh, maximum, ...) may be called. NaN must propagate as in NumPy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from scipy import special
 
 from . import ir
 from .ir import Node, add, const, div, mul, neg, power, sub
-from .kernel_lib import HARD_SLOPE
 
+HARD_SLOPE = 0.2  # hard_sigmoid(x) = clip(HARD_SLOPE x + 0.5, 0, 1)
+HARD_EDGE = 0.5 / HARD_SLOPE  # ... flat beyond |x| = HARD_EDGE
 ONE, TWO, HALF = const(1.0), const(2.0), const(0.5)
-HARD_EDGE = 0.5 / HARD_SLOPE  # hard_sigmoid(x) = clip(HARD_SLOPE x + 0.5, 0, 1): flat beyond
 
 
 @dataclass(frozen=True)
 class Op:
+    """A primitive of the step IR."""
+
     numpy: Callable  # forward rule on NumPy arrays
     grad: Callable[[Node, Node], tuple]  # (y, g) -> one contribution per argument
-    code: str = ""  # one scalar element in generated kernels; names from kernel_lib.KERNEL_FUNCTIONS
+    inline: str = ""  # code written inline (arithmetic, builtins): a format of the arguments
+    body: str = ""  # the kernel function's return expression (see the module docstring)
+    library: bool = False  # kernel code per dtype and target in kernel_lib (exp, tanh)
+    spelling: str = ""  # the name users call it by; "" if they cannot
+    arity: int = 1
+    structural: bool = False  # reductions, softmax, products: the emitters' own loops
+
+    def code(self, name: str) -> str:
+        """How a kernel computes one element: a format string of the argument expressions."""
+        if self.inline:
+            return self.inline
+        return f"{name}({', '.join('{%d}' % k for k in range(self.arity))})"
+
+
+@dataclass(frozen=True)
+class Macro:
+    """A composite function: `expand(*args)` builds it from other operators at lowering."""
+
+    expand: Callable[..., Node]
+    arities: tuple[int, ...] = (1,)
 
 
 def _sigmoid(x):
@@ -55,47 +89,118 @@ def _x(y: Node) -> Node:
     return y.args[0]
 
 
-OPS: dict[str, Op] = {
-    # arithmetic
-    "add": Op(np.add, lambda y, g: (g, g), "({0} + {1})"),
-    "sub": Op(np.subtract, lambda y, g: (g, neg(g)), "({0} - {1})"),
-    "mul": Op(np.multiply, lambda y, g: (mul(g, y.args[1]), mul(g, y.args[0])), "({0} * {1})"),
-    "div": Op(np.divide, lambda y, g: (div(g, y.args[1]), neg(div(mul(g, y), y.args[1]))), "({0} / {1})"),
-    "neg": Op(np.negative, lambda y, g: (neg(g),), "(-{0})"),
-    "pow": Op(np.power, lambda y, g: (
-        mul(g, mul(y.args[1], power(y.args[0], sub(y.args[1], ONE)))),
-        None if y.args[1].op in ("const", "size") else mul(g, mul(ir.apply("log", y.args[0]), y))), "power({0}, {1})"),
-    # elementwise functions
-    "sigmoid": Op(_sigmoid, lambda y, g: (mul(g, mul(y, sub(ONE, y))),), "sigmoid({0})"),
-    "tanh": Op(np.tanh, lambda y, g: (mul(g, sub(ONE, power(y, TWO))),), "tanh({0})"),
-    "relu": Op(lambda x: np.maximum(x, 0), lambda y, g: (mul(g, ir.apply("step", _x(y))),), "relu({0})"),
-    "exp": Op(np.exp, lambda y, g: (mul(g, y),), "exp({0})"),
-    "log": Op(np.log, lambda y, g: (div(g, _x(y)),), "math.log({0})"),
-    "softplus": Op(_softplus, lambda y, g: (mul(g, ir.apply("sigmoid", _x(y))),), "softplus({0})"),
-    "hard_sigmoid": Op(_hard_sigmoid, lambda y, g: (mul(g, mul(const(HARD_SLOPE), ir.apply(
-        "step", sub(const(HARD_EDGE), ir.apply("abs", _x(y)))))),), "hard_sigmoid({0})"),
-    "abs": Op(np.abs, lambda y, g: (mul(g, ir.apply("sign", _x(y))),), "abs({0})"),
-    "sqrt": Op(np.sqrt, lambda y, g: (div(mul(HALF, g), y),), "math.sqrt({0})"),
-    "minimum": Op(np.minimum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[1], y.args[0]))), "minimum({0}, {1})"),
-    "maximum": Op(np.maximum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[0], y.args[1]))), "maximum({0}, {1})"),
-    # derivative helpers: piecewise constant, so no gradient of their own
-    "step": Op(_step, lambda y, g: (None,), "step({0})"),
-    "sign": Op(np.sign, lambda y, g: (None,), "sign({0})"),
-    "eq": Op(lambda a, b: (a == b).astype(np.result_type(a, b)), lambda y, g: (None, None), "equal({0}, {1})"),
-    # rows: reductions over the feature axis give one value per batch row
-    "rsum": Op(lambda x: x.sum(axis=-1, keepdims=True), lambda y, g: (g,)),
-    "rmean": Op(lambda x: x.mean(axis=-1, keepdims=True),
-                lambda y, g: (div(g, ir.size(_x(y).shape[0])),)),
-    "rmax": Op(lambda x: x.max(axis=-1, keepdims=True),
-               lambda y, g: (mul(g, ir.apply("eq", _x(y), y)),)),
-    "softmax": Op(_softmax, lambda y, g: (mul(y, sub(g, ir.reduce("rsum", mul(g, y)))),)),
-    "bcast": Op(lambda x: x, lambda y, g: (ir.reduce("rsum", g),)),
-    # matrix times vector; the matrix's own gradient (an outer product) is kept by grad.py
-    "matvec": Op(lambda w, v: v @ w.T, lambda y, g: (None, ir.matvec_t(y.args[0], g))),
-    "matvec_t": Op(lambda w, v: v @ w, lambda y, g: (None, None)),
-}
-
-
 def _pick(g: Node, first: Node) -> tuple[Node, Node]:
     """min/max: the gradient goes to the argument that was chosen (ties go to the second)."""
     return mul(g, first), mul(g, sub(ONE, first))
+
+
+def _pow_grad(y: Node, g: Node):
+    base, exponent = y.args
+    d_base = mul(g, mul(exponent, power(base, sub(exponent, ONE))))
+    if exponent.op in ("const", "size"):
+        return d_base, None
+    return d_base, mul(g, mul(ir.apply("log", base), y))
+
+
+def _unary(spelling: str, numpy, grad, body: str = "", library: bool = False,
+           inline: str = "") -> Op:
+    return Op(numpy, grad, inline=inline, body=body, library=library, spelling=spelling)
+
+
+OPS: dict[str, Op] = {
+    # arithmetic (the grammar's operators)
+    "add": Op(np.add, lambda y, g: (g, g), inline="({0} + {1})", arity=2),
+    "sub": Op(np.subtract, lambda y, g: (g, neg(g)), inline="({0} - {1})", arity=2),
+    "mul": Op(np.multiply, lambda y, g: (mul(g, y.args[1]), mul(g, y.args[0])),
+              inline="({0} * {1})", arity=2),
+    "div": Op(np.divide, lambda y, g: (div(g, y.args[1]), neg(div(mul(g, y), y.args[1]))),
+              inline="({0} / {1})", arity=2),
+    "neg": Op(np.negative, lambda y, g: (neg(g),), inline="(-{0})"),
+    "pow": Op(np.power, _pow_grad, inline="({0} ** {1})", arity=2),
+    # elementwise functions
+    "sigmoid": _unary("sigmoid", _sigmoid, lambda y, g: (mul(g, mul(y, sub(ONE, y))),),
+                      body="C1 / (C1 + exp(-x))"),
+    "tanh": _unary("tanh", np.tanh, lambda y, g: (mul(g, sub(ONE, power(y, TWO))),),
+                   library=True),
+    "exp": _unary("exp", np.exp, lambda y, g: (mul(g, y),), library=True),
+    "log": _unary("log", np.log, lambda y, g: (div(g, _x(y)),), inline="math.log({0})"),
+    "relu": _unary("relu", lambda x: np.maximum(x, 0),
+                   lambda y, g: (mul(g, ir.apply("step", _x(y))),), body="C0 if x < C0 else x"),
+    "softplus": _unary("softplus", _softplus,
+                       lambda y, g: (mul(g, ir.apply("sigmoid", _x(y))),),
+                       body="maximum(x, C0) + math.log1p(exp(-abs(x)))"),
+    "hard_sigmoid": _unary("hard_sigmoid", _hard_sigmoid, lambda y, g: (mul(g, mul(
+        const(HARD_SLOPE), ir.apply("step", sub(const(HARD_EDGE), ir.apply("abs", _x(y)))))),),
+        body="minimum(maximum(HARD_SLOPE * x + C05, C0), C1)"),
+    "abs": _unary("abs", np.abs, lambda y, g: (mul(g, ir.apply("sign", _x(y))),),
+                  inline="abs({0})"),
+    "sqrt": _unary("sqrt", np.sqrt, lambda y, g: (div(mul(HALF, g), y),), inline="math.sqrt({0})"),
+    "erf": _unary("erf", special.erf, lambda y, g: (mul(g, mul(
+        const(2.0 / math.sqrt(math.pi)), ir.apply("exp", neg(power(_x(y), TWO))))),),
+        inline="math.erf({0})"),
+    "minimum": Op(np.minimum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[1], y.args[0]))),
+                  body="a if (a < b or a != a) else b", spelling="min", arity=2),
+    "maximum": Op(np.maximum, lambda y, g: _pick(g, ir.apply("step", sub(y.args[0], y.args[1]))),
+                  body="a if (a > b or a != a) else b", spelling="max", arity=2),
+    # derivative helpers: piecewise constant, so no gradient of their own
+    "step": Op(_step, lambda y, g: (None,), body="C1 if x > C0 else C0"),
+    "sign": Op(np.sign, lambda y, g: (None,), body="C1 if x > C0 else (-C1 if x < C0 else x)"),
+    "eq": Op(lambda a, b: (a == b).astype(np.result_type(a, b)), lambda y, g: (None, None),
+             body="C1 if a == b else C0", arity=2),
+    # rows: reductions over the feature axis give one value per batch row
+    "rsum": Op(lambda x: x.sum(axis=-1, keepdims=True), lambda y, g: (g,), spelling="sum",
+               structural=True),
+    "rmean": Op(lambda x: x.mean(axis=-1, keepdims=True),
+                lambda y, g: (div(g, ir.size(_x(y).shape[0])),), spelling="mean",
+                structural=True),
+    "rmax": Op(lambda x: x.max(axis=-1, keepdims=True),
+               lambda y, g: (mul(g, ir.apply("eq", _x(y), y)),), spelling="max",
+               structural=True),
+    "softmax": Op(_softmax, lambda y, g: (mul(y, sub(g, ir.reduce("rsum", mul(g, y)))),),
+                  spelling="softmax", structural=True),
+    "bcast": Op(lambda x: x, lambda y, g: (ir.reduce("rsum", g),), structural=True),
+    # matrix times vector; the matrix's own gradient (an outer product) is kept by grad.py
+    "matvec": Op(lambda w, v: v @ w.T, lambda y, g: (None, ir.matvec_t(y.args[0], g)), arity=2,
+                 structural=True),
+    "matvec_t": Op(lambda w, v: v @ w, lambda y, g: (None, None), arity=2, structural=True),
+}
+
+
+def _arg(args: tuple[Node, ...], k: int, default: float) -> Node:
+    return args[k] if len(args) > k else const(default)
+
+
+def _clip(x: Node, lo: Node, hi: Node) -> Node:
+    return ir.apply("minimum", ir.apply("maximum", x, lo), hi)
+
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+MACROS: dict[str, Macro] = {
+    "gelu": Macro(lambda x: mul(mul(HALF, x), add(ONE, ir.apply(
+        "erf", div(x, const(math.sqrt(2.0))))))),
+    "gelu_tanh": Macro(lambda x: mul(mul(HALF, x), add(ONE, ir.apply("tanh", mul(
+        const(SQRT_2_OVER_PI), add(x, mul(const(0.044715), power(x, const(3.0))))))))),
+    "silu": Macro(lambda x: mul(x, ir.apply("sigmoid", x))),
+    "elu": Macro(lambda x, *alpha: add(ir.apply("relu", x), mul(_arg(alpha, 0, 1.0), ir.apply(
+        "minimum", sub(ir.apply("exp", x), ONE), const(0.0)))), arities=(1, 2)),
+    "leaky_relu": Macro(lambda x, *slope: add(ir.apply("relu", x), mul(_arg(slope, 0, 0.01), neg(
+        ir.apply("relu", neg(x))))), arities=(1, 2)),
+    "hard_tanh": Macro(lambda x: _clip(x, const(-1.0), ONE)),
+    "softsign": Macro(lambda x: div(x, add(ONE, ir.apply("abs", x)))),
+    "clip": Macro(_clip, arities=(3,)),
+}
+
+
+def user_functions() -> dict[str, dict[int, tuple[str, str]]]:
+    """What users may call: spelling -> {number of arguments: (op, kind)}; kinds: "map"
+    elementwise (primitives and macros), "reduce" vector -> per-row scalar, "row" vector ->
+    vector. `min` of one argument is lowered as -max(-x)."""
+    table: dict[str, dict[int, tuple[str, str]]] = {}
+    for name, op in OPS.items():
+        if op.spelling:
+            kind = "map" if not op.structural else ("row" if name == "softmax" else "reduce")
+            table.setdefault(op.spelling, {})[op.arity] = (name, kind)
+    table["min"][1] = ("rmin", "reduce")
+    for name, macro in MACROS.items():
+        table[name] = {n: (name, "map") for n in macro.arities}
+    return table

@@ -17,6 +17,8 @@ from .ir import StepIR
 from .spec import SUM
 
 DTYPES = (np.float32, np.float64)
+# The size that sets a layer's width and PyTorch's init bound 1/sqrt(hidden), when a spec has it
+HIDDEN = "hidden"
 
 
 @dataclass
@@ -181,6 +183,11 @@ class Cell:
     def __repr__(self) -> str:
         return f"<rnndsl.Cell {self.name} ({self.engine.name})>"
 
+    @property
+    def width_size(self) -> str:
+        """The size name of the layer's width: `hidden`, else the first state's size."""
+        return HIDDEN if HIDDEN in self.sizes else next(iter(self.states.values()))
+
     def param_shapes(self, **sizes: int) -> dict[str, tuple[int, ...]]:
         return {p: _dims(info.shape, sizes) for p, info in self.params.items()}
 
@@ -206,7 +213,7 @@ class Cell:
         out = {}
         for p, info in self.params.items():  # a concatenated matrix as a whole
             shape = _dims(info.shape, sizes)
-            out[p] = init_array(info.init, info.value, shape, sizes.get("hidden"), rng, p)
+            out[p] = init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng, p)
         return {p: v.astype(dtype) for p, v in out.items()}
 
     # -- running --------------------------------------------------------------------------------

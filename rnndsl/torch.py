@@ -311,7 +311,7 @@ class RNN(nn.Module):
         self.dropout = float(dropout)
         self.num_directions = 2 if bidirectional else 1
         x_size = next(iter(cell.inputs.values()))
-        h_size = "hidden" if "hidden" in cell.sizes else next(iter(cell.states.values()))
+        h_size = cell.width_size
         self.extra_sizes = dict(sizes or {})
         base = {**self.extra_sizes, h_size: hidden_size}
         out_shape = cell.step.shape_of(cell.outputs[0])

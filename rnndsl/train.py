@@ -33,8 +33,10 @@ import numpy as np
 from . import compiler
 from .heads import Head
 from .layers import Network
+from .runtime import HIDDEN
 from .errors import UserError, printable
-from .optim import OPTIMIZERS, check_finite, clip_global_norm, clip_value, make_optimizer
+from .optim import (OPTIMIZERS, check_finite, clip_global_norm, clip_value, global_norm,
+                    make_optimizer)
 from .tasks import TASKS, Batch, make_task
 
 EVAL_SEED = 2**31 - 1  # the held-out batch's seed; training batches use (seed, step)
@@ -133,7 +135,7 @@ class Model:
         options = {"path": config.text} if config.text else {}
         self.task = make_task(config.task, config.length, **options)
         cell = compiler.compile(config.spec)
-        extra = {s: config.hidden for s in cell.sizes if s not in ("input", "hidden")}
+        extra = {s: config.hidden for s in cell.sizes if s not in ("input", HIDDEN)}
         self.network = Network(cell, self.task.input_size, config.hidden, layers=config.layers,
                                bidirectional=config.bidirectional, residual=config.residual,
                                dense=config.dense, sizes=extra)
@@ -183,7 +185,7 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
         batch = batch_at(model.task, config.seed, step, config.batch, model.dtype)
         loss, metrics, grads = model.loss(params, batch)
         check_finite(step, loss, grads)
-        norm = clip_global_norm(grads, config.clip) if config.clip else _norm(grads)
+        norm = clip_global_norm(grads, config.clip) if config.clip else global_norm(grads)
         if config.clip_value:
             clip_value(grads, config.clip_value)
         optimizer.step(params, grads)
@@ -204,10 +206,6 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
     if save is not None:
         save_checkpoint(save, config, params, optimizer, config.steps, log)
     return TrainResult(config, log, final, seconds, config.steps - start, params)
-
-
-def _norm(grads) -> float:
-    return float(np.sqrt(sum(float(np.vdot(g, g)) for g in grads.values())))
 
 
 def _floats(metrics: dict) -> dict:

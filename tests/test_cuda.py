@@ -27,6 +27,8 @@ from rnndsl.scratch import nan_scratch
 
 from engines import differences, problem
 from test_differential import check_spec
+from test_ops import CALLS as OP_CALLS
+from test_ops import cell_text as op_cell_text
 
 ON_DEVICE = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("RNNDSL_TEST_GPU") == "1"
 
@@ -239,3 +241,12 @@ def test_generated_specs_agree_with_the_reference(seed, persistent):
     T, lengths = (3, (3, 1, 0)) if not persistent else (2, (2, 1, 2))
     problems = check_spec(seed, "cuda", T=T, B=3, lengths=lengths, persistent=persistent)
     assert not problems, problems[0]
+
+
+@device
+@pytest.mark.parametrize("call", sorted(OP_CALLS))
+def test_every_operator_agrees_with_the_reference(call):
+    """The operator table of tests/test_ops.py on the CUDA kernels."""
+    text = op_cell_text(OP_CALLS[call])
+    compare(rnndsl.compile(text, target="cuda", persistent=False),
+            rnndsl.compile(text, target="reference"), 2, 3, [2, 1, 0])
