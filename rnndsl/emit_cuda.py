@@ -19,17 +19,19 @@ The same plan as the CPU target (schedule.py), emitted for a GPU:
   grid synchronises between stages. The glue chooses it at run time when the weights fit
   (`cs.persistent_blocks`) or when asked (`persistent=True`), and never with `False`.
 
-The index expressions (which array, which column block, padding) come from emit_cpu's
-`_Kernel`, so the two targets read and write the plan's arrays identically. Every identifier
+The index expressions (which array, which column block, padding) come from
+emit_common.KernelWriter, shared with the CPU target, so the two read and write the plan's
+arrays identically. Every identifier
 is made here; names from the spec appear only in the header's legend comment.
 """
 from __future__ import annotations
 
 from . import ir
-from .emit_cpu import Names, _Kernel, _unpack, backward_preamble, constant_lines
+from .emit_common import (Code, KernelWriter, Names, backward_preamble, constant_lines,
+                          function, unpack)
 from .ir import Node
 from .kernel_lib import kernel_functions
-from .schedule import REDUCTIONS, Phase, Plan, Program
+from .schedule import REDUCTIONS, Loop, Phase, Plan, Program, Role, Scalar
 
 DEVICE_FUNCTIONS = '''
 @cuda.jit(device=True)
@@ -98,53 +100,43 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
 
 # -- kernels --------------------------------------------------------------------------------
 def _has_reduction(ph: Phase) -> bool:
-    return any(kind == "loop" and any(n.op in REDUCTIONS for n in item[1])
-               for kind, item in ph.steps)
+    return any(isinstance(step, Loop) and any(n.op in REDUCTIONS for n in step.nodes)
+               for step in ph.steps)
 
 
 def _width(names: Names, ph: Phase) -> str:
     """The widest loop of a phase, as code: the extent of a flat phase's feature axis."""
-    sizes = sorted({names.size[item[0]] for kind, item in ph.steps if kind == "loop"})
+    sizes = sorted({names.size[step.size] for step in ph.steps if isinstance(step, Loop)})
     if not sizes:
         return "1"
     return sizes[0] if len(sizes) == 1 else f"max({', '.join(sizes)})"
 
 
-class _CudaKernel(_Kernel):
+class _CudaKernel(KernelWriter):
     """Shared by the phase and persistent kernels: the elementwise work of one phase, for one
     (b, j) element (`flat`) or one batch row striped over a block's threads (`rows`)."""
 
-    def __init__(self, plan: Plan, names: Names, prog: Program, kind: str):
-        super().__init__(plan, names, prog, kind)
-
     def text(self) -> str:
         head = ["@cuda.jit", f"def {self.name}({', '.join(self.args())}):"]
-        floats = [f"    z_{self.names.size[s]} = DT({self.names.size[s]})"
-                  for s in sorted(self.sizes_used)]
-        return "\n".join(head + self.prologue + floats + self.body) + "\n"
+        return "\n".join(head + self.prologue + self.size_floats() + self.body) + "\n"
 
-    def phase_lines(self, ph: Phase, rows: bool, pad: str) -> list[str]:
-        prog = self.prog
+    def phase_lines(self, code: Code, ph: Phase, rows: bool):
         one = "tid == 0" if rows else "j == 0"  # the thread that writes a row's scalars
-        stores_at: dict[tuple[int, int], list] = {}
-        for s in prog.stores:
-            stores_at.setdefault(prog.place[s.node.uid], []).append(s)
-        out = [pad + "live = t < lengths[b]"]
-        for k, (kind, item) in enumerate(ph.steps):
+        code("live = t < lengths[b]")
+        for k, step in enumerate(ph.steps):
             here = (ph.index, k)
-            if kind == "scalar":  # every thread computes it; one writes it
-                if item is not None:
-                    out.append(pad + f"{self.var(item)} = {self.expr(item, here)}")
-                writes = (self._spill(item) if item is not None else []) + \
-                    [self.store(s, self.ref(s.node, here)) for s in stores_at.get(here, [])]
+            stores = self.stores_at.get(here, [])
+            if isinstance(step, Scalar):  # every thread computes it; one writes it
+                if step.node is not None:
+                    code(f"{self.var(step.node)} = {self.expr(step.node, here)}")
+                writes = self.spill(step.node) + \
+                    [self.store(s, self.ref(s.node, here)) for s in stores]
                 if writes:
-                    out.append(pad + f"if {one}:")
-                    out += [pad + "    " + w for w in writes]
+                    with code.block(f"if {one}:"):
+                        code(*writes)
                 continue
-            size, nodes = item
-            n_j = self.names.size[size]
-            inits, body, after = [], [], []
-            for n in nodes:
+            inits, body, after_all, after_one = [], [], [], []
+            for n in step.nodes:
                 if n.op in REDUCTIONS:
                     assert rows, "a phase with reductions runs one block per row"
                     inits.append(f"{self.var(n)} = {'C0' if n.op == 'rsum' else 'CNEG'}")
@@ -152,38 +144,31 @@ class _CudaKernel(_Kernel):
                     body.append(f"{self.var(n)} += {arg}" if n.op == "rsum"
                                 else f"{self.var(n)} = maximum({self.var(n)}, {arg})")
                     combine = "block_sum" if n.op == "rsum" else "block_max"
-                    inits_after = f"{self.var(n)} = {combine}({self.use_red()}, {self.var(n)}, tid)"
-                    after.append(("all", inits_after))
-                    after += [("one", w) for w in self._spill(n)]
+                    after_all.append(f"{self.var(n)} = {combine}({self.use_red()}, "
+                                     f"{self.var(n)}, tid)")
+                    after_one += self.spill(n)
                     continue
                 body.append(f"{self.var(n)} = {self.expr(n, here)}")
-                body += self._spill(n)
-            for s in stores_at.get(here, []):
+                body += self.spill(n)
+            for s in stores:
                 if s.node.shape:
                     body.append(self.store(s, self.ref(s.node, here)))
                 else:
-                    after.append(("one", self.store(s, self.ref(s.node, here))))
-            out += [pad + line for line in inits]
+                    after_one.append(self.store(s, self.ref(s.node, here)))
+            n_j = self.names.size[step.size]
+            code(*inits)
+            with code.block(f"for j in range(tid, {n_j}, TPB):" if rows else f"if j < {n_j}:"):
+                code(*body)
+            code(*after_all)
+            if after_one:
+                with code.block(f"if {one}:"):
+                    code(*after_one)
             if rows:
-                out.append(pad + f"for j in range(tid, {n_j}, TPB):")
-            else:
-                out.append(pad + f"if j < {n_j}:")
-            out += [pad + "    " + line for line in body or ["pass"]]
-            out += [pad + line for who, line in after if who == "all"]
-            ones = [line for who, line in after if who == "one"]
-            if ones:
-                out.append(pad + f"if {one}:")
-                out += [pad + "    " + line for line in ones]
-            if rows:
-                out.append(pad + "cuda.syncthreads()")
-        return out
+                code("cuda.syncthreads()")
 
     def use_red(self) -> str:
         self.needs_red = True
         return "red"
-
-    def _spill(self, n: Node, value: str | None = None) -> list[str]:
-        return super()._spill(n, value) if n is not None else []
 
 
 class _PhaseKernel(_CudaKernel):
@@ -213,19 +198,21 @@ class _PhaseKernel(_CudaKernel):
 
     def _body(self) -> list[str]:
         y = "cuda.blockIdx.x" if self.rows else "cuda.blockIdx.y"
+        head = Code(level=1)
         if self.kind == "pre":  # one launch over all T*B rows
-            head = [f"    r = {y}", "    t = r // B", "    b = r % B"]
+            head(f"r = {y}", "t = r // B", "b = r % B")
         else:
-            head = [f"    b = {y}"]
+            head(f"b = {y}")
         if self.rows:
-            head.append("    tid = cuda.threadIdx.x")
+            head("tid = cuda.threadIdx.x")
         else:
-            head.append("    j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x")
-        lines = self.phase_lines(self.ph, self.rows, "    ")
+            head("j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x")
+        code = Code(level=1)
+        self.phase_lines(code, self.ph, self.rows)
         if self.needs_red:
-            head.append("    red = cuda.shared.array(TPB, DT)")
-        self.prologue = head
-        return lines
+            head("red = cuda.shared.array(TPB, DT)")
+        self.prologue = head.lines
+        return code.lines
 
 
 class _PersistentKernel(_CudaKernel):
@@ -259,62 +246,56 @@ class _PersistentKernel(_CudaKernel):
 
     def _body(self) -> list[str]:
         prods = self.products()
-        head = ["    grid = cuda.cg.this_grid()",
-                "    tid = cuda.threadIdx.x",
-                "    blk = cuda.blockIdx.x",
-                "    nblk = cuda.gridDim.x"]
-        out = []
+        head = Code(level=1)("grid = cuda.cg.this_grid()", "tid = cuda.threadIdx.x",
+                             "blk = cuda.blockIdx.x", "nblk = cuda.gridDim.x")
+        code = Code(level=1)
         if prods:
-            out.append("    sw = cuda.shared.array(SHARED, DT)")
-            out.append("    # this block's columns of the recurrent weights, kept for the whole sequence")
+            code("sw = cuda.shared.array(SHARED, DT)",
+                 "# this block's columns of the recurrent weights, kept for the whole sequence")
             base = "0"
             for k, (g, _, _, trans) in enumerate(prods):
                 w = self.use("w_" + g)
                 self.use("g_" + g)
                 kk, nn = (f"{w}.shape[1]", f"{w}.shape[0]") if trans else \
                     (f"{w}.shape[0]", f"{w}.shape[1]")
-                out += [f"    k{k} = {kk}",
-                        f"    m{k} = {nn}",
-                        f"    c{k} = (m{k} + nblk - 1) // nblk",
-                        f"    a{k} = {base}",
-                        f"    for e in range(tid, k{k} * c{k}, TPB):",
-                        f"        col = blk * c{k} + e % c{k}",
-                        f"        if col < m{k}:",
-                        f"            sw[a{k} + e] = {w}[col, e // c{k}]" if trans else
-                        f"            sw[a{k} + e] = {w}[e // c{k}, col]"]
+                code(f"k{k} = {kk}", f"m{k} = {nn}", f"c{k} = (m{k} + nblk - 1) // nblk",
+                     f"a{k} = {base}")
+                with code.block(f"for e in range(tid, k{k} * c{k}, TPB):"):
+                    code(f"col = blk * c{k} + e % c{k}")
+                    with code.block(f"if col < m{k}:"):
+                        code(f"sw[a{k} + e] = {w}[col, e // c{k}]" if trans else
+                             f"sw[a{k} + e] = {w}[e // c{k}, col]")
                 base = f"a{k} + k{k} * c{k}"
-            out.append("    cuda.syncthreads()")
-        time = "range(T - 1, -1, -1)" if self.prog.reverse else "range(T)"
-        out.append(f"    for t in {time}:")
-        for ph in self.prog.phases:
-            staged = [(k, p) for k, p in enumerate(prods) if p[1] == ph.index]
-            for k, (g, _, vec, _) in staged:
-                out += [f"        for e in range(tid, B * c{k}, TPB):  # {'g_' + g} = {vec}[t] @ W, this block's columns",
-                        f"            b = e // c{k}",
-                        f"            col = blk * c{k} + e % c{k}",
-                        f"            if col < m{k}:",
-                        "                acc = C0",
-                        f"                for i in range(k{k}):",
-                        f"                    acc += {vec}[t, b, i] * sw[a{k} + i * c{k} + e % c{k}]",
-                        f"                g_{g}[b, col] = acc"]
-            if staged:
-                out.append("        grid.sync()")
-            if not ph.steps:
-                continue
-            if _has_reduction(ph):
-                out.append("        for b in range(blk, B, nblk):  # one block per batch row")
-                out += self.phase_lines(ph, True, " " * 12)
-            else:
-                w = _width(self.names, ph)
-                out += [f"        for e in range(blk * TPB + tid, B * {w}, nblk * TPB):",
-                        f"            b = e // {w}",
-                        f"            j = e % {w}"]
-                out += self.phase_lines(ph, False, " " * 12)
-            out.append("        grid.sync()")
+            code("cuda.syncthreads()")
+        with code.block(f"for t in {'range(T - 1, -1, -1)' if self.prog.reverse else 'range(T)'}:"):
+            for ph in self.prog.phases:
+                staged = [(k, p) for k, p in enumerate(prods) if p[1] == ph.index]
+                for k, (g, _, vec, _) in staged:
+                    with code.block(f"for e in range(tid, B * c{k}, TPB):  # g_{g} = {vec}[t] @ W, "
+                                    "this block's columns"):
+                        code(f"b = e // c{k}", f"col = blk * c{k} + e % c{k}")
+                        with code.block(f"if col < m{k}:"):
+                            code("acc = C0")
+                            with code.block(f"for i in range(k{k}):"):
+                                code(f"acc += {vec}[t, b, i] * sw[a{k} + i * c{k} + e % c{k}]")
+                            code(f"g_{g}[b, col] = acc")
+                if staged:
+                    code("grid.sync()")
+                if not ph.steps:
+                    continue
+                if _has_reduction(ph):
+                    with code.block("for b in range(blk, B, nblk):  # one block per batch row"):
+                        self.phase_lines(code, ph, True)
+                else:
+                    w = _width(self.names, ph)
+                    with code.block(f"for e in range(blk * TPB + tid, B * {w}, nblk * TPB):"):
+                        code(f"b = e // {w}", f"j = e % {w}")
+                        self.phase_lines(code, ph, False)
+                code("grid.sync()")
         if self.needs_red:
-            head.append("    red = cuda.shared.array(TPB, DT)")
-        self.prologue = head
-        return out
+            head("red = cuda.shared.array(TPB, DT)")
+        self.prologue = head.lines
+        return code.lines
 
 
 def persistent_rule(plan: Plan) -> str:
@@ -345,133 +326,127 @@ def _vector(plan: Plan, names: Names, v: Node) -> str:
     return plan.vectors[v.uid].name
 
 
-def _spill_allocs(plan: Plan, names: Names, prog: Program) -> list[str]:
+def _spill_allocs(code: Code, plan: Plan, names: Names, prog: Program):
     nodes = {n.uid: n for n in ir.topo_order([s.node for s in prog.stores] +
                                             [g.vector for g in prog.gemms] +
                                             [a for g in prog.gemm_ts for a in g.node.args])}
-    out = []
     for uid, sp in prog.spills.items():
         n = nodes[uid]
         shape = f"(B, {names.size[n.shape[0]]})" if n.shape else "(B,)"
-        out.append(f"    {sp} = cs.empty({shape}, DT)")
-    return out
+        code(f"{sp} = cs.empty({shape}, DT)")
 
 
-def _time_loop(k: _PersistentKernel, phases: list[_PhaseKernel], prog: Program, plan: Plan,
-               names: Names) -> list[str]:
+def _time_loop(code: Code, phases: list[_PhaseKernel], prog: Program, plan: Plan, names: Names):
     """The default mode: per step, the GEMM of each stage (cuBLAS) and each phase's kernel."""
     launches = {p.ph.index: p for p in phases}
-    time = "range(T - 1, -1, -1)" if prog.reverse else "range(T)"
-    L = [f"        for t in {time}:"]
-    for ph in prog.phases:
-        for g in prog.gemms:
-            if g.stage == ph.index:
-                L.append(f"            cs.gemm({_vector(plan, names, g.vector)}[t], w_{g.name}, "
+    with code.block(f"for t in {'range(T - 1, -1, -1)' if prog.reverse else 'range(T)'}:"):
+        for ph in prog.phases:
+            for g in prog.gemms:
+                if g.stage == ph.index:
+                    code(f"cs.gemm({_vector(plan, names, g.vector)}[t], w_{g.name}, "
                          f"g_{g.name}, trans_b=True)")
-        for g in prog.gemm_ts:
-            if g.stage == ph.index:
-                L.append(f"            cs.gemm({g.buffer.name}[t], w_{g.name}, g_{g.name})")
-        if ph.index in launches:
-            p = launches[ph.index]
-            L.append(f"            {p.name}[{p.launch()}]({', '.join(p.args())})")
-    return L
+            for g in prog.gemm_ts:
+                if g.stage == ph.index:
+                    code(f"cs.gemm({g.buffer.name}[t], w_{g.name}, g_{g.name})")
+            if ph.index in launches:
+                p = launches[ph.index]
+                code(f"{p.name}[{p.launch()}]({', '.join(p.args())})")
 
 
-def _persistent_choice(k: _PersistentKernel, prog: Program) -> list[str]:
+def _persistent_choice(code: Code, k: _PersistentKernel, prog: Program):
     """`blocks`: the persistent kernel's grid, or 0 for the per-step launches."""
     shapes = [f"(w_{g.name}.shape[1], w_{g.name}.shape[0])" for g in prog.gemms] + \
         [f"w_{g.name}.shape" for g in prog.gemm_ts]
-    L = ["    blocks = 0",
-         "    if persistent is not False:",
-         f"        limit = cs.cooperative_blocks({k.name}, TPB)",
-         f"        blocks = cs.persistent_blocks([{', '.join(shapes)}], B, "
-         f"np.dtype(DT).itemsize, limit, {_widest(k)})",
-         "        if persistent and not blocks:",
-         "            raise ValueError('the persistent kernel does not fit: the recurrent weights '",
-         "                             'need more shared memory than the resident blocks have, '",
-         "                             f'or the batch is above {cs.PERSISTENT_MAX_BATCH}')"]
-    return L
+    code("blocks = 0")
+    with code.block("if persistent is not False:"):
+        code(f"limit = cs.cooperative_blocks({k.name}, TPB)",
+             f"blocks = cs.persistent_blocks([{', '.join(shapes)}], B, "
+             f"np.dtype(DT).itemsize, limit, {_widest(k)})")
+        with code.block("if persistent and not blocks:"):
+            code("raise ValueError('the persistent kernel does not fit: the recurrent weights '",
+                 "                 'need more shared memory than the resident blocks have, '",
+                 "                 f'or the batch is above {cs.PERSISTENT_MAX_BATCH}')")
 
 
 def _widest(k: _PersistentKernel) -> str:
     """Elements per step of the widest phase (B times a size), to spread over the blocks."""
-    sizes = sorted({k.names.size[item[0]] for ph in k.prog.phases for kind, item in ph.steps
-                    if kind == "loop"})
+    sizes = sorted({k.names.size[step.size] for ph in k.prog.phases for step in ph.steps
+                    if isinstance(step, Loop)})
     return f"B * max({', '.join(sizes)}, 1)" if sizes else "B"
 
 
 def _forward_glue(plan: Plan, names: Names, phases: dict, k: _PersistentKernel) -> str:
     step = plan.step
-    L = ["def forward(params, xs, state0, lengths, sizes, persistent=None):",
-         "    # arrays are device arrays; scalar parameters come as one-element arrays",
-         _unpack(list(names.param.values()), "params"),
-         _unpack(list(names.input.values()), "xs"),
-         _unpack(list(names.size.values()), "sizes"),
-         "    T, B = xs[0].shape[0], xs[0].shape[1]"]
+    L = function("def forward(params, xs, state0, lengths, sizes, persistent=None):")
+    L("# arrays are device arrays; scalar parameters come as one-element arrays",
+      unpack(list(names.param.values()), "params"),
+      unpack(list(names.input.values()), "xs"),
+      unpack(list(names.size.values()), "sizes"),
+      "T, B = xs[0].shape[0], xs[0].shape[1]")
     for g in plan.forward.gemms:
-        L.append(f"    w_{g.name} = {_stack(names, g.weights)}  # (N, K): g = v @ w.T")
-        L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[0]), DT)")
-    L += _persistent_choice(k, plan.forward)
+        L(f"w_{g.name} = {_stack(names, g.weights)}  # (N, K): g = v @ w.T")
+        L(f"g_{g.name} = cs.empty((B, w_{g.name}.shape[0]), DT)")
+    _persistent_choice(L, k, plan.forward)
     if plan.pre is not None:
         for buf in plan.vectors.values():
-            if buf.name.startswith("pvec"):
-                L.append(f"    {buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
-        L += _spill_allocs(plan, names, plan.pre)
+            if buf.role is Role.PRE_VECTOR:
+                L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
+        _spill_allocs(L, plan, names, plan.pre)
         for p in phases["pre"]:
-            L.append(f"    {p.name}[{p.launch()}]({', '.join(p.args())})")
+            L(f"{p.name}[{p.launch()}]({', '.join(p.args())})")
     for g in plan.hoisted:
         src = _vector(plan, names, g.vector)
-        L.append(f"    {g.name} = cs.empty((T, B, {names.sizes([p.shape[0] for p in g.products])})"
-                 f", DT)")
-        L.append(f"    cs.gemm(cs.flat({src}), {_stack(names, g.weights)}, cs.flat({g.name}), "
-                 f"trans_b=True)")
+        L(f"{g.name} = cs.empty((T, B, {names.sizes([p.shape[0] for p in g.products])})"
+          f", DT)")
+        L(f"cs.gemm(cs.flat({src}), {_stack(names, g.weights)}, cs.flat({g.name}), "
+          f"trans_b=True)")
     for s, code in names.state.items():
-        L.append(f"    {code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
-        L.append(f"    cs.copy({code}[0], state0[{list(names.state).index(s)}])")
+        L(f"{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
+        L(f"cs.copy({code}[0], state0[{list(names.state).index(s)}])")
     for o, code in names.output.items():
         shape = step.shape_of(o)
-        L.append(f"    {code} = cs.empty((T, B, {names.size[shape[0]] if shape else '1'}), DT)")
-    L.append(f"    tape = cs.empty((T, B, {names.sizes(plan.tape.width())}), DT)")
+        L(f"{code} = cs.empty((T, B, {names.size[shape[0]] if shape else '1'}), DT)")
+    L(f"tape = cs.empty((T, B, {names.sizes(plan.tape.width())}), DT)")
     for buf in plan.vectors.values():
-        if not buf.name.startswith("pvec"):
-            L.append(f"    {buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
-    L += _spill_allocs(plan, names, plan.forward)
-    L.append("    if blocks:")
-    L.append(f"        {k.name}[blocks, TPB]({', '.join(k.args())})")
-    L.append("    else:")
-    L += _time_loop(k, phases["forward"], plan.forward, plan, names)
+        if buf.role is not Role.PRE_VECTOR:
+            L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
+    _spill_allocs(L, plan, names, plan.forward)
+    with L.block("if blocks:"):
+        L(f"{k.name}[blocks, TPB]({', '.join(k.args())})")
+    with L.block("else:"):
+        _time_loop(L, phases["forward"], plan.forward, plan, names)
     outs = ", ".join(names.output.values())
     finals = ", ".join(f"{c}[T]" for c in names.state.values())
     saved = ", ".join([*names.state.values(), *(g.name for g in plan.hoisted), "tape",
                        *(b.name for b in plan.vectors.values())])
-    L.append(f"    return ({outs},), ({finals},), ({saved},), blocks")
-    return "\n".join(L) + "\n"
+    L(f"return ({outs},), ({finals},), ({saved},), blocks")
+    return L.text() + "\n"
 
 
 def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel) -> str:
     step = plan.step
     L = backward_preamble(plan, names, ", persistent=None")
     for g in plan.back.gemm_ts:
-        L.append(f"    w_{g.name} = {_stack(names, g.node.attr)}  # (K, N): g = G @ w")
-        L.append(f"    g_{g.name} = cs.empty((B, w_{g.name}.shape[1]), DT)")
-    L += _persistent_choice(k, plan.back)
+        L(f"w_{g.name} = {_stack(names, g.node.attr)}  # (K, N): g = G @ w")
+        L(f"g_{g.name} = cs.empty((B, w_{g.name}.shape[1]), DT)")
+    _persistent_choice(L, k, plan.back)
     for s, code in names.state.items():
-        L.append(f"    d{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
-        L.append(f"    cs.copy(d{code}[T], d_final[{list(names.state).index(s)}])")
+        L(f"d{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
+        L(f"cs.copy(d{code}[T], d_final[{list(names.state).index(s)}])")
     for x, code in names.input.items():
         make = "empty" if x in plan.input_rest else "zeros"
-        L.append(f"    d{code} = cs.{make}((T, B, {names.size[step.inputs[x]]}), DT)")
+        L(f"d{code} = cs.{make}((T, B, {names.size[step.inputs[x]]}), DT)")
     for buf in plan.grad_buffers:
-        L.append(f"    {buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
-    L += _spill_allocs(plan, names, plan.back)
-    L.append("    if blocks:")
-    L.append(f"        {k.name}[blocks, TPB]({', '.join(k.args())})")
-    L.append("    else:")
-    L += _time_loop(k, phases, plan.back, plan, names)
-    L.append("    # after the loop: input and weight gradients as GEMMs over all T*B rows")
+        L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
+    _spill_allocs(L, plan, names, plan.back)
+    with L.block("if blocks:"):
+        L(f"{k.name}[blocks, TPB]({', '.join(k.args())})")
+    with L.block("else:"):
+        _time_loop(L, phases, plan.back, plan, names)
+    L("# after the loop: input and weight gradients as GEMMs over all T*B rows")
     for x, g in plan.deferred:
-        L.append(f"    cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
-                 f"cs.flat(d{names.input[x]}), accumulate=True)")
+        L(f"cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
+          f"cs.flat(d{names.input[x]}), accumulate=True)")
     grads = {p: f"d{code}" for p, code in names.param.items()}
     # a weight whose gradient comes from one stacked GEMM only is a row block of its result
     uses: dict[str, int] = {}
@@ -480,25 +455,25 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel)
             uses[wname] = uses.get(wname, 0) + 1
     for p, code in names.param.items():
         if uses.get(p, 0) != 1:
-            L.append(f"    d{code} = cs.zeros({code}.shape, DT)")
+            L(f"d{code} = cs.zeros({code}.shape, DT)")
     for k_w, w in enumerate(plan.weight_grads):
         v = w.vector
         src = f"{names.state[v.attr]}[:T]" if v.op == "prev" else _vector(plan, names, v)
-        L.append(f"    m{k_w} = cs.empty(({names.sizes(w.buffer.width())}, {src}.shape[2]), DT)")
-        L.append(f"    cs.gemm(cs.flat({w.buffer.name}), cs.flat({src}), m{k_w}, trans_a=True)")
+        L(f"m{k_w} = cs.empty(({names.sizes(w.buffer.width())}, {src}.shape[2]), DT)")
+        L(f"cs.gemm(cs.flat({w.buffer.name}), cs.flat({src}), m{k_w}, trans_a=True)")
         for k_, wname in enumerate(w.weights):
             node = w.buffer.columns[k_][0]
             off = names.sizes(w.buffer.offset(k_))
             block = f"m{k_w}[{off}:{off} + {names.size[node.shape[0]]}]"
             if uses[wname] == 1:
-                L.append(f"    {grads[wname]} = {block}")
+                L(f"{grads[wname]} = {block}")
             else:
-                L.append(f"    cs.add_into({grads[wname]}, {block})")
+                L(f"cs.add_into({grads[wname]}, {block})")
     for p, (buf, block) in plan.param_grads.items():
         off = names.sizes(buf.offset(block))
-        L.append(f"    cs.add_column_sums({grads[p]}, cs.flat({buf.name}), {off})")
+        L(f"cs.add_column_sums({grads[p]}, cs.flat({buf.name}), {off})")
     dparams = ", ".join(grads[p] for p in step.params)
     dxs = ", ".join(f"d{c}" for c in names.input.values())
     d0 = ", ".join(f"d{c}[0]" for c in names.state.values())
-    L.append(f"    return ({dparams},), ({dxs},), ({d0},), blocks")
-    return "\n".join(L) + "\n"
+    L(f"return ({dparams},), ({dxs},), ({d0},), blocks")
+    return L.text() + "\n"

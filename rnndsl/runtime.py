@@ -94,7 +94,7 @@ class GeneratedEngine:
 
     def header(self, dtype: str) -> str:
         from . import __version__
-        from .emit_cpu import legend
+        from .emit_common import legend
 
         # Only validated identifiers reach the header: the spec's file path and summary are
         # user text, and a carriage return in either would end the comment and run the rest.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import Enum
 
 from . import ir
 from .grad import Backward
@@ -71,14 +72,22 @@ def _terms(n: Node) -> list[Node]:
 
 
 # -- the plan -------------------------------------------------------------------------------
+class Role(Enum):
+    """What a (T, B, K) buffer holds."""
+
+    TAPE = "forward values saved for backward"
+    PRE_VECTOR = "a hoisted product's computed vector, made before the time loop"
+    VECTOR = "a per-step product's computed vector, kept for the weight gradients"
+    GRADIENT = "per-step gradients stacked for GEMMs after the loop"
+
+
 @dataclass
 class Buffer:
-    """A stored array: (T, B, K) per step (`per_step`) or (B, K) scratch; K is a sum of
-    column blocks, one per node."""
+    """A stored (T, B, K) array; K is a sum of column blocks, one per node."""
 
     name: str
     columns: list[tuple[Node, int]]  # node, index of its block (offsets are sums of sizes)
-    per_step: bool = True
+    role: Role
 
     def offset(self, index: int) -> list[str]:
         """Size names whose sum is the column offset of block `index` (scalars count 1)."""
@@ -129,19 +138,60 @@ class WeightGrad:
 
 
 @dataclass
+class Loop:
+    """One loop over the features of a batch row: every node of `nodes` is a vector of
+    `size` (or a reduction over one, final after the loop)."""
+
+    size: str
+    nodes: list[Node]
+
+
+@dataclass
+class Scalar:
+    """A per-row scalar computed between loops (`node` None: only stores happen here)."""
+
+    node: Node | None
+
+
+@dataclass
 class Phase:
-    """Elementwise work between two GEMM stages: per batch row, a sequence of loops over
-    features (`loops`, each (size, nodes)) with per-row scalars computed between them."""
+    """Elementwise work between two GEMM stages: per batch row, loops over features with
+    per-row scalars computed between them."""
 
     index: int
-    steps: list[tuple[str, object]] = field(default_factory=list)  # ("loop", (size, [nodes])) | ("scalar", node)
+    steps: list[Loop | Scalar] = field(default_factory=list)
+
+
+class StoreKind(Enum):
+    STATE = "a state's new value (frozen past a sequence's length)"
+    OUTPUT = "an output (zero past a sequence's length)"
+    DPREV = "the adjoint of a state's previous value (passed on past a sequence's length)"
+    INPUT_GRAD = "the part of an input's gradient computed in the loop"
+    BUFFER = "a column block of a buffer"
 
 
 @dataclass
 class Store:
     node: Node
-    kind: str  # "state" | "output" | "dprev" | "plain"
-    target: str  # what the emitter calls the array (a state, output, buffer or input name)
+    kind: StoreKind
+    target: str | Buffer  # the spec's name of the state, output or input; or the buffer
+    block: int = 0
+
+
+class ReadKind(Enum):
+    TAPE = "the tape, saved by the forward pass"
+    HOISTED = "a hoisted product, computed before the time loop"
+    VECTOR = "a buffered product vector"
+    GEMM = "this step's product"
+    GEMM_T = "this step's stacked W.T @ g sum"
+
+
+@dataclass(frozen=True)
+class Read:
+    """Where a value is read from instead of computed: `array` at column block `block`."""
+
+    kind: ReadKind
+    array: str
     block: int = 0
 
 
@@ -153,7 +203,7 @@ class Program:
     name: str
     reverse: bool
     stores: list[Store]
-    reads: dict[int, tuple[str, str, int]]  # node uid -> (kind, array, block)
+    reads: dict[int, Read]  # node uid -> where it is read from
     gemms: list[Gemm]
     gemm_ts: list[GemmT]
     phases: list[Phase]
@@ -207,41 +257,87 @@ def _vec(n: Node) -> str:
 
 # -- planning -------------------------------------------------------------------------------
 def plan(step: StepIR, bwd: Backward) -> Plan:
+    """The passes, in order; each is a function below."""
+    roots = _rewrite(step, bwd)
+    hoisted, per_step = _group_products(roots)
+    tape = _choose_tape(roots, hoisted)
+    vectors, pre_vectors = _vector_buffers(hoisted, per_step)
+    pre = None
+    if pre_vectors:
+        pre = _program("pre", False, [Store(v, StoreKind.BUFFER, vectors[v.uid])
+                                      for v in pre_vectors], {}, [], [])
+    fstores = [Store(n, StoreKind.STATE, s) for s, n in roots.states.items()]
+    fstores += [Store(n, StoreKind.OUTPUT, o) for o, n in roots.outputs.items()]
+    fstores += [Store(n, StoreKind.BUFFER, tape, k) for n, k in tape.columns]
+    fstores += [Store(g.vector, StoreKind.BUFFER, vectors[g.vector.uid])
+                for g in per_step if g.vector.uid in vectors]
+    pre_names = {v.uid: vectors[v.uid].name for v in pre_vectors}
+    forward = _program("forward", False, fstores, {}, per_step, [], pre_names, hoisted, vectors)
+    infer = _program("infer", False, [s for s in fstores if s.target is not tape], {}, per_step,
+                     [], pre_names, hoisted, vectors)
+
+    grads = _gradient_buffers(roots)
+    bstores = [Store(n, StoreKind.DPREV, s) for s, n in roots.d_prev.items()]
+    bstores += [Store(n, StoreKind.INPUT_GRAD, x) for x, n in roots.input_rest.items()]
+    for buf in grads.buffers:
+        bstores += [Store(n, StoreKind.BUFFER, buf, k) for n, k in buf.columns]
+    reads = {n.uid: Read(ReadKind.TAPE, "tape", k) for n, k in tape.columns}
+    back = _program("backward", True, bstores, reads, [], grads.in_loop, hoisted=hoisted,
+                    vectors=vectors)
+    return Plan(step, bwd, pre, hoisted, forward, infer, back, tape, vectors, grads.buffers,
+                grads.deferred, grads.weights, grads.params, roots.input_rest)
+
+
+@dataclass
+class _Roots:
+    """What the programs compute, rewritten for code generation (`Rewriter`)."""
+
+    states: dict[str, Node]
+    outputs: dict[str, Node]
+    d_prev: dict[str, Node]
+    input_rest: dict[str, Node]  # input gradient terms computed in the loop
+    deferred: list[tuple[str, Node]]  # input gradient products: (input, gemm_t) after the loop
+    d_params: dict[str, Node]
+    matrix_terms: dict[str, list[tuple[Node, Node]]]  # W -> (g, v) terms, dW += g v^T
+
+    def forward(self) -> list[Node]:
+        return [*self.states.values(), *self.outputs.values()]
+
+    def backward(self) -> list[Node]:
+        return [*self.d_prev.values(), *self.input_rest.values(), *self.d_params.values()] + \
+            [n for terms in self.matrix_terms.values() for g, v in terms for n in (g, v)] + \
+            [g for _, t in self.deferred for g in t.args]
+
+
+def _rewrite(step: StepIR, bwd: Backward) -> _Roots:
+    """Pass 1: the roots of both programs, rewritten; input gradients split into stacked
+    products (deferred to one GEMM after the loop) and the rest (computed in the loop)."""
     rw = Rewriter()
     values = {name: rw(n) for name, n in step.values.items()}
-    state_vals = {s: values[s] for s in step.states}
-    out_vals = {o: values[o] for o in step.outputs}
-
-    # Backward roots, rewritten; input gradients split into stacked products (deferred) and
-    # the rest (computed in the loop).
     # (a constant or per-row adjoint, d_h_prev = 0, is spread over the state's features)
     d_prev = {s: rw(ir.bcast(n, (step.states[s],))) for s, n in bwd.d_prev.items()}
     deferred, input_rest = [], {}
     for x, n in bwd.d_inputs.items():
         r = rw(n if n.is_const(0.0) else ir.bcast(n, (step.inputs[x],)))
         terms = _terms(r) if r.op == "add" else [r]
-        for t in terms:
-            if t.op == "gemm_t":
-                deferred.append((x, t))
+        deferred += [(x, t) for t in terms if t.op == "gemm_t"]
         rest = [t for t in terms if t.op != "gemm_t" and not t.is_const(0.0)]
         if rest:
             input_rest[x] = ir.add_all(rest)
-    d_params = {p: rw(n) for p, n in bwd.d_params.items()}
-    matrix_terms = {w: [(rw(g), rw(v)) for g, v in terms] for w, terms in bwd.d_matrices.items()}
+    return _Roots({s: values[s] for s in step.states}, {o: values[o] for o in step.outputs},
+                  d_prev, input_rest, deferred, {p: rw(n) for p, n in bwd.d_params.items()},
+                  {w: [(rw(g), rw(v)) for g, v in terms] for w, terms in bwd.d_matrices.items()})
 
-    # Forward matrix products: hoisted when the vector does not depend on the previous step
-    # and needs no product itself; grouped by vector.
-    fwd_roots = [*state_vals.values(), *out_vals.values()]
-    bwd_roots = [*d_prev.values(), *input_rest.values(), *d_params.values()] + \
-        [n for terms in matrix_terms.values() for g, v in terms for n in (g, v)] + \
-        [g for _, t in deferred for g in t.args]
-    recurrent = _recurrent(ir.topo_order(fwd_roots + bwd_roots))
 
-    # What backward reads of forward values: leaves, hoisted products, the tape.
+def _group_products(roots: _Roots) -> tuple[list[Gemm], list[Gemm]]:
+    """Pass 2: forward matrix products grouped by vector (one stacked GEMM each), hoisted
+    when the vector does not depend on the previous step and needs no product itself."""
+    bwd_roots = roots.backward()
+    recurrent = _recurrent(ir.topo_order(roots.forward() + bwd_roots))
     adjoint = _adjoint_nodes(bwd_roots)
     all_fwd = [n for n in ir.topo_order(bwd_roots) if n.uid not in adjoint]
     groups: dict[int, list[Node]] = defaultdict(list)
-    for n in ir.topo_order(fwd_roots + all_fwd):
+    for n in ir.topo_order(roots.forward() + all_fwd):
         if n.op == "matvec":
             groups[n.args[1].uid].append(n)
     hoisted, per_step = [], []
@@ -252,9 +348,14 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
         hoist = vuid not in recurrent and not any(a.op == "matvec" for a in ir.topo_order([v]))
         (hoisted if hoist else per_step).append(Gemm(f"{'xp' if hoist else 'mm'}{k}", weights,
                                                      v, products, hoist))
-    hoisted_uids = {p.uid for g in hoisted for p in g.products}
+    return hoisted, per_step
 
-    needed = _backward_needs(bwd_roots)
+
+def _choose_tape(roots: _Roots, hoisted: list[Gemm]) -> Buffer:
+    """Pass 3: what backward reads of forward values. Leaves and hoisted products are at hand;
+    expensive values (transcendentals, reductions, GEMM results) are saved; cheap arithmetic
+    on saved values is recomputed."""
+    hoisted_uids = {p.uid for g in hoisted for p in g.products}
     saved: dict[int, Node] = {}
 
     def available(n: Node):
@@ -266,85 +367,77 @@ def plan(step: StepIR, bwd: Backward) -> Plan:
         else:
             saved[n.uid] = n
 
-    for n in needed:
+    for n in _backward_needs(roots.backward()):
         available(n)
-    tape = Buffer("tape", [(n, k) for k, n in enumerate(saved.values())])
+    return Buffer("tape", [(n, k) for k, n in enumerate(saved.values())], Role.TAPE)
 
-    # Per-step GEMM vectors that are computed values are kept (T, B, n) for weight gradients.
-    vectors = {g.vector.uid: Buffer(f"vec{k}", [(g.vector, 0)]) for k, g in enumerate(per_step)
-               if not g.vector.is_leaf}
-    pre = None
-    # (a parameter vector too: its product is the same in every row, but a GEMM over all
-    # T*B rows, and the weight gradient's GEMM, want it as rows)
+
+def _vector_buffers(hoisted: list[Gemm], per_step: list[Gemm]):
+    """Pass 4: computed vectors of products, kept as (T, B, n) rows: per-step ones for the
+    weight gradients; hoisted ones (and parameter vectors: the same product in every row,
+    but the GEMMs over all T*B rows want rows) made before the loop by the `pre` program."""
+    vectors = {g.vector.uid: Buffer(f"vec{k}", [(g.vector, 0)], Role.VECTOR)
+               for k, g in enumerate(per_step) if not g.vector.is_leaf}
     pre_vectors = [g.vector for g in hoisted if g.vector.op != "input"]
-    if pre_vectors:
-        for k, v in enumerate(pre_vectors):
-            vectors[v.uid] = Buffer(f"pvec{k}", [(v, 0)])
-        pre = _program("pre", False, [Store(v, "plain", vectors[v.uid].name) for v in pre_vectors],
-                       {}, [], [])
+    for k, v in enumerate(pre_vectors):
+        vectors[v.uid] = Buffer(f"pvec{k}", [(v, 0)], Role.PRE_VECTOR)
+    return vectors, pre_vectors
 
-    fstores = [Store(n, "state", s) for s, n in state_vals.items()]
-    fstores += [Store(n, "output", o) for o, n in out_vals.items()]
-    fstores += [Store(n, "plain", "tape", k) for n, k in tape.columns]
-    fstores += [Store(vectors[g.vector.uid].columns[0][0], "plain", vectors[g.vector.uid].name)
-                for g in per_step if g.vector.uid in vectors]
-    pre_names = {v.uid: vectors[v.uid].name for v in pre_vectors}
-    forward = _program("forward", False, fstores, {}, per_step, [], pre_names, hoisted, vectors)
-    infer = _program("infer", False, [s for s in fstores if s.target != "tape"], {}, per_step,
-                     [], pre_names, hoisted, vectors)
 
-    # Gradient buffers: one per distinct tuple of stacked gradients.
-    grad_buffers: dict[tuple[int, ...], Buffer] = {}
+@dataclass
+class _Gradients:
+    buffers: list[Buffer]
+    in_loop: list[GemmT]  # W.T @ g sums computed per step
+    deferred: list[tuple[str, GemmT]]  # input name, its stacked GEMM after the loop
+    weights: list[WeightGrad]
+    params: dict[str, tuple[Buffer, int]]  # vector/scalar param -> its gradient's block
+
+
+def _gradient_buffers(roots: _Roots) -> _Gradients:
+    """Pass 5: per-step gradients stored for GEMMs after the loop, one buffer per distinct
+    tuple of stacked gradients; which W.T @ g sums run in the loop."""
+    buffers: dict[tuple[int, ...], Buffer] = {}
 
     def buffer_for(grads: tuple[Node, ...]) -> Buffer:
         key = tuple(g.uid for g in grads)
-        if key not in grad_buffers:
-            grad_buffers[key] = Buffer(f"dg{len(grad_buffers)}",
-                                       [(g, k) for k, g in enumerate(grads)])
-        return grad_buffers[key]
+        if key not in buffers:
+            buffers[key] = Buffer(f"dg{len(buffers)}", [(g, k) for k, g in enumerate(grads)],
+                                  Role.GRADIENT)
+        return buffers[key]
 
-    weight_grads = []
+    weights = []
     by_vector: dict[int, list[tuple[str, Node, Node]]] = defaultdict(list)
-    for w, terms in matrix_terms.items():
+    for w, terms in roots.matrix_terms.items():
         for g, v in terms:
             by_vector[v.uid].append((w, g, v))
     for items in by_vector.values():
         items.sort(key=lambda item: item[1].uid)
         buf = buffer_for(tuple(g for _, g, _ in items))
-        weight_grads.append(WeightGrad(buf, tuple(w for w, _, _ in items), items[0][2]))
-    gemm_ts_loop = []  # every W.T @ g sum that a value stored in the loop needs
-    loop_roots = [*d_prev.values(), *input_rest.values(), *d_params.values()] + \
-        [g for terms in matrix_terms.values() for g, _ in terms] + \
-        [g for _, t in deferred for g in t.args]
+        weights.append(WeightGrad(buf, tuple(w for w, _, _ in items), items[0][2]))
+    in_loop = []  # every W.T @ g sum that a value stored in the loop needs
+    loop_roots = [*roots.d_prev.values(), *roots.input_rest.values(),
+                  *roots.d_params.values()] + \
+        [g for terms in roots.matrix_terms.values() for g, _ in terms] + \
+        [g for _, t in roots.deferred for g in t.args]
     for n in ir.topo_order(loop_roots):
         if n.op == "gemm_t":
-            gemm_ts_loop.append(GemmT(f"gt{len(gemm_ts_loop)}", n, buffer_for(n.args), False))
+            in_loop.append(GemmT(f"gt{len(in_loop)}", n, buffer_for(n.args), False))
     deferred = [(x, GemmT(f"dx{k}", t, buffer_for(t.args), True))
-                for k, (x, t) in enumerate(deferred)]
+                for k, (x, t) in enumerate(roots.deferred)]
 
-    param_grads = {}
-    extra = []
-    for p, n in d_params.items():
-        for buf in grad_buffers.values():
+    params, extra = {}, []
+    for p, n in roots.d_params.items():
+        for buf in buffers.values():
             if any(node is n for node, _ in buf.columns):
-                param_grads[p] = (buf, buf.block(n))
+                params[p] = (buf, buf.block(n))
                 break
         else:
             extra.append((p, n))
     if extra:
         buf = buffer_for(tuple(n for _, n in extra))
         for p, n in extra:
-            param_grads[p] = (buf, buf.block(n))
-
-    bstores = [Store(n, "dprev", s) for s, n in d_prev.items()]
-    bstores += [Store(n, "plain", f"dx:{x}") for x, n in input_rest.items()]
-    for buf in grad_buffers.values():
-        bstores += [Store(n, "plain", buf.name, k) for n, k in buf.columns]
-    reads = {n.uid: ("tape", "tape", k) for n, k in tape.columns}
-    back = _program("backward", True, bstores, reads, [], gemm_ts_loop, hoisted=hoisted,
-                    vectors=vectors)
-    return Plan(step, bwd, pre, hoisted, forward, infer, back, tape, vectors,
-                list(grad_buffers.values()), deferred, weight_grads, param_grads, input_rest)
+            params[p] = (buf, buf.block(n))
+    return _Gradients(list(buffers.values()), in_loop, deferred, weights, params)
 
 
 def _adjoint_nodes(roots: list[Node]) -> set[int]:
@@ -385,18 +478,18 @@ def _program(name: str, reverse: bool, stores: list[Store], reads: dict, gemms: 
     reads = dict(reads)
     for g in hoisted:
         for k, p in enumerate(g.products):
-            reads.setdefault(p.uid, ("hoisted", g.name, k))
+            reads.setdefault(p.uid, Read(ReadKind.HOISTED, g.name, k))
     for v, buf in (pre_vectors or {}).items():
-        reads.setdefault(v, ("vector", buf, 0))
+        reads.setdefault(v, Read(ReadKind.VECTOR, buf))
     for v, buf in (vectors or {}).items():
         if name == "backward":
-            reads.setdefault(v, ("vector", buf.name, 0))
+            reads.setdefault(v, Read(ReadKind.VECTOR, buf.name))
     product_of = {p.uid: g for g in gemms for p in g.products}
     for g in gemms:
         for k, p in enumerate(g.products):
-            reads[p.uid] = ("gemm", g.name, k)
+            reads[p.uid] = Read(ReadKind.GEMM, g.name, k)
     for g in gemm_ts:
-        reads[g.node.uid] = ("gemm_t", g.name, 0)
+        reads[g.node.uid] = Read(ReadKind.GEMM_T, g.name)
     gemm_t_of = {g.node.uid: g for g in gemm_ts}
 
     # GEMM stages a node waits for: a product comes one stage after its vector.
@@ -452,7 +545,7 @@ def _program(name: str, reverse: bool, stores: list[Store], reads: dict, gemms: 
         if s.node.uid not in place:  # as soon as it is ready: a GEMM of this step may read it
             p = phases[min(needs[s.node.uid], last)]
             size = s.node.shape[0] if s.node.shape else None
-            p.steps.append(("loop", (size, [])) if size else ("scalar", None))
+            p.steps.append(Loop(size, []) if size else Scalar(None))
             place[s.node.uid] = (p.index, len(p.steps) - 1)
     spills: dict[int, str] = {}
     for n in computed:
@@ -485,12 +578,12 @@ def _loops(p: Phase, members: list[Node], place: dict):
             ready[n.uid] = lvl[n.uid] + 1
         else:
             lvl[n.uid] = ready[n.uid] = max(arg_ready, default=0)
-    steps: list[tuple[str, object]] = []
+    steps: list[Loop | Scalar] = []
     for L in range(max(lvl.values(), default=-1) + 1):
         for n in members:
             if lvl[n.uid] == L and not n.shape and n.op not in REDUCTIONS:
                 place[n.uid] = (p.index, len(steps))
-                steps.append(("scalar", n))
+                steps.append(Scalar(n))
         by_size: dict[str, list[Node]] = defaultdict(list)
         for n in members:
             if lvl[n.uid] == L and (n.shape or n.op in REDUCTIONS):
@@ -498,5 +591,5 @@ def _loops(p: Phase, members: list[Node], place: dict):
         for size, nodes in by_size.items():
             for n in nodes:
                 place[n.uid] = (p.index, len(steps))
-            steps.append(("loop", (size, nodes)))
+            steps.append(Loop(size, nodes))
     p.steps = steps
