@@ -115,7 +115,7 @@ class ParamLayout:
 class Checked:
     spec: Spec
     order: tuple[Assign, ...]  # equations, each after what it uses
-    params: dict[str, ParamInfo]  # what the kernels take: a concatenated matrix's blocks
+    params: dict[str, ParamInfo]  # what the kernels take: cut parameters as their blocks
     locals: dict[str, tuple[str, ...]]  # intermediate values and their shapes
     layout: ParamLayout
 

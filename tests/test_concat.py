@@ -216,3 +216,17 @@ def test_bad_sum_of_sizes_is_a_located_error(shape, message, column):
         cell("h = tanh(W @ [h_prev, x])", f"params:\n  W: {{shape: {shape}}}\n")
     assert message in info.value.message
     assert (info.value.pos.line, info.value.pos.column) == (6, column)
+
+
+def test_training_checkpoints_keep_the_whole_matrix(tmp_path):
+    from rnndsl.train import TrainConfig, train
+
+    opts = dict(spec="lstm_concat", task="adding", length=6, hidden=4, batch=4, log_every=2,
+                eval_batch=8, dtype="float64")
+    whole = train(TrainConfig(steps=4, **opts))
+    assert whole.params["layer0.fwd.W_f"].shape == (4, 4 + 2)  # the adding task's input is 2
+    ckpt = tmp_path / "half.npz"
+    train(TrainConfig(steps=2, **opts), save=ckpt)
+    resumed = train(TrainConfig(steps=4, **opts), resume=ckpt)
+    for k, v in whole.params.items():
+        np.testing.assert_array_equal(resumed.params[k], v, err_msg=k)
