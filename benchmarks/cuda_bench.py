@@ -19,17 +19,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import rnndsl  # noqa: E402
-from rnndsl.bench import WORKLOADS, problem  # noqa: E402
-
-import peers  # noqa: E402
+import rnndsl
+from rnndsl import peers
+from rnndsl.bench import problem
 
 SPECS = ["lstm", "gru", "peephole_lstm", "indrnn", "layernorm_lstm"]
 SIZES = ["S", "M", "L", "T1"]
@@ -37,7 +33,7 @@ MODES = {"auto": None, "steps": False, "persistent": True}
 
 
 def sync():
-    from rnndsl.cuda_support import cuda
+    from rnndsl.backend.cuda_support import cuda
 
     cuda.synchronize()
     torch.cuda.synchronize()
@@ -59,7 +55,7 @@ def median_gpu(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def time_rnndsl(spec: str, size: str, persistent, repeats: int):
-    from rnndsl import cuda_support as cs
+    from rnndsl.backend import cuda_support as cs
 
     cell = rnndsl.compile(spec, target="cuda", persistent=persistent)
     params, xs, _ = problem(cell, size)  # float32, host
@@ -85,19 +81,7 @@ def time_rnndsl(spec: str, size: str, persistent, repeats: int):
 def time_eager(spec: str, size: str, repeats: int):
     cell = rnndsl.compile(spec)  # the plan (hoisted products) is all the eager loop reads
     params, xs, sizes = problem(cell, size)
-    model = peers.EagerLoop(cell, params).cuda()
-    txs = {k: torch.as_tensor(v, device="cuda") for k, v in xs.items()}
-    gxs = {k: v.clone().requires_grad_(True) for k, v in txs.items()}
-
-    def forward():
-        with torch.no_grad():
-            return model(txs, sizes)
-
-    def forward_backward():
-        outs = model(gxs, sizes)
-        sum(o.sum() for o in outs.values()).backward()
-
-    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats)
+    return peers.time_eager(cell, params, xs, sizes, repeats, device="cuda", timer=median_gpu)
 
 
 def main():
@@ -109,7 +93,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_bench needs a GPU and PyTorch with CUDA")
-    from rnndsl import cuda_support as cs
+    from rnndsl.backend import cuda_support as cs
 
     rows = []
     for spec in args.specs:

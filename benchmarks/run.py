@@ -12,17 +12,13 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import rnndsl  # noqa: E402
-from rnndsl.bench import gemm_gflops, problem, time_cell  # noqa: E402
-
-import peers  # noqa: E402
+import rnndsl
+from rnndsl import peers
+from rnndsl.bench import gemm_gflops, problem, time_cell
 
 DEFAULT = [("lstm", "S"), ("lstm", "M"), ("lstm", "L"), ("lstm", "T1"),
            ("gru", "S"), ("gru", "M"), ("gru", "L"), ("gru", "T1"),
@@ -65,7 +61,7 @@ def main():
         print(json.dumps({"info": info, "rows": rows}, indent=1))
         return
     print(f"Machine: {info['machine']}; {info['date']}; torch {info['torch']}; float32 GEMM "
-          f"(rnndsl.blas) {info['gemm_gflops_f32']:.0f} GFLOP/s. Medians of {args.repeats} runs, ms; "
+          f"(rnndsl.backend.blas) {info['gemm_gflops_f32']:.0f} GFLOP/s. Medians of {args.repeats} runs, ms; "
           "ratio = rnndsl / peer.\n")
     print("| cell | size | rnndsl fwd | fwd+bwd | nn fwd | nn fwd+bwd | ratio fwd | ratio fwd+bwd "
           "| eager fwd | eager fwd+bwd | ratio fwd | ratio fwd+bwd | rnndsl GFLOP/s |")

@@ -1,8 +1,8 @@
 """rnndsl: recurrent cells written as equations, compiled to fused kernels."""
-from .compiler import analyse, builtin_specs, compile
-from .errors import SourcePos, SpecError
-from .layers import Network
-from .runtime import Cell, Forward, Grads
+from rnndsl.compiler import analyse, builtin_specs, compile
+from rnndsl.language.errors import SourcePos, SpecError
+from rnndsl.training.layers import Network
+from rnndsl.engines.cell import Cell, Forward, Grads
 
 __version__ = "0.1.0"
 __all__ = ["compile", "analyse", "builtin_specs", "Cell", "Forward", "Grads", "Network",

@@ -1,4 +1,4 @@
-"""Timing rnndsl cells on the fixed workloads; peers (PyTorch) live in benchmarks/peers.py.
+"""Timing rnndsl cells on the fixed workloads; peers (PyTorch) live in rnndsl/peers.py.
 
 Times are medians of several runs after a warm-up (which also compiles). "forward" runs the
 cell over the batch for inference (nothing kept for backward, as PyTorch under no_grad);
@@ -7,15 +7,14 @@ parameter and the input.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .resources import checkout_path
-from .runtime import Cell
-from .summary import evaluate_poly, flops_per_step
+from rnndsl.language.errors import UserError
+from rnndsl.engines.cell import Cell
+from rnndsl.summary import evaluate_poly, flops_per_step
 
 # name: (T, B, input size, hidden size)
 WORKLOADS = {
@@ -76,9 +75,9 @@ def time_cell(cell: Cell, workload: str, dtype=np.float32, repeats: int = 7) -> 
 
 
 def gemm_gflops(dtype=np.float32, n: int = 1024, repeats: int = 7) -> float:
-    """The machine's GEMM rate through the BLAS the kernels call (rnndsl.blas), the roofline
+    """The machine's GEMM rate through the BLAS the kernels call (rnndsl.backend.blas), the roofline
     for the large workloads."""
-    from .blas import gemm
+    from rnndsl.backend.blas import gemm
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)
@@ -87,12 +86,10 @@ def gemm_gflops(dtype=np.float32, n: int = 1024, repeats: int = 7) -> float:
 
 
 def load_peers():
-    """benchmarks/peers.py (needs PyTorch and a checkout of the repository)."""
-    path = checkout_path() / "benchmarks" / "peers.py"
-    if not path.exists():
-        raise FileNotFoundError("the PyTorch peers are in benchmarks/peers.py of the rnndsl "
-                                "repository; run from a checkout")
-    spec = importlib.util.spec_from_file_location("rnndsl_bench_peers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """rnndsl.peers: PyTorch's modules and an eager loop of any spec (needs PyTorch)."""
+    try:
+        from rnndsl import peers
+    except ImportError as exc:
+        raise UserError(f"timing against PyTorch needs torch ({exc}): pip install "
+                        "'rnndsl[torch]'") from None
+    return peers

@@ -14,12 +14,13 @@ from functools import wraps
 
 import typer
 
-from . import __version__, compiler
-from .errors import SpecError, UserError, printable
-from .tasks import TASKS
-from .train import BIDIRECTIONAL, DENSE, DTYPES, SAVE_EVERY
-from .bench import WORKLOADS
-from .optim import OPTIMIZERS
+from rnndsl import __version__
+from rnndsl import compiler
+from rnndsl.language.errors import SpecError, UserError, printable
+from rnndsl.training.tasks import TASKS
+from rnndsl.training.train import BIDIRECTIONAL, DENSE, DTYPES, SAVE_EVERY
+from rnndsl.bench import WORKLOADS
+from rnndsl.training.optim import OPTIMIZERS
 
 app = typer.Typer(no_args_is_help=True,
                   help="Recurrent cells written as equations, compiled to fused kernels.")
@@ -103,7 +104,7 @@ def compile_(spec: str = SPEC,
                                                  "(repeatable)."),
              ):
     """Check, differentiate and emit kernels; print a summary of the cell."""
-    from .summary import describe
+    from rnndsl.summary import describe
 
     target, dtype = target.value, dtype.value
     cell = compiler.compile(spec, target=target, constants=_assignments(set_))
@@ -148,7 +149,7 @@ def gradcheck(spec: str = SPEC,
     state (float64); exit status 1 if the worst relative error exceeds the tolerance."""
     from rich.progress import Progress
 
-    from .gradcheck import gradcheck as run_check
+    from rnndsl.engines.gradcheck import gradcheck as run_check
 
     cell = compiler.compile(spec, target=target.value)
     count = len(cell.params) + len(cell.inputs) + len(cell.states)
@@ -176,7 +177,7 @@ def bench(spec: str = SPEC,
     """Time a cell forward and forward+backward on a fixed workload (float32)."""
     import json
 
-    from . import bench as timing
+    from rnndsl import bench as timing
 
     size = size.value
     if against not in ("", "torch"):
@@ -245,7 +246,7 @@ def versions() -> dict:
 
 
 def _configs(specs, task, length, steps, lr, **options):
-    from .train import TrainConfig
+    from rnndsl.training.train import TrainConfig
 
     if task is None:  # the demonstration run: long enough for the LSTM to solve the task
         task, length, steps, lr = "adding", length or 50, steps or 2000, lr or 1e-2
@@ -259,7 +260,7 @@ def _check_plot(path):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'rnndsl[plot]'") from None
-        from .train import check_writable
+        from rnndsl.training.train import check_writable
         check_writable(path, "plot")
 
 
@@ -271,8 +272,8 @@ def _run(configs, json_out: bool, **train_options):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeElapsedColumn
 
-    from .optim import TrainingDiverged
-    from .train import train
+    from rnndsl.training.optim import TrainingDiverged
+    from rnndsl.training.train import train
 
     results = []
     try:
@@ -334,7 +335,7 @@ def _finish(configs, json_out, plot, **train_options):
     if not json_out:
         _summary(results)
     if plot:
-        from .train import plot_curves
+        from rnndsl.training.train import plot_curves
         plot_curves(results, plot)
 
 
@@ -351,7 +352,7 @@ def _resumed_config(ctx: typer.Context, resume: str, options: dict):
     command line must agree with the checkpoint (an error names each that does not)."""
     from dataclasses import fields, replace
 
-    from .train import TrainConfig, read_checkpoint
+    from rnndsl.training.train import TrainConfig, read_checkpoint
 
     saved = read_checkpoint(resume)["config"]
     given = {k: v for k, v in options.items() if k in {f.name for f in fields(TrainConfig)}
@@ -417,7 +418,7 @@ def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in 
 def cache_path():
     """Print the cache folder ($RNNDSL_CACHE_DIR, else $XDG_CACHE_HOME/rnndsl, else
     ~/.cache/rnndsl)."""
-    from .loader import cache_root
+    from rnndsl.backend.loader import cache_root
     typer.echo(printable(cache_root()))
 
 
@@ -425,7 +426,7 @@ def cache_path():
 @reports_input_errors
 def cache_clear():
     """Delete the generated kernels (only rnndsl's files); they are made again when needed."""
-    from .loader import cache_root, clear_cache
+    from rnndsl.backend.loader import cache_root, clear_cache
 
     try:
         count = clear_cache()

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import ir
-from .check import check
-from .errors import SpecError
-from .grad import Backward, grad
-from .ir import StepIR
-from .lower import lower
-from .resources import specs_dir
-from .runtime import Cell, CpuEngine, ReferenceEngine
-from .schedule import plan
-from .spec import Spec, load_spec, with_constants
+from rnndsl.symbolic import ir
+from rnndsl.language.check import check
+from rnndsl.language.errors import SpecError
+from rnndsl.symbolic.grad import Backward, grad
+from rnndsl.symbolic.ir import StepIR
+from rnndsl.symbolic.lower import lower
+from rnndsl.resources import specs_dir
+from rnndsl.engines.cell import Cell, CpuEngine, ReferenceEngine
+from rnndsl.backend.schedule import plan
+from rnndsl.language.spec import Spec, load_spec, with_constants
 
 TARGETS = ("cpu", "reference", "cuda")
 
@@ -72,7 +72,7 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | None = N
         step, bwd = _analyse(source, constants)
         kernel_plan = plan(step, bwd)
     if target == "cuda":
-        from .cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
+        from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
 
         engine = CudaEngine(step, bwd, kernel_plan, persistent)
     elif target == "cpu":

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from . import ir
-from .errors import printable
-from .ir import Node, StepIR
-from .runtime import Cell
+from rnndsl.symbolic import ir
+from rnndsl.language.errors import printable
+from rnndsl.symbolic.ir import Node, StepIR
+from rnndsl.engines.cell import Cell
 
 _FREE = ("input", "prev", "param", "const", "size", "adj", "bcast")
 

@@ -16,9 +16,11 @@ Three layers, each usable on its own:
   tensors) and come back through `torch.from_numpy`.
 * `cell_apply(cell, params, x, state0, lengths)`: that op called from Python.
 * `RNN(spec, input_size, hidden_size, ...)`: an `nn.Module` shaped like `nn.LSTM`, `nn.GRU`
-  and `nn.RNN`; layers, both directions, dropout between layers, `lengths` and
-  `PackedSequence` are done in torch around the per-layer op. `RNN.from_torch(module)`
-  loads an `nn.LSTM`/`nn.GRU`/`nn.RNN`, `to_torch()` exports back.
+  and `nn.RNN` (after the spec, nn.LSTM's arguments in nn.LSTM's order); layers, both
+  directions, dropout between layers, `lengths` and `PackedSequence` are done in torch around
+  the per-layer op. `RNN.from_torch(module)` loads an `nn.LSTM`/`nn.GRU`/`nn.RNN` (or their
+  cells), `to_torch()` exports back, and the state dict of a spec with a torch twin has
+  torch's keys; `from_checkpoint`/`to_checkpoint` convert training checkpoints.
 
 What the backward op needs from the forward pass (the engine's record: states, gate
 values) is kept in a per-process table of tapes, keyed by an integer "tape handle" that
@@ -32,7 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import numbers
 import weakref
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,10 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import compiler
-from .runtime import Cell
+from rnndsl import compiler
+from rnndsl.backend.blas import blas_threads
+from rnndsl.engines.cell import Cell
 
-__all__ = ["RNN", "cell_apply", "register", "TORCH_LAYOUT"]
+__all__ = ["RNN", "cell_apply", "register", "set_kernel_threads", "TORCH_LAYOUT", "LSTM_PROJ_YAML"]
 
 # -- the cell registry ------------------------------------------------------------------------
 _CELLS: dict[str, Cell] = {}
@@ -86,6 +93,39 @@ def _keep_tape(fwd) -> Tensor:
     _TAPES[tape_id] = fwd
     weakref.finalize(handle, _TAPES.pop, tape_id, None)
     return handle
+
+
+# -- threads ------------------------------------------------------------------------------------
+# After each of its operations, torch's OpenMP threads keep spinning for a while; a
+# multi-threaded BLAS in the kernels then fights them for the cores (a training step of a
+# 2-layer bidirectional LSTM ran 2.3x slower than nn.LSTM on 2 cores, against 0.7x with the
+# kernels' BLAS on one thread). So while torch has a pool of its own, the kernels called
+# through the ops use one BLAS thread, unless `set_kernel_threads` says otherwise.
+_KERNEL_THREADS: list[int | None] = [None]
+
+
+def set_kernel_threads(n: int | None) -> None:
+    """Threads of the kernels' BLAS while the ops run them: a number, or None (the default):
+    one while torch.get_num_threads() > 1, else the BLAS's own setting."""
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    _KERNEL_THREADS[0] = n
+
+
+@contextmanager
+def _kernel_threads():
+    wanted = _KERNEL_THREADS[0]
+    if wanted is None and torch.get_num_threads() > 1:
+        wanted = 1
+    before = blas_threads() if wanted is not None else None
+    if before is None or before == wanted:
+        yield
+        return
+    blas_threads(wanted)
+    try:
+        yield
+    finally:
+        blas_threads(before)
 
 
 # -- tensors <-> arrays -------------------------------------------------------------------------
@@ -133,7 +173,8 @@ def cell_forward(key: str, params: list[Tensor], xs: list[Tensor], state0: list[
     """Run a registered cell over a whole sequence. Returns its output sequences (T, B, n) in
     `cell.outputs` order, its final states (B, n) in `cell.states` order, and a tape handle."""
     cell = _cell(key)
-    fwd = cell.forward(*_named(cell, params, xs, state0), lengths=_np(lengths))
+    with _kernel_threads():
+        fwd = cell.forward(*_named(cell, params, xs, state0), lengths=_np(lengths))
     outs = [_t(fwd.outputs[o]) for o in cell.outputs]
     # Final states may be views into the engine's saved history: copy them (they are small)
     # so that changing them in place cannot change the tape.
@@ -161,10 +202,11 @@ def cell_backward(key: str, params: list[Tensor], xs: list[Tensor], state0: list
     cell = _cell(key)
     p, x, s0 = _named(cell, params, xs, state0)
     fwd = _TAPES.get(int(tape))
-    if fwd is None:  # the tape is gone: recompute it
-        fwd = cell.forward(p, x, s0, lengths=_np(lengths))
-    g = cell.backward(p, fwd, dict(zip(cell.outputs, map(_np, d_outputs))),
-                      dict(zip(cell.states, map(_np, d_finals))))
+    with _kernel_threads():
+        if fwd is None:  # the tape is gone: recompute it
+            fwd = cell.forward(p, x, s0, lengths=_np(lengths))
+        g = cell.backward(p, fwd, dict(zip(cell.outputs, map(_np, d_outputs))),
+                          dict(zip(cell.states, map(_np, d_finals))))
     dtype = _np(xs[0]).dtype
     return [*(_t(g.params[n], dtype) for n in cell.params),
             *(_t(g.inputs[n], dtype) for n in cell.inputs),
@@ -224,30 +266,56 @@ def cell_apply(cell: Cell | str, params, x, state0=None, lengths=None):
 
 
 # -- torch's own recurrent modules --------------------------------------------------------------
+# nn.LSTM(proj_size=P) as a spec: the hidden state is projected, h = W_hr @ (o * tanh(c)), so h
+# has P features and c has `hidden`; the recurrent weights read the projected h.
+LSTM_PROJ_YAML = """
+name: lstm_proj
+summary: LSTM with a projected hidden state (Sak et al. 2014), as torch.nn.LSTM(proj_size=...)
+sizes: [input, hidden, proj]
+inputs: {x: input}
+states: {h: proj, c: hidden}
+outputs: [h]
+equations: |
+  i = sigmoid(W_ii @ x + b_ii + W_hi @ h_prev + b_hi)
+  f = sigmoid(W_if @ x + b_if + W_hf @ h_prev + b_hf)
+  g = tanh(W_ig @ x + b_ig + W_hg @ h_prev + b_hg)
+  o = sigmoid(W_io @ x + b_io + W_ho @ h_prev + b_ho)
+  c = f * c_prev + i * g
+  h = W_hr @ (o * tanh(c))
+"""
+
+_LSTM_LAYOUT = {"weight_ih": ("W_ii", "W_if", "W_ig", "W_io"),
+                "weight_hh": ("W_hi", "W_hf", "W_hg", "W_ho"),
+                "bias_ih": ("b_ii", "b_if", "b_ig", "b_io"),
+                "bias_hh": ("b_hi", "b_hf", "b_hg", "b_ho")}
+_ELMAN_LAYOUT = {"weight_ih": ("W_ih",), "weight_hh": ("W_hh",), "bias_ih": ("b_ih",),
+                 "bias_hh": ("b_hh",)}
 # spec name -> (torch class, nonlinearity, {torch weight kind: spec parameters, block by block})
+# in the order of torch's parameters.
 TORCH_LAYOUT = {
-    "lstm": (nn.LSTM, None, {
-        "weight_ih": ("W_ii", "W_if", "W_ig", "W_io"),
-        "weight_hh": ("W_hi", "W_hf", "W_hg", "W_ho"),
-        "bias_ih": ("b_ii", "b_if", "b_ig", "b_io"), "bias_hh": ("b_hi", "b_hf", "b_hg", "b_ho")}),
+    "lstm": (nn.LSTM, None, _LSTM_LAYOUT),
+    "lstm_proj": (nn.LSTM, None, {**_LSTM_LAYOUT, "weight_hr": ("W_hr",)}),
     "gru": (nn.GRU, None, {
         "weight_ih": ("W_ir", "W_iz", "W_in"), "weight_hh": ("W_hr", "W_hz", "W_hn"),
         "bias_ih": ("b_ir", "b_iz", "b_in"), "bias_hh": ("b_hr", "b_hz", "b_hn")}),
-    "elman": (nn.RNN, "tanh", {"weight_ih": ("W_ih",), "weight_hh": ("W_hh",),
-                               "bias_ih": ("b_ih",), "bias_hh": ("b_hh",)}),
-    "elman_relu": (nn.RNN, "relu", {"weight_ih": ("W_ih",), "weight_hh": ("W_hh",),
-                                    "bias_ih": ("b_ih",), "bias_hh": ("b_hh",)}),
+    "elman": (nn.RNN, "tanh", _ELMAN_LAYOUT),
+    "elman_relu": (nn.RNN, "relu", _ELMAN_LAYOUT),
 }
+_ONE_STEP = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)  # torch's single-step cells: one layer
 
 
 def _torch_kind(module: nn.Module) -> str:
+    """Which entry of TORCH_LAYOUT a torch module (nn.LSTM, nn.GRU, nn.RNN or their cells) is."""
     if isinstance(module, nn.LSTM):
-        return "lstm"
-    if isinstance(module, nn.GRU):
+        return "lstm_proj" if module.proj_size else "lstm"
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
         return "gru"
-    if isinstance(module, nn.RNN):
+    if isinstance(module, nn.LSTMCell):
+        return "lstm"
+    if isinstance(module, (nn.RNN, nn.RNNCell)):
         return "elman" if module.nonlinearity == "tanh" else "elman_relu"
-    raise TypeError(f"expected an nn.LSTM, nn.GRU or nn.RNN, got {type(module).__name__}")
+    raise TypeError("expected an nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell or nn.RNNCell, "
+                    f"got {type(module).__name__}")
 
 
 def is_bias(name: str) -> bool:
@@ -268,16 +336,40 @@ class _Params(nn.Module):
                 self.register_buffer(p, t, persistent=False)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels run in for parameters of `dtype`: half and bfloat16 are computed
+    in float32 (and cast back, gradients included), as the kernels exist for float32 and
+    float64 only."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    raise TypeError(f"rnndsl computes in float32 or float64 (half and bfloat16 through "
+                    f"float32); got {dtype}")
+
+
+def _check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+            or not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r} (the positional "
+                         "order is nn.LSTM's: input_size, hidden_size, num_layers, bias, "
+                         "batch_first, dropout, bidirectional, proj_size)")
+    return float(dropout)
+
+
 # -- the module ---------------------------------------------------------------------------------
 class RNN(nn.Module):
     """A recurrent layer stack built from any spec, shaped like `nn.LSTM` / `nn.GRU` / `nn.RNN`.
 
     `RNN(spec, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-    bidirectional=False, *, dropout=0.0, sizes=None, target=None, dtype=None)`.
+    dropout=0.0, bidirectional=False, proj_size=0, *, sizes=None, target=None, device=None,
+    dtype=None)`: the spec comes first, then nn.LSTM's arguments in nn.LSTM's order, so
+    `RNN("lstm", *args, **kwargs)` is `nn.LSTM(*args, **kwargs)`.
     `spec`: a path, a built-in name ('lstm') or YAML text, or a compiled Cell. The size of
     the cell's input is `input_size` (for layer 0; later layers take the previous layer's
     output, both directions concatenated), the size named `hidden` (else the first state's
-    size) is `hidden_size`; any other size of the spec comes from `sizes={name: n}`.
+    size) is `hidden_size`, `proj_size` is the size named `proj` (for the spec 'lstm' it selects
+    `LSTM_PROJ_YAML`, nn.LSTM's projected LSTM); any other size comes from `sizes={name: n}`.
 
     `forward(input, hx=None, lengths=None)`: input (T, B, I), (B, T, I) with batch_first,
     (T, I) unbatched, or a PackedSequence. `hx`: for a cell with one state a tensor
@@ -286,17 +378,24 @@ class RNN(nn.Module):
     is the cell's first output sequence of the last layer (both directions concatenated).
     With `lengths` (B,) or a PackedSequence, each sequence stops at its length: its final
     state is the one at its last step, outputs past it are zero, and the reverse direction
-    reads each sequence from its own last step, exactly as torch's modules do.
+    reads each sequence from its own last step, exactly as torch's modules do. float16 and
+    bfloat16 modules compute in float32 and return (and take gradients in) their own dtype.
 
     Parameters are `nn.Parameter`s under the spec's names: `l0.W_hi`, `l1_reverse.b_ii`.
-    `bias=False` holds every parameter named `b` or `b_...` at zero (not trained).
+    `bias=False` holds every parameter named `b` or `b_...` at zero (not trained). For a spec
+    with a torch twin (exactly the parameters of a TORCH_LAYOUT entry: lstm, lstm_proj, gru,
+    elman, elman_relu), `state_dict()` has torch's keys and stacked blocks (`weight_ih_l0`,
+    `bias_hh_l1_reverse`), so nn.LSTM loads it, and `load_state_dict` takes torch's keys or
+    the spec's names.
     """
 
     def __init__(self, spec, input_size: int, hidden_size: int, num_layers: int = 1,
-                 bias: bool = True, batch_first: bool = False, bidirectional: bool = False, *,
-                 dropout: float = 0.0, sizes: dict | None = None, target: str | None = None,
-                 device=None, dtype=None):
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, *, sizes: dict | None = None,
+                 target: str | None = None, device=None, dtype=None):
         super().__init__()
+        if proj_size and isinstance(spec, str) and spec == "lstm":
+            spec = LSTM_PROJ_YAML
         cell = spec if isinstance(spec, Cell) else (
             compiler.compile(spec) if target is None else compiler.compile(spec, target=target))
         if len(cell.inputs) != 1:
@@ -304,15 +403,25 @@ class RNN(nn.Module):
                              f"{', '.join(cell.inputs)}")
         if num_layers < 1:
             raise ValueError("num_layers must be at least 1")
+        self.dropout = _check_dropout(dropout)
+        if proj_size < 0 or (proj_size and proj_size >= hidden_size):
+            raise ValueError(f"proj_size must be 0 or less than hidden_size ({hidden_size}), "
+                             f"got {proj_size}")
+        extra_sizes = dict(sizes or {})
+        if proj_size:
+            if "proj" not in cell.sizes:
+                raise ValueError(f"proj_size sets the size named 'proj', and {cell.name} has "
+                                 f"none (sizes: {', '.join(cell.sizes)})")
+            extra_sizes["proj"] = proj_size
         self.cell = cell
         self.key = register(cell)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
-        self.dropout = float(dropout)
+        self.bias, self.batch_first, self.bidirectional = bias, batch_first, bool(bidirectional)
+        self.proj_size = proj_size
         self.num_directions = 2 if bidirectional else 1
         x_size = next(iter(cell.inputs.values()))
         h_size = cell.width_size
-        self.extra_sizes = dict(sizes or {})
+        self.extra_sizes = extra_sizes
         base = {**self.extra_sizes, h_size: hidden_size}
         out_shape = cell.step.shape_of(cell.outputs[0])
         out_size = base.get(out_shape[0]) if out_shape else 1
@@ -335,6 +444,10 @@ class RNN(nn.Module):
             for d in range(self.num_directions):
                 self.add_module(self._name(layer, d), _Params(cell, shapes, bias, dtype, device))
         self.reset_parameters()
+        self.twin = self._find_twin()
+        if self.twin is not None:
+            self.register_state_dict_post_hook(_state_dict_as_torch)
+            self.register_load_state_dict_pre_hook(_load_torch_state_dict)
 
     # -- parameters ---------------------------------------------------------------------------
     @staticmethod
@@ -369,7 +482,7 @@ class RNN(nn.Module):
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         for k, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
-                           ("bidirectional", False)):
+                           ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, k) != default:
                 s += f", {k}={getattr(self, k)}"
         return s
@@ -380,7 +493,7 @@ class RNN(nn.Module):
         if packed:
             if lengths is not None:
                 raise ValueError("a PackedSequence carries its own lengths")
-            x, lengths = pad_packed_sequence(input)  # (T, B, I), batch in the caller's order
+            x, lengths = _unpack(input)  # (T, B, I), batch in the caller's order
         else:
             x = input.transpose(0, 1) if self.batch_first and input.dim() == 3 else input
         unbatched = x.dim() == 2
@@ -388,9 +501,18 @@ class RNN(nn.Module):
             x = x.unsqueeze(1)
         if x.dim() != 3 or x.shape[2] != self.input_size:
             raise ValueError(f"expected input (T, B, {self.input_size}), got {tuple(x.shape)}")
-        dtype = self.layer_params(0)[0].dtype if self.cell.params else x.dtype
+        first = self.layer_params(0)[0] if self.cell.params else x
+        for what, t in (("the input is", x), ("the parameters are", first)):
+            if t.device.type != "cpu":
+                raise RuntimeError(
+                    f"rnndsl.torch.RNN runs its kernels on the CPU, and {what} on "
+                    f"'{t.device}'" + (" (a module made on the meta device needs "
+                                       "to_empty(device='cpu') and reset_parameters() first)"
+                                       if t.device.type == "meta" else ""))
+        dtype = first.dtype
         if x.dtype != dtype:
             raise TypeError(f"input is {x.dtype} but the parameters are {dtype}")
+        compute = _compute_dtype(dtype)
         T, B = x.shape[0], x.shape[1]
         states = self._initial_states(hx, B, x, unbatched)
         if lengths is None:
@@ -401,23 +523,23 @@ class RNN(nn.Module):
             flip = _reversal_index(lengths, T)
         n_o = len(self.cell.outputs)
         finals = [[] for _ in self.cell.states]
-        layer_in = x
+        layer_in = x.to(compute)
         for layer in range(self.num_layers):
             outs = []
             for d in range(self.num_directions):
                 i = layer * self.num_directions + d
                 seq = layer_in if d == 0 else _reverse(layer_in, flip)
                 res = torch.ops.rnndsl.cell_forward(
-                    self.key, self.layer_params(layer, d), [seq.contiguous()],
-                    [s[i] for s in states], lengths)
+                    self.key, [p.to(compute) for p in self.layer_params(layer, d)],
+                    [seq.contiguous()], [s[i].to(compute) for s in states], lengths)
                 outs.append(res[0] if d == 0 else _reverse(res[0], flip))
                 for k in range(len(finals)):
                     finals[k].append(res[n_o + k])
             layer_in = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_in = F.dropout(layer_in, self.dropout, True)
-        output = layer_in
-        h_n = [torch.stack(f, 0) for f in finals]
+        output = layer_in.to(dtype)
+        h_n = [torch.stack(f, 0).to(dtype) for f in finals]
         if unbatched:
             output, h_n = output.squeeze(1), [h.squeeze(1) for h in h_n]
         if packed:
@@ -441,33 +563,41 @@ class RNN(nn.Module):
         for h, shape, s in zip(hx, shapes, self.cell.states):
             if tuple(h.shape) != shape:
                 raise ValueError(f"initial state '{s}' must be {shape}, got {tuple(h.shape)}")
+            if h.dtype != x.dtype:
+                raise TypeError(f"initial state '{s}' is {h.dtype} but the input is {x.dtype}")
         return hx
 
     # -- torch's modules ----------------------------------------------------------------------
     @classmethod
     def from_torch(cls, module: nn.Module, spec=None, target: str | None = None) -> "RNN":
-        """An RNN with the weights of `module` (an nn.LSTM, nn.GRU or nn.RNN: every layer, both
-        directions, both biases). `spec` defaults to the built-in spec of that module ('lstm',
-        'gru', 'elman', 'elman_relu'); a variant spec with the same parameter names (plus
-        others, which keep their init) loads them too."""
+        """An RNN with the weights of `module`: an nn.LSTM (also with proj_size), nn.GRU or
+        nn.RNN (every layer, both directions, both biases), or one of their single-step cells
+        nn.LSTMCell, nn.GRUCell, nn.RNNCell (one layer). `spec` defaults to the spec of that
+        module ('lstm', LSTM_PROJ_YAML, 'gru', 'elman', 'elman_relu'); a variant spec with the
+        same parameter names (plus others, which keep their init) loads them too."""
         kind = _torch_kind(module)
-        if getattr(module, "proj_size", 0):
-            raise ValueError("nn.LSTM with proj_size is not supported")
-        if spec is None and kind not in compiler.builtin_specs():
-            raise ValueError(f"there is no built-in '{kind}' spec yet: pass spec=...")
-        w = module.weight_ih_l0
-        m = cls(spec if spec is not None else kind, module.input_size, module.hidden_size,
-                module.num_layers, module.bias, module.batch_first, module.bidirectional,
-                dropout=module.dropout, target=target, dtype=w.dtype, device=w.device)
+        if spec is None:
+            spec = "lstm" if kind == "lstm_proj" else kind
+        w = module.weight_ih if isinstance(module, _ONE_STEP) else module.weight_ih_l0
+        m = cls(spec, module.input_size, module.hidden_size, getattr(module, "num_layers", 1),
+                module.bias, getattr(module, "batch_first", False),
+                getattr(module, "dropout", 0.0), getattr(module, "bidirectional", False),
+                getattr(module, "proj_size", 0), target=target, dtype=w.dtype, device=w.device)
         m.load_torch_weights(module)
         return m
 
     def load_torch_weights(self, module: nn.Module) -> None:
-        """Copy the weights of an nn.LSTM / nn.GRU / nn.RNN of the same shape into this module."""
+        """Copy the weights of an nn.LSTM / nn.GRU / nn.RNN (or their cells) of the same shape
+        into this module."""
         kind = _torch_kind(module)
+        one_step = isinstance(module, _ONE_STEP)
+        if one_step and (self.num_layers, self.num_directions) != (1, 1):
+            raise ValueError(f"{type(module).__name__} is one layer in one direction; this "
+                             f"module has {self.num_layers} layer(s), {self.num_directions} "
+                             "direction(s)")
         with torch.no_grad():
             for attr, names, layer, d in self._layout(kind, module.bias):
-                src = getattr(module, attr)
+                src = getattr(module, attr.rsplit("_l", 1)[0] if one_step else attr)
                 for name, block in zip(names, src.chunk(len(names), 0)):
                     dst = getattr(getattr(self, self._name(layer, d)), name, None)
                     if dst is None:
@@ -479,30 +609,35 @@ class RNN(nn.Module):
                     dst.copy_(block)
 
     def to_torch(self) -> nn.Module:
-        """The nn.LSTM / nn.GRU / nn.RNN with this module's weights (for the specs named
-        lstm, gru, elman, elman_relu, or any spec with exactly their parameters)."""
+        """The nn.LSTM / nn.GRU / nn.RNN with this module's weights (for a spec with a torch
+        twin: see `torch_kind`)."""
         kind = self.torch_kind()
         cls, nonlinearity, _ = TORCH_LAYOUT[kind]
         w = self.layer_params(0)[0]
         kw = {"nonlinearity": nonlinearity} if nonlinearity else {}
+        if kind == "lstm_proj":
+            kw["proj_size"] = self.extra_sizes["proj"]
         module = cls(self.input_size, self.hidden_size, self.num_layers, self.bias,
                      self.batch_first, self.dropout, self.bidirectional, dtype=w.dtype,
                      device=w.device, **kw)
-        with torch.no_grad():
-            for attr, names, layer, d in self._layout(kind, self.bias):
-                mod = getattr(self, self._name(layer, d))
-                getattr(module, attr).copy_(torch.cat([getattr(mod, n) for n in names], 0))
+        module.load_state_dict(self.state_dict())
         return module
 
     def torch_kind(self) -> str:
-        """Which of torch's modules this one is: 'lstm', 'gru', 'elman' or 'elman_relu'."""
+        """Which of torch's cells this module's spec is (a key of TORCH_LAYOUT): the one whose
+        parameters are exactly the spec's (for Elman with tanh or ReLU, also by the name)."""
+        if self.twin is None:
+            raise ValueError(f"the spec '{self.cell.name}' is not one of torch's cells "
+                             f"({', '.join(TORCH_LAYOUT)})")
+        return self.twin
+
+    def _find_twin(self) -> str | None:
         for kind, (_, _, layout) in TORCH_LAYOUT.items():
             names = {n for block in layout.values() for n in block}
             if set(self.cell.params) == names and (self.cell.name == kind or kind not in
                                                    ("elman", "elman_relu")):
                 return kind
-        raise ValueError(f"the spec '{self.cell.name}' is not one of torch's cells "
-                         f"({', '.join(TORCH_LAYOUT)})")
+        return None
 
     def _layout(self, kind: str, bias: bool):
         """(torch attribute, spec parameters block by block, layer, direction)."""
@@ -512,6 +647,104 @@ class RNN(nn.Module):
                 for base, names in layout.items():
                     if bias or not base.startswith("bias"):
                         yield f"{base}_l{layer}{'_reverse' if d else ''}", names, layer, d
+
+    # -- training checkpoints -----------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path, target: str | None = None) -> "RNN":
+        """The recurrent network of a training checkpoint (`rnndsl train --save`) as a module:
+        its spec, hidden size, layers and weights (`param/layer{l}.fwd.*` -> `l{l}.*`,
+        `.bwd.` -> `l{l}_reverse.*`), in the checkpoint's dtype. The task's head is not part
+        of it. Networks with residual or dense connections, or the 'separate' and 'alternate'
+        bidirectional modes, have no nn.LSTM shape and are refused."""
+        config, params = _read_checkpoint(path)
+        bidirectional = config.get("bidirectional")
+        unsupported = [f"{k}={config.get(k)!r}" for k in ("residual", "dense")
+                       if config.get(k)]
+        if bidirectional not in (None, "concat"):
+            unsupported.append(f"bidirectional={bidirectional!r}")
+        if unsupported:
+            raise ValueError(f"{path}: a network with {', '.join(unsupported)} has no "
+                             "nn.LSTM-shaped equivalent")
+        cell = compiler.compile(config["spec"]) if target is None else \
+            compiler.compile(config["spec"], target=target)
+        x_size = next(iter(cell.inputs.values()))
+        input_size = _size_from(cell, params, "layer0.fwd.", x_size, path)
+        hidden = config["hidden"]
+        sizes = {s: hidden for s in cell.sizes if s not in (x_size, "hidden")}
+        m = cls(cell, input_size, hidden, config["layers"], bidirectional=bool(bidirectional),
+                sizes=sizes, dtype=getattr(torch, config.get("dtype", "float32")))
+        with torch.no_grad():
+            for key, dst in m._checkpoint_names():
+                if key not in params:
+                    raise ValueError(f"{path}: no array param/{key}")
+                dst.copy_(torch.from_numpy(params[key]))
+        return m
+
+    def to_checkpoint(self, path, template) -> None:
+        """Write a training checkpoint: `template` (a checkpoint of the same network, from
+        `rnndsl train --save`) with this module's weights in place of its network's, every
+        other entry (head, optimizer state, step, settings) kept, so `rnndsl train --resume`
+        continues from these weights. Written whole, then renamed into place."""
+        with np.load(Path(template), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        for key, src in self._checkpoint_names():
+            old = arrays.get(f"param/{key}")
+            if old is None or old.shape != tuple(src.shape):
+                raise ValueError(f"{template}: param/{key} is "
+                                 f"{'missing' if old is None else tuple(old.shape)}, this "
+                                 f"module's is {tuple(src.shape)}")
+            arrays[f"param/{key}"] = src.detach().cpu().numpy().astype(old.dtype)
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    def _checkpoint_names(self):
+        """(name in a training checkpoint, this module's parameter) for every parameter."""
+        for layer in range(self.num_layers):
+            for d in range(self.num_directions):
+                mod = getattr(self, self._name(layer, d))
+                for p in self.cell.params:
+                    t = getattr(mod, p)
+                    if isinstance(t, nn.Parameter):
+                        yield f"layer{layer}.{'bwd' if d else 'fwd'}.{p}", t
+
+
+def _read_checkpoint(path) -> tuple[dict, dict]:
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            config = json.loads(str(data["config"]))
+            params = {k.removeprefix("param/"): data[k] for k in data.files
+                      if k.startswith("param/")}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not a readable training checkpoint ({exc})") from None
+    return config, params
+
+
+def _size_from(cell: Cell, params: dict, prefix: str, size: str, path) -> int:
+    """The value of `size` in the checkpoint, read off a parameter's shape."""
+    for p, info in cell.params.items():
+        if size in info.shape and prefix + p in params:
+            return params[prefix + p].shape[info.shape.index(size)]
+    raise ValueError(f"{path}: no parameter of {prefix} tells the size '{size}'")
+
+
+# -- state dicts in torch's layout ------------------------------------------------------------
+def _state_dict_as_torch(module: RNN, state_dict, prefix: str, local_metadata) -> None:
+    """The spec's names of a torch twin stacked into torch's parameters, in torch's order."""
+    for attr, names, layer, d in module._layout(module.twin, module.bias):
+        keys = [f"{prefix}{module._name(layer, d)}.{n}" for n in names]
+        state_dict[prefix + attr] = torch.cat([state_dict.pop(k) for k in keys], 0)
+
+
+def _load_torch_state_dict(module: RNN, state_dict, prefix: str, *_) -> None:
+    """torch's stacked parameters split into the spec's names (keys already under the spec's
+    names load as they are)."""
+    for attr, names, layer, d in module._layout(module.twin, module.bias):
+        stacked = state_dict.pop(prefix + attr, None)
+        if stacked is not None:
+            for n, block in zip(names, stacked.chunk(len(names), 0)):
+                state_dict[f"{prefix}{module._name(layer, d)}.{n}"] = block
 
 
 def _reversal_index(lengths: Tensor, T: int) -> Tensor:
@@ -527,10 +760,40 @@ def _reverse(x: Tensor, index: Tensor | None) -> Tensor:
     return x.gather(0, index[:, :, None].expand(-1, -1, x.shape[2]))
 
 
+# PackedSequence <-> padded (T, B, n), without pack_padded_sequence / pad_packed_sequence, which
+# torch.compile does not trace: packed data is time-major with each step's live sequences in
+# sorted order, so every padded row's place in it is a running count of live rows. Shapes stay
+# those of the input, so a compiled model neither breaks its graph nor recompiles.
+def _packed_places(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """(lengths in sorted order (B,), each padded row's row in packed.data, or a spare row
+    past its end for padding (T*B,))."""
+    batch_sizes = packed.batch_sizes
+    B = packed.sorted_indices.shape[0]
+    lengths = (batch_sizes[:, None] > torch.arange(B)[None, :]).sum(0)
+    live = (torch.arange(batch_sizes.shape[0])[:, None] < lengths[None, :]).reshape(-1)
+    return lengths, torch.where(live, torch.cumsum(live, 0) - 1, packed.data.shape[0])
+
+
+def _unpack(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """(padded (T, B, n) in the caller's batch order, lengths (B,))."""
+    if packed.sorted_indices is None:  # packed from sorted input: B is a value, not a shape
+        return pad_packed_sequence(packed)
+    lengths, place = _packed_places(packed)
+    data = torch.cat([packed.data, packed.data.new_zeros((1, packed.data.shape[1]))])
+    padded = data.index_select(0, place).reshape(packed.batch_sizes.shape[0], -1,
+                                                 packed.data.shape[1])
+    return (padded.index_select(1, packed.unsorted_indices),
+            lengths.index_select(0, packed.unsorted_indices))
+
+
 def _repack(output: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
     """Pack `output` (T, B, n) with the batch order and batch sizes of the input `like`."""
-    order = like.sorted_indices
-    if order is not None:
-        output, lengths = output.index_select(1, order), lengths[order]
-    data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+    if like.sorted_indices is None:
+        data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+    else:
+        _, place = _packed_places(like)
+        T, B, n = output.shape
+        rows = like.data.shape[0]
+        flat = output.index_select(1, like.sorted_indices).reshape(T * B, n)
+        data = output.new_zeros((rows + 1, n)).index_put((place,), flat)[:rows]
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)

@@ -8,9 +8,8 @@ if str(ROOT) not in sys.path:
 
 def pytest_addoption(parser):
     group = parser.getgroup("rnndsl")
-    group.addoption("--fuzz-specs", type=int, default=0,
-                    help="differential fuzzer: run this many generated specs (default: as many "
-                         "as fit in --fuzz-seconds)")
-    group.addoption("--fuzz-seconds", type=float, default=60.0,
-                    help="differential fuzzer: time box of the default batch")
+    group.addoption("--fuzz-specs", type=int, default=12,
+                    help="differential fuzzer: how many generated specs to run (default 12)")
+    group.addoption("--fuzz-seconds", type=float, default=0.0,
+                    help="differential fuzzer: stop after this long (default: no limit)")
     group.addoption("--fuzz-seed", type=int, default=0, help="differential fuzzer: first seed")

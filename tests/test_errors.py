@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import rnndsl
 from rnndsl.cli import app
-from rnndsl.errors import SpecError
+from rnndsl.language.errors import SpecError
 
 BAD = Path(__file__).parent / "bad_specs"
 

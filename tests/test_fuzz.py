@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.errors import SpecError
+from rnndsl.language.errors import SpecError
 
 LSTM = (rnndsl.builtin_specs()["lstm"]).read_text()
 HEAD, EQUATIONS = LSTM.split("equations: |\n")

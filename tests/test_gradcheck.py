@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.gradcheck import gradcheck
+from rnndsl.engines.gradcheck import gradcheck
 
 BUILTINS = sorted(rnndsl.builtin_specs())
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rnndsl.heads import KINDS, Head
+from rnndsl.training.heads import KINDS, Head
 
 T, B, N, OUT = 5, 3, 4, 3
 LENGTHS = np.array([5, 3, 1])

@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 import rnndsl
-from rnndsl import loader
+from rnndsl.backend import loader
 from rnndsl.cli import app
-from rnndsl.errors import SpecError, UserError
-from rnndsl.train import TrainConfig, read_checkpoint, train
+from rnndsl.language.errors import SpecError, UserError
+from rnndsl.training.train import TrainConfig, read_checkpoint, train
 
 HOSTILE = Path(__file__).parent / "hostile"
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from rnndsl.kernel_lib import kernel_functions
-from rnndsl.loader import load_module
+from rnndsl.backend.kernel_lib import kernel_functions
+from rnndsl.backend.loader import load_module
 
 TOLERANCE = {"float32": 1e-6, "float64": 1e-14}
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.errors import SpecError
-from rnndsl.gradcheck import gradcheck
-from rnndsl.scratch import nan_scratch
+from rnndsl.language.errors import SpecError
+from rnndsl.engines.gradcheck import gradcheck
+from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences
 

@@ -1,11 +1,11 @@
-"""Networks of cells (rnndsl.layers): gradients against finite differences, outputs and
+"""Networks of cells (rnndsl.training.layers): gradients against finite differences, outputs and
 gradients against torch.nn.LSTM / GRU / RNN, padding against sequences run alone, each
 connection pattern against the same network composed by hand from single cell runs."""
 import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.layers import Network
+from rnndsl.training.layers import Network
 
 T, B, I, H = 5, 3, 3, 4
 LENGTHS = [5, 2, 0]  # full, short, and empty

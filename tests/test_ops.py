@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl import ir
-from rnndsl.check import FUNCTIONS
-from rnndsl.gradcheck import gradcheck
-from rnndsl.ops import MACROS, OPS
-from rnndsl.scratch import nan_scratch
+from rnndsl.symbolic import ir
+from rnndsl.language.check import FUNCTIONS
+from rnndsl.engines.gradcheck import gradcheck
+from rnndsl.symbolic.ops import MACROS, OPS
+from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences
 

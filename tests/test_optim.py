@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 
-from rnndsl.optim import (SGD, Adam, TrainingDiverged, check_finite, clip_global_norm,
+from rnndsl.training.optim import (SGD, Adam, TrainingDiverged, check_finite, clip_global_norm,
                           clip_value, global_norm, make_optimizer)
 
 

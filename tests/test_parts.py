@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.gradcheck import gradcheck
+from rnndsl.engines.gradcheck import gradcheck
 
 from test_concat import HEAD, cell
 

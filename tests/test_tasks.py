@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from rnndsl.heads import Head
-from rnndsl.optim import Adam, check_finite, clip_global_norm
-from rnndsl.tasks import TASKS, CharLM, default_text, make_task
+from rnndsl.training.heads import Head
+from rnndsl.training.optim import Adam, check_finite, clip_global_norm
+from rnndsl.training.tasks import TASKS, CharLM, default_text, make_task
 
 NAMES = sorted(TASKS)
 

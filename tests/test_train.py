@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rnndsl.cli import app
-from rnndsl.optim import TrainingDiverged
-from rnndsl.train import TrainConfig, train
+from rnndsl.training.optim import TrainingDiverged
+from rnndsl.training.train import TrainConfig, train
 
 SMALL = dict(spec="lstm", task="adding", length=12, hidden=8, batch=8, log_every=5,
              eval_batch=32, dtype="float64")
@@ -46,7 +46,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_nan_in_the_data_stops_training_naming_the_step(monkeypatch):
-    from rnndsl import train as training
+    from rnndsl.training import train as training
 
     clean = training.batch_at
 

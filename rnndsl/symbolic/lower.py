@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from functools import reduce
 
-from . import ir
-from .check import FUNCTIONS, PREV, Checked
-from .ops import MACROS
-from .parse import Binary, Call, Concat, Index, Name, Neg, Num
+from rnndsl.symbolic import ir
+from rnndsl.language.check import FUNCTIONS, PREV, Checked
+from rnndsl.symbolic.ops import MACROS
+from rnndsl.language.parse import Binary, Call, Concat, Index, Name, Neg, Num
 
 _BINARY = {"+": ir.add, "-": ir.sub, "*": ir.mul, "/": ir.div, "**": ir.power}
 _FOLD = {"rmax": "maximum", "rmin": "minimum"}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blas import matmul, weight_grad
+from rnndsl.backend.blas import matmul, weight_grad
 
 KINDS = ("softmax_step", "softmax_last", "mse_step", "mse_last", "bits_step")
 

@@ -25,7 +25,7 @@ import numpy as np
 from numba import config
 from numba import cuda  # the one import of Numba's CUDA support in rnndsl
 
-from . import scratch
+from rnndsl.backend import scratch
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -83,7 +83,7 @@ def host(a) -> np.ndarray:
 
 
 def empty(shape, dtype):
-    if scratch.fill_nan():  # the debug mode of rnndsl.scratch
+    if scratch.fill_nan():  # the debug mode of rnndsl.backend.scratch
         if SIMULATOR:
             return cuda.to_device(np.full(shape, np.nan, dtype))
         out = cuda.device_array(shape, dtype)

@@ -21,7 +21,7 @@ below 1e-14. Kernels also use `error_model="numpy"`: Numba's default
 puts a division-by-zero check in every division, which blocks vectorisation as well. On CUDA,
 exp and tanh are the device's own.
 """
-from .ops import HARD_SLOPE, OPS
+from rnndsl.symbolic.ops import HARD_SLOPE, OPS
 
 DECORATORS = {
     "cpu": 'KERNEL_FUNCTION = njit(inline="always", fastmath=FAST, error_model="numpy")',
@@ -54,7 +54,7 @@ def _bodies() -> str:
 
 
 FLOAT32 = '''
-from rnndsl.kernel_intrinsics import float32_from_bits as from_bits
+from rnndsl.backend.kernel_intrinsics import float32_from_bits as from_bits
 
 IT = np.int32
 # below EXP_LO the result is 0 and above EXP_HI inf, as in NumPy (ln of the smallest subnormal
@@ -94,7 +94,7 @@ def tanh(x):
 '''
 
 FLOAT64 = '''
-from rnndsl.kernel_intrinsics import float64_from_bits as from_bits
+from rnndsl.backend.kernel_intrinsics import float64_from_bits as from_bits
 
 IT = np.int64
 EXP_LO, EXP_HI, EXP_BIAS, EXP_SHIFT = DT(-745.1332191019412), DT(709.782712893384), IT(1023), IT(52)

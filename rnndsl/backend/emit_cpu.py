@@ -10,12 +10,12 @@ comment.
 """
 from __future__ import annotations
 
-from . import ir
-from .emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
+from rnndsl.symbolic import ir
+from rnndsl.backend.emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
                           constant_lines, function, unpack)
-from .ir import Node
-from .kernel_lib import kernel_functions
-from .schedule import REDUCTIONS, Loop, Plan, Program, Role, Scalar
+from rnndsl.symbolic.ir import Node
+from rnndsl.backend.kernel_lib import kernel_functions
+from rnndsl.backend.schedule import REDUCTIONS, Loop, Plan, Program, Role, Scalar
 
 MAX_SIZE = 4096  # the largest size a fused loop's row buffer holds
 ROW = MAX_SIZE + 64  # the row buffer's block stride (padded off the same cache sets)
@@ -41,8 +41,8 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         "import numpy as np",
         "from numba import njit",
         "",
-        "from rnndsl.blas import gemm",
-        "from rnndsl.scratch import empty",
+        "from rnndsl.backend.blas import gemm",
+        "from rnndsl.backend.scratch import empty",
         "",
         f"DT = np.{dtype}",
         f"FAST = {FASTMATH}",

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .errors import SpecError
-from .ir import Node
-from .ops import OPS
-from .schedule import Plan, Program, ReadKind, Store, StoreKind
+from rnndsl.language.errors import SpecError
+from rnndsl.symbolic.ir import Node
+from rnndsl.symbolic.ops import OPS
+from rnndsl.backend.schedule import Plan, Program, ReadKind, Store, StoreKind
 
 
 class Code:

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import reference
-from .grad import Backward
-from .ir import StepIR
-from .spec import SUM
+from rnndsl.engines import reference
+from rnndsl.language.spec import SUM
+from rnndsl.symbolic.grad import Backward
+from rnndsl.symbolic.ir import StepIR
 
 DTYPES = (np.float32, np.float64)
 # The size that sets a layer's width and PyTorch's init bound 1/sqrt(hidden), when a spec has it
@@ -84,7 +84,7 @@ class GeneratedEngine:
         raise NotImplementedError
 
     def module(self, dtype):
-        from .loader import load_module
+        from rnndsl.backend.loader import load_module
 
         key = np.dtype(dtype).name
         if key not in self.modules:
@@ -93,8 +93,8 @@ class GeneratedEngine:
         return self.modules[key]
 
     def header(self, dtype: str) -> str:
-        from . import __version__
-        from .emit_common import legend
+        from rnndsl import __version__
+        from rnndsl.backend.emit_common import legend
 
         # Only validated identifiers reach the header: the spec's file path and summary are
         # user text, and a carriage return in either would end the comment and run the rest.
@@ -118,7 +118,7 @@ class CpuEngine(GeneratedEngine):
     name = "cpu"
 
     def emitter(self):
-        from .emit_cpu import emit_module
+        from rnndsl.backend.emit_cpu import emit_module
         return emit_module
 
     def forward(self, params, xs, state0, lengths, sizes, dtype, save=True):
@@ -404,7 +404,7 @@ def _join(like, blocks: list, indices: list[tuple]):
     back to the device: a parameter is small next to a sequence)."""
     on_host = all(isinstance(b, np.ndarray) for b in blocks)
     if not on_host:
-        from . import cuda_support as cs
+        from rnndsl.backend import cuda_support as cs
         blocks = [cs.host(b) for b in blocks]
     out = np.zeros(np.shape(like), blocks[0].dtype)
     for b, index in zip(blocks, indices):

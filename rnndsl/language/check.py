@@ -26,10 +26,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import SourcePos, SpecError, suggest
-from .ops import user_functions
-from .parse import Assign, Binary, Call, Concat, Index, Name, Neg, Num, parse_equations
-from .spec import SUM, ParamDecl, Spec
+from rnndsl.language.errors import SourcePos, SpecError, suggest
+from rnndsl.symbolic.ops import user_functions
+from rnndsl.language.parse import (Assign, Binary, Call, Concat, Index, Name, Neg, Num,
+                                   parse_equations)
+from rnndsl.language.spec import SUM, ParamDecl, Spec
 
 # user-facing name -> {number of arguments: (op, kind)}, from the operators' records
 FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = user_functions()

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from . import ir
-from .ir import Node, StepIR
-from .ops import OPS
+from rnndsl.symbolic import ir
+from rnndsl.symbolic.ir import Node, StepIR
+from rnndsl.symbolic.ops import OPS
 
 
 @dataclass(frozen=True)

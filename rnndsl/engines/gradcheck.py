@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .runtime import Cell
+from rnndsl.engines.cell import Cell
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ is made here; names from the spec appear only in the header's legend comment.
 """
 from __future__ import annotations
 
-from . import ir
-from .emit_common import (Code, KernelWriter, Names, backward_preamble, constant_lines,
+from rnndsl.symbolic import ir
+from rnndsl.backend.emit_common import (Code, KernelWriter, Names, backward_preamble, constant_lines,
                           function, unpack)
-from .ir import Node
-from .kernel_lib import kernel_functions
-from .schedule import REDUCTIONS, Loop, Phase, Plan, Program, Role, Scalar
+from rnndsl.symbolic.ir import Node
+from rnndsl.backend.kernel_lib import kernel_functions
+from rnndsl.backend.schedule import REDUCTIONS, Loop, Phase, Plan, Program, Role, Scalar
 
 DEVICE_FUNCTIONS = '''
 @cuda.jit(device=True)
@@ -85,7 +85,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         "import numpy as np",
         "",
         "from rnndsl import cuda_support as cs",
-        "from rnndsl.cuda_support import cuda",
+        "from rnndsl.backend.cuda_support import cuda",
         "",
         f"DT = np.{dtype}",
         "TPB = cs.THREADS  # threads per block (a power of two)",
@@ -300,7 +300,7 @@ class _PersistentKernel(_CudaKernel):
 
 def persistent_rule(plan: Plan) -> str:
     """When the persistent kernels run, in words (the compile summary prints it)."""
-    from .cuda_support import PERSISTENT_MAX_BATCH, SHARED_BYTES
+    from rnndsl.backend.cuda_support import PERSISTENT_MAX_BATCH, SHARED_BYTES
 
     def mats(gemms):
         return " + ".join(f"[{', '.join(ws)}]" for ws in gemms) or "none"

@@ -1,7 +1,7 @@
 """Training tasks for recurrent networks, generated in code: nothing is downloaded.
 
 Each task samples batches of time-major sequences from the generator it is given, so a seed
-fixes every batch. A batch's `target` has the form its head (rnndsl.heads) expects:
+fixes every batch. A batch's `target` has the form its head (rnndsl.training.heads) expects:
 
 | task | head | source |
 |---|---|---|

@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 from scipy import special
 
-from . import ir
-from .ir import Node, add, const, div, mul, neg, power, sub
+from rnndsl.symbolic import ir
+from rnndsl.symbolic.ir import Node, add, const, div, mul, neg, power, sub
 
 HARD_SLOPE = 0.2  # hard_sigmoid(x) = clip(HARD_SLOPE x + 0.5, 0, 1)
 HARD_EDGE = 0.5 / HARD_SLOPE  # ... flat beyond |x| = HARD_EDGE

@@ -1,4 +1,5 @@
-"""PyTorch peers for the benchmarks: the library modules, and an eager loop of any spec.
+"""PyTorch peers for the benchmarks (`rnndsl bench --against torch`, benchmarks/): the library
+modules, and an eager loop of any spec. Imports torch: load it only when torch is wanted.
 
 The eager loop is what a researcher writes today for a custom cell: the input products
 hoisted into one matmul over all T*B rows, then a Python loop over `x.unbind(0)` that
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnndsl import ir
+from rnndsl.symbolic import ir
 from rnndsl.bench import WORKLOADS, median_time
 
 TORCH_OPS = {
@@ -84,11 +85,15 @@ class EagerLoop(torch.nn.Module):
 
 
 def time_eager(cell, params: dict, xs: dict, sizes: dict, repeats: int = 7,
-               compiled: bool = False) -> tuple[float, float]:
-    model = EagerLoop(cell, {p: v.copy() for p, v in params.items()})
+               compiled: bool = False, device: str = "cpu",
+               timer=None) -> tuple[float, float]:
+    """Median forward and forward+backward times of the eager loop of `cell` on `device`,
+    timed by `timer(fn, repeats)` (median_time by default)."""
+    timer = timer or median_time
+    model = EagerLoop(cell, {p: v.copy() for p, v in params.items()}).to(device)
     if compiled:
         model = torch.compile(model)
-    txs = {k: torch.tensor(v) for k, v in xs.items()}
+    txs = {k: torch.as_tensor(v, device=device) for k, v in xs.items()}
     gxs = {k: v.clone().requires_grad_(True) for k, v in txs.items()}
 
     def forward():
@@ -99,7 +104,7 @@ def time_eager(cell, params: dict, xs: dict, sizes: dict, repeats: int = 7,
         outs = model(gxs, sizes)
         sum(o.sum() for o in outs.values()).backward()
 
-    return median_time(forward, repeats), median_time(forward_backward, repeats)
+    return timer(forward, repeats), timer(forward_backward, repeats)
 
 
 def time_library(name: str, workload: str, repeats: int = 7, device: str = "cpu",

@@ -19,9 +19,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
 
-from . import ir
-from .grad import Backward
-from .ir import Node, StepIR
+from rnndsl.symbolic import ir
+from rnndsl.symbolic.grad import Backward
+from rnndsl.symbolic.ir import Node, StepIR
 
 CHEAP = ("add", "sub", "mul", "div", "neg", "bcast", "step", "sign", "relu", "abs")
 REDUCTIONS = ("rsum", "rmax")

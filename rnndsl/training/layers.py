@@ -55,8 +55,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blas import matmul, weight_grad
-from .runtime import Cell, _common_dtype, _lengths, init_array
+from rnndsl.backend.blas import matmul, weight_grad
+from rnndsl.engines.cell import Cell, _common_dtype, _lengths, init_array
 
 MODES = (None, "concat", "separate", "alternate")
 DENSE = (None, "add", "concat")

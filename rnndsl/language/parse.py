@@ -14,9 +14,9 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import (UnexpectedCharacters, UnexpectedEOF, UnexpectedInput,
                              UnexpectedToken, VisitError)
 
-from .errors import SourcePos, SpecError
-from .resources import grammar_path
-from .spec import Equation, TextOrigin
+from rnndsl.language.errors import SourcePos, SpecError
+from rnndsl.resources import grammar_path
+from rnndsl.language.spec import Equation, TextOrigin
 
 
 @dataclass(frozen=True)

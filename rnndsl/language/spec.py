@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SourcePos, SpecError, suggest
+from rnndsl.language.errors import SourcePos, SpecError, suggest
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME = 64

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numba
 
-from .errors import UserError
+from rnndsl.language.errors import UserError
 
 PREFIX = "rnndsl_gen_"
 

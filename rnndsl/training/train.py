@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import compiler
-from .heads import Head
-from .layers import Network
-from .runtime import HIDDEN
-from .errors import UserError, printable
-from .optim import (OPTIMIZERS, check_finite, clip_global_norm, clip_value, global_norm,
+from rnndsl import compiler
+from rnndsl.training.heads import Head
+from rnndsl.training.layers import Network
+from rnndsl.engines.cell import HIDDEN
+from rnndsl.language.errors import UserError, printable
+from rnndsl.training.optim import (OPTIMIZERS, check_finite, clip_global_norm, clip_value, global_norm,
                     make_optimizer)
-from .tasks import TASKS, Batch, make_task
+from rnndsl.training.tasks import TASKS, Batch, make_task
 
 EVAL_SEED = 2**31 - 1  # the held-out batch's seed; training batches use (seed, step)
 DTYPES = ("float32", "float64")

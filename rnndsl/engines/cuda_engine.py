@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .grad import Backward
-from .ir import StepIR
-from .runtime import GeneratedEngine
+from rnndsl.symbolic.grad import Backward
+from rnndsl.symbolic.ir import StepIR
+from rnndsl.engines.cell import GeneratedEngine
 
 
 class CudaEngine(GeneratedEngine):
@@ -28,12 +28,12 @@ class CudaEngine(GeneratedEngine):
         self.last_blocks = {"forward": None, "backward": None}
 
     def emitter(self):
-        from .emit_cuda import emit_module
+        from rnndsl.backend.emit_cuda import emit_module
         return emit_module
 
     def describe(self) -> list[str]:
         """Summary lines: how the time loop runs on the GPU."""
-        from .emit_cuda import persistent_rule
+        from rnndsl.backend.emit_cuda import persistent_rule
 
         mode = {None: "auto", True: "forced", False: "disabled"}[self.persistent]
         return [f"  CUDA     persistent kernel {mode}: {persistent_rule(self.plan)}"]
@@ -41,7 +41,7 @@ class CudaEngine(GeneratedEngine):
     def array(self, v, dtype):
         """What Cell passes to this engine: device arrays as they are (their dtype must be the
         pass's dtype), anything else as a C-contiguous NumPy array."""
-        from . import cuda_support as cs
+        from rnndsl.backend import cuda_support as cs
 
         if cs.is_device(v):
             if np.dtype(str(v.dtype).removeprefix("torch.")) != np.dtype(dtype):
@@ -53,7 +53,7 @@ class CudaEngine(GeneratedEngine):
     # -- running ------------------------------------------------------------------------------
     def forward(self, params, xs, state0, lengths, sizes, dtype, save=True):
         # The CUDA forward always keeps its tape: `save` only matters to the CPU kernels.
-        from . import cuda_support as cs
+        from rnndsl.backend import cuda_support as cs
 
         m = self.module(dtype)
         on_host = not any(cs.is_device(a) for a in [*params.values(), *xs.values()])
@@ -69,7 +69,7 @@ class CudaEngine(GeneratedEngine):
                 dict(zip(self.step.states, map(back, finals))), (saved, on_host))
 
     def backward(self, params, tape, d_outputs, d_final):
-        from . import cuda_support as cs
+        from rnndsl.backend import cuda_support as cs
 
         m = self.module(tape.dtype)
         saved, on_host = tape.saved

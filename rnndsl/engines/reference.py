@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ir
-from .grad import Backward
-from .ir import Node, StepIR
-from .ops import OPS
+from rnndsl.symbolic import ir
+from rnndsl.symbolic.grad import Backward
+from rnndsl.symbolic.ir import Node, StepIR
+from rnndsl.symbolic.ops import OPS
 
 
 class Evaluator:

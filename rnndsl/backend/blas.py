@@ -1,0 +1,69 @@
+"""The process's matrix products outside the time loop, through the BLAS that Numba calls.
+
+NumPy and SciPy (whose BLAS Numba's compiled `np.dot` calls) each bundle their own OpenBLAS,
+each with a thread pool that spins for a while after a call. Once a kernel has run, both pools
+compete for the cores, and on this project's 2-core machine a NumPy GEMM right after a kernel
+ran 6x slower. So the generated glue, the layers and the heads multiply through `gemm`, and
+only one pool exists.
+"""
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def gemm(a, b):
+    """a @ b for 2-D arrays of one dtype (C- or Fortran-contiguous, such as a transpose)."""
+    return np.dot(a, b)
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (..., k) @ b (k, n) through `gemm`, in a's dtype."""
+    a2 = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+    return gemm(a2, np.asarray(b, a2.dtype)).reshape(*a.shape[:-1], b.shape[1])
+
+
+def weight_grad(d: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """The gradient of W in y = a @ W.T given d = dL/dy: the sum over all leading axes of
+    outer(d, a), shape (d's width, a's width)."""
+    d2 = np.ascontiguousarray(d).reshape(-1, d.shape[-1])
+    a2 = np.ascontiguousarray(a, d2.dtype).reshape(-1, a.shape[-1])
+    return gemm(d2.T, a2)
+
+
+# -- the kernels' BLAS thread pool ------------------------------------------------------------
+def _openblas_thread_setters():
+    """(set, get) of the OpenBLAS that SciPy bundles (the one Numba's np.dot calls), or None
+    where SciPy links another BLAS (conda, distribution packages): then threads stay as they
+    are."""
+    import ctypes
+    import glob
+    import os
+
+    import scipy
+
+    libs = os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs")
+    for path in glob.glob(os.path.join(libs, "libscipy_openblas*.so*")):
+        lib = ctypes.CDLL(path)  # already loaded by SciPy: the same library, not a copy
+        for prefix in ("scipy_openblas", "openblas"):
+            setter = getattr(lib, f"{prefix}_set_num_threads", None)
+            getter = getattr(lib, f"{prefix}_get_num_threads", None)
+            if setter is not None and getter is not None:
+                setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
+                return setter, getter
+    return None
+
+
+_SETTERS: list = []  # [(set, get) or None], filled on first use
+
+
+def blas_threads(n: int | None = None) -> int | None:
+    """The number of threads of the kernels' BLAS (None where it cannot be told); with `n`, set
+    it first. SciPy's OpenBLAS only: see `_openblas_thread_setters`."""
+    if not _SETTERS:
+        _SETTERS.append(_openblas_thread_setters())
+    if _SETTERS[0] is None:
+        return None
+    setter, getter = _SETTERS[0]
+    if n is not None:
+        setter(int(n))
+    return getter()
