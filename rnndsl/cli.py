@@ -18,7 +18,7 @@ from rnndsl import __version__
 from rnndsl import compiler
 from rnndsl.language.errors import SpecError, UserError, printable
 from rnndsl.training.tasks import TASKS
-from rnndsl.training.train import BIDIRECTIONAL, DENSE, DTYPES, SAVE_EVERY
+from rnndsl.training.train import BIDIRECTIONAL, CONDITIONS, DENSE, DTYPES, SAVE_EVERY
 from rnndsl.bench import WORKLOADS
 from rnndsl.training.optim import OPTIMIZERS
 
@@ -42,6 +42,7 @@ Optimizer = _choices("Optimizer", OPTIMIZERS)
 Bidirectional = _choices("Bidirectional", BIDIRECTIONAL)
 Dense = _choices("Dense", DENSE)
 Size = _choices("Size", WORKLOADS)
+Condition = _choices("Condition", CONDITIONS)
 
 
 def reports_input_errors(fn):
@@ -235,6 +236,10 @@ DTYPE = typer.Option("float32", help="Floating-point type of the run.")
 JSON = typer.Option(False, "--json", help="Machine-readable log: one JSON object per line; "
                                           "the last holds the settings and versions.")
 PLOT = typer.Option(None, help="Write a learning curve to this image (needs matplotlib).")
+DECODER = typer.Option(None, help="reverse, dates, expand: the decoder's spec (default: "
+                                  "SPEC).")
+CONDITION = typer.Option(None, help="expand: the decoder reads the vector as its initial "
+                                    "state (default), as an input at every step, or both.")
 
 
 def versions() -> dict:
@@ -319,10 +324,14 @@ def _summary(results) -> None:
     typer.echo(f"task {first.task}" + (f", length {first.length}" if first.length else "") +
                f", {first.steps} steps, batch {first.batch}, seed {first.seed}; held-out "
                f"batch of {first.eval_batch} (trivial baseline {results[0].final['baseline']})")
-    typer.echo(f"  {'cell':<18} {'loss':>10} {'accuracy':>9} {'seconds':>8} {'steps/s':>8}")
+    exact = any("exact_match" in r.final for r in results)  # the sequence tasks
+    typer.echo(f"  {'cell':<18} {'loss':>10} {'accuracy':>9}" +
+               (f" {'exact':>6}" if exact else "") + f" {'seconds':>8} {'steps/s':>8}")
     for r in results:
         acc = r.final.get("accuracy")
         acc = f"{acc:9.3f}" if acc is not None else f"{'-':>9}"
+        if exact:
+            acc += f" {r.final['exact_match']:6.3f}"
         rate = r.steps_run / r.seconds if r.seconds else 0.0
         typer.echo(f"  {r.config.describe().split(';')[0]:<18} {r.final['loss']:10.5f} {acc} "
                    f"{r.seconds:8.1f} {rate:8.1f}")
@@ -376,6 +385,7 @@ def train_(ctx: typer.Context,
            optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
            clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
            seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
+           decoder: str = DECODER, condition: Condition = CONDITION,
            save: str = typer.Option(None, help="Write a checkpoint (.npz) to this file every "
                                                "--save-every steps and at the end."),
            save_every: int = typer.Option(SAVE_EVERY, min=0, help="Steps between checkpoints "
@@ -404,12 +414,59 @@ def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in 
             residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
             optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
             clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
-            seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT):
+            seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
+            decoder: str = DECODER, condition: Condition = CONDITION):
     """Train several cells on the same task, data and seeds; print a table."""
     options = _plain(dict(locals()))
     json_out, plot = options.pop("json_out"), options.pop("plot")
     _check_plot(plot)
     _finish(_configs(options.pop("specs"), **options), json_out, plot)
+
+
+# -- generation ---------------------------------------------------------------------------------
+@app.command()
+@reports_input_errors
+def sample(ctx: typer.Context,
+           checkpoint: str = typer.Argument(..., help="A checkpoint of `rnndsl train --save FILE` "
+                                                      "with --task charlm, reverse or expand."),
+           length: int = typer.Option(200, min=1, help="Characters to generate (reverse, "
+                                                       "expand: the most target tokens)."),
+           prompt: str = typer.Option("", help="charlm: text to continue (printed first); "
+                                               "reverse, dates, expand: the input to answer."),
+           temperature: float = typer.Option(1.0, help="charlm, > 0: below 1 sharpens the "
+                                                       "model's distribution, above 1 "
+                                                       "flattens it."),
+           top_k: int = typer.Option(None, min=1, help="charlm: draw only among the k most "
+                                                       "likely characters."),
+           seed: int = typer.Option(0, min=0, help="charlm: seed of the draws (same seed, same "
+                                                   "text)."),
+           beam: int = typer.Option(None, min=1, help="reverse, dates, expand: beam search of "
+                                                      "this width (default: greedy).")):
+    """Generate from a trained model: text from a character-level language model, streamed as
+    it comes, or a sequence task's answer to --prompt."""
+    from rnndsl.training.sample import (Generator, charlm_text, check_sampling, decode_prompt, load_trained,
+                         terminal_text)
+
+    given = {k for k in ("temperature", "top_k", "seed", "beam")
+             if ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")}
+    check_sampling(temperature, top_k)
+    config, model, params = load_trained(checkpoint)
+    wrong = given - ({"temperature", "top_k", "seed"} if config.task == "charlm" else {"beam"})
+    if wrong:
+        names = ", ".join("--" + k.replace("_", "-") for k in sorted(wrong))
+        raise UserError(f"{names} {'does' if len(wrong) == 1 else 'do'} not apply to a model "
+                        f"of the task {config.task}")
+    if config.task != "charlm":
+        typer.echo(terminal_text(decode_prompt(model, params, prompt, length, beam)))
+        return
+    generator = Generator(model.network, model.head, params)
+    chars = charlm_text(model.task, generator, length, prompt, temperature, top_k, seed)
+    first = next(chars)  # a bad prompt is refused before anything is printed
+    typer.echo(terminal_text(prompt + first), nl=False)
+    for c in chars:
+        typer.echo(terminal_text(c), nl=False)
+        sys.stdout.flush()
+    typer.echo("")
 
 
 # -- the kernel cache ----------------------------------------------------------------------------

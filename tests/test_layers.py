@@ -337,3 +337,66 @@ def test_bad_arrays(cells):
     y, tape = net.forward(params, x)
     with pytest.raises(ValueError, match="dy must be"):
         net.backward(params, tape, y[..., :H])
+
+
+# -- initial and final states (Network.run, Network.backward_states) ---------------------------
+@pytest.mark.parametrize("spec,bidirectional,residual", [("lstm", None, True),
+                                                         ("gru", "concat", False)])
+def test_state_gradients_match_finite_differences(cells, spec, bidirectional, residual):
+    """A loss on the outputs and on every final state, differentiated w.r.t. the initial
+    states of every cell: what an encoder-decoder backpropagates through."""
+    net = Network(cells(spec), I, H, 2, bidirectional, residual)
+    params, x = data(net)
+    rng = np.random.default_rng(2)
+    keys = net.cell_keys()
+    state0 = {k: {s: rng.standard_normal((B, H)) for s in net.cell.states} for k in keys}
+    R = rng.standard_normal((T, B, net.output_size))
+    S = {k: {s: rng.standard_normal((B, H)) for s in net.cell.states} for k in keys}
+
+    def loss():
+        run = net.run(params, x, LENGTHS, state0, save=False)
+        return float((run.y * R).sum() + sum((run.states[k][s] * S[k][s]).sum()
+                                             for k in keys for s in S[k]))
+
+    run = net.run(params, x, LENGTHS, state0)
+    assert set(run.states) == set(keys)
+    _, _, d_state0 = net.backward_states(params, run.tape, R, S)
+    eps = 1e-6
+    for k in keys:
+        for s, arr in state0[k].items():
+            for b, j in [(0, 1), (1, 3), (2, 0)]:  # b=2 has length 0: its state passes through
+                keep = arr[b, j]
+                arr[b, j] = keep + eps
+                up = loss()
+                arr[b, j] = keep - eps
+                down = loss()
+                arr[b, j] = keep
+                numeric = (up - down) / (2 * eps)
+                assert abs(d_state0[k][s][b, j] - numeric) <= 1e-6 * max(1, abs(numeric)), \
+                    (k, s, b, j)
+
+
+def test_one_step_at_a_time_equals_the_whole_sequence(cells):
+    """Carrying the final states from one call to the next is the same as one long run: the
+    way a generator steps a network."""
+    net = Network(cells("lstm"), I, H, 3, None, True, "add")
+    params, x = data(net, lengths=[T] * B)
+    whole = net.run(params, x, save=False)
+    states, ys = None, []
+    for t in range(T):
+        run = net.run(params, x[t:t + 1], state0=states, save=False)
+        states = run.states
+        ys.append(run.y)
+    np.testing.assert_allclose(np.concatenate(ys), whole.y, rtol=1e-12, atol=1e-12)
+    for k in net.cell_keys():
+        for s in net.cell.states:
+            np.testing.assert_allclose(states[k][s], whole.states[k][s], rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_state_keys_are_refused(cells):
+    net = Network(cells("gru"), I, H)
+    params, x = data(net)
+    with pytest.raises(ValueError, match="state0: unknown cell"):
+        net.run(params, x, state0={(1, "fwd"): {}})
+    with pytest.raises(ValueError, match="state0: unknown name"):
+        net.run(params, x, state0={(0, "fwd"): {"c": np.zeros((B, H))}})

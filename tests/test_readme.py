@@ -187,7 +187,7 @@ def test_yaml_blocks_are_the_built_in_specs():
 
 
 def test_layer_norm_expression_compiles():
-    expr = re.search(r"Layer norm is\n`(.*?)`", README, re.S).group(1)
+    expr = re.search(r"Layer norm is\s+`(.*?)`", README, re.S).group(1)
     cell = rnndsl.compile("name: t\nsizes: [input, hidden]\ninputs: {x: input}\n"
                           f"states: {{h: hidden}}\nequations: |\n  v = W @ x\n  h = {expr}\n")
     assert set(cell.params) == {"W", "a", "b"}

@@ -45,6 +45,13 @@ lengths
   of zeros are zeros), and the incoming gradient is zeroed there, so no gradient flows from
   padding into parameters or the input.
 
+state0 (Network.run, Network.backward_states)
+  Each cell may start from given states instead of zeros, and the final states of every cell
+  are returned, keyed by (layer, direction): {(0, "fwd"): {"h": (B, n), "c": (B, n)}}. A
+  direction's final state is the state after its last step inside each sequence (for "bwd",
+  after reading input step 0). This is what an encoder hands to a decoder, and what lets a
+  one-directional network run one step at a time (generation) without rerunning the prefix.
+
 Parameters are one flat dict: `layer{l}.{fwd|bwd}.{p}` for the cell's parameter p, and
 `layer{l}.proj` / `layer{l}.xproj` for the projections, with `.fwd` / `.bwd` appended in the
 two-stream modes ("separate", "alternate"): `layer1.proj.bwd`.
@@ -69,6 +76,14 @@ class _Tape:
     values: dict  # X -> network input (padding zeroed); (layer, stream) -> that output
     inputs: dict  # (layer, stream) -> u, what the stream's cells read
     cells: dict  # (layer, direction) -> the cell's Forward
+
+
+@dataclass
+class NetworkRun:
+    """What `Network.run` returns: the output, every cell's final states, the tape."""
+    y: np.ndarray  # (T, B, output_size)
+    states: dict  # (layer, direction) -> {state name: (B, n)}
+    tape: _Tape | None  # None when run with save=False
 
 
 def reverse_within(a: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -225,6 +240,21 @@ class Network:
     def forward(self, params: dict, x, lengths=None, save: bool = True):
         """y (T, B, output_size) for x (T, B, input_size), and the tape for `backward` (None
         with save=False). `lengths` (B,): per-sequence lengths; y is zero past them."""
+        run = self.run(params, x, lengths, save=save)
+        return run.y, run.tape
+
+    def cell_keys(self) -> list[tuple[int, str]]:
+        """(layer, direction) of every cell, in parameter order: the keys of states."""
+        return [(layer, d) for layer, _, directions in self._parts() for d in directions]
+
+    def run(self, params: dict, x, lengths=None, state0: dict | None = None,
+            save: bool = True) -> NetworkRun:
+        """As `forward`, from initial states `state0` ({(layer, direction): {state: (B, n)}};
+        a cell or state left out starts at zeros), returning every cell's final states too."""
+        state0 = state0 or {}
+        unknown = [k for k in state0 if k not in self.cell_keys()]
+        if unknown:
+            raise ValueError(f"state0: unknown cell(s) {unknown}; cells: {self.cell_keys()}")
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[2] != self.input_size:
             raise ValueError(f"x must be (T, B, {self.input_size}), got shape {x.shape}")
@@ -233,36 +263,50 @@ class Network:
         lengths = _lengths(lengths, T, B)
         # Padding is ignored: zeroed once here, it stays zero through every stream.
         values = {X: x.astype(_common_dtype(params, {X: x})) * _mask(lengths, T)}
-        inputs, cells = {}, {}
+        inputs, cells, finals = {}, {}, {}
         for layer, stream, directions in self._parts():
             sources = [values[k] for k in self._sources(layer, stream)]
             u = self._combine(params, layer, stream, sources)
             outs = []
             for d in directions:
                 fwd = self.cell.forward(self._cell_params(params, layer, d),
-                                        self._orient(u, d, lengths), lengths=lengths, save=save)
+                                        self._orient(u, d, lengths), state0.get((layer, d)),
+                                        lengths=lengths, save=save)
                 outs.append(self._orient(fwd.output, d, lengths))
-                cells[(layer, d)] = fwd
+                cells[(layer, d)], finals[(layer, d)] = fwd, fwd.states
             y = np.concatenate(outs, axis=2)
             if self.residual:
                 y += self._project(params, self._name(layer, "proj", stream), u)
             inputs[(layer, stream)], values[(layer, stream)] = u, y
         top = np.concatenate([values[(self.layers - 1, s)] for s in self.streams], axis=2)
-        return top, (_Tape(lengths, values, inputs, cells) if save else None)
+        return NetworkRun(top, finals, _Tape(lengths, values, inputs, cells) if save else None)
 
     def backward(self, params: dict, tape: _Tape, dy) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Gradients of a loss given dy = dL/dy (T, B, output_size): (dL/dparams with the keys
         of `params`, dL/dx (T, B, input_size))."""
+        grads, dx, _ = self.backward_states(params, tape, dy)
+        return grads, dx
+
+    def backward_states(self, params: dict, tape: _Tape, dy=None, d_states: dict | None = None):
+        """As `backward`, with the gradients of the loss w.r.t. the final states of `run` too
+        (`d_states`, keyed as its states; dy None: the loss reads no output), returning also
+        dL/d(state0), keyed (layer, direction) -> {state: (B, n)}."""
+        d_states = d_states or {}
+        unknown = [k for k in d_states if k not in self.cell_keys()]
+        if unknown:
+            raise ValueError(f"d_states: unknown cell(s) {unknown}; cells: {self.cell_keys()}")
         if tape is None:
             raise ValueError("this forward pass ran with save=False: run it again to backpropagate")
         self._check(params)
         x = tape.values[X]
         T = x.shape[0]
-        dy = np.asarray(dy, x.dtype)
+        dy = np.zeros((*x.shape[:2], self.output_size), x.dtype) if dy is None else \
+            np.asarray(dy, x.dtype)
         if dy.shape != (*x.shape[:2], self.output_size):
             raise ValueError(f"dy must be {(*x.shape[:2], self.output_size)}, got {dy.shape}")
         dy = dy * _mask(tape.lengths, T)  # what lands on padding goes nowhere
         grads: dict[str, np.ndarray] = {}
+        d_state0 = {}
         adjoints = dict(zip([(self.layers - 1, s) for s in self.streams],
                             np.split(dy, len(self.streams), axis=2)))
         for layer, stream, directions in reversed(list(self._parts())):
@@ -274,11 +318,13 @@ class Network:
                                              u, d_y)
             for d, d_out in zip(directions, np.split(d_y, len(directions), axis=2)):
                 g = self.cell.backward(self._cell_params(params, layer, d), tape.cells[(layer, d)],
-                                       d_outputs=self._orient(d_out, d, tape.lengths))
+                                       d_outputs=self._orient(d_out, d, tape.lengths),
+                                       d_states=d_states.get((layer, d)))
+                d_state0[(layer, d)] = g.state0
                 grads.update({f"layer{layer}.{d}.{p}": v for p, v in g.params.items()})
                 du += self._orient(g.inputs[self.x_name], d, tape.lengths)
             self._combine_backward(params, grads, layer, stream, tape.values, du, adjoints)
-        return {name: grads[name] for name in self._shapes}, adjoints[X]
+        return {name: grads[name] for name in self._shapes}, adjoints[X], d_state0
 
     # -- pieces of the passes -------------------------------------------------------------------
     def _check(self, params: dict) -> None:

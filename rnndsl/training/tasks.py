@@ -11,6 +11,9 @@ fixes every batch. A batch's `target` has the form its head (rnndsl.training.hea
 | recall | bits_step | Graves et al. 2014, sec. 4.3 (associative recall) |
 | sort | bits_step | Graves et al. 2014, sec. 4.5 (priority sort) |
 | charlm | softmax_step | character-level language modelling (Graves 2013; Karpathy 2015) |
+| reverse | seq2seq | reverse and map a letter sequence (encoder-decoder; exact match) |
+| dates | seq2seq | ISO dates to words, 1987-04-23 -> 23 april 1987 (encoder-decoder) |
+| expand | vector2seq | write symbols as often as a vector of counts says (one-to-many) |
 
 `make_task(name, length, **options)` builds one; `length` sets each task's main size (the
 sequence length, the longest sequence, the number of items; see LENGTH_OPTION).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from datetime import date
 from importlib import resources
 from pathlib import Path
 
@@ -333,14 +337,200 @@ class CharLM(Task):
         return Batch(x, target, lengths)
 
 
+# -- sequence-generating tasks: a decoder writes the target (rnndsl.training.seq2seq) -----------------
+
+def _is_held_out(key: tuple) -> bool:
+    """One input in five belongs to the held-out part, by a fixed hash of the input itself, so
+    the evaluation inputs never occur in training (Python's own hash of str is salted)."""
+    h = 0
+    for v in key:
+        h = (h * 1_000_003 + int(v) + 1) % 2_147_483_647
+    return h % 5 == 0
+
+
+class _TokenTask(Task):
+    """A task whose target is a token sequence written by a decoder: a source sequence for an
+    encoder-decoder ("seq2seq"), or a vector for a conditioned decoder ("vector2seq"). Targets
+    end with the token EOS (id 0). `sample` draws from the training part, `sample_held_out`
+    from the held-out part: inputs with `_is_held_out`, never seen in training. The baseline
+    is the loss of a uniform guess over the target vocabulary."""
+    EOS = 0
+    target_chars: str  # the characters of the target ids 1..; id 0 is EOS
+
+    def sample(self, rng, batch_size, dtype=np.float32):
+        return self._batch(rng, batch_size, dtype, held_out=False)
+
+    def sample_held_out(self, rng, batch_size, dtype=np.float32):
+        return self._batch(rng, batch_size, dtype, held_out=True)
+
+    def _draw(self, rng) -> tuple:
+        """One input (a tuple: source ids, or the vector's entries)."""
+        raise NotImplementedError
+
+    def _pairs(self, rng, batch_size, held_out):
+        pairs = []
+        while len(pairs) < batch_size:
+            key = self._draw(rng)
+            if _is_held_out(key) == held_out:
+                pairs.append((key, self.answer(key)))
+        return pairs
+
+    @staticmethod
+    def _targets(answers) -> tuple[np.ndarray, np.ndarray]:
+        lengths = np.array([len(a) + 1 for a in answers], dtype=np.int64)  # + EOS
+        target = np.zeros((int(lengths.max()), len(answers)), dtype=np.int64)  # EOS-padded
+        for b, a in enumerate(answers):
+            target[:len(a), b] = a
+        return target, lengths
+
+    def decode(self, ids) -> str:
+        return "".join(self.target_chars[int(i) - 1] for i in ids if int(i) != self.EOS)
+
+
+class Reverse(_TokenTask):
+    """Reverse and map (a small translation): the source is 1..`length` letters from the first
+    `symbols` of a-z; the target is the same letters in reverse order, each shifted `shift`
+    places on in the alphabet and in capitals (abc -> FED). Every target token depends on the
+    whole source, in the opposite order: the task of Sutskever et al.'s source reversal."""
+    name, LENGTH_OPTION, head = "reverse", "length", "seq2seq"
+
+    def __init__(self, length: int = 8, min_len: int = 1, symbols: int = 8, shift: int = 3):
+        _require(1 <= min_len <= length, self.name,
+                 f"need 1 <= min_len <= length, got {min_len}, {length}")
+        _require(2 <= symbols <= 26 - shift and 0 <= shift, self.name,
+                 f"need 2 <= symbols and symbols + shift <= 26, got {symbols}, {shift}")
+        self.length, self.min_len, self.symbols = int(length), int(min_len), int(symbols)
+        self.source_chars = "abcdefghijklmnopqrstuvwxyz"[:symbols]
+        self.target_chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[shift:shift + symbols]
+        self.input_size, self.output_size = symbols, symbols + 1
+        self.baseline = float(np.log(self.output_size))
+        self.description = (f"reverse {min_len}..{length} letters of {self.source_chars} and "
+                            f"shift each {shift} on, in capitals")
+
+    def _draw(self, rng):
+        n = int(rng.integers(self.min_len, self.length + 1))
+        return tuple(int(a) for a in rng.integers(0, self.symbols, n))
+
+    @staticmethod
+    def answer(key):
+        return [a + 1 for a in reversed(key)]
+
+    def encode(self, text: str) -> np.ndarray:
+        unknown = sorted(set(text) - set(self.source_chars))
+        _require(not unknown, self.name, f"characters not in the source alphabet "
+                                         f"{self.source_chars}: {unknown}")
+        return np.array([self.source_chars.index(c) for c in text], dtype=np.int64)
+
+    def _batch(self, rng, batch_size, dtype, held_out):
+        from rnndsl.training.seq2seq import Seq2SeqBatch
+
+        pairs = self._pairs(rng, batch_size, held_out)
+        src_len = np.array([len(k) for k, _ in pairs], dtype=np.int64)
+        source = np.zeros((int(src_len.max()), batch_size), dtype=np.int64)
+        for b, (k, _) in enumerate(pairs):
+            source[:len(k), b] = k
+        target, lengths = self._targets([a for _, a in pairs])
+        return Seq2SeqBatch(source, src_len, target, lengths)
+
+
+MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
+          "september", "october", "november", "december")
+
+
+class Dates(_TokenTask):
+    """Dates between written formats (a small character-level translation): the source is a
+    date as ISO 8601 writes it, `1987-04-23`, the target the same date in words and numbers,
+    `23 april 1987`, one character per token. Dates are uniform over `years` years from 1950
+    (all 36524 days of 1950-2049 by default)."""
+    name, LENGTH_OPTION, head = "dates", "years", "seq2seq"
+
+    def __init__(self, years: int = 100):
+        _require(1 <= years <= 8049, self.name, f"years must be in 1..8049, not {years}")
+        self.years = int(years)
+        self.first = date(1950, 1, 1).toordinal()
+        self.days = date(1950 + self.years - 1, 12, 31).toordinal() - self.first + 1
+        self.source_chars = "0123456789-"
+        self.target_chars = "".join(sorted(set("0123456789 " + "".join(MONTHS))))
+        self.input_size, self.output_size = len(self.source_chars), len(self.target_chars) + 1
+        self.baseline = float(np.log(self.output_size))
+        self.description = (f"ISO dates of {1950}-{1950 + self.years - 1} to words: "
+                            f"1987-04-23 -> 23 april 1987")
+
+    def _draw(self, rng):
+        day = date.fromordinal(self.first + int(rng.integers(0, self.days)))
+        return tuple(self.source_chars.index(c) for c in day.isoformat())
+
+    def answer(self, key):
+        day = date.fromisoformat("".join(self.source_chars[i] for i in key))
+        text = f"{day.day} {MONTHS[day.month - 1]} {day.year}"
+        return [self.target_chars.index(c) + 1 for c in text]
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            date.fromisoformat(text)
+            ok = len(text) == 10
+        except ValueError:
+            ok = False
+        _require(ok, self.name, f"give a date as YYYY-MM-DD, e.g. 1987-04-23, not {text!r}")
+        return np.array([self.source_chars.index(c) for c in text], dtype=np.int64)
+
+    _batch = Reverse._batch
+
+
+class Expand(_TokenTask):
+    """One-to-many: the input is a vector of `symbols` counts, each 0..`length`, scaled to
+    [0, 1]; the target writes each symbol as many times as its count, in order: (2, 0, 1) ->
+    AAC. A decoder sees the vector only as its initial state or as an extra input (the image
+    code of a captioning model). Vectors of all zeros have the empty target."""
+    name, LENGTH_OPTION, head = "expand", "length", "vector2seq"
+
+    def __init__(self, length: int = 3, symbols: int = 4):
+        _require(length >= 1, self.name, f"length must be at least 1, not {length}")
+        _require(1 <= symbols <= 26, self.name, f"symbols must be in 1..26, not {symbols}")
+        self.length, self.symbols = int(length), int(symbols)
+        self.target_chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:symbols]
+        self.input_size, self.output_size = symbols, symbols + 1
+        self.baseline = float(np.log(self.output_size))
+        self.description = (f"write each of {symbols} symbols as often as its count "
+                            f"(0..{length}) in the input vector says")
+
+    def _draw(self, rng):
+        return tuple(int(c) for c in rng.integers(0, self.length + 1, self.symbols))
+
+    @staticmethod
+    def answer(key):
+        return [i + 1 for i, count in enumerate(key) for _ in range(count)]
+
+    def encode(self, text: str) -> np.ndarray:
+        """The vector of counts given as numbers separated by spaces or commas."""
+        try:
+            counts = [int(v) for v in text.replace(",", " ").split()]
+        except ValueError:
+            counts = []
+        _require(len(counts) == self.symbols and all(0 <= c <= self.length for c in counts),
+                 self.name, f"give {self.symbols} counts in 0..{self.length}, e.g. "
+                            f"{' '.join(['1'] * self.symbols)}")
+        return np.array(counts, dtype=np.int64)
+
+    def _batch(self, rng, batch_size, dtype, held_out):
+        from rnndsl.training.seq2seq import Seq2SeqBatch
+
+        pairs = self._pairs(rng, batch_size, held_out)
+        target, lengths = self._targets([a for _, a in pairs])
+        vector = np.array([k for k, _ in pairs], dtype=dtype) / self.length
+        return Seq2SeqBatch(None, None, target, lengths, vector)
+
+
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in
-                                 (Adding, Copy, RepeatCopy, Recall, Sort, CharLM)}
+                                 (Adding, Copy, RepeatCopy, Recall, Sort, CharLM, Reverse, Dates,
+                                  Expand)}
+SEQUENCE_TASKS = ("reverse", "dates", "expand")  # a decoder writes the target: rnndsl.training.seq2seq
 
 
 def make_task(name: str, length: int | None = None, **options) -> Task:
     """The task `name` (one of TASKS) with its options; `length`, if given, sets the task's
     LENGTH_OPTION (adding, charlm: length; copy, repeat_copy: max_len; recall: max_items;
-    sort: in_count)."""
+    sort: in_count; reverse: the longest source; dates: years; expand: the largest count)."""
     cls = TASKS.get(name)
     if cls is None:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")

@@ -37,12 +37,13 @@ from rnndsl.engines.cell import HIDDEN
 from rnndsl.language.errors import UserError, printable
 from rnndsl.training.optim import (OPTIMIZERS, check_finite, clip_global_norm, clip_value, global_norm,
                     make_optimizer)
-from rnndsl.training.tasks import TASKS, Batch, make_task
+from rnndsl.training.tasks import SEQUENCE_TASKS, TASKS, Batch, make_task
 
 EVAL_SEED = 2**31 - 1  # the held-out batch's seed; training batches use (seed, step)
 DTYPES = ("float32", "float64")
 BIDIRECTIONAL = ("concat", "separate", "alternate")
 DENSE = ("add", "concat")
+CONDITIONS = ("state", "input", "both")  # how expand's decoder reads its vector
 SAVE_EVERY = 100  # steps between checkpoints
 
 
@@ -69,14 +70,27 @@ class TrainConfig:
     dtype: str = "float32"
     log_every: int = 50
     eval_batch: int = 256
+    decoder: str | None = None  # sequence tasks: the decoder's spec (the encoder's when None)
+    condition: str | None = None  # expand: state, input or both ("state" when None)
 
     def __post_init__(self):
         """Refuse any setting that cannot make a sound run, naming it."""
         for name, choices in (("task", TASKS), ("optimizer", OPTIMIZERS), ("dtype", DTYPES),
-                              ("bidirectional", BIDIRECTIONAL), ("dense", DENSE)):
+                              ("bidirectional", BIDIRECTIONAL), ("dense", DENSE),
+                              ("condition", CONDITIONS)):
             value = getattr(self, name)
-            if not (value in choices or (value is None and name in ("bidirectional", "dense"))):
+            if not (value in choices or (value is None and name in ("bidirectional", "dense",
+                                                                     "condition"))):
                 raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.decoder is not None and self.task not in SEQUENCE_TASKS:
+            raise UserError(f"decoder applies to the tasks where a decoder writes the target "
+                            f"({', '.join(SEQUENCE_TASKS)}), not to {self.task}")
+        if self.condition is not None and TASKS[self.task].head != "vector2seq":
+            raise UserError(f"condition applies to the vector-to-sequence task (expand), not "
+                            f"to {self.task}")
+        if self.bidirectional and TASKS[self.task].head == "vector2seq":
+            raise UserError(f"bidirectional applies to an encoder, and the task {self.task} "
+                            "has none (its decoder writes left to right)")
         for name in ("hidden", "layers", "batch", "steps", "log_every", "eval_batch", "length"):
             value = getattr(self, name)
             if not (value is None and name == "length") and \
@@ -102,6 +116,10 @@ class TrainConfig:
                            (self.residual, "residual"), (self.dense, f"dense {self.dense}")):
             if flag:
                 net += f", {word}"
+        if self.decoder:
+            net += f", decoder {printable(Path(self.decoder).stem)}"
+        if self.condition:
+            net += f", condition {self.condition}"
         return f"{net}; task {self.task}" + (f" length {self.length}" if self.length else "")
 
 
@@ -128,17 +146,36 @@ class TrainResult:
     params: dict = field(repr=False, default_factory=dict)
 
 
+def task_for(config: TrainConfig):
+    """The configuration's task (a `text` for any task but charlm is refused there)."""
+    options = {"path": config.text} if config.text else {}
+    return make_task(config.task, config.length, **options)
+
+
+def network_for(config: TrainConfig, cell, input_size: int, one_way: bool = False) -> Network:
+    """A Network of `cell` as the configuration says (every size but the input's is hidden);
+    `one_way` (a decoder's) ignores `bidirectional`."""
+    extra = {s: config.hidden for s in cell.sizes if s not in ("input", HIDDEN)}
+    return Network(cell, input_size, config.hidden, layers=config.layers,
+                   bidirectional=None if one_way else config.bidirectional,
+                   residual=config.residual, dense=config.dense, sizes=extra)
+
+
+def make_model(config: TrainConfig):
+    """The model a configuration trains: a Model, or for the sequence tasks a
+    rnndsl.training.seq2seq.SequenceModel (an encoder-decoder or a conditioned decoder)."""
+    if config.task in SEQUENCE_TASKS:
+        from rnndsl.training.seq2seq import SequenceModel
+        return SequenceModel(config)
+    return Model(config)
+
+
 class Model:
     """A network of cells and a head on its output; parameters in one flat dict."""
 
     def __init__(self, config: TrainConfig):
-        options = {"path": config.text} if config.text else {}
-        self.task = make_task(config.task, config.length, **options)
-        cell = compiler.compile(config.spec)
-        extra = {s: config.hidden for s in cell.sizes if s not in ("input", HIDDEN)}
-        self.network = Network(cell, self.task.input_size, config.hidden, layers=config.layers,
-                               bidirectional=config.bidirectional, residual=config.residual,
-                               dense=config.dense, sizes=extra)
+        self.task = task_for(config)
+        self.network = network_for(config, compiler.compile(config.spec), self.task.input_size)
         self.head = Head(self.task.head, self.network.output_size, self.task.output_size)
         self.dtype = np.dtype(config.dtype)
 
@@ -162,6 +199,12 @@ def batch_at(task, seed: int, step: int, size: int, dtype) -> Batch:
     return task.sample(np.random.default_rng([seed, step]), size, dtype)
 
 
+def held_out_batch(task, seed: int, size: int, dtype):
+    """The evaluation batch; from the task's held-out inputs where it keeps some apart."""
+    rng = np.random.default_rng([EVAL_SEED, seed])
+    return getattr(task, "sample_held_out", task.sample)(rng, size, dtype)
+
+
 def train(config: TrainConfig, progress=None, save: str | Path | None = None,
           resume: str | Path | None = None, save_every: int = SAVE_EVERY) -> TrainResult:
     """Train as `config` says. `progress(step, record)` is called after every step (record is
@@ -171,13 +214,13 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
         check_writable(save, "checkpoint")
     if not (isinstance(save_every, int) and save_every >= 0):
         raise UserError(f"save_every must be a whole number >= 0, got {save_every!r}")
-    model = Model(config)
+    model = make_model(config)
     optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
     params = model.init_params(config.seed, config.orthogonal)
     start, log = 0, []
     if resume is not None:
         start, log = load_checkpoint(resume, config, params, optimizer)
-    eval_batch = batch_at(model.task, EVAL_SEED, config.seed, config.eval_batch, model.dtype)
+    eval_batch = held_out_batch(model.task, config.seed, config.eval_batch, model.dtype)
     model.loss(params, batch_at(model.task, EVAL_SEED, 0, 1, model.dtype))  # load the kernels
     t0 = time.perf_counter()  # so that steps/s measures training, not compilation
     window: list[tuple[float, dict, float]] = []
