@@ -91,7 +91,7 @@ def check(spec: str = SPEC):
     """Check a spec: names, shapes, cycles. Prints nothing but 'ok' when it is sound."""
     step, _ = compiler.analyse(spec)
     typer.echo(f"{printable(spec)}: ok ({step.name}: {len(step.values)} equations, "
-               f"{len(step.params)} parameters)")
+               f"{len(step.layout.params)} parameters)")
 
 
 @app.command("compile")
@@ -100,12 +100,15 @@ def compile_(spec: str = SPEC,
              show: list[Show] = typer.Option([], "--show", help="Also print: ir, backward, code."),
              target: Target = typer.Option("cpu", help="Where the kernels run."),
              dtype: Dtype = typer.Option("float32", help="The kernels to emit."),
+             set_: list[str] = typer.Option([], "--set", metavar="NAME=VALUE",
+                                            help="Give a constant of the spec another value "
+                                                 "(repeatable)."),
              ):
     """Check, differentiate and emit kernels; print a summary of the cell."""
     from rnndsl.summary import describe
 
     target, dtype = target.value, dtype.value
-    cell = compiler.compile(spec, target=target)
+    cell = compiler.compile(spec, target=target, constants=_assignments(set_))
     typer.echo(describe(cell))
     if hasattr(cell.engine, "path"):
         typer.echo(f"  generated {printable(cell.engine.path(dtype))}")
@@ -120,6 +123,18 @@ def compile_(spec: str = SPEC,
             if not hasattr(cell.engine, "source_code"):
                 raise SpecError(f"the {target} target generates no code")
             typer.echo(cell.engine.source_code(dtype))
+
+
+def _assignments(items: list[str]) -> dict[str, float]:
+    """`--set lam=0.9 --set eta=0.5` as {'lam': 0.9, 'eta': 0.5}."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:  # no '=', or not a number
+            raise UserError(f"--set {item!r}: expected NAME=NUMBER, e.g. --set lam=0.9") from None
+    return out
 
 
 @app.command()

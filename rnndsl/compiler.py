@@ -12,7 +12,7 @@ from rnndsl.symbolic.lower import lower
 from rnndsl.resources import specs_dir
 from rnndsl.engines.cell import Cell, CpuEngine, ReferenceEngine
 from rnndsl.backend.schedule import plan
-from rnndsl.language.spec import Spec, load_spec
+from rnndsl.language.spec import Spec, load_spec, with_constants
 
 TARGETS = ("cpu", "reference", "cuda")
 
@@ -49,25 +49,27 @@ def load(source: str | Path) -> Spec:
     return load_spec(name, text)
 
 
-def analyse(source: str | Path) -> tuple[StepIR, Backward]:
+def analyse(source: str | Path, constants: dict | None = None) -> tuple[StepIR, Backward]:
     """Load, parse, check, lower and differentiate a spec."""
     with ir.scope():
-        return _analyse(source)
+        return _analyse(source, constants)
 
 
-def _analyse(source: str | Path) -> tuple[StepIR, Backward]:
-    step = lower(check(load(source)))
+def _analyse(source: str | Path, constants: dict | None) -> tuple[StepIR, Backward]:
+    step = lower(check(with_constants(load(source), constants)))
     return step, grad(step)
 
 
-def compile(source: str | Path, target: str = "cpu", persistent: bool | None = None) -> Cell:
+def compile(source: str | Path, target: str = "cpu", persistent: bool | None = None,
+            constants: dict | None = None) -> Cell:
     """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell.
     `persistent` (target "cuda" only): None uses the persistent kernel where it fits, True
-    insists on it, False never uses it."""
+    insists on it, False never uses it. `constants` gives some of the spec's `constants:`
+    other values ({"lam": 0.9}); they are folded into the generated code."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     with ir.scope():  # the plan's nodes must be the IR's own
-        step, bwd = _analyse(source)
+        step, bwd = _analyse(source, constants)
         kernel_plan = plan(step, bwd)
     if target == "cuda":
         from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked

@@ -57,8 +57,8 @@ def describe(cell: Cell) -> str:
     lines.append(f"  inputs   {_sized(step.inputs)}")
     lines.append(f"  states   {_sized(step.states)}")
     lines.append(f"  outputs  {', '.join(f'{o} {_shape(step.shape_of(o))}' for o in step.outputs)}")
-    lines.append(f"  params   {len(step.params)}")
-    for p, info in step.params.items():
+    lines.append(f"  params   {len(cell.params)}")
+    for p, info in cell.params.items():
         how = "declared" if info.declared else "inferred"
         init = info.init if info.init != "constant" else f"constant {info.value:g}"
         lines.append(f"    {p:<12} {_shape(info.shape):<18} {init:<12} {how} at "

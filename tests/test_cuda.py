@@ -91,6 +91,22 @@ params:
 equations: |
   h = relu(W @ tanh(x) + u * h_prev + b) * a + softplus(m) * hard_sigmoid(h_prev) + abs(m) ** 2 + min(h_prev, m) - exp(-h_prev * h_prev)
 """,
+    "x_parts": """
+name: x_parts
+summary: LSTM with its gates cut from one product, and a vector of three elements indexed
+sizes: [input, hidden]
+inputs: {x: input}
+states: {h: hidden, c: hidden}
+outputs: [h]
+params:
+  W_s: {shape: [3, hidden]}
+constants: {lam: 0.9}
+equations: |
+  [i, f, g, o] = W @ [h_prev, x, 1] + b
+  s = softmax(W_s @ h_prev)
+  c = sigmoid(f) * c_prev + sigmoid(i) * tanh(g) * s[0] + lam * s[2]
+  h = sigmoid(o) * tanh(c) + V @ s
+""",
 }
 SPECS = {**{k: k for k in sorted(rnndsl.builtin_specs())}, **EXTRA}
 

@@ -92,7 +92,7 @@ def test_no_user_text_is_executed(tmp_path, monkeypatch):
     ("h = h_prev.__class__", "unexpected character '.'"),
     ("h = h_prev; import os", "unexpected character ';'"),
     ("h = (lambda: 0)()", "unexpected"),
-    ("h = h_prev[0]", "unexpected character '['"),
+    ("h = h_prev[0]", "'h_prev[0]' needs a vector whose size is a number"),
     ("h = `ls`", "unexpected character '`'"),
 ])
 def test_code_in_equations_is_refused(equation, message):

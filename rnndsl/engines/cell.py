@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnndsl.engines import reference
+from rnndsl.language.spec import SUM
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import StepIR
 
@@ -175,8 +176,9 @@ class Cell:
 
     @property
     def params(self) -> dict:
-        """name -> ParamInfo (shape as size names, init, where it was declared or inferred)."""
-        return self.step.params
+        """name -> ParamInfo (shape as size names, init, where it was declared or inferred).
+        A matrix that multiplies a concatenation has columns such as 'hidden + input'."""
+        return self.step.layout.params
 
     def __repr__(self) -> str:
         return f"<rnndsl.Cell {self.name} ({self.engine.name})>"
@@ -187,7 +189,7 @@ class Cell:
         return HIDDEN if HIDDEN in self.sizes else next(iter(self.states.values()))
 
     def param_shapes(self, **sizes: int) -> dict[str, tuple[int, ...]]:
-        return {p: tuple(sizes[s] for s in info.shape) for p, info in self.params.items()}
+        return {p: _dims(info.shape, sizes) for p, info in self.params.items()}
 
     # -- parameters ---------------------------------------------------------------------------
     def init_params(self, *sizes_in_order: int, seed: int = 0, dtype=np.float32,
@@ -209,8 +211,8 @@ class Cell:
                 raise ValueError(f"size '{s}' must be a whole number of at least 1, got {n!r}")
         rng = np.random.default_rng(seed)
         out = {}
-        for p, info in self.params.items():
-            shape = tuple(sizes[s] for s in info.shape)
+        for p, info in self.params.items():  # a concatenated matrix as a whole
+            shape = _dims(info.shape, sizes)
             out[p] = init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng, p)
         return {p: v.astype(dtype) for p, v in out.items()}
 
@@ -237,6 +239,7 @@ class Cell:
                                  f"{(B, sizes[self.states[s]])}")
         lengths = _lengths(lengths, T, B)
         xs = {k: _zero_padding(v, lengths) for k, v in xs.items()}
+        params = self._blocks(params, sizes, dtype)
         outs, finals, saved = self.engine.forward(params, xs, state0, lengths, sizes, dtype, save)
         tape = _Tape(xs, state0, lengths, sizes, dtype, saved) if save else None
         return Forward(outs, finals, tape)
@@ -268,10 +271,23 @@ class Cell:
             if g.shape != fwd.states[s].shape:  # no broadcasting: (1, n) for (B, n) is a bug
                 raise ValueError(f"d_states['{s}'] has shape {g.shape}, expected "
                                  f"{fwd.states[s].shape}")
-        d_params, d_inputs, d_state0 = self.engine.backward(params, tape, d_outputs, d_final)
-        return Grads(d_params, d_inputs, d_state0)
+        blocks = self._blocks(params, tape.sizes, dtype)
+        d_params, d_inputs, d_state0 = self.engine.backward(blocks, tape, d_outputs, d_final)
+        for p, cut in self.step.layout.cuts.items():
+            d_params[p] = _join(params[p], [d_params.pop(k) for k in cut.names],
+                                _block_indices(cut, params[p].ndim, tape.sizes))
+        return Grads({p: d_params[p] for p in self.params}, d_inputs, d_state0)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _blocks(self, params: dict, sizes: dict, dtype) -> dict:
+        """The kernels' parameters: each parameter the layout cuts, as its blocks."""
+        out = dict(params)
+        for p, cut in self.step.layout.cuts.items():
+            w = out.pop(p)
+            for k, index in zip(cut.names, _block_indices(cut, w.ndim, sizes)):
+                out[k] = self._array(w[index], dtype)
+        return out
+
     def _array(self, v, dtype):
         """A C-contiguous NumPy array of `dtype`, unless the engine takes the value as it is
         (the CUDA engine keeps device arrays on the device)."""
@@ -312,13 +328,22 @@ class Cell:
                 raise ValueError(f"parameter '{p}' must have {len(info.shape)} dimension(s) "
                                  f"({', '.join(info.shape)}), got shape {params[p].shape}")
             for s, n in zip(info.shape, params[p].shape):
-                see(s, n, f"parameter '{p}'")
+                if SUM not in s and not s.isdigit():  # checked once all sizes are known
+                    see(s, n, f"parameter '{p}'")
         for s, v in (state0 or {}).items():
             if s in self.states:
                 see(self.states[s], tuple(np.shape(v))[-1], f"state0['{s}']")
+        _solve_sums([(s, n, f"parameter '{p}'") for p, info in self.params.items()
+                     for s, n in zip(info.shape, np.shape(params[p])) if SUM in s], found)
         missing = [s for s in self.sizes if s not in found]
         if missing:
             raise ValueError(f"cannot tell size(s) {missing} from the arrays given")
+        known = {s: v for s, (v, _) in found.items()}
+        for p, info in self.params.items():
+            want = _dims(info.shape, known)
+            if params[p].shape != want:
+                raise ValueError(f"parameter '{p}' has shape {params[p].shape}; "
+                                 f"({', '.join(info.shape)}) is {want} here")
         x, v = next(iter(xs.items()))
         empty = [f"size '{s}' is 0 from {where}" for s, (n, where) in found.items() if n < 1] + \
             [f"input '{x}' has {n} {what}" for n, what in zip(v.shape[:2], ("time steps",
@@ -326,6 +351,65 @@ class Cell:
         if empty:
             raise ValueError(f"{self.name}: nothing to run: {'; '.join(empty)}")
         return {s: v for s, (v, _) in found.items()}
+
+
+def _solve_sums(shapes: list[tuple[str, int, str]], found: dict) -> None:
+    """Sizes that appear only in sums ('hidden + hidden + input' rows of 4 * 3 + 2): each sum
+    with one unknown size, however often repeated, tells it."""
+    progress = True
+    while progress:
+        progress = False
+        for dim, n, where in shapes:
+            terms = dim.split(SUM)
+            unknown = {t for t in terms if not t.isdigit() and t not in found}
+            if len(unknown) != 1:
+                continue
+            size = unknown.pop()
+            rest = n - sum(_size(t, {s: v for s, (v, _) in found.items()})
+                           for t in terms if t != size)
+            found[size] = (rest // terms.count(size), where)
+            progress = True
+
+
+def _dims(shape: tuple[str, ...], sizes: dict) -> tuple[int, ...]:
+    """A shape of size names in numbers; a dimension may be a sum ('hidden + input') and a
+    size may be a number ('3')."""
+    return tuple(sum(_size(t, sizes) for t in s.split(SUM)) for s in shape)
+
+
+def _size(size: str, sizes: dict) -> int:
+    return int(size) if size.isdigit() else sizes[size]
+
+
+def _block_indices(cut, ndim: int, sizes: dict) -> list[tuple]:
+    """Where each of a cut parameter's blocks lies in it, as NumPy indices (an integer for a
+    single row or column, which the block drops)."""
+    def parts(cut_dim):
+        if not cut_dim:
+            return [slice(None)]
+        out, start = [], 0
+        for size in cut_dim:
+            n = _size(size, sizes)
+            out.append(start if size == "1" else slice(start, start + n))
+            start += n
+        return out
+
+    if ndim == 1:
+        return [(r,) for r in parts(cut.rows)]
+    return [(r, c) for r in parts(cut.rows) for c in parts(cut.cols)]
+
+
+def _join(like, blocks: list, indices: list[tuple]):
+    """A cut parameter's gradient from its blocks' (device arrays come back to the host and go
+    back to the device: a parameter is small next to a sequence)."""
+    on_host = all(isinstance(b, np.ndarray) for b in blocks)
+    if not on_host:
+        from rnndsl.backend import cuda_support as cs
+        blocks = [cs.host(b) for b in blocks]
+    out = np.zeros(np.shape(like), blocks[0].dtype)
+    for b, index in zip(blocks, indices):
+        out[index] = b
+    return out if on_host else cs.device(out)
 
 
 def init_array(kind: str, value: float, shape, hidden: int | None, rng, name: str) -> np.ndarray:

@@ -39,6 +39,19 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Concat:
+    items: tuple  # vectors joined end to end, nested brackets flattened
+    pos: SourcePos  # the '['
+
+
+@dataclass(frozen=True)
+class Index:
+    operand: object
+    index: int
+    pos: SourcePos  # the index
+
+
+@dataclass(frozen=True)
 class Binary:
     op: str  # one of + - * / @ **
     left: object
@@ -57,12 +70,13 @@ class Assign:
     target: str
     expr: object
     pos: SourcePos  # the target name
+    part: tuple[int, int] | None = None  # (k, n): the k-th of n parts in `[a, b, c] = expr`
 
 
 _READABLE = {
     "NAME": "a name", "NUMBER": "a number", "EQUALS": "'='", "PLUS": "'+'", "MINUS": "'-'",
     "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "POW": "'**'", "LPAR": "'('", "RPAR": "')'",
-    "COMMA": "','", "_NL": "end of line", "$END": "end of equations",
+    "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "_NL": "end of line", "$END": "end of equations",
 }
 
 
@@ -98,7 +112,7 @@ def _check_depth(assign: Tree, origin: TextOrigin):
     while stack:
         t, depth = stack.pop()
         if depth > MAX_DEPTH:
-            target = assign.children[0]
+            target = next(c for c in assign.children if getattr(c, "type", "") == "NAME")
             raise SpecError(f"the expression for '{target}' is nested more than {MAX_DEPTH} "
                             "levels deep; split it into several equations",
                             origin.pos(target.line, target.column))
@@ -138,10 +152,21 @@ class _ToAst(Transformer):
         return self.origin.pos(tok.line, tok.column)
 
     def start(self, *assigns):
-        return list(assigns)
+        return [a for item in assigns for a in (item if isinstance(item, list) else [item])]
 
     def assign(self, name, _eq, expr):
         return Assign(str(name), expr, self.at(name))
+
+    def split(self, _lsqb, *rest):
+        names = [t for t in rest[:-2] if t.type == "NAME"]
+        expr = rest[-1]
+        return [Assign(str(t), expr, self.at(t), (k, len(names))) for k, t in enumerate(names)]
+
+    def index(self, operand, _lsqb, tok, _rsqb):
+        value = float(tok)
+        if value != int(value) or not tok.isdigit():
+            raise SpecError(f"an index is a whole number (0, 1, 2, ...), not {tok}", self.at(tok))
+        return Index(operand, int(tok), self.at(tok))
 
     def binary(self, left, op, right):
         if str(op) == "@" and isinstance(left, Neg):
@@ -180,3 +205,12 @@ class _ToAst(Transformer):
 
     def group(self, _lpar, expr, _rpar):
         return expr
+
+    def concat(self, lsqb, *rest):
+        items = []
+        for item in rest[:-1]:
+            if isinstance(item, Concat):  # [[a, b], c] is [a, b, c]
+                items.extend(item.items)
+            elif not isinstance(item, Token):
+                items.append(item)
+        return Concat(tuple(items), self.at(lsqb))

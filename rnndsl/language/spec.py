@@ -10,7 +10,9 @@ MAX_NAME characters (the spec's name becomes part of a file name), and numbers m
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +24,16 @@ from rnndsl.language.errors import SourcePos, SpecError, suggest
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME = 64
 MAX_YAML_DEPTH = 32  # a spec needs 4 levels (params: W: shape: [...])
-TOP_KEYS = ("name", "summary", "sizes", "inputs", "states", "outputs", "params", "equations")
+TOP_KEYS = ("name", "summary", "sizes", "inputs", "states", "outputs", "params", "constants",
+            "equations")
 PARAM_KEYS = ("shape", "init")
 INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
+# A matrix that multiplies a concatenation, W @ [h_prev, x], has as many columns as the parts
+# together: its shape is written [hidden, hidden + input], the sizes in the order of the parts;
+# a parameter cut into parts, [a, b] = W @ x, as many rows: [hidden + hidden, input].
+SUM = " + "
+# A size may be a number (`shape: [3, hidden]`): such a vector is that many per-row scalars.
+MAX_NUMBER_SIZE = 64
 # The only YAML tags a spec may carry (those plain YAML resolves to); anything else, above all
 # `!!python/...`, is refused before any value is read.
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq",
@@ -37,6 +46,15 @@ class ParamDecl:
     shape: tuple[str, ...] | None  # None: infer from use
     init: str  # one of INITS
     value: float  # for init == "constant"
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A named number from the `constants:` section: folded into the code, never trained."""
+
+    name: str
+    value: float
     pos: SourcePos
 
 
@@ -77,6 +95,7 @@ class Spec:
     params: dict[str, ParamDecl]
     equations: tuple[Equation, ...]
     file: str
+    constants: dict[str, Constant] = field(default_factory=dict)
     positions: dict[str, SourcePos] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)
 
@@ -95,6 +114,25 @@ def load_spec(source: str | Path, text: str | None = None) -> Spec:
             raise SpecError(f"cannot read spec '{source}': {reason}") from None
         text = _decode(str(source), data)
     return _SpecReader(str(source), text).read()
+
+
+def with_constants(spec: Spec, values: dict | None) -> Spec:
+    """`spec` with some of its constants given other values (`compile(..., constants=...)`,
+    `rnndsl compile --set lam=0.9`)."""
+    if not values:
+        return spec
+    constants = dict(spec.constants)
+    for name, value in values.items():
+        if name not in constants:
+            known = ", ".join(constants) or "none"
+            raise SpecError(f"cannot set constant '{name}': the spec '{spec.name}' has no such "
+                            f"constant{suggest(str(name), constants)}; its constants: {known}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                not math.isfinite(value):
+            raise SpecError(f"cannot set constant '{name}' to {value!r}: a constant is a finite "
+                            "number")
+        constants[name] = Constant(name, float(value), constants[name].pos)
+    return dataclasses.replace(spec, constants=constants)
 
 
 def _decode(file: str, data: bytes) -> str:
@@ -213,10 +251,11 @@ class _SpecReader:
         if not outputs:
             raise self.fail("'outputs' must name at least one value", top["outputs"][1])
         params = self.params(top["params"][1], sizes) if "params" in top else {}
+        constants = self.constants(top["constants"][1]) if "constants" in top else {}
         equations = self.equations(top["equations"][1])
         return Spec(name=name, summary=summary, sizes=tuple(sizes), inputs=inputs, states=states,
                     outputs=outputs, params=params, equations=equations, file=self.file,
-                    positions=self.positions, source=self.text)
+                    constants=constants, positions=self.positions, source=self.text)
 
     def plain_tags_only(self, root):
         """Refuse explicit tags (`!!python/object`, `!foo`): a spec is plain data."""
@@ -298,21 +337,48 @@ class _SpecReader:
                     raise self.fail(f"unknown key '{key}' for parameter '{n}'"
                                     f"{suggest(key, PARAM_KEYS)}", fk)
             if "shape" in fields:
-                fv = fields["shape"][1]
-                if isinstance(fv, yaml.ScalarNode) and fv.value in sizes:
-                    shape = (fv.value,)
-                else:
-                    shape = tuple(self.names_list(fv, f"the shape of '{n}'", f"params.{n}.shape",
-                                                  repeats=True))  # [hidden, hidden]
-                    if len(shape) > 2:
-                        raise self.fail(f"parameter '{n}' has {len(shape)} dimensions; "
-                                        "at most 2 (a matrix) are supported", fv)
-                    for s, item in zip(shape, fv.value):
-                        if s not in sizes:
-                            raise self.fail(f"unknown size '{s}'{suggest(s, sizes)}", item)
+                shape = self.shape(fields["shape"][1], n, sizes)
             if "init" in fields:
                 init, value = self.init(fields["init"][1], n)
             out[n] = ParamDecl(n, shape, init, value, pos)
+        return out
+
+    def shape(self, node, pname: str, sizes: list[str]) -> tuple[str, ...]:
+        """`hidden`, `[]`, `[hidden]`, `[3, hidden]`, `[hidden, input]`, `[hidden, hidden + input]`."""
+        what = f"the shape of '{pname}'"
+        if isinstance(node, yaml.ScalarNode) and node.value in sizes:
+            return (node.value,)
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(f"'{what}' must be a list, e.g. [input, hidden]", node)
+        if len(node.value) > 2:
+            raise self.fail(f"parameter '{pname}' has {len(node.value)} dimensions; "
+                            "at most 2 (a matrix) are supported", node)
+        dims = []
+        for item in node.value:
+            terms = [t.strip() for t in self.scalar_str(item, what).split("+")]
+            for k, t in enumerate(terms):
+                if t.isdigit() and 1 <= int(t) <= MAX_NUMBER_SIZE:
+                    terms[k] = str(int(t))
+                elif t.isdigit():
+                    raise self.fail(f"a size that is a number is 1 to {MAX_NUMBER_SIZE} (each "
+                                    f"element is its own value in the kernels), not {t}", item)
+                elif not NAME_RE.match(t):
+                    raise self.fail(f"'{t}' in {what} is not a size name or a number", item)
+                elif t not in sizes:
+                    raise self.fail(f"unknown size '{t}'{suggest(t, sizes)}", item)
+            dims.append(SUM.join(terms))
+        return tuple(dims)
+
+    def constants(self, node) -> dict[str, Constant]:
+        out = {}
+        for n, (knode, vnode) in self.mapping(node, "constants").items():
+            try:
+                value = float(self.scalar_str(vnode, f"constants.{n}"))
+            except ValueError:  # a word, true/false, .inf (YAML's spelling of infinity)
+                value = math.nan
+            if not math.isfinite(value):
+                raise self.fail(f"constant '{n}' must be a finite number, e.g. {n}: 0.5", vnode)
+            out[n] = Constant(n, value, self.at(knode.start_mark))
         return out
 
     def init(self, node, pname: str) -> tuple[str, float]:

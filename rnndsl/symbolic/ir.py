@@ -303,6 +303,7 @@ class StepIR:
     params: dict  # name -> check.ParamInfo
     values: dict[str, Node]  # every equation's target, in an order that respects use
     file: str = ""
+    layout: object = None  # check.ParamLayout: the parameters as the user sees them
 
     @property
     def names(self) -> dict[int, str]:
