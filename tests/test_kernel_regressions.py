@@ -81,7 +81,10 @@ def test_row_reduction_used_after_the_per_step_product():
          equations="h = tanh(W @ b2 + V @ x + h_prev)"),
     # a W.T @ g sum that only a weight gradient's buffer needs
     spec(outputs="y", params="W4: {shape: [input, hidden]}", equations="y = W4 @ h\nh = W3 @ x"),
-], ids=["constant_adjoint", "parameter_vector_product", "gemm_t_for_weights_only"])
+    # an input's gradient: a product (after the loop) plus a per-row term (in the loop)
+    spec(inputs="x: input, u: hidden", equations="h = tanh(W1 @ u + mean(u) * b + U @ h_prev)"),
+], ids=["constant_adjoint", "parameter_vector_product", "gemm_t_for_weights_only",
+        "per_row_input_gradient"])
 def test_plans_the_built_in_cells_never_make(text):
     assert_engines_agree(text)
 

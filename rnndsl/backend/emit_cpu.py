@@ -204,8 +204,8 @@ def _backward_glue(plan: Plan, names: Names, k: _LoopKernel) -> str:
         L(f"d{code} = empty((T + 1, B, {names.size[step.states[s]]}), DT)")
         L(f"d{code}[T] = d_final[{list(names.state).index(s)}]")
     for x, code in names.input.items():
-        make = "empty" if x in plan.input_rest else "zeros"
-        L(f"d{code} = np.{make}((T, B, {names.size[step.inputs[x]]}), DT)")
+        make = "empty" if x in plan.input_rest else "np.zeros"
+        L(f"d{code} = {make}((T, B, {names.size[step.inputs[x]]}), DT)")
     for buf in plan.grad_buffers:
         L(f"{buf.name} = empty((T, B, {names.sizes(buf.width())}), DT)")
     for g in plan.back.gemm_ts:

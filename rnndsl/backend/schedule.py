@@ -322,8 +322,8 @@ def _rewrite(step: StepIR, bwd: Backward) -> _Roots:
         terms = _terms(r) if r.op == "add" else [r]
         deferred += [(x, t) for t in terms if t.op == "gemm_t"]
         rest = [t for t in terms if t.op != "gemm_t" and not t.is_const(0.0)]
-        if rest:
-            input_rest[x] = ir.add_all(rest)
+        if rest:  # (a per-row term, once the products are split off, is spread over x)
+            input_rest[x] = ir.bcast(ir.add_all(rest), (step.inputs[x],))
     return _Roots({s: values[s] for s in step.states}, {o: values[o] for o in step.outputs},
                   d_prev, input_rest, deferred, {p: rw(n) for p, n in bwd.d_params.items()},
                   {w: [(rw(g), rw(v)) for g, v in terms] for w, terms in bwd.d_matrices.items()})
