@@ -304,7 +304,8 @@ def export_onnx(model, params: dict, path=None, *, head=None, sizes: dict | None
     if given; return the `onnx.ModelProto`.
 
     `model` is a `Cell`, a spec (a built-in name, a path or YAML text), or a
-    `rnndsl.Network`. The float type is the parameters' (float32 or float64).
+    `rnndsl.Network`. The float type is the parameters' (float32 or float64). A cell's sizes
+    are read off its parameters; `sizes` ({"hidden": 64}) gives those that no parameter fixes.
 
     A cell's graph takes `input.<x>` (T, B, n) for each input, `state0.<s>` (B, n) for each
     state and `lengths` (B,) int64, and returns `output.<o>` (T, B, n) for each output and
@@ -316,13 +317,15 @@ def export_onnx(model, params: dict, path=None, *, head=None, sizes: dict | None
     from rnndsl.training.layers import Network
 
     if isinstance(model, Network):
+        if sizes:
+            raise UserError("sizes are a cell's; a Network has its own")
         g, inputs, outputs = _network_graph(model, params, head)
         label = model.cell.name
     else:
         if head is not None:
             raise UserError("a head needs a Network under it")
         step = model.step if hasattr(model, "step") else _step_of(model)
-        g, inputs, outputs = _cell_graph(step, params)
+        g, inputs, outputs = _cell_graph(step, params, sizes or {})
         label = step.name
     proto = g.model(inputs, outputs, name or label)
     if path is not None:
@@ -341,8 +344,12 @@ def _float_type(params: dict):
     return np.float64 if np.dtype(np.float64) in kinds else np.float32
 
 
-def _sizes(step: StepIR, params: dict) -> dict[str, int]:
-    found: dict[str, int] = {}
+def _sizes(step: StepIR, params: dict, given: dict | None = None) -> dict[str, int]:
+    """The sizes of a cell read off its parameters (and `given`); a disagreement is an error."""
+    unknown = [s for s in given or {} if s not in step.sizes]
+    if unknown:
+        raise UserError(f"sizes: {step.name} has no size(s) {', '.join(map(repr, unknown))}")
+    found: dict[str, int] = dict(given or {})
     missing = [p for p in step.params if p not in params]
     extra = [p for p in params if p not in step.params]
     if missing or extra:
@@ -355,17 +362,17 @@ def _sizes(step: StepIR, params: dict) -> dict[str, int]:
                             f"shape {shape}")
         for s, n in zip(info.shape, shape):
             if found.setdefault(s, n) != n:
-                raise UserError(f"size '{s}' is {found[s]} and {n} (parameter '{p}')")
+                raise UserError(f"size '{s}' is {found[s]}, but {n} in parameter '{p}'")
     return found
 
 
-def _cell_graph(step: StepIR, params: dict):
+def _cell_graph(step: StepIR, params: dict, sizes: dict):
     g = Graph(_float_type(params))
-    g.sizes = _sizes(step, params)
-    unknown = [s for s in (*step.inputs.values(), *step.states.values()) if s not in g.sizes]
+    g.sizes = _sizes(step, params, sizes)
+    unknown = [s for s in step.sizes if s not in g.sizes]
     if unknown:
         raise UserError(f"cannot tell size(s) {', '.join(unknown)} of {step.name} from its "
-                        "parameters")
+                        f"parameters: pass sizes={{{', '.join(repr(s) + ': n' for s in unknown)}}}")
     xs = {x: f"input.{x}" for x in step.inputs}
     state0 = {s: f"state0.{s}" for s in step.states}
     first = next(iter(xs.values()))
@@ -419,11 +426,10 @@ def _network_graph(net, params: dict, head):
     for layer, stream, directions in net._parts():
         sources = [values[k] for k in net._sources(layer, stream)]
         u = _combine(g, net, params, layer, stream, sources)
-        sizes = net._layer_sizes(layer)
         outs = []
         for d in directions:
             own = net._cell_params(params, layer, d)
-            g.sizes = {**sizes, **_sizes(net.cell.step, own)}
+            g.sizes = _sizes(net.cell.step, own, net._layer_sizes(layer))
             zeros = {s: g.op("ConstantOfShape", g.op("Concat", batch, g.const(
                 [g.sizes[size]], np.int64), axis=0), value=_zero_tensor(g))
                 for s, size in net.cell.states.items()}
@@ -487,3 +493,32 @@ def _head(g: Graph, head, params: dict, y: str):
         scores = g.op("Sigmoid", scores)
     shape = ["T", "B", head.out_size] if head.per_step else ["B", head.out_size]
     return g.value_info(g.rename(scores, "prediction"), shape)
+
+
+def export_checkpoint(spec, checkpoint, path):
+    """The network and head of a training checkpoint (`rnndsl train --save`), its cells
+    compiled from `spec`, written to `path` as an ONNX model; returns the `onnx.ModelProto`.
+    A parameter the checkpoint lacks or holds in another shape is a UserError naming it."""
+    from dataclasses import replace
+
+    from rnndsl.training.train import Model, read_checkpoint
+
+    _onnx()  # before any work
+    ckpt = read_checkpoint(checkpoint)
+    try:
+        model = Model(replace(ckpt["config"], spec=str(spec)))
+    except OSError as exc:  # charlm's text file, which fixes the input size
+        raise UserError(f"{printable(checkpoint)} was trained on {printable(exc.filename)}, "
+                        f"which cannot be read: {exc.strerror or exc}") from None
+    head = model.head
+    shapes = {**model.network.param_shapes(), "head.W": (head.out_size, head.in_size),
+              "head.b": (head.out_size,)}
+    params = {}
+    for k, shape in shapes.items():
+        value = ckpt["entries"].get(f"param/{k}")
+        if value is None or value.shape != shape:
+            found = "missing" if value is None else f"of shape {value.shape}"
+            raise UserError(f"{printable(checkpoint)}: parameter '{printable(k)}' is {found}, "
+                            f"expected {shape} for a network of {printable(spec)}")
+        params[k] = value
+    return export_onnx(model.network, params, path, head=head)
