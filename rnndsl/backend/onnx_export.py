@@ -247,21 +247,22 @@ def scan_cell(g: Graph, step: StepIR, weights: dict, xs: dict[str, str], state0:
     check_lowerable(step)
     order = ir.topo_order(step.roots())
     recurrent = _recurrent(order)
-    hoisted = [n for n in order if n.op == "matvec" and n.args[1].batched
-               and n.args[1].uid not in recurrent]
-    leaves = {(n.op, n.attr): n for n in order if n.op in ("input", "prev")}
-    # before the loop: the hoisted products over all T*B rows
-    outer = {n.uid: xs[x] for (op, x), n in leaves.items() if op == "input"}
+
+    def before_the_loop(n: Node) -> bool:
+        return n.batched and n.uid not in recurrent
+
+    # What does not depend on a state is computed before the loop over all T*B rows (the
+    # input products as one MatMul per vector); the body reads it one step at a time.
+    body_order = ir.topo_order_until(step.roots(), before_the_loop)
+    hoisted = [n for n in body_order if before_the_loop(n)]
+    outer = {n.uid: xs[n.attr] for n in order if n.op == "input"}
     _emit(g, ir.topo_order(hoisted), outer, weights, prefix)
     # the body: what one step computes from the previous states and the step's slices
-    is_hoisted = {n.uid for n in hoisted}
-    body_order = ir.topo_order_until(step.roots(), lambda n: n.uid in is_hoisted)
     main_nodes, g.nodes = g.nodes, []
-    memo: dict[int, str] = {}
-    scan_inputs = []
     prev = {s: g.fresh() for s in step.states}
+    memo = {n.uid: prev[n.attr] for n in order if n.op == "prev"}
     body_inputs = [g.value_info(prev[s], ["B", g.sizes[size]]) for s, size in step.states.items()]
-    memo.update({leaves[("prev", s)].uid: prev[s] for s in step.states if ("prev", s) in leaves})
+    scan_inputs = []
 
     def sliced(outer_name: str, width, elem=None) -> str:
         inner = g.fresh()
@@ -270,11 +271,7 @@ def scan_cell(g: Graph, step: StepIR, weights: dict, xs: dict[str, str], state0:
         return inner
 
     step_live = sliced(live, 1, g.onnx.TensorProto.BOOL)
-    for n in body_order:
-        if n.uid in is_hoisted:
-            memo[n.uid] = sliced(outer[n.uid], g.sizes[n.shape[0]])
-        elif n.op == "input":
-            memo[n.uid] = sliced(xs[n.attr], g.sizes[n.shape[0]])
+    memo.update({n.uid: sliced(outer[n.uid], _width(g, n.shape)) for n in hoisted})
     _emit(g, body_order, memo, weights, prefix)
     states = [g.op("Where", step_live, memo[step.values[s].uid], prev[s]) for s in step.states]
     outs = [g.op("Where", step_live, memo[step.values[o].uid], g.const(0.0))
