@@ -58,6 +58,7 @@ class Graph:
         self.onnx = _onnx()
         self.dtype = np.dtype(dtype)
         self.elem = self.onnx.helper.np_dtype_to_tensor_dtype(self.dtype)
+        self.sizes: dict[str, int] = {}  # of the cell being written
         self.nodes: list = []
         self.initializers: dict[str, np.ndarray] = {}
         self._names = itertools.count()
@@ -145,13 +146,21 @@ def _erf(g: Graph, n: Node, x: str) -> str:
     # ONNX Runtime has Erf for float32 only: a float64 graph computes it in float32.
     if g.dtype == np.float32:
         return g.op("Erf", x)
-    wide = g.op("Cast", g.op("Erf", g.op("Cast", x, to=g.onnx.TensorProto.FLOAT)), to=g.elem)
-    return wide
+    return g.op("Cast", g.op("Erf", g.op("Cast", x, to=g.onnx.TensorProto.FLOAT)), to=g.elem)
 
 
 def _row(op_type: str):
     """A reduction over the feature axis, kept as a (..., 1) column."""
     return lambda g, n, x: g.op(op_type, x, g.const([-1], np.int64), keepdims=1)
+
+
+def _rmax(g: Graph, n: Node, x: str) -> str:
+    """NumPy's max over a row: NaN where the row holds one (ONNX Runtime's float32 ReduceMax
+    passes over NaN)."""
+    axis = g.const([-1], np.int64)
+    nans = g.op("ReduceMax", _cast(g, g.op("IsNaN", x)), axis, keepdims=1)
+    top = g.op("ReduceMax", x, axis, keepdims=1)
+    return g.op("Where", g.op("Greater", nans, g.const(0.0)), g.const(np.nan), top)
 
 
 def _bcast(g: Graph, n: Node, x: str) -> str:
@@ -173,7 +182,7 @@ LOWERINGS = {
     "minimum": _where_first("Less"), "maximum": _where_first("Greater"),
     "step": lambda g, n, x: _cast(g, g.op("Greater", x, g.const(0.0))),
     "eq": lambda g, n, a, b: _cast(g, g.op("Equal", a, b)),
-    "rsum": _row("ReduceSum"), "rmean": _row("ReduceMean"), "rmax": _row("ReduceMax"),
+    "rsum": _row("ReduceSum"), "rmean": _row("ReduceMean"), "rmax": _rmax,
     "softmax": lambda g, n, x: g.op("Softmax", x, axis=-1),
     "bcast": _bcast,
     # w is the matrix stored transposed (cols, rows): W @ v is v @ w, W.T @ v is v @ w.T
@@ -201,6 +210,7 @@ def _emit(g: Graph, order: list[Node], memo: dict[int, str], weights: dict[str, 
     for n in order:
         if n.op == "matvec" and n.uid not in memo:
             by_vector[n.args[1].uid].append(n)
+
     def value(a: Node) -> str:
         if a.uid not in memo:  # a parameter, made where it is used: a matrix may be used
             memo[a.uid] = g.weight(prefix + a.attr, weights[a.attr])  # only stacked
@@ -343,15 +353,14 @@ def _float_type(params: dict):
 
 def _sizes(step: StepIR, params: dict, given: dict | None = None) -> dict[str, int]:
     """The sizes of a cell read off its parameters (and `given`); a disagreement is an error."""
-    unknown = [s for s in given or {} if s not in step.sizes]
-    if unknown:
-        raise UserError(f"sizes: {step.name} has no size(s) {', '.join(map(repr, unknown))}")
+    strange = [s for s in given or {} if s not in step.sizes]
+    if strange:
+        raise UserError(f"sizes: {step.name} has no size(s) {', '.join(map(repr, strange))}")
     found: dict[str, int] = dict(given or {})
-    missing = [p for p in step.params if p not in params]
-    extra = [p for p in params if p not in step.params]
-    if missing or extra:
-        raise UserError(f"parameters of {step.name}: missing {missing or 'none'}, unknown "
-                        f"{extra or 'none'}")
+    missing, unknown = set(step.params) - set(params), set(params) - set(step.params)
+    if missing or unknown:
+        raise UserError(f"parameters of {step.name}: missing {sorted(missing) or 'none'}, "
+                        f"unknown {sorted(unknown) or 'none'}")
     for p, info in step.params.items():
         shape = np.shape(params[p])
         if len(shape) != len(info.shape):
