@@ -2,10 +2,11 @@
 inference (ONNX Runtime, TensorRT, browsers: wherever Python and PyTorch do not run).
 
 The forward step IR becomes the body of one `Scan` over time: the states are carried, the
-outputs scanned. The matrix products whose vector does not depend on a state (`W_ii @ x`)
-are hoisted out of the loop as one MatMul per vector over all T*B rows, their weights
-stacked; inside the body, the products of one vector (`W_hi @ h_prev`, `W_hf @ h_prev`, ...)
-are one MatMul as well. Per-sequence lengths are a mask computed before the loop: past a
+outputs scanned. Whatever does not depend on a state is computed before the loop over all
+T*B rows: the input products (`W_ii @ x`, `W_if @ x`, ...) as one MatMul per vector, their
+weights stacked, and what follows them before a state enters (`W_ii @ x + b_ii`); inside
+the body, the products of one vector (`W_hi @ h_prev`, `W_hf @ h_prev`, ...) are one MatMul
+as well. Per-sequence lengths are a mask computed before the loop: past a
 sequence's length its states freeze and its outputs are zero, as in every other engine. The
 graph does not depend on T (nor on B): time and batch are symbolic dimensions.
 
