@@ -203,6 +203,9 @@ def test_export_command(tmp_path, monkeypatch):
     config = TrainConfig(spec="gru", task="copy", hidden=6, layers=2, bidirectional="concat",
                          steps=2, batch=4, eval_batch=4, dtype="float64")
     train(config, save="run.npz")
+    (tmp_path / "two.yaml").write_text(
+        "name: two\nsizes: [input, hidden]\ninputs: {x: input, u: input}\n"
+        "states: {h: hidden}\nequations: |\n  h = tanh(W @ x + V @ u + U @ h_prev)\n")
     result = CliRunner().invoke(app, ["export", "gru", "--weights", "run.npz", "-o", "gru.onnx"])
     assert result.exit_code == 0, result.output
     model = Model(config)
@@ -217,6 +220,7 @@ def test_export_command(tmp_path, monkeypatch):
     for args, message in [(["lstm", "--weights", "run.npz"], "parameter 'layer0.fwd.W_ii' is "
                                                                "missing"),
                           (["gru", "--weights", "none.npz"], "does not exist"),
+                          (["two.yaml", "--weights", "run.npz"], "one input sequence"),
                           (["gru", "--weights", "run.npz", "-o", "no/such/dir.onnx"],
                            "cannot write")]:
         if "-o" not in args:
@@ -224,4 +228,4 @@ def test_export_command(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, ["export", *args])
         assert result.exit_code == 2 and message in result.output, result.output
         assert "Traceback" not in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gru.onnx", "run.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gru.onnx", "run.npz", "two.yaml"]

@@ -517,6 +517,8 @@ def export_checkpoint(spec, checkpoint, path):
     except OSError as exc:  # charlm's text file, which fixes the input size
         raise UserError(f"{printable(checkpoint)} was trained on {printable(exc.filename)}, "
                         f"which cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a cell that cannot make the checkpoint's network
+        raise UserError(f"{printable(spec)}: {printable(exc)}") from None
     head = model.head
     shapes = {**model.network.param_shapes(), "head.W": (head.out_size, head.in_size),
               "head.b": (head.out_size,)}
