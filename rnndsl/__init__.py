@@ -3,8 +3,9 @@ from rnndsl.compiler import analyse, builtin_specs, compile
 from rnndsl.language.errors import SourcePos, SpecError
 from rnndsl.training.layers import Network
 from rnndsl.engines.cell import Cell, Forward, Grads
+from rnndsl.backend.onnx_export import export_onnx
 from rnndsl.training.seq2seq import Seq2Seq
 
 __version__ = "0.1.0"
 __all__ = ["compile", "analyse", "builtin_specs", "Cell", "Forward", "Grads", "Network",
-           "Seq2Seq", "SpecError", "SourcePos", "__version__"]
+           "Seq2Seq", "export_onnx", "SpecError", "SourcePos", "__version__"]

@@ -212,6 +212,21 @@ def bench(spec: str = SPEC,
                        f"{row['forward_backward_ms'] / fb:.2f}x)")
 
 
+@app.command()
+@reports_input_errors
+def export(spec: str = SPEC,
+           weights: str = typer.Option(..., help="A training checkpoint (`rnndsl train --save`): "
+                                                 "the network and head to export."),
+           output: str = typer.Option(..., "--output", "-o", help="The ONNX file to write.")):
+    """Export a trained network of SPEC cells and its head as an ONNX model (inputs x, lengths;
+    outputs y, prediction), one Scan over time per layer and direction."""
+    from rnndsl.backend.onnx_export import export_checkpoint
+
+    model = export_checkpoint(spec, weights, output)
+    typer.echo(f"wrote {printable(output)}: {len(model.graph.node)} nodes, opset "
+               f"{model.opset_import[0].version}")
+
+
 # -- training -----------------------------------------------------------------------------------
 # Options shared by `train` and `compare` (declared once, used in both signatures).
 TASK = typer.Option(None, help="The task. Without one: a short demonstration (adding problem, "
