@@ -373,7 +373,36 @@ def _sizes(step: StepIR, params: dict, given: dict | None = None) -> dict[str, i
     return found
 
 
+def _kernel_params(step: StepIR, params: dict, given: dict) -> dict:
+    """The parameters as the step IR takes them: a parameter that the spec multiplies with a
+    concatenation, `W @ [h_prev, x]`, comes whole (hidden, hidden + input) and is cut into the
+    IR's blocks, as `Cell.forward` does. Sizes are read off the whole parameters: a sum of
+    sizes gives the one of its terms that nothing else fixes."""
+    from rnndsl.engines.cell import _block_indices
+
+    layout = step.layout
+    if not layout.cuts or not set(layout.cuts) <= set(params):
+        return params  # already the IR's parameters (or missing: _sizes names them)
+    found = {s: n for s, n in given.items() if s in step.sizes}
+    dims = [(s, n) for p, info in layout.params.items() if p in params
+            for s, n in zip(info.shape, np.shape(params[p]))]
+    for _ in dims:  # each pass fixes at least one size, or nothing more can be fixed
+        for s, n in dims:
+            terms = [t.strip() for t in s.split("+")]
+            unknown = [t for t in terms if not t.isdigit() and t not in found]
+            if len(unknown) == 1:
+                known = sum(int(t) if t.isdigit() else found[t] for t in terms if t != unknown[0])
+                found[unknown[0]] = n - known
+    out = dict(params)
+    for p, cut in layout.cuts.items():
+        w = np.asarray(out.pop(p))
+        for k, index in zip(cut.names, _block_indices(cut, w.ndim, found)):
+            out[k] = np.ascontiguousarray(w[index])
+    return out
+
+
 def _cell_graph(step: StepIR, params: dict, sizes: dict):
+    params = _kernel_params(step, params, sizes)
     g = Graph(_float_type(params))
     g.sizes = _sizes(step, params, sizes)
     unknown = [s for s in step.sizes if s not in g.sizes]
