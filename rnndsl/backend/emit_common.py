@@ -119,6 +119,10 @@ class KernelWriter:
     def _body(self) -> list[str]:
         raise NotImplementedError
 
+    def args(self) -> list[str]:
+        """A kernel that runs the whole time loop takes every array its body uses."""
+        return ["T", "B", *self.names.size.values(), "lengths", *sorted(self.arrays)]
+
     def size_floats(self) -> list[str]:
         """Sizes used as numbers in the arithmetic (mean's 1/n), in the module's dtype."""
         return Code(level=1)(*(f"z_{self.names.size[s]} = DT({self.names.size[s]})"

@@ -65,9 +65,6 @@ class _LoopKernel(KernelWriter):
     def name(self) -> str:
         return f"{self.kind}_loop"
 
-    def args(self) -> list[str]:
-        return ["T", "B", *self.names.size.values(), "lengths", *sorted(self.arrays)]
-
     def text(self) -> str:
         head = [f"@njit(cache=True, fastmath=FAST, error_model=\"numpy\")",
                 f"def {self.name}({', '.join(self.args())}):"]

@@ -230,9 +230,6 @@ class _PersistentKernel(_CudaKernel):
     def name(self) -> str:
         return f"{self.kind}_persistent"
 
-    def args(self) -> list[str]:
-        return ["T", "B", *self.names.size.values(), "lengths", *sorted(self.arrays)]
-
     def products(self):
         """Per-step GEMMs: (name, vector array as code at [t, b, k], transposed weights?)."""
         out = []
