@@ -232,6 +232,13 @@ class KernelWriter:
         return [f"{self.use(sp)}[b{', j' if n.shape else ''}] = {value or self.var(n)}"]
 
 
+def stage_products(prog: Program, stage: int):
+    """The per-step products that run before phase `stage`: the stacked forward GEMMs, then
+    the stacked W.T @ g sums (each target writes its own GEMM call)."""
+    return ([g for g in prog.gemms if g.stage == stage],
+            [g for g in prog.gemm_ts if g.stage == stage])
+
+
 # -- glue -----------------------------------------------------------------------------------
 def function(signature: str) -> Code:
     """A generated function: its `def` line, then a body one level in."""

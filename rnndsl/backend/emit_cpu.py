@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from rnndsl.symbolic import ir
 from rnndsl.backend.emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
-                          constant_lines, function, unpack)
+                          constant_lines, function, stage_products, unpack)
 from rnndsl.symbolic.ir import Node
 from rnndsl.backend.kernel_lib import kernel_functions
 from rnndsl.backend.schedule import REDUCTIONS, Loop, Plan, Program, Role, Scalar
@@ -74,14 +74,13 @@ class _LoopKernel(KernelWriter):
         prog, code = self.prog, Code(level=1)
         with code.block(f"for t in {'range(T - 1, -1, -1)' if prog.reverse else 'range(T)'}:"):
             for ph in prog.phases:
-                for g in prog.gemms:
-                    if g.stage == ph.index:
-                        code(f"np.dot({self._gemm_vector(g.vector)}, {self.use('w_' + g.name)}, "
-                             f"{self.use('g_' + g.name)})")
-                for g in prog.gemm_ts:
-                    if g.stage == ph.index:
-                        code(f"np.dot({self.use(g.buffer.name)}[t], {self.use('w_' + g.name)}, "
-                             f"{self.use('g_' + g.name)})")
+                gemms, gemm_ts = stage_products(prog, ph.index)
+                for g in gemms:
+                    code(f"np.dot({self._gemm_vector(g.vector)}, {self.use('w_' + g.name)}, "
+                         f"{self.use('g_' + g.name)})")
+                for g in gemm_ts:
+                    code(f"np.dot({self.use(g.buffer.name)}[t], {self.use('w_' + g.name)}, "
+                         f"{self.use('g_' + g.name)})")
                 if ph.steps:
                     with code.block("for b in range(B):"):
                         code("live = t < lengths[b]")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from rnndsl.symbolic import ir
 from rnndsl.backend.emit_common import (Code, KernelWriter, Names, backward_preamble, constant_lines,
-                          function, unpack)
+                          function, stage_products, unpack)
 from rnndsl.symbolic.ir import Node
 from rnndsl.backend.kernel_lib import kernel_functions
 from rnndsl.backend.schedule import REDUCTIONS, Loop, Phase, Plan, Program, Role, Scalar
@@ -338,13 +338,12 @@ def _time_loop(code: Code, phases: list[_PhaseKernel], prog: Program, plan: Plan
     launches = {p.ph.index: p for p in phases}
     with code.block(f"for t in {'range(T - 1, -1, -1)' if prog.reverse else 'range(T)'}:"):
         for ph in prog.phases:
-            for g in prog.gemms:
-                if g.stage == ph.index:
-                    code(f"cs.gemm({_vector(plan, names, g.vector)}[t], w_{g.name}, "
-                         f"g_{g.name}, trans_b=True)")
-            for g in prog.gemm_ts:
-                if g.stage == ph.index:
-                    code(f"cs.gemm({g.buffer.name}[t], w_{g.name}, g_{g.name})")
+            gemms, gemm_ts = stage_products(prog, ph.index)
+            for g in gemms:
+                code(f"cs.gemm({_vector(plan, names, g.vector)}[t], w_{g.name}, "
+                     f"g_{g.name}, trans_b=True)")
+            for g in gemm_ts:
+                code(f"cs.gemm({g.buffer.name}[t], w_{g.name}, g_{g.name})")
             if ph.index in launches:
                 p = launches[ph.index]
                 code(f"{p.name}[{p.launch()}]({', '.join(p.args())})")
