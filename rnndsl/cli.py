@@ -479,11 +479,8 @@ def sweep(ctx: typer.Context,
           dtype: Dtype = DTYPE, decoder: str = DECODER, condition: Condition = CONDITION):
     """Train every combination of SPECS, hyperparameter points and seeds as Ray Tune trials;
     write a row per trial as it ends and print the best held-out loss per spec."""
-    import importlib.util
     import time
 
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.tune") is None:
-        raise UserError("rnndsl sweep runs on Ray Tune: pip install 'rnndsl[sweep]'")
     from rnndsl.training import sweep as sweeping
 
     fixed = _plain({k: v for k, v in locals().items() if k in (

@@ -297,13 +297,14 @@ def run_trial(space: dict) -> None:
 
 @contextmanager
 def kernel_lock(config: TrainConfig):
-    """Hold the lock file of `config`'s kernels (spec, decoder, dtype) in the kernel cache."""
+    """Hold the lock file of `config`'s kernels (spec, decoder, dtype) in the kernel cache;
+    yields its path."""
     what = json.dumps([config.spec, config.decoder, config.dtype])
     path = cache_dir() / f"{PREFIX}sweep_{hashlib.sha256(what.encode()).hexdigest()[:16]}.lock"
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield path
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -424,14 +425,14 @@ def ray_session(address: str | None, cpus: int | None):
         return
     quiet = dict(logging_level=logging.ERROR, log_to_driver=False)
     if address:
-        check_address(address)
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"--address {printable(address)}: cannot join the Ray cluster: "
                             f"{printable(exc)}") from None
     else:
-        ray.init(num_cpus=cpus or os.cpu_count(), include_dashboard=False, **quiet)
+        ray.init(address="local", num_cpus=cpus or os.cpu_count(), include_dashboard=False,
+                 **quiet)
     try:
         yield
     finally:
@@ -469,9 +470,6 @@ def run(sweep: Sweep, out, address: str | None = None, cpus: int | None = None,
     """Run the sweep's trials that `out` does not hold yet; return every row, in plan order.
     `on_start(finished)` is called once all is checked and Ray is up, with the number of
     trials `out` already holds; `on_row(row, done, total)` as each trial ends."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     if scheduler not in SCHEDULERS:
         raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
     steps = sweep.config.steps
@@ -484,6 +482,22 @@ def run(sweep: Sweep, out, address: str | None = None, cpus: int | None = None,
     done = {r["trial"] for r in rows}
     pending = [t for t in sweep.trials if t.key not in done]
     order = {t.key: i for i, t in enumerate(sweep.trials)}
+
+    def begin():  # all is checked: (re)write the results files, then say so
+        results.start(rows)
+        if on_start is not None:
+            on_start(len(rows))
+
+    if not pending:
+        begin()
+        return sorted(rows, key=lambda r: order[r["trial"]])
+    if address:
+        check_address(address)
+    try:
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+    except ImportError:
+        raise UserError("rnndsl sweep runs on Ray Tune: pip install 'rnndsl[sweep]'") from None
     with ray_session(address, cpus):
         import ray
 
@@ -491,11 +505,7 @@ def run(sweep: Sweep, out, address: str | None = None, cpus: int | None = None,
         if cluster_cpus < cpus_per_trial:
             raise UserError(f"a trial needs {cpus_per_trial} CPU(s) and the cluster has "
                             f"{cluster_cpus:g}")
-        results.start(rows)
-        if on_start is not None:
-            on_start(len(rows))
-        if not pending:
-            return sorted(rows, key=lambda r: order[r["trial"]])
+        begin()
 
         class Recorder(tune.Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
@@ -536,6 +546,7 @@ def run(sweep: Sweep, out, address: str | None = None, cpus: int | None = None,
 def _error_of(trial) -> str:
     """The first line of what ended a trial that raised past `run_trial` (its worker died)."""
     error = trial.get_pickled_error() or trial.get_error() or "the trial failed"
+    error = getattr(error, "cause", None) or error  # a RayTaskError carries the exception
     text = str(error).strip().splitlines()[0] if str(error).strip() else "the trial failed"
     return f"{type(error).__name__}: {text}" if isinstance(error, BaseException) else text
 
