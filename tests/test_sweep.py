@@ -181,19 +181,22 @@ def test_tiny_sweep_on_a_local_ray(tmp_path):
 
 
 @needs_ray
-def test_a_cluster_of_two_nodes_runs_trials_on_both(tmp_path):
+def test_a_cluster_of_two_nodes_runs_trials_on_both(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
+    # An empty kernel cache (the nodes inherit this environment): the first trial compiles
+    # for seconds, so the other node has its worker up before the queue is empty.
+    monkeypatch.setenv("RNNDSL_CACHE_DIR", str(tmp_path / "cache"))
     # 127.0.0.2: Ray rewrites 127.0.0.1 in an address to this machine's outward address.
     loopback = {"num_cpus": 1, "node_ip_address": "127.0.0.2"}
     cluster = Cluster(initialize_head=True, head_node_args={**loopback,
                                                             "include_dashboard": False})
     try:
         worker = cluster.add_node(**loopback)
-        proc = rnndsl("sweep", "elman", *SMALL, "--grid", "lr=0.01,0.02,0.03,0.04", "--out",
-                      "out", "--address", cluster.address, cwd=tmp_path)
+        proc = rnndsl("sweep", "gru", *SMALL, "--grid", "lr=0.01,0.02,0.03,0.04,0.05,0.06",
+                      "--out", "out", "--address", cluster.address, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         nodes = {r["node"] for r in rows(tmp_path / "out")}
-        assert nodes == {cluster.head_node.unique_id, worker.unique_id}
+        assert nodes == {cluster.head_node.node_id, worker.node_id}
     finally:
         cluster.shutdown()
