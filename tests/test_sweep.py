@@ -43,6 +43,13 @@ def test_a_plan_is_every_spec_at_every_point_with_every_seed(tmp_path):
     assert {t.point["lr"] for t in other.trials}.isdisjoint(lrs)
 
 
+def test_a_decoder_file_travels_as_text_too(tmp_path):
+    decoder = tmp_path / "dec.yaml"
+    decoder.write_text((ROOT / "specs" / "gru.yaml").read_text())
+    study = sweep.plan(["lstm"], {**FIXED, "task": "reverse", "decoder": str(decoder)})
+    assert study.trials[0].settings["decoder"] == decoder.read_text()
+
+
 def test_ranges_draw_their_kind():
     study = sweep.plan(["elman"], FIXED, search=["hidden=randint(3,5)", "optimizer=choice(adam,"
                                                  "sgd)", "clip=uniform(0.5,2)"], samples=40)

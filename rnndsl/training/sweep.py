@@ -143,7 +143,7 @@ def parse_search(item: str) -> Dimension:
         if not args:
             raise UserError(f"{where}: empty; give one value or more")
         return Dimension(name, how, tuple(_value(name, kind, a, where) for a in args))
-    if RANGES[how] is not kind and not (how != "randint" and kind is float):
+    if RANGES[how] is not kind:
         raise UserError(f"{where}: {name} takes {kind.__name__} values, and {how} draws "
                         f"{RANGES[how].__name__}s; use choice(...)")
     if len(args) != 2:
@@ -225,6 +225,11 @@ def plan(specs: list[str], fixed: dict, grid: list[str] = (), search: list[str] 
               for values in itertools.product(*(d.values for d in grids)) for draw in draws]
     points = [{n: p[n] for n in names} for p in points]  # columns in the order given
     sources = spec_sources(specs)
+    if fixed.get("decoder"):
+        decoder = spec_sources([fixed["decoder"]])
+        if len(decoder) != 1:
+            raise UserError(f"--decoder {printable(fixed['decoder'])}: give one spec")
+        fixed = {**fixed, "decoder": decoder[0][1]}  # sent to the workers as text too
     trials = []
     for point in points:
         for seed in range(seeds):
