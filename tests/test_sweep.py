@@ -94,6 +94,14 @@ def test_a_bad_sweep_is_refused_before_any_trial(args, message, tmp_path):
     assert not out.exists()
 
 
+def test_without_ray_the_sweep_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an import finds where Ray is absent
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["sweep", "elman", "--task", "adding", "--out", str(out)])
+    assert result.exit_code == 2 and "pip install 'rnndsl[sweep]'" in result.output
+    assert not out.exists()
+
+
 def _row(trial, status="ok", loss=0.1):
     return sweep.row_of({"key": trial.key, "spec": trial.spec, "point": trial.point,
                          "seed": trial.seed}, {"status": status, "best_loss": loss,
