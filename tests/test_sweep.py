@@ -59,6 +59,17 @@ def test_ranges_draw_their_kind():
     assert all(0.5 <= p["clip"] <= 2 for p in points)
 
 
+def test_held_out_log_evaluates_at_every_record_and_changes_nothing_else():
+    config = TrainConfig(spec="elman", **FIXED)
+    plain, logged = train(config), train(config, held_out_log=True)
+    assert [r["step"] for r in logged.log] == [2, 4, 6]
+    assert logged.log[-1]["held_out"] == {k: v for k, v in logged.final.items()
+                                          if k != "baseline"}
+    assert len({r["held_out"]["loss"] for r in logged.log}) == 3
+    assert [r["loss"] for r in logged.log] == [r["loss"] for r in plain.log]
+    assert logged.final == plain.final
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
