@@ -134,6 +134,13 @@ def test_results_folder_keeps_finished_trials_and_refuses_foreign_ones(tmp_path)
     other = sweep.plan(["elman"], {**FIXED, "steps": 7}, grid=["lr=0.01,0.1,0.2"])
     with pytest.raises(UserError, match="3 trial.s. that this sweep does not plan"):
         results.finished(other, resume=True)
+    (tmp_path / "out" / "trials.jsonl").unlink()  # the CSV alone is never overwritten
+    with pytest.raises(UserError, match="holds 0 trial.s. of a sweep; give --resume"):
+        results.finished(study, resume=False)
+    with pytest.raises(UserError, match="has trials.csv but not trials.jsonl"):
+        results.finished(study, resume=True)
+    deep = sweep.Results(tmp_path / "a" / "b", study.names)
+    assert deep.finished(study, resume=False) == [] and not (tmp_path / "a").exists()
 
 
 def test_a_trial_the_scheduler_stopped_or_that_died_is_named_so():

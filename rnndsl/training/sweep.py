@@ -330,17 +330,20 @@ class Results:
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"--out {printable(self.folder)} is a file; give a folder")
         rows = self._read() if self.jsonl.exists() else []
-        if rows and not resume:
+        if (rows or self.csv.exists()) and not resume:
             raise UserError(f"{printable(self.folder)} holds {len(rows)} trial(s) of a sweep; "
                             "give --resume to continue it, or another --out")
+        if resume and self.csv.exists() and not self.jsonl.exists():
+            raise UserError(f"{printable(self.folder)} has trials.csv but not trials.jsonl, "
+                            "which --resume reads; give another --out")
         planned = {t.key for t in sweep.trials}
         foreign = [r for r in rows if r.get("trial") not in planned]
         if foreign:
             raise UserError(f"{printable(self.jsonl)} holds {len(foreign)} trial(s) that this "
                             "sweep does not plan (other specs, settings or ranges); give the "
                             "same options as the sweep it holds, or another --out")
-        probe = self.folder if self.folder.is_dir() else self.folder.parent
-        check_writable(probe / "trials.csv", "results file")
+        made = next(p for p in (self.folder, *self.folder.parents) if p.exists())
+        check_writable(made / "trials.csv", "results file")  # the folders below are made
         latest = {r["trial"]: r for r in rows}  # a trial run again: its last row counts
         return [r for r in latest.values() if r["status"] != "error"]
 
