@@ -471,12 +471,13 @@ def sweep(ctx: typer.Context,
                                                       "stopped (default: a tenth of --steps)."),
           plot: str = typer.Option(None, help="Write a box plot of the best held-out loss per "
                                               "spec to this image (needs matplotlib)."),
-          length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN, steps: int = STEPS,
-          layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
-          residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
-          optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
-          clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
-          dtype: Dtype = DTYPE, decoder: str = DECODER, condition: Condition = CONDITION):
+          steps: int = typer.Option(1000, min=1, help="Optimizer steps of every trial."),
+          length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN, layers: int = LAYERS,
+          bidirectional: Bidirectional = BIDIRECTIONAL, residual: bool = RESIDUAL,
+          dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: Optimizer = OPTIMIZER,
+          lr: float = LR, momentum: float = MOMENTUM, clip: float = CLIP,
+          clip_value: float = CLIP_VALUE, batch: int = BATCH, dtype: Dtype = DTYPE,
+          decoder: str = DECODER, condition: Condition = CONDITION):
     """Train every combination of SPECS, hyperparameter points and seeds as Ray Tune trials;
     write a row per trial as it ends and print the best held-out loss per spec."""
     import time
@@ -487,8 +488,6 @@ def sweep(ctx: typer.Context,
         "task", "length", "text", "hidden", "steps", "layers", "bidirectional", "residual",
         "dense", "orthogonal", "optimizer", "lr", "momentum", "clip", "clip_value", "batch",
         "dtype", "decoder", "condition")})
-    fixed["steps"] = fixed["steps"] or 1000
-    fixed["log_every"] = max(1, min(50, fixed["steps"] // 10))  # a held-out figure each time
     if fixed["text"]:  # trials run in folders of their own
         fixed["text"] = str(Path(fixed["text"]).resolve())
     varied = [item.partition("=")[0].strip() for item in (*grid, *search)]

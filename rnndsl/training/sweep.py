@@ -207,7 +207,11 @@ def spec_sources(args: list[str]) -> list[tuple[str, str]]:
 def plan(specs: list[str], fixed: dict, grid: list[str] = (), search: list[str] = (),
          samples: int = 1, seeds: int = 1, search_seed: int = 0) -> Sweep:
     """Every trial of a sweep, each one's settings checked; `fixed` holds the TrainConfig
-    settings the sweep does not vary (task, steps, ...)."""
+    settings the sweep does not vary (task, steps, ...). Unless `fixed` says otherwise, the
+    held-out batch is evaluated (a log record) every 50 steps, or every tenth of the steps."""
+    steps = fixed.get("steps", TrainConfig.steps)
+    fixed = {"log_every": max(1, min(50, steps // 10)) if isinstance(steps, int) else 1,
+             **fixed}
     dims = [parse_grid(g) for g in grid] + [parse_search(s) for s in search]
     names = [d.name for d in dims]
     twice = sorted({n for n in names if names.count(n) > 1})
