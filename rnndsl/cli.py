@@ -526,6 +526,10 @@ def sweep(ctx: typer.Context,
         typer.echo(line)
     if plot:
         sweeping.plot(rows, plot, f"{config.task}, {config.steps} steps")
+    if len(rows) < len(study.trials):  # interrupted (Ctrl-C stops Tune, which returns)
+        typer.echo(f"{len(study.trials) - len(rows)} of {len(study.trials)} trials did not end; "
+                   "the same command with --resume runs them", err=True)
+        raise typer.Exit(1)
 
 
 # -- generation ---------------------------------------------------------------------------------
