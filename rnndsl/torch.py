@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import json
 import numbers
+import re
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -263,6 +264,56 @@ def cell_apply(cell: Cell | str, params, x, state0=None, lengths=None):
     res = torch.ops.rnndsl.cell_forward(key, params, xs, list(state0), lengths)
     n_o = len(cell.outputs)
     return dict(zip(cell.outputs, res[:n_o])), dict(zip(cell.states, res[n_o:-1]))
+
+
+# -- ONNX: torch.onnx.export of a model that runs these ops -------------------------------------
+ONNX_DOMAIN = "rnndsl"
+
+
+def onnx_translation_table() -> dict:
+    """The translation of rnndsl's op for PyTorch's ONNX exporter:
+    `torch.onnx.export(model, args, path, dynamo=True,
+    custom_translation_table=rnndsl.torch.onnx_translation_table())`. Each cell (per sizes and
+    dtype) becomes a model-local ONNX function of domain `rnndsl` whose body is one `Scan` over
+    time (rnndsl's ONNX target), so the model runs in ONNX Runtime with nothing of rnndsl."""
+    return {torch.ops.rnndsl.cell_forward.default: _onnx_cell_forward}
+
+
+def _onnx_cell_forward(key, params, xs, state0, lengths):
+    import onnx_ir
+    import onnxscript
+
+    from rnndsl.backend.onnx_export import cell_function
+
+    cell = _cell(key)
+    sizes = {k: int(n) for k, n in _sizes(cell, params, xs, state0).items()}
+    dtype = (params or xs)[0].dtype.numpy()
+    signature = json.dumps([key, sorted(sizes.items()), dtype.str])
+    name = f"{re.sub(r'[^A-Za-z0-9]', '_', cell.name)}_" \
+           f"{hashlib.sha256(signature.encode()).hexdigest()[:12]}"
+    tracer = onnxscript.evaluator.default()
+    if not isinstance(getattr(tracer, "functions", None), dict):  # another exporter's tracer
+        raise RuntimeError("rnndsl's ONNX translation runs inside torch.onnx.export(..., "
+                           "dynamo=True) of torch 2.9 or later")
+    function = cell_function(cell.step, sizes, dtype, ONNX_DOMAIN, name)
+    tracer.functions[(ONNX_DOMAIN, name, "")] = onnx_ir.serde.deserialize_function(function)
+    call = onnxscript.values.Op(onnxscript.values.Opset(ONNX_DOMAIN, 1), name,
+                                _schema(function, (params or xs)[0].dtype))
+    return call(*params, *xs, *state0, lengths)
+
+
+def _schema(function, elem):
+    """The signature of a cell's ONNX function, for the exporter's tracer: its float inputs
+    and outputs, int64 lengths and tape."""
+    from onnx.defs import OpSchema
+
+    def parameter(name: str):
+        return OpSchema.FormalParameter(name, "tensor(int64)" if name in ("lengths", "tape")
+                                        else f"tensor({elem.name.lower()})")
+
+    return OpSchema(function.name, function.domain, 1,
+                    inputs=[parameter(n) for n in function.input],
+                    outputs=[parameter(n) for n in function.output])
 
 
 # -- torch's own recurrent modules --------------------------------------------------------------
