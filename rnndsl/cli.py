@@ -513,6 +513,22 @@ def sample(ctx: typer.Context,
     typer.echo("")
 
 
+@app.command()
+@reports_input_errors
+def info(json_out: bool = typer.Option(False, "--json", help="The report as one JSON object.")):
+    """Print versions, the CPU kernels' BLAS, the kernel cache, and the CUDA target: whether it
+    imports, the GPU, who does its GEMMs and which time loop each pass would take."""
+    from rnndsl.environment import lines, report
+
+    found = report()
+    if json_out:
+        import json
+        typer.echo(json.dumps(found))
+        return
+    for line in lines(found):
+        typer.echo(printable(line))
+
+
 # -- the kernel cache ----------------------------------------------------------------------------
 @cache_app.command("path")
 @reports_input_errors

@@ -250,3 +250,23 @@ def test_every_operator_agrees_with_the_reference(call):
     text = op_cell_text(OP_CALLS[call])
     compare(rnndsl.compile(text, target="cuda", persistent=False),
             rnndsl.compile(text, target="reference"), 2, 3, [2, 1, 0])
+
+
+@device
+@pytest.mark.parametrize("hidden, batch, persistent", [(2, 2, True), (40, 2, False),
+                                                       (2, 80, False)],
+                         ids=["fits", "weights-too-big", "batch-too-big"])
+def test_info_tells_the_time_loop_that_auto_mode_takes(hidden, batch, persistent):
+    from rnndsl.backend import cuda_support as cs
+
+    cell = rnndsl.compile("lstm", target="cuda")
+    params = cell.init_params(3, hidden, dtype=np.float64)
+    x = np.zeros((2, batch, 3))
+    fwd = cell.forward(params, x)
+    cell.backward(params, fwd, np.ones(fwd.output.shape))
+    limit = cs.cooperative_blocks(None, cs.THREADS)
+    told = emit_cuda.persistent_grids(cell.engine.plan, {"input": 3, "hidden": hidden}, batch,
+                                      8, limit)
+    assert {p: n > 0 for p, n in told.items()} == \
+        {p: n > 0 for p, n in cell.engine.last_blocks.items()} == \
+        {"forward": persistent, "backward": persistent}
