@@ -71,12 +71,23 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | None = N
     with ir.scope():  # the plan's nodes must be the IR's own
         step, bwd = _analyse(source, constants)
         kernel_plan = plan(step, bwd)
+    return Cell(step, bwd, _engine(step, bwd, kernel_plan, target, persistent), kernel_plan)
+
+
+def retarget(cell: Cell, target: str, persistent: bool | None = None) -> Cell:
+    """The same cell (its step, backward and kernel plan) on another target: what the
+    PyTorch bridge runs when a module's tensors move to another device."""
+    if target not in TARGETS:
+        raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    engine = _engine(cell.step, cell.backward_ir, cell.plan, target, persistent)
+    return Cell(cell.step, cell.backward_ir, engine, cell.plan)
+
+
+def _engine(step, bwd, kernel_plan, target: str, persistent: bool | None):
     if target == "cuda":
         from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
 
-        engine = CudaEngine(step, bwd, kernel_plan, persistent)
-    elif target == "cpu":
-        engine = CpuEngine(step, bwd, kernel_plan)
-    else:
-        engine = ReferenceEngine(step, bwd)
-    return Cell(step, bwd, engine, kernel_plan)
+        return CudaEngine(step, bwd, kernel_plan, persistent)
+    if target == "cpu":
+        return CpuEngine(step, bwd, kernel_plan)
+    return ReferenceEngine(step, bwd)
