@@ -320,3 +320,25 @@ def test_the_device_check_script_dry_runs_in_the_simulator(tmp_path):
     assert summary["equality"]["status"] == "ok", (tmp_path / "equality.txt").read_text()
     found = json.loads((tmp_path / "equality.json").read_text())
     assert len(found) == 6 and max(found.values()) < 1e-12
+
+
+@device
+def test_nan_in_the_padding_of_device_arrays_reaches_no_gradient():
+    from rnndsl.backend import cuda_support as cs
+
+    cell = rnndsl.compile("lstm", target="cuda", persistent=False)
+    rng = np.random.default_rng(0)
+    params = {p: cs.device(v) for p, v in cell.init_params(3, 4, dtype=np.float64).items()}
+    x = rng.standard_normal((5, 2, 3))
+    lengths = [5, 2]
+    clean = cell.backward(params, cell.forward(params, cs.device(x), lengths=lengths),
+                          cs.device(np.ones((5, 2, 4))))
+    x[2:, 1] = np.nan
+    x[3, 1, 0] = np.inf
+    dirty = cs.device(x)
+    grads = cell.backward(params, cell.forward(params, dirty, lengths=lengths),
+                          cs.device(np.ones((5, 2, 4))))
+    for p in params:
+        np.testing.assert_allclose(cs.host(grads.params[p]), cs.host(clean.params[p]),
+                                   rtol=1e-12, err_msg=p)
+    assert not np.isfinite(cs.host(dirty)[2:, 1]).any()  # the caller's array is left as it was
