@@ -72,7 +72,7 @@ def flatten(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # -- the compiled passes ------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, fastmath=True)  # the order of the sum is free: it vectorises
 def _square_sum(g):
     total = 0.0
     for i in range(g.size):
@@ -102,15 +102,16 @@ def _sgd_pass(p, g, velocity, lr, momentum, scale, limit):
 
 @njit(cache=True)
 def _adam_pass(p, g, m, v, lr, b1, b2, correct1, correct2, eps, decay, scale, limit):
+    # AdamW's decay shrinks the weight apart from the gradient (Loshchilov & Hutter 2019);
+    # 1 without decay. The bias corrections are folded as torch.optim.Adam folds them: one
+    # division and one square root per entry.
+    shrink, step, root = 1.0 - lr * decay, lr / correct1, 1.0 / math.sqrt(correct2)
     for i in range(p.size):
         d = _clipped(g[i], scale, limit)
-        w = float(p[i])
-        if decay > 0:  # AdamW: decoupled from the gradient (Loshchilov & Hutter 2019)
-            w *= 1.0 - lr * decay
         m_i = b1 * float(m[i]) + (1.0 - b1) * d
         v_i = b2 * float(v[i]) + (1.0 - b2) * d * d
         m[i], v[i] = m_i, v_i
-        p[i] = w - lr * (m_i / correct1) / (math.sqrt(v_i / correct2) + eps)
+        p[i] = float(p[i]) * shrink - step * m_i / (math.sqrt(v_i) * root + eps)
 
 
 # -- optimisers ---------------------------------------------------------------------------------
