@@ -120,6 +120,17 @@ def test_cli_train_json_log_and_checkpoint(tmp_path):
     assert ckpt.exists()
 
 
+def test_cli_adamw_and_schedule_reach_the_run():
+    result = CliRunner().invoke(app, ["train", "gru", "--task", "adding", "--length", "6",
+                                      "--hidden", "4", "--steps", "4", "--batch", "2", "--json",
+                                      "--optimizer", "adamw", "--weight-decay", "0.2",
+                                      "--schedule", "cosine", "--warmup", "1", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads(result.output.splitlines()[-1])["settings"]
+    assert (settings["optimizer"], settings["weight_decay"], settings["schedule"],
+            settings["warmup"]) == ("adamw", 0.2, "cosine", 1)
+
+
 def test_cli_compare_prints_one_row_per_cell():
     result = CliRunner().invoke(app, ["compare", "elman", "mgu", "--task", "copy",
                                       "--length", "4", "--hidden", "8", "--steps", "4",

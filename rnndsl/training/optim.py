@@ -114,6 +114,15 @@ def _adam_pass(p, g, m, v, lr, b1, b2, correct1, correct2, eps, decay, scale, li
         p[i] = float(p[i]) * shrink - step * m_i / (math.sqrt(v_i) * root + eps)
 
 
+def load_passes(dtype) -> None:
+    """Compile the passes for parameters of `dtype` (or load them from Numba's cache) now, so
+    that the first step of a timed run does not pay for it."""
+    empty = np.zeros(0, dtype)
+    _square_sum(empty)
+    _sgd_pass(empty, empty, empty, 0.1, 0.0, 1.0, 0.0)
+    _adam_pass(empty, empty, empty, empty, 0.1, 0.9, 0.999, 0.1, 0.001, 1e-8, 0.0, 1.0, 0.0)
+
+
 # -- optimisers ---------------------------------------------------------------------------------
 class _Optimizer:
     _BUFFERS: tuple[str, ...] = ()  # per-parameter state, saved as "<buffer>/<param name>"
@@ -142,7 +151,7 @@ class _Optimizer:
         p = layout.base_of(live)
         if p is None:
             p = layout.gather(live, self._flat["param"])
-        self._update(p, g, self.lr if lr is None else _lr(lr), scale, clip_value or 0.0)
+        self._update(p, g, self.lr if lr is None else _lr(lr), scale, float(clip_value or 0.0))
         if p is not layout.base_of(live):
             layout.scatter(p, live)
         return norm

@@ -38,7 +38,7 @@ from rnndsl.engines.cell import HIDDEN
 from rnndsl.language.errors import UserError, printable
 from rnndsl.backend.blas import blas_threads
 from rnndsl.training.optim import (OPTIMIZERS, SCHEDULES, Schedule, TrainingDiverged,
-                                   check_finite, flatten, make_optimizer)
+                                   check_finite, flatten, load_passes, make_optimizer)
 from rnndsl.training.tasks import SEQUENCE_TASKS, TASKS, Batch, make_task
 
 EVAL_SEED = 2**31 - 1  # the held-out batch's seed; training batches use (seed, step)
@@ -69,7 +69,9 @@ class TrainConfig:
     lr: float | None = None  # the optimizer's default when None
     momentum: float = 0.0
     weight_decay: float | None = None  # adamw only (0.01 when None)
-    schedule: str = "constant"  # the learning rate's: constant, warmup or cosine
+    # the learning rate's: constant, warmup or cosine (whose decay ends at `steps`: a run
+    # resumed with more steps follows the longer curve from where it stands)
+    schedule: str = "constant"
     warmup: int = 0  # steps of linear warm-up (warmup and cosine schedules)
     clip: float | None = 1.0  # global-norm threshold
     clip_value: float | None = None
@@ -271,6 +273,7 @@ def _train(config, progress, save, resume, save_every) -> TrainResult:
         start, log = load_checkpoint(resume, config, params, optimizer)
     eval_batch = held_out_batch(model.task, config.seed, config.eval_batch, model.dtype)
     model.loss(params, batch_at(model.task, EVAL_SEED, 0, 1, model.dtype))  # load the kernels
+    load_passes(model.dtype)  # and the optimiser's
     t0 = time.perf_counter()  # so that steps/s measures training, not compilation
     window: list[tuple[float, dict, float]] = []
     for step in range(start, config.steps):
