@@ -21,9 +21,10 @@ from rnndsl import __version__
 from rnndsl import compiler
 from rnndsl.language.errors import SpecError, UserError, printable
 from rnndsl.training.tasks import TASKS
-from rnndsl.training.train import BIDIRECTIONAL, CONDITIONS, DENSE, DTYPES, SAVE_EVERY
+from rnndsl.training.train import (BIDIRECTIONAL, CONDITIONS, DENSE, DTYPES, KERNEL_THREADS,
+                                   SAVE_EVERY)
 from rnndsl.bench import WORKLOADS
-from rnndsl.training.optim import OPTIMIZERS
+from rnndsl.training.optim import OPTIMIZERS, SCHEDULES
 
 app = typer.Typer(no_args_is_help=True,
                   help="Recurrent cells written as equations, compiled to fused kernels.")
@@ -42,6 +43,7 @@ Target = _choices("Target", compiler.TARGETS)
 Dtype = _choices("Dtype", DTYPES)
 Task = _choices("Task", TASKS)
 Optimizer = _choices("Optimizer", OPTIMIZERS)
+Schedule = _choices("Schedule", SCHEDULES)
 Bidirectional = _choices("Bidirectional", BIDIRECTIONAL)
 Dense = _choices("Dense", DENSE)
 Size = _choices("Size", WORKLOADS)
@@ -243,8 +245,15 @@ BIDIRECTIONAL = typer.Option(None, help="Run each layer both ways, joined this w
 RESIDUAL = typer.Option(False, "--residual", help="Add each layer's input to its output.")
 DENSE = typer.Option(None, help="Every layer sees all lower layers' outputs, joined this way.")
 ORTHOGONAL = typer.Option(False, "--orthogonal", help="Orthogonal recurrent matrices at init.")
-OPTIMIZER = typer.Option("adam", help="The optimizer.")
-LR = typer.Option(None, help="Learning rate > 0 (adam 1e-3, sgd 0.1 when not given).")
+OPTIMIZER = typer.Option("adam", help="The optimizer (adamw: Adam with decoupled weight "
+                                       "decay).")
+LR = typer.Option(None, help="Learning rate > 0 (adam and adamw 1e-3, sgd 0.1 when not given).")
+WEIGHT_DECAY = typer.Option(None, help="adamw: decoupled weight decay >= 0 (default 0.01).")
+SCHEDULE = typer.Option("constant", help="The learning rate over the run: constant, a linear "
+                                         "warm-up, or a warm-up then a cosine decay to 0.")
+WARMUP = typer.Option(0, min=0, help="Steps of linear warm-up (warmup and cosine schedules).")
+THREADS = typer.Option(KERNEL_THREADS, min=1, help="Threads of the kernels' BLAS during "
+                                                   "training.")
 MOMENTUM = typer.Option(0.0, help="SGD momentum, in [0, 1).")
 CLIP = typer.Option(1.0, help="Clip gradients by global norm at this threshold (0: off).")
 CLIP_VALUE = typer.Option(None, help="Also clip every gradient element to [-v, v] (v > 0).")
@@ -425,10 +434,11 @@ def train_(ctx: typer.Context,
            steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
            residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
            optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
-           clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
+           weight_decay: float = WEIGHT_DECAY, schedule: Schedule = SCHEDULE,
+           warmup: int = WARMUP, clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
            seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
            tensorboard: str = TENSORBOARD, decoder: str = DECODER,
-           condition: Condition = CONDITION,
+           condition: Condition = CONDITION, threads: int = THREADS,
            save: str = typer.Option(None, help="Write a checkpoint (.npz) to this file every "
                                                "--save-every steps and at the end."),
            save_every: int = typer.Option(SAVE_EVERY, min=0, help="Steps between checkpoints "
@@ -441,7 +451,7 @@ def train_(ctx: typer.Context,
     options = _plain(options)
     json_out, plot = options.pop("json_out"), options.pop("plot")
     _check_plot(plot)
-    run = {k: options.pop(k) for k in ("save", "save_every", "resume", "tensorboard")}
+    run = {k: options.pop(k) for k in ("save", "save_every", "resume", "threads", "tensorboard")}
     if run["resume"] is not None:
         configs = [_resumed_config(ctx, run["resume"], options)]
     else:
@@ -456,15 +466,18 @@ def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in 
             steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
             residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
             optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
-            clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
+            weight_decay: float = WEIGHT_DECAY, schedule: Schedule = SCHEDULE,
+            warmup: int = WARMUP, clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
             seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
             tensorboard: str = TENSORBOARD, decoder: str = DECODER,
-            condition: Condition = CONDITION):
+            condition: Condition = CONDITION, threads: int = THREADS):
     """Train several cells on the same task, data and seeds; print a table."""
     options = _plain(dict(locals()))
     json_out, plot, tensorboard = (options.pop(k) for k in ("json_out", "plot", "tensorboard"))
     _check_plot(plot)
-    _finish(_configs(options.pop("specs"), **options), json_out, plot, tensorboard=tensorboard)
+    threads = options.pop("threads")
+    _finish(_configs(options.pop("specs"), **options), json_out, plot, threads=threads,
+            tensorboard=tensorboard)
 
 
 # -- generation ---------------------------------------------------------------------------------
