@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from rnndsl.language.children import PREV, SUM_K, misuse, sum_k_misuse
 from rnndsl.language.errors import SourcePos, SpecError, suggest
 from rnndsl.symbolic.ops import user_functions
 from rnndsl.language.parse import (Assign, Binary, Call, Concat, Index, Name, Neg, Num,
@@ -34,7 +35,6 @@ from rnndsl.language.spec import SUM, ParamDecl, Spec
 
 # user-facing name -> {number of arguments: (op, kind)}, from the operators' records
 FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = user_functions()
-PREV = "_prev"
 
 
 @dataclass
@@ -126,13 +126,17 @@ def check(spec: Spec) -> Checked:
     return _Checker(spec, assigns).run()
 
 
+def subexpressions(expr) -> tuple:
+    """The expressions directly inside `expr`."""
+    return (expr.left, expr.right) if isinstance(expr, Binary) else \
+        (expr.operand,) if isinstance(expr, (Neg, Index)) else \
+        expr.args if isinstance(expr, Call) else \
+        expr.items if isinstance(expr, Concat) else ()
+
+
 def _walk(expr):
     yield expr
-    for child in (expr.left, expr.right) if isinstance(expr, Binary) else \
-            (expr.operand,) if isinstance(expr, Neg) else \
-            expr.args if isinstance(expr, Call) else \
-            expr.items if isinstance(expr, Concat) else \
-            (expr.operand,) if isinstance(expr, Index) else ():
+    for child in subexpressions(expr):
         yield from _walk(child)
 
 
@@ -241,9 +245,12 @@ class _Checker:
             return "value", n
         if n in spec.params:
             return "param", n
+        wrong_child = misuse(spec, n)
+        if wrong_child:
+            raise SpecError(wrong_child, name.pos)
         if n.endswith(PREV):
             base = n[:-len(PREV)]
-            if base in spec.states:
+            if base in spec.states and spec.structure == "sequence":
                 return "prev", base
             if base in spec.inputs or base in defs:
                 raise SpecError(f"'{n}': '{base}' is not a state, so it has no previous value "
@@ -318,6 +325,8 @@ class _Checker:
 
     def function(self, call: Call) -> tuple[str, str]:
         forms = FUNCTIONS.get(call.func)
+        if call.func == SUM_K:
+            raise SpecError(sum_k_misuse(self.spec), call.pos)
         if forms is None:
             raise SpecError(f"unknown function '{call.func}'{suggest(call.func, FUNCTIONS)}; "
                             f"known: {', '.join(sorted(FUNCTIONS))}", call.pos)
