@@ -16,6 +16,7 @@ import typer
 
 from rnndsl import __version__
 from rnndsl import compiler
+from rnndsl.engines.tree import TreeCell
 from rnndsl.language.errors import SpecError, UserError, printable
 from rnndsl.training.tasks import TASKS
 from rnndsl.training.train import BIDIRECTIONAL, CONDITIONS, DENSE, DTYPES, SAVE_EVERY
@@ -80,15 +81,21 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_show
 @reports_input_errors
 def list_specs():
     """The built-in cells, one line each."""
-    for name, path in compiler.builtin_specs().items():
+    for name, path in {**compiler.builtin_specs(), **compiler.builtin_tree_specs()}.items():
         spec = compiler.load(path)
-        typer.echo(f"{name:<18} {printable(spec.summary)}")
+        kind = "tree  " if spec.structure == "tree" else ""
+        typer.echo(f"{name:<20} {kind}{printable(spec.summary)}")
 
 
 @app.command()
 @reports_input_errors
 def check(spec: str = SPEC):
     """Check a spec: names, shapes, cycles. Prints nothing but 'ok' when it is sound."""
+    if compiler.load(spec).structure == "tree":
+        cell = compiler.compile(spec, target="reference")
+        typer.echo(f"{printable(spec)}: ok ({cell.name}: tree cell, {len(cell.params)} "
+                   "parameters)")
+        return
     step, _ = compiler.analyse(spec)
     typer.echo(f"{printable(spec)}: ok ({step.name}: {len(step.values)} equations, "
                f"{len(step.layout.params)} parameters)")
@@ -110,6 +117,9 @@ def compile_(spec: str = SPEC,
     target, dtype = target.value, dtype.value
     cell = compiler.compile(spec, target=target, constants=_assignments(set_))
     typer.echo(describe(cell))
+    if isinstance(cell, TreeCell):
+        _show_tree(cell, show, target, dtype)
+        return
     if hasattr(cell.engine, "path"):
         typer.echo(f"  generated {printable(cell.engine.path(dtype))}")
     for what in show:
@@ -123,6 +133,23 @@ def compile_(spec: str = SPEC,
             if not hasattr(cell.engine, "source_code"):
                 raise SpecError(f"the {target} target generates no code")
             typer.echo(cell.engine.source_code(dtype))
+
+
+def _show_tree(cell: TreeCell, show: list[Show], target: str, dtype: str):
+    steps = [c for c in (cell.edge, cell.node) if c is not None]
+    for step in steps:
+        if hasattr(step.engine, "path"):
+            typer.echo(f"  generated {printable(step.engine.path(dtype))}")
+    for what in show:
+        typer.echo("")
+        if what == Show.ir:
+            typer.echo(cell.equations())
+        elif what == Show.backward:
+            typer.echo(cell.backward_equations())
+        elif not hasattr(cell.node.engine, "source_code"):
+            raise SpecError(f"the {target} target generates no code")
+        else:
+            typer.echo("\n".join(step.engine.source_code(dtype) for step in steps))
 
 
 def _assignments(items: list[str]) -> dict[str, float]:
@@ -147,17 +174,21 @@ def gradcheck(spec: str = SPEC,
               tolerance: float = typer.Option(1e-6, min=0, help="Largest relative error accepted."),
               target: Target = typer.Option("reference", help="Engine whose gradients are checked.")):
     """Finite differences against the derived gradients for every parameter, input and initial
-    state (float64); exit status 1 if the worst relative error exceeds the tolerance."""
+    state (float64); exit status 1 if the worst relative error exceeds the tolerance. A tree
+    cell is checked over three small trees (--steps and --batch do not apply)."""
     from rich.progress import Progress
 
     from rnndsl.engines.gradcheck import gradcheck as run_check
+    from rnndsl.engines.gradcheck import tree_gradcheck
 
     cell = compiler.compile(spec, target=target.value)
-    count = len(cell.params) + len(cell.inputs) + len(cell.states)
+    tree = isinstance(cell, TreeCell)
+    count = len(cell.params) + len(cell.inputs) + (0 if tree else len(cell.states))
     with Progress(transient=True) as bar:
         task = bar.add_task(f"gradcheck {cell.name}", total=count)
-        result = run_check(cell, T=steps, B=batch, size=size, seed=seed,
-                           progress=lambda _name: bar.advance(task))
+        advance = lambda _name: bar.advance(task)  # noqa: E731
+        result = tree_gradcheck(cell, size=size, seed=seed, progress=advance) if tree else \
+            run_check(cell, T=steps, B=batch, size=size, seed=seed, progress=advance)
     for name, err in result.errors.items():
         typer.echo(f"  {name:<24} {err:.2e}")
     worst, err = result.worst

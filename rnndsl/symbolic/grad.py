@@ -132,7 +132,9 @@ def _print(b: Backward, previous: bool) -> str:
         if g.uid in names and not g.is_leaf:
             lines.append(f"{label} = {names[g.uid]}")
             continue
-        lines.append(f"{label} = {ir.render(g, names)}")
+        text = ir.render(g, names)
+        if text != label:  # (a tree step's arriving adjoint may print as its own name)
+            lines.append(f"{label} = {text}")
         names[g.uid] = label
     for s, g in b.d_prev.items() if previous else ():
         lines.append(f"d_{s}_prev = {ir.render(g, names, False)}")
