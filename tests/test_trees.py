@@ -289,3 +289,42 @@ def test_cli_lists_checks_and_compiles_tree_cells(tmp_path, monkeypatch):
 def test_sequence_tools_refuse_a_tree_cell():
     with pytest.raises(rnndsl.SpecError, match="is a tree cell"):
         rnndsl.analyse("recursive_nn")
+
+
+# -- the PyTorch bridge -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_tree_module_matches_recursive_pytorch(name):
+    from rnndsl.torch import TreeRNN
+
+    fn, arity = REFERENCES[name]
+    rng = np.random.default_rng(11)
+    parents = random_trees(rng, 4, arity)
+    batch = TreeBatch.from_parents(parents, [np.zeros((len(p), I)) for p in parents])
+    embedding = torch.tensor(rng.standard_normal((batch.size, I)), requires_grad=True)
+    module = TreeRNN(name, I, H, seed=2, dtype=torch.float64)
+    nodes, roots = module(batch, embedding * 2)
+    (roots.sum() + nodes.square().sum()).backward()
+
+    params = {k: v.detach().clone().requires_grad_() for k, v in module.weights.items()}
+    same = embedding.detach().clone().requires_grad_()
+    total = 0
+    for t, parent in enumerate(parents):
+        kids = [[j for j, q in enumerate(parent) if q == i] for i in range(len(parent))]
+        rows = np.flatnonzero(batch.tree == t)
+        x = same[torch.from_numpy(rows)] * 2
+        hs = torch.stack([node_h(fn, params, x, kids, i) for i in range(len(parent))])
+        total = total + hs[0].sum() + hs.square().sum()
+        np.testing.assert_allclose(nodes[torch.from_numpy(rows)].detach(), hs.detach(),
+                                   rtol=0, atol=1e-10)
+    total.backward()
+    for k, v in params.items():
+        np.testing.assert_allclose(module.weights[k].grad, v.grad, rtol=0, atol=1e-10,
+                                   err_msg=k)
+    np.testing.assert_allclose(embedding.grad, same.grad, rtol=0, atol=1e-10)
+
+
+def test_tree_module_refuses_a_sequence_cell():
+    from rnndsl.torch import TreeRNN
+
+    with pytest.raises(ValueError, match="'lstm' is a sequence cell"):
+        TreeRNN("lstm", I, H)

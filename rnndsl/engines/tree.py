@@ -19,6 +19,7 @@ Arrays are per node: inputs (N, n), states and outputs (N, n), in the batch's no
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,14 @@ class TreeBatch:
     def roots(self) -> np.ndarray:
         """The root of each tree, in tree order."""
         return np.flatnonzero(self.parent < 0)
+
+    def with_inputs(self, inputs) -> "TreeBatch":
+        """The same trees with other inputs, an (N, n) array (e.g. embeddings being trained)."""
+        inputs = np.asarray(inputs)
+        if inputs.ndim != 2 or inputs.shape[0] != self.size:
+            raise TreeError(f"inputs for a batch of {self.size} nodes must be ({self.size}, n); "
+                            f"got shape {inputs.shape}")
+        return dataclasses.replace(self, inputs=inputs)
 
     def children_counts(self) -> np.ndarray:
         return np.bincount(self.parent[self.parent >= 0], minlength=self.size)
