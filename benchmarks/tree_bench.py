@@ -11,7 +11,9 @@ BLAS calls that wait for a busy core vary by 3x from run to run).
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ import torch
 import rnndsl
 from rnndsl.backend.blas import blas_threads
 from rnndsl.engines.tree import TreeBatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tree_references import REFERENCES  # noqa: E402  (the recursive PyTorch cells)
 
 
 def full_binary_trees(rng, count: int, smallest: int, largest: int) -> list[list[int]]:
@@ -35,30 +40,6 @@ def full_binary_trees(rng, count: int, smallest: int, largest: int) -> list[list
     return trees
 
 
-def eager(name: str, p: dict, x: torch.Tensor, kids: list[list[int]], i: int):
-    """(h, c) of node i, recursively: the cell as one would write it in PyTorch."""
-    below = [eager(name, p, x, kids, k) for k in kids[i]]
-    if name == "child_sum_tree_lstm":
-        h_tilde = sum((h for h, _ in below), torch.zeros_like(p["b_i"]))
-        i_ = torch.sigmoid(p["W_i"] @ x[i] + p["U_i"] @ h_tilde + p["b_i"])
-        o = torch.sigmoid(p["W_o"] @ x[i] + p["U_o"] @ h_tilde + p["b_o"])
-        u = torch.tanh(p["W_u"] @ x[i] + p["U_u"] @ h_tilde + p["b_u"])
-        c = i_ * u
-        for h_k, c_k in below:
-            c = c + torch.sigmoid(p["W_f"] @ x[i] + p["U_f"] @ h_k + p["b_f"]) * c_k
-        return o * torch.tanh(c), c
-    zero = torch.zeros_like(p["b_i"])
-    (hl, cl), (hr, cr) = below or [(zero, zero), (zero, zero)]
-
-    def gate(g):
-        return p[f"W_{g}"] @ x[i] + p[f"U_{g}_l"] @ hl + p[f"U_{g}_r"] @ hr + p[f"b_{g}"]
-
-    f_l = torch.sigmoid(p["W_f"] @ x[i] + p["U_f_ll"] @ hl + p["U_f_lr"] @ hr + p["b_f"])
-    f_r = torch.sigmoid(p["W_f"] @ x[i] + p["U_f_rl"] @ hl + p["U_f_rr"] @ hr + p["b_f"])
-    c = torch.sigmoid(gate("i")) * torch.tanh(gate("u")) + f_l * cl + f_r * cr
-    return torch.sigmoid(gate("o")) * torch.tanh(c), c
-
-
 def time_eager(name, params, parents, inputs) -> float:
     p = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     start = time.perf_counter()
@@ -68,7 +49,7 @@ def time_eager(name, params, parents, inputs) -> float:
         for i, q in enumerate(parent):
             if q >= 0:
                 kids[q].append(i)
-        loss = loss + eager(name, p, torch.from_numpy(x), kids, 0)[0].sum()
+        loss = loss + REFERENCES[name][0](p, torch.from_numpy(x), kids, 0)[0].sum()
     loss.backward()
     return time.perf_counter() - start
 
