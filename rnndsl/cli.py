@@ -38,7 +38,8 @@ def _choices(name: str, values) -> type[Enum]:
 Show = _choices("Show", ("ir", "backward", "code"))
 Target = _choices("Target", compiler.TARGETS)
 Dtype = _choices("Dtype", DTYPES)
-Task = _choices("Task", TASKS)
+EXPR = "expr"  # over trees and token sequences: rnndsl.training.expr, not a sequence Task
+Task = _choices("Task", (*TASKS, EXPR))
 Optimizer = _choices("Optimizer", OPTIMIZERS)
 Bidirectional = _choices("Bidirectional", BIDIRECTIONAL)
 Dense = _choices("Dense", DENSE)
@@ -442,6 +443,9 @@ def train_(ctx: typer.Context,
     options = dict(locals())
     del options["ctx"]
     options = _plain(options)
+    if options["task"] == EXPR:
+        _train_expr(ctx, [options["spec"]], options)
+        return
     json_out, plot = options.pop("json_out"), options.pop("plot")
     _check_plot(plot)
     run = {k: options.pop(k) for k in ("save", "save_every", "resume")}
@@ -454,7 +458,8 @@ def train_(ctx: typer.Context,
 
 @app.command()
 @reports_input_errors
-def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
+def compare(ctx: typer.Context,
+            specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
             task: Task = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN,
             steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
             residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
@@ -463,10 +468,56 @@ def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in 
             seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
             decoder: str = DECODER, condition: Condition = CONDITION):
     """Train several cells on the same task, data and seeds; print a table."""
-    options = _plain(dict(locals()))
+    options = dict(locals())
+    del options["ctx"]
+    options = _plain(options)
+    if options["task"] == EXPR:
+        _train_expr(ctx, options["specs"], options)
+        return
     json_out, plot = options.pop("json_out"), options.pop("plot")
     _check_plot(plot)
     _finish(_configs(options.pop("specs"), **options), json_out, plot)
+
+
+EXPR_OPTIONS = ("task", "steps", "hidden", "batch", "lr", "clip", "seed", "dtype", "json_out",
+                "plot")
+
+
+def _train_expr(ctx: typer.Context, specs: list[str], options: dict):
+    """--task expr: each cell reads arithmetic expressions as trees (a tree cell) or as token
+    sequences (a sequence cell); a table of held-out accuracy by depth."""
+    import json
+    from dataclasses import asdict
+
+    from rich.progress import Progress
+
+    from rnndsl.training.expr import plot, table, train_expr
+
+    unused = [k for k in ctx.params if k not in (*EXPR_OPTIONS, "spec", "specs") and
+              ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")]
+    if unused:
+        raise UserError(f"--task expr does not take --{unused[0].replace('_', '-')}; it takes "
+                        f"{', '.join('--' + k.replace('_', '-') for k in EXPR_OPTIONS[1:-2])}, "
+                        "--json and --plot")
+    _check_plot(options["plot"])
+    steps = options["steps"] or 2000
+    results = []
+    with Progress(transient=True, disable=options["json_out"]) as bar:
+        for spec in specs:
+            cell = compiler.compile(spec)
+            task = bar.add_task(f"expr {cell.name}", total=steps)
+            results.append(train_expr(cell, steps=steps, hidden=options["hidden"],
+                                      batch=options["batch"], lr=options["lr"] or 3e-3,
+                                      seed=options["seed"], clip=options["clip"] or float("inf"),
+                                      dtype=options["dtype"],
+                                      progress=lambda _k, task=task: bar.advance(task)))
+    if options["json_out"]:
+        for r in results:
+            typer.echo(json.dumps(asdict(r)))
+    else:
+        typer.echo(table(results))
+    if options["plot"] is not None:
+        plot(results, options["plot"])
 
 
 # -- generation ---------------------------------------------------------------------------------
