@@ -215,6 +215,8 @@ def bench(spec: str = SPEC,
     size = size.value
     if against not in ("", "torch"):
         raise typer.BadParameter("--against takes 'torch'")
+    _sequence_cells_only([spec], "times sequence workloads (tree cells: "
+                                 "benchmarks/tree_bench.py)")
     cell = compiler.compile(spec)
     mine = timing.time_cell(cell, size, repeats=repeats)
     T, B, I, H = timing.WORKLOADS[size]
@@ -297,9 +299,17 @@ def versions() -> dict:
             "python": sys.version.split()[0]}
 
 
+def _sequence_cells_only(specs, why: str):
+    """A tree cell given to a command that runs sequences is refused by name."""
+    for spec in specs:
+        if compiler.load(spec).structure == "tree":
+            raise UserError(f"{printable(spec)} is a tree cell; this command {why}")
+
+
 def _configs(specs, task, length, steps, lr, **options):
     from rnndsl.training.train import TrainConfig
 
+    _sequence_cells_only(specs, "trains on sequences; --task expr trains tree cells")
     if task is None:  # the demonstration run: long enough for the LSTM to solve the task
         task, length, steps, lr = "adding", length or 50, steps or 2000, lr or 1e-2
     return [TrainConfig(spec=s, task=task, length=length, steps=steps or 1000, lr=lr, **options)

@@ -400,6 +400,8 @@ class RNN(nn.Module):
             spec = LSTM_PROJ_YAML
         cell = spec if isinstance(spec, Cell) else (
             compiler.compile(spec) if target is None else compiler.compile(spec, target=target))
+        if isinstance(cell, TreeCell):
+            raise ValueError(f"'{cell.name}' is a tree cell; RNN runs sequences (use TreeRNN)")
         if len(cell.inputs) != 1:
             raise ValueError(f"RNN needs a cell with one input sequence; {cell.name} has "
                              f"{', '.join(cell.inputs)}")

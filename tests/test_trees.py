@@ -289,3 +289,18 @@ def test_tree_module_refuses_a_sequence_cell():
 
     with pytest.raises(ValueError, match="'lstm' is a sequence cell"):
         TreeRNN("lstm", I, H)
+
+
+@pytest.mark.parametrize("args", [["bench", "recursive_nn"],
+                                  ["train", "recursive_nn", "--task", "adding", "--steps", "2"],
+                                  ["compare", "lstm", "recursive_nn", "--steps", "2"]])
+def test_sequence_commands_refuse_a_tree_cell(args):
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2 and "tree cell" in out.output and "Traceback" not in out.output
+
+
+def test_sequence_module_refuses_a_tree_cell():
+    from rnndsl.torch import RNN
+
+    with pytest.raises(ValueError, match="'recursive_nn' is a tree cell; RNN runs sequences"):
+        RNN("recursive_nn", I, H)
