@@ -122,7 +122,12 @@ class Checked:
 
 
 def check(spec: Spec) -> Checked:
-    assigns = [a for eq in spec.equations for a in parse_equations(eq)]
+    return check_assigns(spec, [a for eq in spec.equations for a in parse_equations(eq)])
+
+
+def check_assigns(spec: Spec, assigns: list[Assign]) -> Checked:
+    """Check parsed equations under a spec's declarations (a tree cell's steps are checked so,
+    language/tree.py)."""
     return _Checker(spec, assigns).run()
 
 
@@ -134,10 +139,11 @@ def subexpressions(expr) -> tuple:
         expr.items if isinstance(expr, Concat) else ()
 
 
-def _walk(expr):
+def walk(expr):
+    """`expr` and every expression inside it, depth first."""
     yield expr
     for child in subexpressions(expr):
-        yield from _walk(child)
+        yield from walk(child)
 
 
 class _Checker:
@@ -281,7 +287,7 @@ class _Checker:
         deps = {}
         for t, a in defs.items():
             used = []
-            for e in _walk(a.expr):
+            for e in walk(a.expr):
                 if isinstance(e, Name):
                     kind, base = self.classify(e, defs)
                     if kind == "value":

@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from rnndsl.language.check import Checked, _Checker, _walk, subexpressions
+from rnndsl.language.check import Checked, check_assigns, subexpressions, walk
 from rnndsl.language.children import (PER_CHILD, PREV, SUM_K, child_names, spelling,
                                       sum_k_misuse)
 from rnndsl.language.errors import SourcePos, SpecError
 from rnndsl.language.parse import (Assign, Binary, Call, Concat, Index, Name, Neg,
                                    parse_equations)
 from rnndsl.language.spec import Spec
+
 
 @dataclass(frozen=True)
 class TreeChecked:
@@ -62,7 +63,7 @@ def check_tree(spec: Spec) -> TreeChecked:
             raise SpecError(f"'{a.target}' is the state '{children[a.target][0]}' of a child, "
                             f"given to each node; assign '{children[a.target][0]}' instead",
                             a.pos)
-        for e in _walk(a.expr):
+        for e in walk(a.expr):
             if isinstance(e, Name) and e.id.endswith(PREV) and e.id[:-len(PREV)] in spec.states:
                 raise SpecError(f"'{e.id}': a tree cell has no previous step; a node reads its "
                                 f"children's states, {spelling(spec)}", e.pos)
@@ -70,7 +71,7 @@ def check_tree(spec: Spec) -> TreeChecked:
     child_inputs = {c: spec.states[s] for c, (s, _) in children.items()}
     if spec.arity is not None:
         for a in assigns:
-            for e in _walk(a.expr):
+            for e in walk(a.expr):
                 if isinstance(e, Call) and e.func == SUM_K:
                     raise SpecError(sum_k_misuse(spec), e.pos)
         node = _step(spec, {**spec.inputs, **child_inputs}, assigns)
@@ -97,7 +98,7 @@ class _Split:
             if a.target.endswith(PER_CHILD):
                 raise SpecError(f"'{a.target}' ends in '{PER_CHILD}', which marks a value per "
                                 "child, but uses no child's state; rename it", a.pos)
-            calls = [e for e in _walk(a.expr) if isinstance(e, Call) and e.func == SUM_K]
+            calls = [e for e in walk(a.expr) if isinstance(e, Call) and e.func == SUM_K]
             names = {}
             for k, call in enumerate(calls):
                 self.check_sum(call, per_child)
@@ -155,7 +156,7 @@ class _Split:
                             f"it '{a.target}{PER_CHILD}', or sum it over the children with "
                             f"{SUM_K}(...)", a.pos)
         node_values = {b.target for b in self.assigns} - per_child
-        for e in _walk(a.expr):
+        for e in walk(a.expr):
             if isinstance(e, Call) and e.func == SUM_K:
                 raise SpecError(sum_k_misuse(self.spec), e.pos)
             if isinstance(e, Name) and e.id in node_values:
@@ -166,7 +167,7 @@ class _Split:
     def check_sum(self, call: Call, per_child: set[str]):
         if len(call.args) != 1:
             raise SpecError(f"'{SUM_K}' takes 1 argument, got {len(call.args)}", call.pos)
-        inner = [e for e in _walk(call.args[0]) if isinstance(e, Call) and e.func == SUM_K]
+        inner = [e for e in walk(call.args[0]) if isinstance(e, Call) and e.func == SUM_K]
         if inner:
             raise SpecError(sum_k_misuse(self.spec), inner[0].pos)
         if _uses(call.args[0], set(self.children) | per_child) is None:
@@ -188,16 +189,16 @@ class _Split:
 def _step(spec: Spec, inputs: dict[str, str], assigns: list[Assign], states=None,
           outputs=None) -> Checked:
     """Check one step of a tree cell as an ordinary cell (it reads no previous state)."""
-    used = {e.id for a in assigns for e in _walk(a.expr) if isinstance(e, Name)}
+    used = {e.id for a in assigns for e in walk(a.expr) if isinstance(e, Name)}
     step_spec = dataclasses.replace(
         spec, inputs=inputs, states=spec.states if states is None else states,
         outputs=spec.outputs if outputs is None else outputs,
         params={p: d for p, d in spec.params.items() if p in used})
-    return _Checker(step_spec, assigns).run()
+    return check_assigns(step_spec, assigns)
 
 
 def _no_unused_params(spec: Spec, assigns: list[Assign]):
-    used = {e.id for a in assigns for e in _walk(a.expr) if isinstance(e, Name)}
+    used = {e.id for a in assigns for e in walk(a.expr) if isinstance(e, Name)}
     for name, decl in spec.params.items():
         if name not in used:
             raise SpecError(f"parameter '{name}' is declared but not used in any equation",
