@@ -202,6 +202,7 @@ def plot(results: list[ExprResult], path) -> None:
         ax.plot(depths, [r.accuracy[d] for d in depths], marker="o",
                 label=f"{r.name} ({r.reads})")
     ax.axvline(results[0].trained_depths + 0.5, color="grey", linestyle=":")
+    ax.set_xticks(sorted(results[0].accuracy))
     ax.set_xlabel("expression depth (right of the line: deeper than training)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)
