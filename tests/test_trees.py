@@ -304,3 +304,34 @@ def test_sequence_module_refuses_a_tree_cell():
 
     with pytest.raises(ValueError, match="'recursive_nn' is a tree cell; RNN runs sequences"):
         RNN("recursive_nn", I, H)
+
+
+GENERAL = """name: general
+structure: tree
+arity: any
+sizes: [input, hidden]
+inputs: {x: input}
+states: {h: hidden}
+outputs: [h, y, m]
+params:
+  W_y: {shape: [input, hidden]}
+equations: |
+  g_k = tanh(U @ h_k + V @ x)
+  h = tanh(W @ x + sum_k(g_k * h_k) + sum_k(g_k))
+  y = W_y @ h
+  m = max(h)
+"""
+
+
+def test_two_sums_and_outputs_that_are_not_states():
+    cell = rnndsl.compile(GENERAL, target="cpu")
+    assert cell.sums == {"h_sum1": "hidden", "h_sum2": "hidden"}
+    assert "h_sum2 = g_k" in cell.equations().splitlines()
+    assert tree_gradcheck(cell).worst[1] < 1e-7
+
+
+def test_sum_k_of_a_scalar_is_a_located_error():
+    text = GENERAL.replace("sum_k(g_k))", "sum_k(max(g_k)))")
+    with pytest.raises(rnndsl.SpecError, match=r"sums vectors of one of the spec's sizes") as info:
+        rnndsl.compile(text, target="reference")
+    assert (info.value.pos.line, info.value.pos.column) == (12, 39)

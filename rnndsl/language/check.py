@@ -196,7 +196,8 @@ class _Checker:
         local = {n: self.concrete(self.types[n], n, defs[n].pos)
                  for n in defs if n not in spec.states}
         for o in spec.outputs:
-            if local.get(o, ("",))[:1][0].isdigit():
+            shape = local.get(o, ())  # a per-row scalar output has the shape ()
+            if shape and shape[0].isdigit():
                 raise SpecError(f"output '{o}' has the size {local[o][0]}, a number; an "
                                 "output's size is one of the spec's sizes",
                                 spec.where(f"outputs.{o}"))

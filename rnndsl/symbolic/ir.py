@@ -338,5 +338,7 @@ class StepIR:
         return self.values[name].shape
 
     def equations(self) -> str:
+        """One line per equation; one that only renames an earlier value prints as its name."""
         names = self.names
-        return "\n".join(f"{t} = {render(n, names)}" for t, n in self.values.items())
+        return "\n".join(f"{t} = {names[n.uid] if names.get(n.uid, t) != t else render(n, names)}"
+                         for t, n in self.values.items())
