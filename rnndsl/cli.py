@@ -8,9 +8,12 @@ output goes through `printable`.
 """
 from __future__ import annotations
 
+import re
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from functools import wraps
+from pathlib import Path
 
 import typer
 
@@ -285,6 +288,8 @@ DTYPE = typer.Option("float32", help="Floating-point type of the run.")
 JSON = typer.Option(False, "--json", help="Machine-readable log: one JSON object per line; "
                                           "the last holds the settings and versions.")
 PLOT = typer.Option(None, help="Write a learning curve to this image (needs matplotlib).")
+TENSORBOARD = typer.Option(None, help="Log the curves for TensorBoard: one folder per run in "
+                                      "this folder (`tensorboard --logdir DIR`).")
 DECODER = typer.Option(None, help="reverse, dates, expand: the decoder's spec (default: "
                                   "SPEC).")
 CONDITION = typer.Option(None, help="expand: the decoder reads the vector as its initial "
@@ -326,8 +331,9 @@ def _check_plot(path):
         check_writable(path, "plot")
 
 
-def _run(configs, json_out: bool, **train_options):
-    """Train each configuration with a progress bar (or JSON lines); return the results."""
+def _run(configs, json_out: bool, tensorboard=None, **train_options):
+    """Train each configuration with a progress bar (or JSON lines), logging its curves for
+    TensorBoard in `tensorboard` if given; return the results."""
     import json
     from dataclasses import asdict
 
@@ -339,12 +345,13 @@ def _run(configs, json_out: bool, **train_options):
 
     results = []
     try:
-        for config in configs:
+        for n, config in enumerate(configs):
             if json_out:
                 def show(step, rec, name=config.label):
                     if rec is not None:
                         typer.echo(json.dumps({"spec": name, **rec}))
-                results.append(train(config, progress=show, **train_options))
+                with _tensorboard_logged(show, tensorboard, n, config.label) as logged:
+                    results.append(train(config, progress=logged, **train_options))
                 typer.echo(json.dumps({"spec": config.label, "final": results[-1].final,
                                        "seconds": results[-1].seconds,
                                        "settings": asdict(config), "versions": versions()}))
@@ -359,7 +366,8 @@ def _run(configs, json_out: bool, **train_options):
                         jobs.append(bar.add_task(config.label, total=config.steps, status=""))
                     status = None if rec is None else _status(rec)
                     bar.update(jobs[0], completed=step, **({"status": status} if status else {}))
-                results.append(train(config, progress=show, **train_options))
+                with _tensorboard_logged(show, tensorboard, n, config.label) as logged:
+                    results.append(train(config, progress=logged, **train_options))
     except TrainingDiverged as exc:
         typer.echo(f"training stopped: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -392,6 +400,25 @@ def _summary(results) -> None:
         rate = r.steps_run / r.seconds if r.seconds else 0.0
         typer.echo(f"  {r.config.describe().split(';')[0]:<18} {r.final['loss']:10.5f} {acc} "
                    f"{r.seconds:8.1f} {rate:8.1f}")
+
+
+@contextmanager
+def _tensorboard_logged(show, logdir, n: int, label: str):
+    """`show`, also writing each log record's numbers as scalars to an event file of run `n`
+    in `logdir` (a folder named after the run: its number and its label's safe characters)."""
+    if logdir is None:
+        yield show
+        return
+    from rnndsl.training.tensorboard import EventWriter
+
+    name = f"{n}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label).strip('._')[:60]}"
+    with EventWriter(Path(logdir) / name) as writer:
+        def logged(step, rec):
+            if rec is not None:
+                writer.scalars(step, {k: v for k, v in rec.items()
+                                      if k != "step" and isinstance(v, (int, float))})
+            show(step, rec)
+        yield logged
 
 
 def _finish(configs, json_out, plot, **train_options):
@@ -442,7 +469,8 @@ def train_(ctx: typer.Context,
            optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
            clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
            seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
-           decoder: str = DECODER, condition: Condition = CONDITION,
+           tensorboard: str = TENSORBOARD, decoder: str = DECODER,
+           condition: Condition = CONDITION,
            save: str = typer.Option(None, help="Write a checkpoint (.npz) to this file every "
                                                "--save-every steps and at the end."),
            save_every: int = typer.Option(SAVE_EVERY, min=0, help="Steps between checkpoints "
@@ -458,7 +486,7 @@ def train_(ctx: typer.Context,
         return
     json_out, plot = options.pop("json_out"), options.pop("plot")
     _check_plot(plot)
-    run = {k: options.pop(k) for k in ("save", "save_every", "resume")}
+    run = {k: options.pop(k) for k in ("save", "save_every", "resume", "tensorboard")}
     if run["resume"] is not None:
         configs = [_resumed_config(ctx, run["resume"], options)]
     else:
@@ -476,7 +504,8 @@ def compare(ctx: typer.Context,
             optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
             clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
             seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
-            decoder: str = DECODER, condition: Condition = CONDITION):
+            tensorboard: str = TENSORBOARD, decoder: str = DECODER,
+            condition: Condition = CONDITION):
     """Train several cells on the same task, data and seeds; print a table."""
     options = dict(locals())
     del options["ctx"]
@@ -484,9 +513,9 @@ def compare(ctx: typer.Context,
     if options["task"] == EXPR:
         _train_expr(ctx, options["specs"], options)
         return
-    json_out, plot = options.pop("json_out"), options.pop("plot")
+    json_out, plot, tensorboard = (options.pop(k) for k in ("json_out", "plot", "tensorboard"))
     _check_plot(plot)
-    _finish(_configs(options.pop("specs"), **options), json_out, plot)
+    _finish(_configs(options.pop("specs"), **options), json_out, plot, tensorboard=tensorboard)
 
 
 EXPR_OPTIONS = ("task", "steps", "hidden", "batch", "lr", "clip", "seed", "dtype", "json_out",
@@ -574,6 +603,22 @@ def sample(ctx: typer.Context,
         typer.echo(terminal_text(c), nl=False)
         sys.stdout.flush()
     typer.echo("")
+
+
+@app.command()
+@reports_input_errors
+def info(json_out: bool = typer.Option(False, "--json", help="The report as one JSON object.")):
+    """Print versions, the CPU kernels' BLAS, the kernel cache, and the CUDA target: whether it
+    imports, the GPU, who does its GEMMs and which time loop each pass would take."""
+    from rnndsl.environment import lines, report
+
+    found = report()
+    if json_out:
+        import json
+        typer.echo(json.dumps(found))
+        return
+    for line in lines(found):
+        typer.echo(printable(line))
 
 
 # -- the kernel cache ----------------------------------------------------------------------------

@@ -89,24 +89,35 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | None = N
         return TreeCell(checked, _cell(checked.node, target, persistent), edge)
     with ir.scope():  # the plan's nodes must be the IR's own
         step, bwd = _analyse(spec, constants)
-        return _engine_cell(step, bwd, target, persistent)
+        return _planned_cell(step, bwd, target, persistent)
 
 
 def _cell(checked: Checked, target: str, persistent: bool | None) -> Cell:
     """A checked step (one of a tree cell's) made into a Cell."""
     with ir.scope():
         step = lower(checked)
-        return _engine_cell(step, grad(step), target, persistent)
+        return _planned_cell(step, grad(step), target, persistent)
 
 
-def _engine_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | None) -> Cell:
+def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | None) -> Cell:
     kernel_plan = plan(step, bwd)
+    return Cell(step, bwd, _engine(step, bwd, kernel_plan, target, persistent), kernel_plan)
+
+
+def retarget(cell: Cell, target: str, persistent: bool | None = None) -> Cell:
+    """The same cell (its step, backward and kernel plan) on another target: what the
+    PyTorch bridge runs when a module's tensors move to another device."""
+    if target not in TARGETS:
+        raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    engine = _engine(cell.step, cell.backward_ir, cell.plan, target, persistent)
+    return Cell(cell.step, cell.backward_ir, engine, cell.plan)
+
+
+def _engine(step, bwd, kernel_plan, target: str, persistent: bool | None):
     if target == "cuda":
         from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
 
-        engine = CudaEngine(step, bwd, kernel_plan, persistent)
-    elif target == "cpu":
-        engine = CpuEngine(step, bwd, kernel_plan)
-    else:
-        engine = ReferenceEngine(step, bwd)
-    return Cell(step, bwd, engine, kernel_plan)
+        return CudaEngine(step, bwd, kernel_plan, persistent)
+    if target == "cpu":
+        return CpuEngine(step, bwd, kernel_plan)
+    return ReferenceEngine(step, bwd)

@@ -463,8 +463,11 @@ def _zero_padding(x, lengths: np.ndarray):
     result, but a NaN or inf there would still reach the weight gradients through 0 * NaN in
     the GEMMs over all T*B rows."""
     T = x.shape[0]
-    if not isinstance(x, np.ndarray) or (lengths >= T).all():
+    if (lengths >= T).all():
         return x
+    if not isinstance(x, np.ndarray):  # a device array
+        from rnndsl.backend import cuda_support as cs
+        return cs.zero_padding(x, lengths)
     live = np.arange(T)[:, None] < lengths[None, :]
     return np.where(live[:, :, None], x, 0).astype(x.dtype, copy=False)
 
