@@ -19,6 +19,7 @@ import typer
 
 from rnndsl import __version__
 from rnndsl import compiler
+from rnndsl.engines.tree import TreeCell
 from rnndsl.language.errors import SpecError, UserError, printable
 from rnndsl.training.tasks import TASKS
 from rnndsl.training.train import (BIDIRECTIONAL, CONDITIONS, DENSE, DTYPES, KERNEL_THREADS,
@@ -41,7 +42,8 @@ def _choices(name: str, values) -> type[Enum]:
 Show = _choices("Show", ("ir", "backward", "code"))
 Target = _choices("Target", compiler.TARGETS)
 Dtype = _choices("Dtype", DTYPES)
-Task = _choices("Task", TASKS)
+EXPR = "expr"  # over trees and token sequences: rnndsl.training.expr, not a sequence Task
+Task = _choices("Task", (*TASKS, EXPR))
 Optimizer = _choices("Optimizer", OPTIMIZERS)
 Schedule = _choices("Schedule", SCHEDULES)
 Bidirectional = _choices("Bidirectional", BIDIRECTIONAL)
@@ -85,15 +87,21 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_show
 @reports_input_errors
 def list_specs():
     """The built-in cells, one line each."""
-    for name, path in compiler.builtin_specs().items():
+    for name, path in {**compiler.builtin_specs(), **compiler.builtin_tree_specs()}.items():
         spec = compiler.load(path)
-        typer.echo(f"{name:<18} {printable(spec.summary)}")
+        kind = "tree  " if spec.structure == "tree" else ""
+        typer.echo(f"{name:<20} {kind}{printable(spec.summary)}")
 
 
 @app.command()
 @reports_input_errors
 def check(spec: str = SPEC):
     """Check a spec: names, shapes, cycles. Prints nothing but 'ok' when it is sound."""
+    if compiler.load(spec).structure == "tree":
+        cell = compiler.compile(spec, target="reference")
+        typer.echo(f"{printable(spec)}: ok ({cell.name}: tree cell, {len(cell.params)} "
+                   "parameters)")
+        return
     step, _ = compiler.analyse(spec)
     typer.echo(f"{printable(spec)}: ok ({step.name}: {len(step.values)} equations, "
                f"{len(step.layout.params)} parameters)")
@@ -115,6 +123,9 @@ def compile_(spec: str = SPEC,
     target, dtype = target.value, dtype.value
     cell = compiler.compile(spec, target=target, constants=_assignments(set_))
     typer.echo(describe(cell))
+    if isinstance(cell, TreeCell):
+        _show_tree(cell, show, target, dtype)
+        return
     if hasattr(cell.engine, "path"):
         typer.echo(f"  generated {printable(cell.engine.path(dtype))}")
     for what in show:
@@ -128,6 +139,23 @@ def compile_(spec: str = SPEC,
             if not hasattr(cell.engine, "source_code"):
                 raise SpecError(f"the {target} target generates no code")
             typer.echo(cell.engine.source_code(dtype))
+
+
+def _show_tree(cell: TreeCell, show: list[Show], target: str, dtype: str):
+    steps = [c for c in (cell.edge, cell.node) if c is not None]
+    for step in steps:
+        if hasattr(step.engine, "path"):
+            typer.echo(f"  generated {printable(step.engine.path(dtype))}")
+    for what in show:
+        typer.echo("")
+        if what == Show.ir:
+            typer.echo(cell.equations())
+        elif what == Show.backward:
+            typer.echo(cell.backward_equations())
+        elif not hasattr(cell.node.engine, "source_code"):
+            raise SpecError(f"the {target} target generates no code")
+        else:
+            typer.echo("\n".join(step.engine.source_code(dtype) for step in steps))
 
 
 def _assignments(items: list[str]) -> dict[str, float]:
@@ -152,17 +180,21 @@ def gradcheck(spec: str = SPEC,
               tolerance: float = typer.Option(1e-6, min=0, help="Largest relative error accepted."),
               target: Target = typer.Option("reference", help="Engine whose gradients are checked.")):
     """Finite differences against the derived gradients for every parameter, input and initial
-    state (float64); exit status 1 if the worst relative error exceeds the tolerance."""
+    state (float64); exit status 1 if the worst relative error exceeds the tolerance. A tree
+    cell is checked over three small trees (--steps and --batch do not apply)."""
     from rich.progress import Progress
 
     from rnndsl.engines.gradcheck import gradcheck as run_check
+    from rnndsl.engines.gradcheck import tree_gradcheck
 
     cell = compiler.compile(spec, target=target.value)
-    count = len(cell.params) + len(cell.inputs) + len(cell.states)
+    tree = isinstance(cell, TreeCell)
+    count = len(cell.params) + len(cell.inputs) + (0 if tree else len(cell.states))
     with Progress(transient=True) as bar:
         task = bar.add_task(f"gradcheck {cell.name}", total=count)
-        result = run_check(cell, T=steps, B=batch, size=size, seed=seed,
-                           progress=lambda _name: bar.advance(task))
+        advance = lambda _name: bar.advance(task)  # noqa: E731
+        result = tree_gradcheck(cell, size=size, seed=seed, progress=advance) if tree else \
+            run_check(cell, T=steps, B=batch, size=size, seed=seed, progress=advance)
     for name, err in result.errors.items():
         typer.echo(f"  {name:<24} {err:.2e}")
     worst, err = result.worst
@@ -188,6 +220,8 @@ def bench(spec: str = SPEC,
     size = size.value
     if against not in ("", "torch"):
         raise typer.BadParameter("--against takes 'torch'")
+    _sequence_cells_only([spec], "times sequence workloads (tree cells: "
+                                 "benchmarks/tree_bench.py)")
     cell = compiler.compile(spec)
     mine = timing.time_cell(cell, size, repeats=repeats)
     T, B, I, H = timing.WORKLOADS[size]
@@ -279,9 +313,17 @@ def versions() -> dict:
             "python": sys.version.split()[0]}
 
 
+def _sequence_cells_only(specs, why: str):
+    """A tree cell given to a command that runs sequences is refused by name."""
+    for spec in specs:
+        if compiler.load(spec).structure == "tree":
+            raise UserError(f"{printable(spec)} is a tree cell; this command {why}")
+
+
 def _configs(specs, task, length, steps, lr, **options):
     from rnndsl.training.train import TrainConfig
 
+    _sequence_cells_only(specs, "trains on sequences; --task expr trains tree cells")
     if task is None:  # the demonstration run: long enough for the LSTM to solve the task
         task, length, steps, lr = "adding", length or 50, steps or 2000, lr or 1e-2
     return [TrainConfig(spec=s, task=task, length=length, steps=steps or 1000, lr=lr, **options)
@@ -449,6 +491,9 @@ def train_(ctx: typer.Context,
     options = dict(locals())
     del options["ctx"]
     options = _plain(options)
+    if options["task"] == EXPR:
+        _train_expr(ctx, [options["spec"]], options)
+        return
     json_out, plot = options.pop("json_out"), options.pop("plot")
     _check_plot(plot)
     run = {k: options.pop(k) for k in ("save", "save_every", "resume", "threads", "tensorboard")}
@@ -461,7 +506,8 @@ def train_(ctx: typer.Context,
 
 @app.command()
 @reports_input_errors
-def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
+def compare(ctx: typer.Context,
+            specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
             task: Task = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN,
             steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
             residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
@@ -472,12 +518,58 @@ def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in 
             tensorboard: str = TENSORBOARD, decoder: str = DECODER,
             condition: Condition = CONDITION, threads: int = THREADS):
     """Train several cells on the same task, data and seeds; print a table."""
-    options = _plain(dict(locals()))
+    options = dict(locals())
+    del options["ctx"]
+    options = _plain(options)
+    if options["task"] == EXPR:
+        _train_expr(ctx, options["specs"], options)
+        return
     json_out, plot, tensorboard = (options.pop(k) for k in ("json_out", "plot", "tensorboard"))
     _check_plot(plot)
     threads = options.pop("threads")
     _finish(_configs(options.pop("specs"), **options), json_out, plot, threads=threads,
             tensorboard=tensorboard)
+
+
+EXPR_OPTIONS = ("task", "steps", "hidden", "batch", "lr", "clip", "seed", "dtype", "json_out",
+                "plot")
+
+
+def _train_expr(ctx: typer.Context, specs: list[str], options: dict):
+    """--task expr: each cell reads arithmetic expressions as trees (a tree cell) or as token
+    sequences (a sequence cell); a table of held-out accuracy by depth."""
+    import json
+    from dataclasses import asdict
+
+    from rich.progress import Progress
+
+    from rnndsl.training.expr import plot, table, train_expr
+
+    unused = [k for k in ctx.params if k not in (*EXPR_OPTIONS, "spec", "specs") and
+              ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")]
+    if unused:
+        raise UserError(f"--task expr does not take --{unused[0].replace('_', '-')}; it takes "
+                        f"{', '.join('--' + k.replace('_', '-') for k in EXPR_OPTIONS[1:-2])}, "
+                        "--json and --plot")
+    _check_plot(options["plot"])
+    steps = options["steps"] or 2000
+    results = []
+    with Progress(transient=True, disable=options["json_out"]) as bar:
+        for spec in specs:
+            cell = compiler.compile(spec)
+            task = bar.add_task(f"expr {cell.name}", total=steps)
+            results.append(train_expr(cell, steps=steps, hidden=options["hidden"],
+                                      batch=options["batch"], lr=options["lr"] or 3e-3,
+                                      seed=options["seed"], clip=options["clip"] or float("inf"),
+                                      dtype=options["dtype"],
+                                      progress=lambda _k, task=task: bar.advance(task)))
+    if options["json_out"]:
+        for r in results:
+            typer.echo(json.dumps(asdict(r)))
+    else:
+        typer.echo(table(results))
+    if options["plot"] is not None:
+        plot(results, options["plot"])
 
 
 # -- generation ---------------------------------------------------------------------------------

@@ -50,8 +50,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from rnndsl import compiler
 from rnndsl.backend.blas import blas_threads
 from rnndsl.engines.cell import Cell
+from rnndsl.engines.tree import TreeBatch, TreeCell
 
-__all__ = ["RNN", "cell_apply", "register", "set_kernel_threads", "TORCH_LAYOUT", "LSTM_PROJ_YAML"]
+__all__ = ["RNN", "TreeRNN", "cell_apply", "tree_apply", "register", "set_kernel_threads",
+           "TORCH_LAYOUT", "LSTM_PROJ_YAML"]
 
 # -- the cell registry ------------------------------------------------------------------------
 _CELLS: dict[str, Cell] = {}
@@ -504,6 +506,8 @@ class RNN(nn.Module):
             spec = LSTM_PROJ_YAML
         cell = spec if isinstance(spec, Cell) else (
             compiler.compile(spec) if target is None else compiler.compile(spec, target=target))
+        if isinstance(cell, TreeCell):
+            raise ValueError(f"'{cell.name}' is a tree cell; RNN runs sequences (use TreeRNN)")
         if len(cell.inputs) != 1:
             raise ValueError(f"RNN needs a cell with one input sequence; {cell.name} has "
                              f"{', '.join(cell.inputs)}")
@@ -906,3 +910,77 @@ def _repack(output: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequ
         flat = output.index_select(1, like.sorted_indices).reshape(T * B, n)
         data = output.new_zeros((rows + 1, n)).index_put((place.to(output.device),), flat)[:rows]
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+# -- tree cells ---------------------------------------------------------------------------------
+class _TreeFunction(torch.autograd.Function):
+    """A tree cell over a batch of trees as one autograd node: the inputs (N, n) and the
+    parameters in, every node's outputs out; backward runs the cell's levels from the roots.
+    The levels' gathers and sums are NumPy work, so the tensors are CPU tensors."""
+
+    @staticmethod
+    def forward(ctx, cell: TreeCell, batch: TreeBatch, x: Tensor, *params: Tensor):
+        with _kernel_threads():
+            fwd = cell.forward(dict(zip(cell.params, map(_host, params))),
+                               batch.with_inputs(_host(x)), save=any(ctx.needs_input_grad))
+        ctx.cell, ctx.fwd = cell, fwd
+        ctx.save_for_backward(x, *params)
+        return tuple(_tensor(fwd.outputs[o], x, fresh=True) for o in cell.outputs)
+
+    @staticmethod
+    def backward(ctx, *d_outputs):
+        cell = ctx.cell
+        x, *saved = ctx.saved_tensors
+        params = dict(zip(cell.params, map(_host, saved)))
+        given = {o: _host(d) for o, d in zip(cell.outputs, d_outputs) if d is not None}
+        with _kernel_threads():
+            grads = cell.backward(params, ctx.fwd, given)
+        ctx.fwd = None  # the tape is used once
+        d_x = _tensor(grads.inputs[next(iter(cell.inputs))], x)
+        return (None, None, d_x, *(_tensor(grads.params[p], x) for p in cell.params))
+
+
+def _host(t: Tensor) -> np.ndarray:
+    if t.device.type != "cpu":
+        raise RuntimeError(f"tree cells run on CPU tensors; got a tensor on '{t.device}'")
+    return _array(t)
+
+
+def tree_apply(cell: TreeCell, params: list[Tensor], batch: TreeBatch, x: Tensor | None = None
+               ) -> tuple[Tensor, ...]:
+    """A tree cell over `batch` with autograd: `params` in the order of `cell.params`, `x` the
+    (N, n) inputs (the batch's own when None). Returns every node's outputs, (N, n) each, in
+    the order of `cell.outputs`."""
+    if x is None:
+        x = torch.from_numpy(np.asarray(batch.inputs, dtype=_host(params[0]).dtype))
+    return _TreeFunction.apply(cell, batch, x, *params)
+
+
+class TreeRNN(nn.Module):
+    """A tree cell (a spec with `structure: tree`) as a module: `forward(batch, x=None)` gives
+    every node's first output (N, hidden) and each tree's root (trees, hidden). `x` (N, input)
+    replaces the batch's inputs, so that gradients reach, say, an embedding layer."""
+
+    def __init__(self, spec, input_size: int, hidden_size: int, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, target: str = "cpu"):
+        super().__init__()
+        self.cell = spec if isinstance(spec, TreeCell) else compiler.compile(spec, target=target)
+        if not isinstance(self.cell, TreeCell):
+            raise ValueError(f"'{self.cell.name}' is a sequence cell; TreeRNN runs tree cells "
+                             "(use RNN)")
+        sizes = {s: {"input": input_size, "hidden": hidden_size}.get(s) for s in self.cell.sizes}
+        missing = [s for s, n in sizes.items() if n is None]
+        if missing:
+            raise ValueError(f"{self.cell.name} has sizes {', '.join(missing)} beside input and "
+                             "hidden, which TreeRNN cannot tell")
+        init = self.cell.init_params(seed=seed, dtype=np.float64, **sizes)
+        self.weights = nn.ParameterDict({p: nn.Parameter(torch.tensor(v, dtype=dtype))
+                                         for p, v in init.items()})
+
+    def forward(self, batch: TreeBatch, x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        params = [self.weights[p] for p in self.cell.params]
+        if x is not None and x.dtype != params[0].dtype:
+            x = x.to(params[0].dtype)
+        outputs = tree_apply(self.cell, params, batch, x)
+        return outputs[0], outputs[0][torch.from_numpy(batch.roots)]
+
