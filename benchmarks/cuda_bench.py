@@ -1,7 +1,7 @@
 """The CUDA target against cuDNN (torch.nn.LSTM / nn.GRU on the GPU) and an eager PyTorch loop
 of the same cell on the GPU, float32, on the fixed workloads; one run, medians and ratios
 (rnndsl time / peer time: below 1 means rnndsl is faster). Needs a GPU, PyTorch with CUDA and
-the `cuda` extra; it has not been run yet (no GPU was available when it was written).
+the `cuda` extra; benchmarks/device_check.py runs it with the GPU tests in one go.
 
     python benchmarks/cuda_bench.py                          # lstm, gru, custom cells; S M L T1
     python benchmarks/cuda_bench.py --specs lstm --sizes M T1 --json
@@ -11,7 +11,8 @@ Each rnndsl cell runs three ways: `auto` (the persistent kernel where it fits), 
 `persistent` (persistent=True). Inputs are CUDA tensors handed to the cell without copies;
 parameters are uploaded once, outside the timed region. Goals (issue 6): LSTM within 1.5x of
 cuDNN at M, faster than cuDNN at T1 with the persistent kernel; custom cells at least 5x faster
-than the eager loop at S and T1.
+than the eager loop at S and T1. `bridge` is the same cell as a one-layer `rnndsl.torch.RNN`
+on CUDA tensors (autograd, the custom op), whose cost over the raw cell is the bridge's own.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 
 import rnndsl
 from rnndsl import peers
-from rnndsl.bench import problem
+from rnndsl.bench import WORKLOADS, problem
 
 SPECS = ["lstm", "gru", "peephole_lstm", "indrnn", "layernorm_lstm"]
 SIZES = ["S", "M", "L", "T1"]
@@ -84,6 +85,25 @@ def time_eager(spec: str, size: str, repeats: int):
     return peers.time_eager(cell, params, xs, sizes, repeats, device="cuda", timer=median_gpu)
 
 
+def time_bridge(spec: str, size: str, repeats: int):
+    import rnndsl.torch as rt
+
+    T, B, I, H = WORKLOADS[size]
+    module = rt.RNN(spec, I, H).to("cuda")
+    x = torch.randn(T, B, I, device="cuda")
+    xg = x.clone().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    def forward_backward():
+        y, _ = module(xg)
+        y.sum().backward()
+
+    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--specs", nargs="*", default=SPECS)
@@ -110,6 +130,7 @@ def main():
                    if spec in ("lstm", "gru") else None)
             if lib:
                 row["cudnn_fwd"], row["cudnn_fwdbwd"] = lib
+            row["bridge_fwd"], row["bridge_fwdbwd"] = time_bridge(spec, size, args.repeats)
             row["eager_fwd"], row["eager_fwdbwd"] = time_eager(spec, size,
                                                                max(3, args.repeats // 2))
             rows.append(row)
@@ -124,8 +145,9 @@ def main():
           f"{info['cudnn']}; GEMMs via {info['gemm']}. float32, medians of {args.repeats} runs, "
           "ms; ratio = rnndsl (auto) / peer; blocks = persistent grid (0: per-step launches).\n")
     print("| cell | size | auto fwd | auto fwd+bwd | blocks | steps fwd+bwd | persistent fwd+bwd "
-          "| cuDNN fwd | cuDNN fwd+bwd | ratio fwd | ratio fwd+bwd | eager fwd+bwd | ratio |")
-    print("|" + "---|" * 13)
+          "| cuDNN fwd | cuDNN fwd+bwd | ratio fwd | ratio fwd+bwd | eager fwd+bwd | ratio "
+          "| bridge fwd+bwd | bridge / auto |")
+    print("|" + "---|" * 15)
     for r in rows:
         g = r.get
         print("| " + " | ".join([
@@ -133,7 +155,8 @@ def main():
             str(g("auto_blocks", {}).get("forward", "")), _ms(g("steps_fwdbwd")),
             _ms(g("persistent_fwdbwd")), _ms(g("cudnn_fwd")), _ms(g("cudnn_fwdbwd")),
             _ratio(g("auto_fwd"), g("cudnn_fwd")), _ratio(g("auto_fwdbwd"), g("cudnn_fwdbwd")),
-            _ms(g("eager_fwdbwd")), _ratio(g("auto_fwdbwd"), g("eager_fwdbwd"))]) + " |")
+            _ms(g("eager_fwdbwd")), _ratio(g("auto_fwdbwd"), g("eager_fwdbwd")),
+            _ms(g("bridge_fwdbwd")), _ratio(g("bridge_fwdbwd"), g("auto_fwdbwd"))]) + " |")
 
 
 def _ms(v):

@@ -8,7 +8,9 @@ output goes through `printable`.
 """
 from __future__ import annotations
 
+import re
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from functools import wraps
 from pathlib import Path
@@ -17,11 +19,13 @@ import typer
 
 from rnndsl import __version__
 from rnndsl import compiler
+from rnndsl.engines.tree import TreeCell
 from rnndsl.language.errors import SpecError, UserError, printable
 from rnndsl.training.tasks import TASKS
-from rnndsl.training.train import BIDIRECTIONAL, CONDITIONS, DENSE, DTYPES, SAVE_EVERY
+from rnndsl.training.train import (BIDIRECTIONAL, CONDITIONS, DENSE, DTYPES, KERNEL_THREADS,
+                                   SAVE_EVERY)
 from rnndsl.bench import WORKLOADS
-from rnndsl.training.optim import OPTIMIZERS
+from rnndsl.training.optim import OPTIMIZERS, SCHEDULES
 
 app = typer.Typer(no_args_is_help=True,
                   help="Recurrent cells written as equations, compiled to fused kernels.")
@@ -38,8 +42,10 @@ def _choices(name: str, values) -> type[Enum]:
 Show = _choices("Show", ("ir", "backward", "code"))
 Target = _choices("Target", compiler.TARGETS)
 Dtype = _choices("Dtype", DTYPES)
-Task = _choices("Task", TASKS)
+EXPR = "expr"  # over trees and token sequences: rnndsl.training.expr, not a sequence Task
+Task = _choices("Task", (*TASKS, EXPR))
 Optimizer = _choices("Optimizer", OPTIMIZERS)
+Schedule = _choices("Schedule", SCHEDULES)
 Bidirectional = _choices("Bidirectional", BIDIRECTIONAL)
 Dense = _choices("Dense", DENSE)
 Size = _choices("Size", WORKLOADS)
@@ -81,15 +87,21 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_show
 @reports_input_errors
 def list_specs():
     """The built-in cells, one line each."""
-    for name, path in compiler.builtin_specs().items():
+    for name, path in {**compiler.builtin_specs(), **compiler.builtin_tree_specs()}.items():
         spec = compiler.load(path)
-        typer.echo(f"{name:<18} {printable(spec.summary)}")
+        kind = "tree  " if spec.structure == "tree" else ""
+        typer.echo(f"{name:<20} {kind}{printable(spec.summary)}")
 
 
 @app.command()
 @reports_input_errors
 def check(spec: str = SPEC):
     """Check a spec: names, shapes, cycles. Prints nothing but 'ok' when it is sound."""
+    if compiler.load(spec).structure == "tree":
+        cell = compiler.compile(spec, target="reference")
+        typer.echo(f"{printable(spec)}: ok ({cell.name}: tree cell, {len(cell.params)} "
+                   "parameters)")
+        return
     step, _ = compiler.analyse(spec)
     typer.echo(f"{printable(spec)}: ok ({step.name}: {len(step.values)} equations, "
                f"{len(step.layout.params)} parameters)")
@@ -111,6 +123,9 @@ def compile_(spec: str = SPEC,
     target, dtype = target.value, dtype.value
     cell = compiler.compile(spec, target=target, constants=_assignments(set_))
     typer.echo(describe(cell))
+    if isinstance(cell, TreeCell):
+        _show_tree(cell, show, target, dtype)
+        return
     if hasattr(cell.engine, "path"):
         typer.echo(f"  generated {printable(cell.engine.path(dtype))}")
     for what in show:
@@ -124,6 +139,23 @@ def compile_(spec: str = SPEC,
             if not hasattr(cell.engine, "source_code"):
                 raise SpecError(f"the {target} target generates no code")
             typer.echo(cell.engine.source_code(dtype))
+
+
+def _show_tree(cell: TreeCell, show: list[Show], target: str, dtype: str):
+    steps = [c for c in (cell.edge, cell.node) if c is not None]
+    for step in steps:
+        if hasattr(step.engine, "path"):
+            typer.echo(f"  generated {printable(step.engine.path(dtype))}")
+    for what in show:
+        typer.echo("")
+        if what == Show.ir:
+            typer.echo(cell.equations())
+        elif what == Show.backward:
+            typer.echo(cell.backward_equations())
+        elif not hasattr(cell.node.engine, "source_code"):
+            raise SpecError(f"the {target} target generates no code")
+        else:
+            typer.echo("\n".join(step.engine.source_code(dtype) for step in steps))
 
 
 def _assignments(items: list[str]) -> dict[str, float]:
@@ -148,17 +180,21 @@ def gradcheck(spec: str = SPEC,
               tolerance: float = typer.Option(1e-6, min=0, help="Largest relative error accepted."),
               target: Target = typer.Option("reference", help="Engine whose gradients are checked.")):
     """Finite differences against the derived gradients for every parameter, input and initial
-    state (float64); exit status 1 if the worst relative error exceeds the tolerance."""
+    state (float64); exit status 1 if the worst relative error exceeds the tolerance. A tree
+    cell is checked over three small trees (--steps and --batch do not apply)."""
     from rich.progress import Progress
 
     from rnndsl.engines.gradcheck import gradcheck as run_check
+    from rnndsl.engines.gradcheck import tree_gradcheck
 
     cell = compiler.compile(spec, target=target.value)
-    count = len(cell.params) + len(cell.inputs) + len(cell.states)
+    tree = isinstance(cell, TreeCell)
+    count = len(cell.params) + len(cell.inputs) + (0 if tree else len(cell.states))
     with Progress(transient=True) as bar:
         task = bar.add_task(f"gradcheck {cell.name}", total=count)
-        result = run_check(cell, T=steps, B=batch, size=size, seed=seed,
-                           progress=lambda _name: bar.advance(task))
+        advance = lambda _name: bar.advance(task)  # noqa: E731
+        result = tree_gradcheck(cell, size=size, seed=seed, progress=advance) if tree else \
+            run_check(cell, T=steps, B=batch, size=size, seed=seed, progress=advance)
     for name, err in result.errors.items():
         typer.echo(f"  {name:<24} {err:.2e}")
     worst, err = result.worst
@@ -184,6 +220,8 @@ def bench(spec: str = SPEC,
     size = size.value
     if against not in ("", "torch"):
         raise typer.BadParameter("--against takes 'torch'")
+    _sequence_cells_only([spec], "times sequence workloads (tree cells: "
+                                 "benchmarks/tree_bench.py)")
     cell = compiler.compile(spec)
     mine = timing.time_cell(cell, size, repeats=repeats)
     T, B, I, H = timing.WORKLOADS[size]
@@ -241,8 +279,15 @@ BIDIRECTIONAL = typer.Option(None, help="Run each layer both ways, joined this w
 RESIDUAL = typer.Option(False, "--residual", help="Add each layer's input to its output.")
 DENSE = typer.Option(None, help="Every layer sees all lower layers' outputs, joined this way.")
 ORTHOGONAL = typer.Option(False, "--orthogonal", help="Orthogonal recurrent matrices at init.")
-OPTIMIZER = typer.Option("adam", help="The optimizer.")
-LR = typer.Option(None, help="Learning rate > 0 (adam 1e-3, sgd 0.1 when not given).")
+OPTIMIZER = typer.Option("adam", help="The optimizer (adamw: Adam with decoupled weight "
+                                       "decay).")
+LR = typer.Option(None, help="Learning rate > 0 (adam and adamw 1e-3, sgd 0.1 when not given).")
+WEIGHT_DECAY = typer.Option(None, help="adamw: decoupled weight decay >= 0 (default 0.01).")
+SCHEDULE = typer.Option("constant", help="The learning rate over the run: constant, a linear "
+                                         "warm-up, or a warm-up then a cosine decay to 0.")
+WARMUP = typer.Option(0, min=0, help="Steps of linear warm-up (warmup and cosine schedules).")
+THREADS = typer.Option(KERNEL_THREADS, min=1, help="Threads of the kernels' BLAS during "
+                                                   "training.")
 MOMENTUM = typer.Option(0.0, help="SGD momentum, in [0, 1).")
 CLIP = typer.Option(1.0, help="Clip gradients by global norm at this threshold (0: off).")
 CLIP_VALUE = typer.Option(None, help="Also clip every gradient element to [-v, v] (v > 0).")
@@ -252,6 +297,8 @@ DTYPE = typer.Option("float32", help="Floating-point type of the run.")
 JSON = typer.Option(False, "--json", help="Machine-readable log: one JSON object per line; "
                                           "the last holds the settings and versions.")
 PLOT = typer.Option(None, help="Write a learning curve to this image (needs matplotlib).")
+TENSORBOARD = typer.Option(None, help="Log the curves for TensorBoard: one folder per run in "
+                                      "this folder (`tensorboard --logdir DIR`).")
 DECODER = typer.Option(None, help="reverse, dates, expand: the decoder's spec (default: "
                                   "SPEC).")
 CONDITION = typer.Option(None, help="expand: the decoder reads the vector as its initial "
@@ -266,9 +313,17 @@ def versions() -> dict:
             "python": sys.version.split()[0]}
 
 
+def _sequence_cells_only(specs, why: str):
+    """A tree cell given to a command that runs sequences is refused by name."""
+    for spec in specs:
+        if compiler.load(spec).structure == "tree":
+            raise UserError(f"{printable(spec)} is a tree cell; this command {why}")
+
+
 def _configs(specs, task, length, steps, lr, **options):
     from rnndsl.training.train import TrainConfig
 
+    _sequence_cells_only(specs, "trains on sequences; --task expr trains tree cells")
     if task is None:  # the demonstration run: long enough for the LSTM to solve the task
         task, length, steps, lr = "adding", length or 50, steps or 2000, lr or 1e-2
     return [TrainConfig(spec=s, task=task, length=length, steps=steps or 1000, lr=lr, **options)
@@ -285,8 +340,9 @@ def _check_plot(path):
         check_writable(path, "plot")
 
 
-def _run(configs, json_out: bool, **train_options):
-    """Train each configuration with a progress bar (or JSON lines); return the results."""
+def _run(configs, json_out: bool, tensorboard=None, **train_options):
+    """Train each configuration with a progress bar (or JSON lines), logging its curves for
+    TensorBoard in `tensorboard` if given; return the results."""
     import json
     from dataclasses import asdict
 
@@ -298,12 +354,13 @@ def _run(configs, json_out: bool, **train_options):
 
     results = []
     try:
-        for config in configs:
+        for n, config in enumerate(configs):
             if json_out:
                 def show(step, rec, name=config.label):
                     if rec is not None:
                         typer.echo(json.dumps({"spec": name, **rec}))
-                results.append(train(config, progress=show, **train_options))
+                with _tensorboard_logged(show, tensorboard, n, config.label) as logged:
+                    results.append(train(config, progress=logged, **train_options))
                 typer.echo(json.dumps({"spec": config.label, "final": results[-1].final,
                                        "seconds": results[-1].seconds,
                                        "settings": asdict(config), "versions": versions()}))
@@ -318,7 +375,8 @@ def _run(configs, json_out: bool, **train_options):
                         jobs.append(bar.add_task(config.label, total=config.steps, status=""))
                     status = None if rec is None else _status(rec)
                     bar.update(jobs[0], completed=step, **({"status": status} if status else {}))
-                results.append(train(config, progress=show, **train_options))
+                with _tensorboard_logged(show, tensorboard, n, config.label) as logged:
+                    results.append(train(config, progress=logged, **train_options))
     except TrainingDiverged as exc:
         typer.echo(f"training stopped: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -351,6 +409,25 @@ def _summary(results) -> None:
         rate = r.steps_run / r.seconds if r.seconds else 0.0
         typer.echo(f"  {r.config.describe().split(';')[0]:<18} {r.final['loss']:10.5f} {acc} "
                    f"{r.seconds:8.1f} {rate:8.1f}")
+
+
+@contextmanager
+def _tensorboard_logged(show, logdir, n: int, label: str):
+    """`show`, also writing each log record's numbers as scalars to an event file of run `n`
+    in `logdir` (a folder named after the run: its number and its label's safe characters)."""
+    if logdir is None:
+        yield show
+        return
+    from rnndsl.training.tensorboard import EventWriter
+
+    name = f"{n}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label).strip('._')[:60]}"
+    with EventWriter(Path(logdir) / name) as writer:
+        def logged(step, rec):
+            if rec is not None:
+                writer.scalars(step, {k: v for k, v in rec.items()
+                                      if k != "step" and isinstance(v, (int, float))})
+            show(step, rec)
+        yield logged
 
 
 def _finish(configs, json_out, plot, **train_options):
@@ -399,9 +476,11 @@ def train_(ctx: typer.Context,
            steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
            residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
            optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
-           clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
+           weight_decay: float = WEIGHT_DECAY, schedule: Schedule = SCHEDULE,
+           warmup: int = WARMUP, clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
            seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
-           decoder: str = DECODER, condition: Condition = CONDITION,
+           tensorboard: str = TENSORBOARD, decoder: str = DECODER,
+           condition: Condition = CONDITION, threads: int = THREADS,
            save: str = typer.Option(None, help="Write a checkpoint (.npz) to this file every "
                                                "--save-every steps and at the end."),
            save_every: int = typer.Option(SAVE_EVERY, min=0, help="Steps between checkpoints "
@@ -412,9 +491,12 @@ def train_(ctx: typer.Context,
     options = dict(locals())
     del options["ctx"]
     options = _plain(options)
+    if options["task"] == EXPR:
+        _train_expr(ctx, [options["spec"]], options)
+        return
     json_out, plot = options.pop("json_out"), options.pop("plot")
     _check_plot(plot)
-    run = {k: options.pop(k) for k in ("save", "save_every", "resume")}
+    run = {k: options.pop(k) for k in ("save", "save_every", "resume", "threads", "tensorboard")}
     if run["resume"] is not None:
         configs = [_resumed_config(ctx, run["resume"], options)]
     else:
@@ -424,22 +506,73 @@ def train_(ctx: typer.Context,
 
 @app.command()
 @reports_input_errors
-def compare(specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
+def compare(ctx: typer.Context,
+            specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
             task: Task = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN,
             steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
             residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
             optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
-            clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
+            weight_decay: float = WEIGHT_DECAY, schedule: Schedule = SCHEDULE,
+            warmup: int = WARMUP, clip: float = CLIP, clip_value: float = CLIP_VALUE, batch: int = BATCH,
             seed: int = SEED, dtype: Dtype = DTYPE, json_out: bool = JSON, plot: str = PLOT,
-            decoder: str = DECODER, condition: Condition = CONDITION):
+            tensorboard: str = TENSORBOARD, decoder: str = DECODER,
+            condition: Condition = CONDITION, threads: int = THREADS):
     """Train several cells on the same task, data and seeds; print a table."""
-    options = _plain(dict(locals()))
-    json_out, plot = options.pop("json_out"), options.pop("plot")
+    options = dict(locals())
+    del options["ctx"]
+    options = _plain(options)
+    if options["task"] == EXPR:
+        _train_expr(ctx, options["specs"], options)
+        return
+    json_out, plot, tensorboard = (options.pop(k) for k in ("json_out", "plot", "tensorboard"))
     _check_plot(plot)
-    _finish(_configs(options.pop("specs"), **options), json_out, plot)
+    threads = options.pop("threads")
+    _finish(_configs(options.pop("specs"), **options), json_out, plot, threads=threads,
+            tensorboard=tensorboard)
 
 
-Scheduler = _choices("Scheduler", ("fifo", "asha"))
+EXPR_OPTIONS = ("task", "steps", "hidden", "batch", "lr", "clip", "seed", "dtype", "json_out",
+                "plot")
+
+
+def _train_expr(ctx: typer.Context, specs: list[str], options: dict):
+    """--task expr: each cell reads arithmetic expressions as trees (a tree cell) or as token
+    sequences (a sequence cell); a table of held-out accuracy by depth."""
+    import json
+    from dataclasses import asdict
+
+    from rich.progress import Progress
+
+    from rnndsl.training.expr import plot, table, train_expr
+
+    unused = [k for k in ctx.params if k not in (*EXPR_OPTIONS, "spec", "specs") and
+              ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")]
+    if unused:
+        raise UserError(f"--task expr does not take --{unused[0].replace('_', '-')}; it takes "
+                        f"{', '.join('--' + k.replace('_', '-') for k in EXPR_OPTIONS[1:-2])}, "
+                        "--json and --plot")
+    _check_plot(options["plot"])
+    steps = options["steps"] or 2000
+    results = []
+    with Progress(transient=True, disable=options["json_out"]) as bar:
+        for spec in specs:
+            cell = compiler.compile(spec)
+            task = bar.add_task(f"expr {cell.name}", total=steps)
+            results.append(train_expr(cell, steps=steps, hidden=options["hidden"],
+                                      batch=options["batch"], lr=options["lr"] or 3e-3,
+                                      seed=options["seed"], clip=options["clip"] or float("inf"),
+                                      dtype=options["dtype"],
+                                      progress=lambda _k, task=task: bar.advance(task)))
+    if options["json_out"]:
+        for r in results:
+            typer.echo(json.dumps(asdict(r)))
+    else:
+        typer.echo(table(results))
+    if options["plot"] is not None:
+        plot(results, options["plot"])
+
+
+TrialScheduler = _choices("TrialScheduler", ("fifo", "asha"))
 
 
 @app.command()
@@ -465,8 +598,9 @@ def sweep(ctx: typer.Context,
           cpus: int = typer.Option(None, min=1, help="CPUs of the Ray started here (default: "
                                                      "all of this machine's)."),
           cpus_per_trial: int = typer.Option(1, min=1, help="CPUs each trial holds."),
-          scheduler: Scheduler = typer.Option("fifo", help="asha: stop trials whose held-out "
-                                              "loss falls behind (Ray Tune's ASHA)."),
+          scheduler: TrialScheduler = typer.Option("fifo", help="asha: stop trials whose "
+                                                   "held-out loss falls behind (Ray Tune's "
+                                                   "ASHA)."),
           grace: int = typer.Option(None, min=1, help="asha: steps before a trial can be "
                                                       "stopped (default: a tenth of --steps)."),
           plot: str = typer.Option(None, help="Write a box plot of the best held-out loss per "
@@ -475,7 +609,8 @@ def sweep(ctx: typer.Context,
           length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN, layers: int = LAYERS,
           bidirectional: Bidirectional = BIDIRECTIONAL, residual: bool = RESIDUAL,
           dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: Optimizer = OPTIMIZER,
-          lr: float = LR, momentum: float = MOMENTUM, clip: float = CLIP,
+          lr: float = LR, momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY,
+          schedule: Schedule = SCHEDULE, warmup: int = WARMUP, clip: float = CLIP,
           clip_value: float = CLIP_VALUE, batch: int = BATCH, dtype: Dtype = DTYPE,
           decoder: str = DECODER, condition: Condition = CONDITION):
     """Train every combination of SPECS, hyperparameter points and seeds as Ray Tune trials;
@@ -486,8 +621,8 @@ def sweep(ctx: typer.Context,
 
     fixed = _plain({k: v for k, v in locals().items() if k in (
         "task", "length", "text", "hidden", "steps", "layers", "bidirectional", "residual",
-        "dense", "orthogonal", "optimizer", "lr", "momentum", "clip", "clip_value", "batch",
-        "dtype", "decoder", "condition")})
+        "dense", "orthogonal", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+        "warmup", "clip", "clip_value", "batch", "dtype", "decoder", "condition")})
     if fixed["text"]:  # trials run in folders of their own
         fixed["text"] = str(Path(fixed["text"]).resolve())
     varied = [item.partition("=")[0].strip() for item in (*grid, *search)]
@@ -576,6 +711,22 @@ def sample(ctx: typer.Context,
         typer.echo(terminal_text(c), nl=False)
         sys.stdout.flush()
     typer.echo("")
+
+
+@app.command()
+@reports_input_errors
+def info(json_out: bool = typer.Option(False, "--json", help="The report as one JSON object.")):
+    """Print versions, the CPU kernels' BLAS, the kernel cache, and the CUDA target: whether it
+    imports, the GPU, who does its GEMMs and which time loop each pass would take."""
+    from rnndsl.environment import lines, report
+
+    found = report()
+    if json_out:
+        import json
+        typer.echo(json.dumps(found))
+        return
+    for line in lines(found):
+        typer.echo(printable(line))
 
 
 # -- the kernel cache ----------------------------------------------------------------------------

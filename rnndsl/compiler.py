@@ -4,13 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from rnndsl.symbolic import ir
-from rnndsl.language.check import check
+from rnndsl.language.check import Checked, check
+from rnndsl.language.tree import check_tree
 from rnndsl.language.errors import SpecError
 from rnndsl.symbolic.grad import Backward, grad
 from rnndsl.symbolic.ir import StepIR
 from rnndsl.symbolic.lower import lower
 from rnndsl.resources import specs_dir
 from rnndsl.engines.cell import Cell, CpuEngine, ReferenceEngine
+from rnndsl.engines.tree import TreeCell
 from rnndsl.backend.schedule import plan
 from rnndsl.language.spec import Spec, load_spec, with_constants
 
@@ -18,8 +20,13 @@ TARGETS = ("cpu", "reference", "cuda")
 
 
 def builtin_specs() -> dict[str, Path]:
-    """Built-in spec name -> file."""
+    """Built-in sequence cells: name -> file."""
     return {p.stem: p for p in sorted(specs_dir().glob("*.yaml"))}
+
+
+def builtin_tree_specs() -> dict[str, Path]:
+    """Built-in tree cells (specs/trees): name -> file."""
+    return {p.stem: p for p in sorted((specs_dir() / "trees").glob("*.yaml"))}
 
 
 def resolve(source: str | Path) -> tuple[str, str | None]:
@@ -30,8 +37,9 @@ def resolve(source: str | Path) -> tuple[str, str | None]:
         return text, None
     if "\n" in text:
         return "<string>", text
-    if text in builtin_specs():
-        return str(builtin_specs()[text]), None
+    builtins = {**builtin_specs(), **builtin_tree_specs()}
+    if text in builtins:
+        return str(builtins[text]), None
     if "equations" in text and ":" in text:  # one-line YAML, e.g. a flow mapping
         return "<string>", text
     return text, None
@@ -52,31 +60,64 @@ def load(source: str | Path) -> Spec:
 def analyse(source: str | Path, constants: dict | None = None) -> tuple[StepIR, Backward]:
     """Load, parse, check, lower and differentiate a spec."""
     with ir.scope():
-        return _analyse(source, constants)
+        return _analyse(load(source), constants)
 
 
-def _analyse(source: str | Path, constants: dict | None) -> tuple[StepIR, Backward]:
-    step = lower(check(with_constants(load(source), constants)))
+def _analyse(spec: Spec, constants: dict | None) -> tuple[StepIR, Backward]:
+    spec = with_constants(spec, constants)
+    if spec.structure == "tree":
+        raise SpecError(f"'{spec.name}' is a tree cell ('structure: tree'); this needs a "
+                        "sequence cell (rnndsl.compile makes a TreeCell of it)",
+                        spec.where(f"states.{next(iter(spec.states))}"))
+    step = lower(check(spec))
     return step, grad(step)
 
 
 def compile(source: str | Path, target: str = "cpu", persistent: bool | None = None,
-            constants: dict | None = None) -> Cell:
-    """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell.
+            constants: dict | None = None) -> Cell | TreeCell:
+    """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell, or a
+    TreeCell for a spec with `structure: tree`.
     `persistent` (target "cuda" only): None uses the persistent kernel where it fits, True
     insists on it, False never uses it. `constants` gives some of the spec's `constants:`
     other values ({"lam": 0.9}); they are folded into the generated code."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    spec = load(source)
+    if spec.structure == "tree":
+        checked = check_tree(with_constants(spec, constants))
+        edge = None if checked.edge is None else _cell(checked.edge, target, persistent)
+        return TreeCell(checked, _cell(checked.node, target, persistent), edge)
     with ir.scope():  # the plan's nodes must be the IR's own
-        step, bwd = _analyse(source, constants)
-        kernel_plan = plan(step, bwd)
+        step, bwd = _analyse(spec, constants)
+        return _planned_cell(step, bwd, target, persistent)
+
+
+def _cell(checked: Checked, target: str, persistent: bool | None) -> Cell:
+    """A checked step (one of a tree cell's) made into a Cell."""
+    with ir.scope():
+        step = lower(checked)
+        return _planned_cell(step, grad(step), target, persistent)
+
+
+def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | None) -> Cell:
+    kernel_plan = plan(step, bwd)
+    return Cell(step, bwd, _engine(step, bwd, kernel_plan, target, persistent), kernel_plan)
+
+
+def retarget(cell: Cell, target: str, persistent: bool | None = None) -> Cell:
+    """The same cell (its step, backward and kernel plan) on another target: what the
+    PyTorch bridge runs when a module's tensors move to another device."""
+    if target not in TARGETS:
+        raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    engine = _engine(cell.step, cell.backward_ir, cell.plan, target, persistent)
+    return Cell(cell.step, cell.backward_ir, engine, cell.plan)
+
+
+def _engine(step, bwd, kernel_plan, target: str, persistent: bool | None):
     if target == "cuda":
         from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
 
-        engine = CudaEngine(step, bwd, kernel_plan, persistent)
-    elif target == "cpu":
-        engine = CpuEngine(step, bwd, kernel_plan)
-    else:
-        engine = ReferenceEngine(step, bwd)
-    return Cell(step, bwd, engine, kernel_plan)
+        return CudaEngine(step, bwd, kernel_plan, persistent)
+    if target == "cpu":
+        return CpuEngine(step, bwd, kernel_plan)
+    return ReferenceEngine(step, bwd)

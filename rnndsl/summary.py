@@ -7,6 +7,7 @@ from rnndsl.symbolic import ir
 from rnndsl.language.errors import printable
 from rnndsl.symbolic.ir import Node, StepIR
 from rnndsl.engines.cell import Cell
+from rnndsl.engines.tree import TreeCell
 
 _FREE = ("input", "prev", "param", "const", "size", "adj", "bcast")
 
@@ -50,7 +51,9 @@ def evaluate_poly(poly: Counter, sizes: dict[str, int]) -> int:
     return total
 
 
-def describe(cell: Cell) -> str:
+def describe(cell: Cell | TreeCell) -> str:
+    if isinstance(cell, TreeCell):
+        return _describe_tree(cell)
     step: StepIR = cell.step
     lines = [f"{step.name}: {printable(step.summary)}" if step.summary else step.name]
     lines.append(f"  sizes    {', '.join(step.sizes)}")
@@ -74,6 +77,25 @@ def describe(cell: Cell) -> str:
             bwd[tuple(sorted(g.shape + v.shape))] += 2
     lines.append(f"  FLOPs per step and batch row: forward {format_poly(fwd)}")
     lines.append(f"                                backward {format_poly(bwd)}")
+    return "\n".join(lines)
+
+
+def _describe_tree(cell: TreeCell) -> str:
+    """A tree cell: how it runs over trees, then each of its steps as a cell."""
+    spec = cell.spec
+    lines = [f"{spec.name}: {printable(spec.summary)}" if spec.summary else spec.name]
+    children = f"at most {cell.arity} ordered" if cell.arity else "any number of"
+    calls = "one kernel call" if cell.edge is None else \
+        "two kernel calls (per-child step, node step)"
+    lines.append(f"  runs over trees: {children} children per node; {calls} per level of the "
+                 "trees")
+    steps = [("per-child step (one row per child of a node)", cell.edge),
+             ("node step (the children's states as inputs)" if cell.edge is None else
+              "node step (the sums over the children as inputs)", cell.node)]
+    for title, step in steps:
+        if step is not None:
+            lines.append(f"  {title}")
+            lines += [f"  {line}" for line in describe(step).splitlines()[1:]]
     return "\n".join(lines)
 
 

@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import json
 import numbers
+import re
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,8 +50,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from rnndsl import compiler
 from rnndsl.backend.blas import blas_threads
 from rnndsl.engines.cell import Cell
+from rnndsl.engines.tree import TreeBatch, TreeCell
 
-__all__ = ["RNN", "cell_apply", "register", "set_kernel_threads", "TORCH_LAYOUT", "LSTM_PROJ_YAML"]
+__all__ = ["RNN", "TreeRNN", "cell_apply", "tree_apply", "register", "set_kernel_threads",
+           "TORCH_LAYOUT", "LSTM_PROJ_YAML"]
 
 # -- the cell registry ------------------------------------------------------------------------
 _CELLS: dict[str, Cell] = {}
@@ -128,26 +131,80 @@ def _kernel_threads():
         blas_threads(before)
 
 
-# -- tensors <-> arrays -------------------------------------------------------------------------
-def _np(t: Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor (a copy only when it is not contiguous)."""
+# -- tensors <-> the engines' arrays ------------------------------------------------------------
+# CPU tensors run on the cell's own target; CUDA tensors on the CUDA target, compiled once per
+# cell from the same plan, with the tensors' memory handed to the kernels and the results handed
+# back as tensors, without copies. The kernels run on the default stream, which is torch's
+# unless a stream is made current: then the op waits for that stream first and makes it wait
+# for the kernels after.
+_CUDA_TWINS: dict[str, Cell] = {}
+
+
+def _device_cell(key: str, device: torch.device) -> Cell:
+    cell = _cell(key)
+    if device.type == "cpu" or cell.engine.name == "cuda":
+        return cell
+    if device.type != "cuda":
+        raise RuntimeError(f"rnndsl's kernels run on the CPU and on CUDA GPUs; got a tensor on "
+                           f"'{device}'")
+    twin = _CUDA_TWINS.get(key)
+    if twin is None:
+        try:
+            twin = _CUDA_TWINS[key] = compiler.retarget(cell, "cuda")
+        except ImportError as exc:
+            raise RuntimeError(f"CUDA tensors run on rnndsl's CUDA target, which cannot load "
+                               f"here ({exc}): pip install 'rnndsl[cuda]'") from None
+    return twin
+
+
+def _array(t: Tensor):
+    """What an engine takes for a tensor: a NumPy view of a CPU tensor, a device array over a
+    CUDA tensor's memory (a copy only where the tensor is not contiguous)."""
+    t = t.detach().contiguous()
+    if t.device.type == "cuda":
+        from rnndsl.backend import cuda_support as cs
+        return cs.device(t)
     if t.device.type != "cpu":
-        raise RuntimeError(f"rnndsl's kernels run on the CPU; got a tensor on {t.device}")
-    return t.detach().contiguous().numpy()
+        raise RuntimeError(f"rnndsl's kernels run on the CPU and on CUDA GPUs; got a tensor on "
+                           f"'{t.device}'")
+    return t.numpy()
 
 
-def _t(a, dtype=None) -> Tensor:
-    return torch.from_numpy(np.asarray(a, dtype=dtype))
+def _tensor(a, like: Tensor, dtype=None, fresh: bool = False) -> Tensor:
+    """An engine's result as a tensor on `like`'s device, over the result's memory (a device
+    array of a CUDA cell run on CPU tensors comes back to the host). `fresh` for small results
+    that alias an engine's larger buffers: a copy owning its memory."""
+    if like.device.type == "cuda":
+        t = torch.as_tensor(a, device=like.device)
+    else:
+        if not isinstance(a, np.ndarray):
+            from rnndsl.backend import cuda_support as cs
+            a = cs.host(a)
+        t = torch.from_numpy(np.asarray(a))
+    if dtype is not None and t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone() if fresh else t
 
 
-def _fresh(a) -> Tensor:
-    """A tensor owning its memory: for small results that alias an engine's larger buffers."""
-    return torch.from_numpy(np.array(a, copy=True))
+@contextmanager
+def _on_torch_stream(like: Tensor):
+    """Order the kernels (on the default stream) after and before torch's current stream."""
+    if like.device.type != "cuda":
+        yield
+        return
+    current = torch.cuda.current_stream(like.device)
+    default = torch.cuda.default_stream(like.device)
+    if current == default:
+        yield
+        return
+    current.synchronize()
+    yield
+    current.wait_stream(default)
 
 
 def _named(cell: Cell, params, xs, state0):
-    return (dict(zip(cell.params, map(_np, params))), dict(zip(cell.inputs, map(_np, xs))),
-            dict(zip(cell.states, map(_np, state0))))
+    return (dict(zip(cell.params, map(_array, params))), dict(zip(cell.inputs, map(_array, xs))),
+            dict(zip(cell.states, map(_array, state0))))
 
 
 def _sizes(cell: Cell, params, xs, state0) -> dict:
@@ -172,13 +229,14 @@ def cell_forward(key: str, params: list[Tensor], xs: list[Tensor], state0: list[
                  lengths: Tensor) -> list[Tensor]:
     """Run a registered cell over a whole sequence. Returns its output sequences (T, B, n) in
     `cell.outputs` order, its final states (B, n) in `cell.states` order, and a tape handle."""
-    cell = _cell(key)
-    with _kernel_threads():
-        fwd = cell.forward(*_named(cell, params, xs, state0), lengths=_np(lengths))
-    outs = [_t(fwd.outputs[o]) for o in cell.outputs]
+    x = xs[0]
+    cell = _device_cell(key, x.device)
+    with _kernel_threads(), _on_torch_stream(x):
+        fwd = cell.forward(*_named(cell, params, xs, state0), lengths=_array(lengths))
+    outs = [_tensor(fwd.outputs[o], x) for o in cell.outputs]
     # Final states may be views into the engine's saved history: copy them (they are small)
     # so that changing them in place cannot change the tape.
-    finals = [_fresh(fwd.states[s]) for s in cell.states]
+    finals = [_tensor(fwd.states[s], x, fresh=True) for s in cell.states]
     return [*outs, *finals, _keep_tape(fwd)]
 
 
@@ -190,7 +248,7 @@ def _cell_forward_fake(key, params, xs, state0, lengths):
     x = xs[0]
     outs = [x.new_empty((T, B, _width(cell, o, sizes))) for o in cell.outputs]
     finals = [x.new_empty((B, sizes[size])) for size in cell.states.values()]
-    return [*outs, *finals, x.new_empty((), dtype=torch.int64)]
+    return [*outs, *finals, torch.empty((), dtype=torch.int64)]  # the tape handle: on the CPU
 
 
 @torch.library.custom_op("rnndsl::cell_backward", mutates_args=())
@@ -199,18 +257,18 @@ def cell_backward(key: str, params: list[Tensor], xs: list[Tensor], state0: list
                   d_finals: list[Tensor]) -> list[Tensor]:
     """Gradients of a loss w.r.t. the parameters, inputs and initial states of a registered
     cell, given its gradients w.r.t. the output sequences and the final states."""
-    cell = _cell(key)
+    like = xs[0]
+    cell = _device_cell(key, like.device)
     p, x, s0 = _named(cell, params, xs, state0)
     fwd = _TAPES.get(int(tape))
-    with _kernel_threads():
+    with _kernel_threads(), _on_torch_stream(like):
         if fwd is None:  # the tape is gone: recompute it
-            fwd = cell.forward(p, x, s0, lengths=_np(lengths))
-        g = cell.backward(p, fwd, dict(zip(cell.outputs, map(_np, d_outputs))),
-                          dict(zip(cell.states, map(_np, d_finals))))
-    dtype = _np(xs[0]).dtype
-    return [*(_t(g.params[n], dtype) for n in cell.params),
-            *(_t(g.inputs[n], dtype) for n in cell.inputs),
-            *(_fresh(g.state0[n]) for n in cell.states)]
+            fwd = cell.forward(p, x, s0, lengths=_array(lengths))
+        g = cell.backward(p, fwd, dict(zip(cell.outputs, map(_array, d_outputs))),
+                          dict(zip(cell.states, map(_array, d_finals))))
+    return [*(_tensor(g.params[n], like, like.dtype) for n in cell.params),
+            *(_tensor(g.inputs[n], like, like.dtype) for n in cell.inputs),
+            *(_tensor(g.state0[n], like, fresh=True) for n in cell.states)]
 
 
 @cell_backward.register_fake
@@ -263,6 +321,56 @@ def cell_apply(cell: Cell | str, params, x, state0=None, lengths=None):
     res = torch.ops.rnndsl.cell_forward(key, params, xs, list(state0), lengths)
     n_o = len(cell.outputs)
     return dict(zip(cell.outputs, res[:n_o])), dict(zip(cell.states, res[n_o:-1]))
+
+
+# -- ONNX: torch.onnx.export of a model that runs these ops -------------------------------------
+ONNX_DOMAIN = "rnndsl"
+
+
+def onnx_translation_table() -> dict:
+    """The translation of rnndsl's op for PyTorch's ONNX exporter:
+    `torch.onnx.export(model, args, path, dynamo=True,
+    custom_translation_table=rnndsl.torch.onnx_translation_table())`. Each cell (per sizes and
+    dtype) becomes a model-local ONNX function of domain `rnndsl` whose body is one `Scan` over
+    time (rnndsl's ONNX target), so the model runs in ONNX Runtime with nothing of rnndsl."""
+    return {torch.ops.rnndsl.cell_forward.default: _onnx_cell_forward}
+
+
+def _onnx_cell_forward(key, params, xs, state0, lengths):
+    import onnx_ir
+    import onnxscript
+
+    from rnndsl.backend.onnx_export import cell_function
+
+    cell = _cell(key)
+    sizes = {k: int(n) for k, n in _sizes(cell, params, xs, state0).items()}
+    dtype = (params or xs)[0].dtype.numpy()
+    signature = json.dumps([key, sorted(sizes.items()), dtype.str])
+    name = f"{re.sub(r'[^A-Za-z0-9]', '_', cell.name)}_" \
+           f"{hashlib.sha256(signature.encode()).hexdigest()[:12]}"
+    tracer = onnxscript.evaluator.default()
+    if not isinstance(getattr(tracer, "functions", None), dict):  # another exporter's tracer
+        raise RuntimeError("rnndsl's ONNX translation runs inside torch.onnx.export(..., "
+                           "dynamo=True) of torch 2.9 or later")
+    function = cell_function(cell.step, sizes, dtype, ONNX_DOMAIN, name)
+    tracer.functions[(ONNX_DOMAIN, name, "")] = onnx_ir.serde.deserialize_function(function)
+    call = onnxscript.values.Op(onnxscript.values.Opset(ONNX_DOMAIN, 1), name,
+                                _schema(function, (params or xs)[0].dtype))
+    return call(*params, *xs, *state0, lengths)
+
+
+def _schema(function, elem):
+    """The signature of a cell's ONNX function, for the exporter's tracer: its float inputs
+    and outputs, int64 lengths and tape."""
+    from onnx.defs import OpSchema
+
+    def parameter(name: str):
+        return OpSchema.FormalParameter(name, "tensor(int64)" if name in ("lengths", "tape")
+                                        else f"tensor({elem.name.lower()})")
+
+    return OpSchema(function.name, function.domain, 1,
+                    inputs=[parameter(n) for n in function.input],
+                    outputs=[parameter(n) for n in function.output])
 
 
 # -- torch's own recurrent modules --------------------------------------------------------------
@@ -398,6 +506,8 @@ class RNN(nn.Module):
             spec = LSTM_PROJ_YAML
         cell = spec if isinstance(spec, Cell) else (
             compiler.compile(spec) if target is None else compiler.compile(spec, target=target))
+        if isinstance(cell, TreeCell):
+            raise ValueError(f"'{cell.name}' is a tree cell; RNN runs sequences (use TreeRNN)")
         if len(cell.inputs) != 1:
             raise ValueError(f"RNN needs a cell with one input sequence; {cell.name} has "
                              f"{', '.join(cell.inputs)}")
@@ -503,12 +613,15 @@ class RNN(nn.Module):
             raise ValueError(f"expected input (T, B, {self.input_size}), got {tuple(x.shape)}")
         first = self.layer_params(0)[0] if self.cell.params else x
         for what, t in (("the input is", x), ("the parameters are", first)):
-            if t.device.type != "cpu":
+            if t.device.type not in ("cpu", "cuda"):
                 raise RuntimeError(
-                    f"rnndsl.torch.RNN runs its kernels on the CPU, and {what} on "
-                    f"'{t.device}'" + (" (a module made on the meta device needs "
-                                       "to_empty(device='cpu') and reset_parameters() first)"
-                                       if t.device.type == "meta" else ""))
+                    f"rnndsl.torch.RNN runs its kernels on the CPU or a CUDA GPU, and {what} "
+                    f"on '{t.device}'" + (" (a module made on the meta device needs "
+                                          "to_empty(device=...) and reset_parameters() first)"
+                                          if t.device.type == "meta" else ""))
+        if x.device != first.device:
+            raise RuntimeError(f"the input is on '{x.device}' and the parameters on "
+                               f"'{first.device}'")
         dtype = first.dtype
         if x.dtype != dtype:
             raise TypeError(f"input is {x.dtype} but the parameters are {dtype}")
@@ -520,7 +633,7 @@ class RNN(nn.Module):
             flip = None
         else:
             lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
-            flip = _reversal_index(lengths, T)
+            flip = _reversal_index(lengths, T).to(x.device)
         n_o = len(self.cell.outputs)
         finals = [[] for _ in self.cell.states]
         layer_in = x.to(compute)
@@ -778,12 +891,12 @@ def _unpack(packed: PackedSequence) -> tuple[Tensor, Tensor]:
     """(padded (T, B, n) in the caller's batch order, lengths (B,))."""
     if packed.sorted_indices is None:  # packed from sorted input: B is a value, not a shape
         return pad_packed_sequence(packed)
-    lengths, place = _packed_places(packed)
+    lengths, place = _packed_places(packed)  # on the CPU, as batch_sizes
     data = torch.cat([packed.data, packed.data.new_zeros((1, packed.data.shape[1]))])
-    padded = data.index_select(0, place).reshape(packed.batch_sizes.shape[0], -1,
-                                                 packed.data.shape[1])
+    padded = data.index_select(0, place.to(data.device)).reshape(
+        packed.batch_sizes.shape[0], -1, packed.data.shape[1])
     return (padded.index_select(1, packed.unsorted_indices),
-            lengths.index_select(0, packed.unsorted_indices))
+            lengths.index_select(0, packed.unsorted_indices.cpu()))
 
 
 def _repack(output: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
@@ -795,5 +908,79 @@ def _repack(output: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequ
         T, B, n = output.shape
         rows = like.data.shape[0]
         flat = output.index_select(1, like.sorted_indices).reshape(T * B, n)
-        data = output.new_zeros((rows + 1, n)).index_put((place,), flat)[:rows]
+        data = output.new_zeros((rows + 1, n)).index_put((place.to(output.device),), flat)[:rows]
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+# -- tree cells ---------------------------------------------------------------------------------
+class _TreeFunction(torch.autograd.Function):
+    """A tree cell over a batch of trees as one autograd node: the inputs (N, n) and the
+    parameters in, every node's outputs out; backward runs the cell's levels from the roots.
+    The levels' gathers and sums are NumPy work, so the tensors are CPU tensors."""
+
+    @staticmethod
+    def forward(ctx, cell: TreeCell, batch: TreeBatch, x: Tensor, *params: Tensor):
+        with _kernel_threads():
+            fwd = cell.forward(dict(zip(cell.params, map(_host, params))),
+                               batch.with_inputs(_host(x)), save=any(ctx.needs_input_grad))
+        ctx.cell, ctx.fwd = cell, fwd
+        ctx.save_for_backward(x, *params)
+        return tuple(_tensor(fwd.outputs[o], x, fresh=True) for o in cell.outputs)
+
+    @staticmethod
+    def backward(ctx, *d_outputs):
+        cell = ctx.cell
+        x, *saved = ctx.saved_tensors
+        params = dict(zip(cell.params, map(_host, saved)))
+        given = {o: _host(d) for o, d in zip(cell.outputs, d_outputs) if d is not None}
+        with _kernel_threads():
+            grads = cell.backward(params, ctx.fwd, given)
+        ctx.fwd = None  # the tape is used once
+        d_x = _tensor(grads.inputs[next(iter(cell.inputs))], x)
+        return (None, None, d_x, *(_tensor(grads.params[p], x) for p in cell.params))
+
+
+def _host(t: Tensor) -> np.ndarray:
+    if t.device.type != "cpu":
+        raise RuntimeError(f"tree cells run on CPU tensors; got a tensor on '{t.device}'")
+    return _array(t)
+
+
+def tree_apply(cell: TreeCell, params: list[Tensor], batch: TreeBatch, x: Tensor | None = None
+               ) -> tuple[Tensor, ...]:
+    """A tree cell over `batch` with autograd: `params` in the order of `cell.params`, `x` the
+    (N, n) inputs (the batch's own when None). Returns every node's outputs, (N, n) each, in
+    the order of `cell.outputs`."""
+    if x is None:
+        x = torch.from_numpy(np.asarray(batch.inputs, dtype=_host(params[0]).dtype))
+    return _TreeFunction.apply(cell, batch, x, *params)
+
+
+class TreeRNN(nn.Module):
+    """A tree cell (a spec with `structure: tree`) as a module: `forward(batch, x=None)` gives
+    every node's first output (N, hidden) and each tree's root (trees, hidden). `x` (N, input)
+    replaces the batch's inputs, so that gradients reach, say, an embedding layer."""
+
+    def __init__(self, spec, input_size: int, hidden_size: int, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, target: str = "cpu"):
+        super().__init__()
+        self.cell = spec if isinstance(spec, TreeCell) else compiler.compile(spec, target=target)
+        if not isinstance(self.cell, TreeCell):
+            raise ValueError(f"'{self.cell.name}' is a sequence cell; TreeRNN runs tree cells "
+                             "(use RNN)")
+        sizes = {s: {"input": input_size, "hidden": hidden_size}.get(s) for s in self.cell.sizes}
+        missing = [s for s, n in sizes.items() if n is None]
+        if missing:
+            raise ValueError(f"{self.cell.name} has sizes {', '.join(missing)} beside input and "
+                             "hidden, which TreeRNN cannot tell")
+        init = self.cell.init_params(seed=seed, dtype=np.float64, **sizes)
+        self.weights = nn.ParameterDict({p: nn.Parameter(torch.tensor(v, dtype=dtype))
+                                         for p, v in init.items()})
+
+    def forward(self, batch: TreeBatch, x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        params = [self.weights[p] for p in self.cell.params]
+        if x is not None and x.dtype != params[0].dtype:
+            x = x.to(params[0].dtype)
+        outputs = tree_apply(self.cell, params, batch, x)
+        return outputs[0], outputs[0][torch.from_numpy(batch.roots)]
+

@@ -10,6 +10,7 @@ per-step launches and the persistent kernel (one block in the simulator), float6
 with per-sequence lengths. Sizes are tiny: the simulator runs one Python thread per GPU thread.
 """
 import io
+import json
 import os
 import re
 import subprocess
@@ -179,6 +180,31 @@ device = pytest.mark.skipif(not ON_DEVICE, reason="runs in the simulator subproc
 
 
 @device
+@pytest.mark.parametrize("name", sorted(rnndsl.builtin_tree_specs()))
+def test_cuda_tree_cells_match_reference(name):
+    """A batch of trees (a lone leaf, a full binary tree, a lopsided one; three children at a
+    node where the cell takes any number), level by level on the device: every node's outputs
+    and every gradient within 1e-10 of the reference, float64."""
+    from rnndsl.engines.tree import TreeBatch
+
+    rng = np.random.default_rng(5)
+    parents = [[-1], [-1, 0, 0, 1, 1], [-1, 0, 1, 1, 0, 4]]
+    if name == "child_sum_tree_lstm":
+        parents[2] = [-1, 0, 0, 0, 1, 1]
+    batch = TreeBatch.from_parents(parents, [rng.standard_normal((len(p), 2)) for p in parents])
+    cells = [rnndsl.compile(name, target=t) for t in ("cuda", "reference")]
+    params = cells[1].init_params(input=2, hidden=3, seed=1, dtype=np.float64)
+    with nan_scratch():
+        runs = [cell.forward(params, batch) for cell in cells]
+        seed = rng.standard_normal(runs[1].output.shape)
+        grads = [cell.backward(params, fwd, seed) for cell, fwd in zip(cells, runs)]
+    np.testing.assert_allclose(runs[0].output, runs[1].output, rtol=0, atol=1e-10)
+    for p in params:
+        np.testing.assert_allclose(grads[0].params[p], grads[1].params[p], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(grads[0].inputs["x"], grads[1].inputs["x"], rtol=0, atol=1e-10)
+
+
+@device
 @pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_cuda_matches_reference(name, persistent):
@@ -250,3 +276,94 @@ def test_every_operator_agrees_with_the_reference(call):
     text = op_cell_text(OP_CALLS[call])
     compare(rnndsl.compile(text, target="cuda", persistent=False),
             rnndsl.compile(text, target="reference"), 2, 3, [2, 1, 0])
+
+
+@device
+@pytest.mark.parametrize("hidden, batch, persistent", [(2, 2, True), (40, 2, False),
+                                                       (2, 80, False)],
+                         ids=["fits", "weights-too-big", "batch-too-big"])
+def test_info_tells_the_time_loop_that_auto_mode_takes(hidden, batch, persistent):
+    from rnndsl.backend import cuda_support as cs
+
+    cell = rnndsl.compile("lstm", target="cuda")
+    params = cell.init_params(3, hidden, dtype=np.float64)
+    x = np.zeros((2, batch, 3))
+    fwd = cell.forward(params, x)
+    cell.backward(params, fwd, np.ones(fwd.output.shape))
+    limit = cs.cooperative_blocks(None, cs.THREADS)
+    told = emit_cuda.persistent_grids(cell.engine.plan, {"input": 3, "hidden": hidden}, batch,
+                                      8, limit)
+    assert {p: n > 0 for p, n in told.items()} == \
+        {p: n > 0 for p, n in cell.engine.last_blocks.items()} == \
+        {"forward": persistent, "backward": persistent}
+
+
+# -- the PyTorch bridge on the CUDA target ---------------------------------------------------
+# In the simulator the tensors are CPU tensors, copied through the simulated device; on a GPU,
+# tests/test_torch_cuda.py runs the same bridge on CUDA tensors.
+@device
+def test_bridge_on_a_cuda_cell_matches_the_cpu_target():
+    torch = pytest.importorskip("torch")
+    import rnndsl.torch as rt
+
+    torch.manual_seed(0)
+    on_cuda = rt.RNN("gru", 3, 4, num_layers=2, bidirectional=True, target="cuda",
+                     dtype=torch.float64)
+    on_cpu = rt.RNN("gru", 3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    on_cpu.load_state_dict(on_cuda.state_dict())
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([4, 1, 3]),
+                                                     enforce_sorted=False)
+    results = []
+    for module in (on_cuda, on_cpu):
+        y, h = module(packed)
+        (y.data.sum() + h.square().sum()).backward()
+        results.append((y.data, h, [p.grad for p in module.parameters()]))
+    (y1, h1, g1), (y2, h2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h1, h2, rtol=0, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@device
+def test_a_cell_retargeted_to_cuda_matches_the_reference():
+    cell = rnndsl.compile("peephole_lstm")
+    twin = rnndsl.compiler.retarget(cell, "cuda", persistent=False)
+    assert twin.engine.name == "cuda" and twin.plan is cell.plan
+    compare(twin, rnndsl.compile("peephole_lstm", target="reference"), 3, 2, [3, 1])
+
+
+def test_the_device_check_script_dry_runs_in_the_simulator(tmp_path):
+    """benchmarks/device_check.py, which a lent GPU runs once, must not fail on its first use:
+    its equality part runs here in the simulator at tiny sizes."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_check.py"
+    done = subprocess.run([sys.executable, str(script), "--simulate", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["equality"]["status"] == "ok", (tmp_path / "equality.txt").read_text()
+    found = json.loads((tmp_path / "equality.json").read_text())
+    assert len(found) == 6 and max(found.values()) < 1e-12
+
+
+@device
+def test_nan_in_the_padding_of_device_arrays_reaches_no_gradient():
+    from rnndsl.backend import cuda_support as cs
+
+    cell = rnndsl.compile("lstm", target="cuda", persistent=False)
+    rng = np.random.default_rng(0)
+    params = {p: cs.device(v) for p, v in cell.init_params(3, 4, dtype=np.float64).items()}
+    x = rng.standard_normal((5, 2, 3))
+    lengths = [5, 2]
+    clean = cell.backward(params, cell.forward(params, cs.device(x), lengths=lengths),
+                          cs.device(np.ones((5, 2, 4))))
+    x[2:, 1] = np.nan
+    x[3, 1, 0] = np.inf
+    dirty = cs.device(x)
+    grads = cell.backward(params, cell.forward(params, dirty, lengths=lengths),
+                          cs.device(np.ones((5, 2, 4))))
+    for p in params:
+        np.testing.assert_allclose(cs.host(grads.params[p]), cs.host(clean.params[p]),
+                                   rtol=1e-12, err_msg=p)
+    assert not np.isfinite(cs.host(dirty)[2:, 1]).any()  # the caller's array is left as it was

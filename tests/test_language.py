@@ -106,3 +106,11 @@ def test_square_matrix_declared():
 def test_missing_file_is_a_spec_error():
     with pytest.raises(rnndsl.SpecError, match="cannot read spec 'no/such/spec.yaml'"):
         rnndsl.compile("no/such/spec.yaml")
+
+
+def test_a_per_row_scalar_output():
+    cell = rnndsl.compile("name: s\nsizes: [input, hidden]\ninputs: {x: input}\n"
+                          "states: {h: hidden}\noutputs: [h, m]\nequations: |\n"
+                          "  h = tanh(W @ x + U @ h_prev)\n  m = max(h)\n", target="reference")
+    params = cell.init_params(input=2, hidden=3)
+    assert cell.forward(params, np.ones((4, 2, 2), np.float32)).outputs["m"].shape == (4, 2, 1)

@@ -5,8 +5,9 @@ import io
 import numpy as np
 import pytest
 
-from rnndsl.training.optim import (SGD, Adam, TrainingDiverged, check_finite, clip_global_norm,
-                          clip_value, global_norm, make_optimizer)
+from rnndsl.training.optim import (SGD, Adam, Schedule, TrainingDiverged, check_finite,
+                                  clip_global_norm, clip_value, flatten, global_norm,
+                                  make_optimizer)
 
 
 def test_global_norm_and_clipping():
@@ -132,7 +133,12 @@ def test_make_optimizer():
     adam = make_optimizer("Adam", None)
     assert isinstance(adam, Adam) and adam.lr == 1e-3
     assert make_optimizer("adam", 0.02).lr == 0.02
-    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'; choose sgd or adam"):
+    adamw = make_optimizer("adamw", None)
+    assert isinstance(adamw, Adam) and adamw.weight_decay == 0.01 and adam.weight_decay == 0
+    assert make_optimizer("adamw", 0.02, weight_decay=0.5).weight_decay == 0.5
+    with pytest.raises(ValueError, match="weight decay applies to adamw only"):
+        make_optimizer("adam", None, weight_decay=0.1)
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'; choose sgd, adam, adamw"):
         make_optimizer("rmsprop", None)
     with pytest.raises(ValueError, match="momentum applies to sgd only"):
         make_optimizer("adam", None, momentum=0.9)
@@ -153,3 +159,130 @@ def test_check_finite():
         check_finite(3, float("inf"), good)
     with pytest.raises(TrainingDiverged, match="'head.W' has nan"):
         check_finite(3, 1.0, {"head.W": np.array([np.nan, np.inf])})
+
+
+# -- the fused pass: clipping inside the update, flat parameter buffers --------------------------
+def random_grads(rng, steps, dtype=np.float64):
+    return [{"w": rng.standard_normal(2).astype(dtype) * 3,
+             "b": rng.standard_normal(1).astype(dtype)} for _ in range(steps)]
+
+
+@pytest.mark.parametrize("make", [lambda: SGD(0.05, momentum=0.9), lambda: SGD(0.05),
+                                  lambda: Adam(0.01), lambda: Adam(0.01, weight_decay=0.1)],
+                         ids=["sgd-momentum", "sgd", "adam", "adamw"])
+def test_fused_clipping_matches_clipping_first(make):
+    """step(clip_norm, clip_value) updates as clip_global_norm, clip_value, then step did, and
+    leaves the gradients as they were."""
+    grads = random_grads(np.random.default_rng(1), 5)
+    fused, fused_opt = fresh_params(), make()
+    plain, plain_opt = fresh_params(), make()
+    for g in grads:
+        kept = {k: v.copy() for k, v in g.items()}
+        norm = fused_opt.step(fused, g, clip_norm=1.5, clip_value=0.4)
+        for k in g:
+            np.testing.assert_array_equal(g[k], kept[k])
+        assert norm == pytest.approx(global_norm(kept), rel=1e-15)
+        clip_global_norm(kept, 1.5)
+        clip_value(kept, 0.4)
+        plain_opt.step(plain, kept)
+        for k in plain:
+            np.testing.assert_allclose(fused[k], plain[k], rtol=1e-15, atol=1e-17)
+
+
+def test_flat_parameters_are_updated_in_their_buffer():
+    params = flatten(fresh_params())
+    base = params["w"].base
+    assert params["b"].base is base and base.size == 3
+    np.testing.assert_array_equal(base, [1.0, 2.0, -0.5])
+    loose, opt_flat, opt_loose = fresh_params(), Adam(0.01), Adam(0.01)
+    for g in GRADS:
+        opt_flat.step(params, g)
+        opt_loose.step(loose, g)
+    for k in loose:
+        np.testing.assert_array_equal(params[k], loose[k])
+        assert params[k].base is base
+
+
+def test_non_finite_gradients_update_nothing():
+    params, opt = fresh_params(), Adam(0.1)
+    norm = opt.step(params, {"w": np.array([1.0, np.nan]), "b": np.ones(1)})
+    assert np.isnan(norm)
+    for k, v in fresh_params().items():
+        np.testing.assert_array_equal(params[k], v)
+
+
+# -- against PyTorch: AdamW and the schedules, float64 ----------------------------------------
+torch = pytest.importorskip("torch")
+
+
+def torch_run(params, grads, make_optimizer, make_scheduler=None):
+    """The parameters after torch's optimiser (and scheduler) took these gradients."""
+    tensors = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+               for k, v in params.items()}
+    opt = make_optimizer(list(tensors.values()))
+    sched = make_scheduler(opt) if make_scheduler else None
+    lrs = []
+    for g in grads:
+        for k, t in tensors.items():
+            t.grad = torch.tensor(g[k], dtype=torch.float64)
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched:
+            sched.step()
+    return {k: t.detach().numpy() for k, t in tensors.items()}, lrs
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.01, 0.3])
+def test_adamw_matches_torch(decay):
+    grads = random_grads(np.random.default_rng(2), 20)
+    ours, opt = fresh_params(), make_optimizer("adamw", 0.05, weight_decay=decay)
+    for g in grads:
+        opt.step(ours, g)
+    theirs, _ = torch_run(fresh_params(), grads,
+                          lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=decay))
+    for k in ours:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-13, atol=1e-15)
+
+
+def torch_schedule(kind, warmup, steps):
+    """torch.optim.lr_scheduler's own schedulers for each of our kinds."""
+    from torch.optim import lr_scheduler as ls
+
+    def make(opt):
+        ramp = ls.LinearLR(opt, start_factor=1 / (warmup + 1), end_factor=1.0,
+                           total_iters=warmup)
+        if kind == "constant":
+            return ls.ConstantLR(opt, factor=1.0, total_iters=0)
+        if kind == "warmup":
+            return ramp
+        cosine = ls.CosineAnnealingLR(opt, T_max=steps - warmup, eta_min=0.0)
+        return ls.SequentialLR(opt, [ramp, cosine], milestones=[warmup]) if warmup else cosine
+    return make
+
+
+@pytest.mark.parametrize("kind,warmup", [("constant", 0), ("warmup", 5), ("warmup", 1),
+                                         ("cosine", 0), ("cosine", 4), ("cosine", 29)])
+def test_schedules_match_torch(kind, warmup):
+    """The learning rate of every step, and AdamW's parameters after a run under it."""
+    steps, lr = 30, 0.05
+    schedule = Schedule(kind, warmup, steps)
+    grads = random_grads(np.random.default_rng(3), steps)
+    ours, opt = fresh_params(), make_optimizer("adamw", lr, weight_decay=0.1)
+    for t, g in enumerate(grads):
+        opt.step(ours, g, lr=lr * schedule(t))
+    theirs, lrs = torch_run(fresh_params(), grads,
+                            lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.1),
+                            torch_schedule(kind, warmup, steps))
+    np.testing.assert_allclose([lr * schedule(t) for t in range(steps)], lrs, rtol=1e-12)
+    for k in ours:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-12, atol=1e-15)
+
+
+def test_schedule_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        Schedule("step")
+    with pytest.raises(ValueError, match="warmup applies to the warmup and cosine"):
+        Schedule("constant", 3, 10)
+    with pytest.raises(ValueError, match="0 <= warmup < steps"):
+        Schedule("cosine", 10, 10)
+    assert Schedule("cosine", 0, 10)(10) == 0.0  # reaches zero at the end of the run

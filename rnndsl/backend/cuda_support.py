@@ -136,6 +136,23 @@ def fill(a, value):
 
 
 @cuda.jit
+def _copy_live_steps(x, lengths, out):
+    t, i = cuda.grid(2)
+    if t < x.shape[0] and i < x.shape[1] * x.shape[2]:
+        b, j = i // x.shape[2], i % x.shape[2]
+        out[t, b, j] = x[t, b, j] if t < lengths[b] else 0.0
+
+
+def zero_padding(x, lengths: np.ndarray):
+    """A copy of the (T, B, n) device array x with the steps past each sequence's length set
+    to 0 (x itself, a caller's tensor maybe, is left as it is)."""
+    out = empty(x.shape, x.dtype)
+    grid = (blocks(x.shape[0], TILE), blocks(x.shape[1] * x.shape[2], TILE))
+    _copy_live_steps[grid, (TILE, TILE)](x, cuda.to_device(lengths), out)
+    return out
+
+
+@cuda.jit
 def _add_into(dst, src):
     i, j = cuda.grid(2)
     if i < dst.shape[0] and j < dst.shape[1]:

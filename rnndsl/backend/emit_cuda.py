@@ -310,6 +310,24 @@ def persistent_rule(plan: Plan) -> str:
             f"launch per step and phase with cuBLAS GEMMs")
 
 
+def persistent_grids(plan: Plan, sizes: dict[str, int], batch: int, itemsize: int,
+                     limit: int) -> dict[str, int]:
+    """Per pass, the grid that the auto mode gives the persistent kernel at these sizes on a
+    device of `limit` co-resident blocks (0: the per-step launches), by the rule that the
+    generated code applies at run time to its stacked weights' shapes."""
+    from rnndsl.backend.cuda_support import persistent_blocks
+    from rnndsl.engines.cell import _dims
+
+    def stack(weights) -> tuple[int, int]:  # (rows of all, columns)
+        shapes = [_dims(plan.step.params[w].shape, sizes) for w in weights]
+        return sum(s[0] for s in shapes), shapes[0][1]
+
+    forward = [stack(g.weights)[::-1] for g in plan.forward.gemms]  # (K, N) of v @ w.T
+    backward = [stack(g.node.attr) for g in plan.back.gemm_ts]  # (K, N) of G @ w
+    return {"forward": persistent_blocks(forward, batch, itemsize, limit, 0),
+            "backward": persistent_blocks(backward, batch, itemsize, limit, 0)}
+
+
 # -- glue -----------------------------------------------------------------------------------
 def _stack(names: Names, weights) -> str:
     return f"cs.stack(({', '.join(names.param[w] for w in weights)},), DT)"

@@ -55,13 +55,18 @@ class Graph:
     body while one is written); initializers (parameters, constants) always go to the main
     graph, where a Scan body sees them as outer-scope values."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, function: bool = False):
         self.onnx = _onnx()
         self.dtype = np.dtype(dtype)
         self.elem = self.onnx.helper.np_dtype_to_tensor_dtype(self.dtype)
         self.sizes: dict[str, int] = {}  # of the cell being written
         self.nodes: list = []
         self.initializers: dict[str, np.ndarray] = {}
+        # An ONNX function has no initializers: its constants (and what it computes once from
+        # its inputs, such as transposed weights) are nodes at its top, where every nested
+        # Scan body sees them.
+        self.function = function
+        self.preamble: list = []
         self._names = itertools.count()
         self._consts: dict[tuple, str] = {}
 
@@ -74,6 +79,14 @@ class Graph:
         self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), names, **attrs))
         return names[0] if outputs == 1 else names
 
+    def top_op(self, op_type: str, *inputs: str, **attrs) -> str:
+        """One node computed once, before anything that may read it (a function's top)."""
+        if not self.function:
+            return self.op(op_type, *inputs, **attrs)
+        name = self.fresh()
+        self.preamble.append(self.onnx.helper.make_node(op_type, list(inputs), [name], **attrs))
+        return name
+
     def rename(self, tensor: str, name: str) -> str:
         """The tensor under a name of the graph's interface."""
         self.nodes.append(self.onnx.helper.make_node("Identity", [tensor], [name]))
@@ -84,7 +97,9 @@ class Graph:
         array = np.asarray(value, dtype=dtype or self.dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.initializer(f"const{len(self._consts)}", array)
+            self._consts[key] = (
+                self.top_op("Constant", value=self.onnx.numpy_helper.from_array(array))
+                if self.function else self.initializer(f"const{len(self._consts)}", array))
         return self._consts[key]
 
     def initializer(self, name: str, array: np.ndarray) -> str:
@@ -112,6 +127,50 @@ class Graph:
                                        opset_imports=[onnx.helper.make_opsetid("", OPSET)])
         onnx.checker.check_model(model, full_check=True)
         return model
+
+
+class Weights:
+    """A cell's parameters as its graph reads them (matrices transposed, see the module's
+    docstring): initializers made from arrays, named `prefix + name`."""
+
+    def __init__(self, g: Graph, arrays: dict, prefix: str = ""):
+        self.g, self.arrays, self.prefix = g, arrays, prefix
+
+    def rows(self, name: str) -> int:
+        return np.shape(self.arrays[name])[0]
+
+    def get(self, name: str) -> str:
+        return self.g.weight(self.prefix + name, self.arrays[name])
+
+    def stacked(self, names: list[str]) -> str:
+        """The matrices one above the other, as one (transposed) matrix."""
+        whole = np.concatenate([self.arrays[n] for n in names], axis=0)
+        return self.g.weight(self.prefix + "+".join(names), whole)
+
+
+class TensorWeights(Weights):
+    """A cell's parameters read from tensors of the graph (a function's inputs), each as the
+    user holds it, (rows, cols) for a matrix; transposed and stacked once, at the top."""
+
+    def __init__(self, g: Graph, tensors: dict[str, str], shapes: dict[str, tuple]):
+        self.g, self.tensors, self.shapes = g, tensors, shapes
+        self._made: dict[str, str] = {}
+
+    def rows(self, name: str) -> int:
+        return self.shapes[name][0]
+
+    def get(self, name: str) -> str:
+        if len(self.shapes[name]) != 2:
+            return self.tensors[name]
+        return self.stacked([name])
+
+    def stacked(self, names: list[str]) -> str:
+        key = "+".join(names)
+        if key not in self._made:
+            parts = [self.tensors[n] for n in names]
+            whole = parts[0] if len(parts) == 1 else self.g.top_op("Concat", *parts, axis=0)
+            self._made[key] = self.g.top_op("Transpose", whole)
+        return self._made[key]
 
 
 # -- one lowering per primitive of symbolic/ops.py ----------------------------------------------
@@ -202,8 +261,7 @@ def check_lowerable(step: StepIR) -> None:
 
 
 # -- a cell as one Scan ------------------------------------------------------------------------
-def _emit(g: Graph, order: list[Node], memo: dict[int, str], weights: dict[str, np.ndarray],
-          prefix: str) -> None:
+def _emit(g: Graph, order: list[Node], memo: dict[int, str], weights: Weights) -> None:
     """Lower `order` (each node after its arguments) into g, naming each result in `memo`.
     Leaves that vary per step (inputs, previous states) must be in memo already. The matrix
     products of one vector are one MatMul by their stacked weights, split afterwards."""
@@ -214,7 +272,7 @@ def _emit(g: Graph, order: list[Node], memo: dict[int, str], weights: dict[str, 
 
     def value(a: Node) -> str:
         if a.uid not in memo:  # a parameter, made where it is used: a matrix may be used
-            memo[a.uid] = g.weight(prefix + a.attr, weights[a.attr])  # only stacked
+            memo[a.uid] = weights.get(a.attr)  # only stacked
         return memo[a.uid]
 
     for n in order:
@@ -226,13 +284,12 @@ def _emit(g: Graph, order: list[Node], memo: dict[int, str], weights: dict[str, 
             memo[n.uid] = g.const(float(g.sizes[n.attr]))
         elif n.op == "matvec":
             group = by_vector[n.args[1].uid]
-            stacked = np.concatenate([weights[m.args[0].attr] for m in group], axis=0)
-            w = g.weight(prefix + "+".join(m.args[0].attr for m in group), stacked)
+            w = weights.stacked([m.args[0].attr for m in group])
             product = LOWERINGS["matvec"](g, n, w, value(n.args[1]))
             if len(group) == 1:
                 memo[n.uid] = product
                 continue
-            rows = g.const([weights[m.args[0].attr].shape[0] for m in group], np.int64)
+            rows = g.const([weights.rows(m.args[0].attr) for m in group], np.int64)
             parts = g.op("Split", product, rows, axis=-1, outputs=len(group))
             memo.update({m.uid: part for m, part in zip(group, parts)})
         elif n.is_leaf:
@@ -250,8 +307,8 @@ def _recurrent(order: list[Node]) -> set[int]:
     return found
 
 
-def scan_cell(g: Graph, step: StepIR, weights: dict, xs: dict[str, str], state0: dict[str, str],
-              live: str, prefix: str = "") -> tuple[dict[str, str], dict[str, str]]:
+def scan_cell(g: Graph, step: StepIR, weights: Weights, xs: dict[str, str],
+              state0: dict[str, str], live: str) -> tuple[dict[str, str], dict[str, str]]:
     """Write the cell over whole sequences into g: xs are (T, B, n) tensors, state0 (B, n),
     live the (T, B, 1) mask of the steps inside each sequence. Returns the output sequences
     (T, B, n) and the final states (B, n) by name."""
@@ -267,7 +324,7 @@ def scan_cell(g: Graph, step: StepIR, weights: dict, xs: dict[str, str], state0:
     body_order = ir.topo_order_until(step.roots(), before_the_loop)
     hoisted = [n for n in body_order if before_the_loop(n)]
     outer = {n.uid: xs[n.attr] for n in order if n.op == "input"}
-    _emit(g, ir.topo_order(hoisted), outer, weights, prefix)
+    _emit(g, ir.topo_order(hoisted), outer, weights)
     # the body: what one step computes from the previous states and the step's slices
     main_nodes, g.nodes = g.nodes, []
     prev = {s: g.fresh() for s in step.states}
@@ -283,7 +340,7 @@ def scan_cell(g: Graph, step: StepIR, weights: dict, xs: dict[str, str], state0:
 
     step_live = sliced(live, 1, g.onnx.TensorProto.BOOL)
     memo.update({n.uid: sliced(outer[n.uid], _width(g, n.shape)) for n in hoisted})
-    _emit(g, body_order, memo, weights, prefix)
+    _emit(g, body_order, memo, weights)
     states = [g.op("Where", step_live, memo[step.values[s].uid], prev[s]) for s in step.states]
     outs = [g.op("Where", step_live, memo[step.values[o].uid], g.const(0.0))
             for o in step.outputs]
@@ -412,8 +469,8 @@ def _cell_graph(step: StepIR, params: dict, sizes: dict):
     xs = {x: f"input.{x}" for x in step.inputs}
     state0 = {s: f"state0.{s}" for s in step.states}
     first = next(iter(xs.values()))
-    outs, finals = scan_cell(g, step, params, xs, state0, _live_mask(g, first, "lengths"),
-                             prefix="param.")
+    outs, finals = scan_cell(g, step, Weights(g, params, "param."), xs, state0,
+                             _live_mask(g, first, "lengths"))
     inputs = [g.value_info(xs[x], ["T", "B", g.sizes[size]]) for x, size in step.inputs.items()]
     inputs += [g.value_info(state0[s], ["B", g.sizes[size]]) for s, size in step.states.items()]
     inputs.append(g.value_info("lengths", ["B"], g.onnx.TensorProto.INT64))
@@ -424,6 +481,55 @@ def _cell_graph(step: StepIR, params: dict, sizes: dict):
     for s, size in step.states.items():
         outputs.append(g.value_info(g.rename(finals[s], f"state.{s}"), ["B", g.sizes[size]]))
     return g, inputs, outputs
+
+
+def cell_function(step: StepIR, sizes: dict[str, int], dtype, domain: str, name: str,
+                  opset: int = OPSET):
+    """The cell over whole sequences as an ONNX function `domain.name` (a
+    `onnx.FunctionProto`), for a graph that holds its parameters as tensors rather than
+    initializers (a model exported from PyTorch). Its inputs: the parameters as the user holds
+    them (a matrix of a concatenation whole), in the layout's order, the input sequences, the
+    initial states and the lengths; its outputs: the output sequences, the final states, and
+    an int64 0 where the PyTorch op returns its tape handle."""
+    from rnndsl.engines.cell import _block_indices, _dims
+
+    g = Graph(dtype, function=True)
+    g.sizes = dict(sizes)
+    layout = step.layout
+    params = {p: f"param.{p}" for p in layout.params}
+    shapes = {p: _dims(info.shape, g.sizes) for p, info in layout.params.items()}
+    tensors = dict(params)
+    for p, cut in layout.cuts.items():
+        whole = tensors.pop(p)
+        for block, index in zip(cut.names, _block_indices(cut, len(shapes[p]), g.sizes)):
+            tensors[block] = _index(g, whole, index)
+    block_shapes = {p: _dims(info.shape, g.sizes) for p, info in step.params.items()}
+    xs = {x: f"input.{x}" for x in step.inputs}
+    state0 = {s: f"state0.{s}" for s in step.states}
+    live = _live_mask(g, next(iter(xs.values())), "lengths")
+    outs, finals = scan_cell(g, step, TensorWeights(g, tensors, block_shapes), xs, state0, live)
+    results = [g.rename(outs[o], f"output.{o}") for o in step.outputs]
+    results += [g.rename(finals[s], f"state.{s}") for s in step.states]
+    results.append(g.rename(g.const(0, np.int64), "tape"))
+    onnx = g.onnx
+    return onnx.helper.make_function(
+        domain, name, [*params.values(), *xs.values(), *state0.values(), "lengths"], results,
+        g.preamble + g.nodes, [onnx.helper.make_opsetid("", opset)])
+
+
+def _index(g: Graph, tensor: str, index: tuple) -> str:
+    """tensor[index] for NumPy basic indices: slices, and integers that drop their axis
+    (taken last axis first, so that a dropped axis does not move the ones before it)."""
+    for axis in reversed(range(len(index))):
+        i = index[axis]
+        if isinstance(i, slice):
+            if i == slice(None):
+                continue
+            tensor = g.top_op("Slice", tensor, g.const([i.start], np.int64),
+                              g.const([i.stop], np.int64), g.const([axis], np.int64))
+        else:
+            tensor = g.top_op("Gather", tensor, g.const(i, np.int64), axis=axis)
+    return tensor
 
 
 def _width(g: Graph, shape: tuple[str, ...]) -> int:
@@ -470,8 +576,8 @@ def _network_graph(net, params: dict, head):
                 [g.sizes[size]], np.int64), axis=0), value=_zero_tensor(g))
                 for s, size in net.cell.states.items()}
             seq = u if d == "fwd" else _reverse(g, u)
-            out, _ = scan_cell(g, net.cell.step, own, {net.x_name: seq}, zeros, live,
-                               prefix=f"layer{layer}.{d}.")
+            out, _ = scan_cell(g, net.cell.step, Weights(g, own, f"layer{layer}.{d}."),
+                               {net.x_name: seq}, zeros, live)
             first = out[net.cell.outputs[0]]
             outs.append(first if d == "fwd" else _reverse(g, first))
         y = outs[0] if len(outs) == 1 else g.op("Concat", *outs, axis=2)

@@ -198,23 +198,7 @@ class Cell:
         (`init_params(input, hidden)`). Each parameter's `init` from the spec: `uniform`
         (PyTorch's default, U(-k, k) with k = 1/sqrt(hidden), or 1/sqrt(rows) without a size
         named hidden), `zeros`, `ones`, `orthogonal` (matrices) or a constant."""
-        dtype = _dtype(dtype)
-        if len(sizes_in_order) > len(self.sizes):
-            raise TypeError(f"{self.name} has {len(self.sizes)} sizes: {', '.join(self.sizes)}")
-        sizes = {**dict(zip(self.sizes, sizes_in_order)), **sizes}
-        missing = [s for s in self.sizes if s not in sizes]
-        if missing:
-            raise TypeError(f"init_params needs the size(s) {', '.join(missing)} of {self.name}")
-        _known("size", sizes, self.sizes)
-        for s, n in sizes.items():
-            if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1):
-                raise ValueError(f"size '{s}' must be a whole number of at least 1, got {n!r}")
-        rng = np.random.default_rng(seed)
-        out = {}
-        for p, info in self.params.items():  # a concatenated matrix as a whole
-            shape = _dims(info.shape, sizes)
-            out[p] = init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng, p)
-        return {p: v.astype(dtype) for p, v in out.items()}
+        return make_params(self.name, self.sizes, self.params, sizes_in_order, seed, dtype, sizes)
 
     # -- running --------------------------------------------------------------------------------
     def forward(self, params: dict, x, state0: dict | None = None, lengths=None,
@@ -353,6 +337,28 @@ class Cell:
         return {s: v for s, (v, _) in found.items()}
 
 
+def make_params(name: str, size_names, params: dict, sizes_in_order, seed: int, dtype,
+                sizes: dict) -> dict[str, np.ndarray]:
+    """Fresh parameters of a cell (see Cell.init_params)."""
+    dtype = _dtype(dtype)
+    if len(sizes_in_order) > len(size_names):
+        raise TypeError(f"{name} has {len(size_names)} sizes: {', '.join(size_names)}")
+    sizes = {**dict(zip(size_names, sizes_in_order)), **sizes}
+    missing = [s for s in size_names if s not in sizes]
+    if missing:
+        raise TypeError(f"init_params needs the size(s) {', '.join(missing)} of {name}")
+    _known("size", sizes, size_names)
+    for s, n in sizes.items():
+        if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1):
+            raise ValueError(f"size '{s}' must be a whole number of at least 1, got {n!r}")
+    rng = np.random.default_rng(seed)
+    out = {}
+    for p, info in params.items():  # a concatenated matrix as a whole
+        shape = _dims(info.shape, sizes)
+        out[p] = init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng, p)
+    return {p: v.astype(dtype) for p, v in out.items()}
+
+
 def _solve_sums(shapes: list[tuple[str, int, str]], found: dict) -> None:
     """Sizes that appear only in sums ('hidden + hidden + input' rows of 4 * 3 + 2): each sum
     with one unknown size, however often repeated, tells it."""
@@ -457,8 +463,11 @@ def _zero_padding(x, lengths: np.ndarray):
     result, but a NaN or inf there would still reach the weight gradients through 0 * NaN in
     the GEMMs over all T*B rows."""
     T = x.shape[0]
-    if not isinstance(x, np.ndarray) or (lengths >= T).all():
+    if (lengths >= T).all():
         return x
+    if not isinstance(x, np.ndarray):  # a device array
+        from rnndsl.backend import cuda_support as cs
+        return cs.zero_padding(x, lengths)
     live = np.arange(T)[:, None] < lengths[None, :]
     return np.where(live[:, :, None], x, 0).astype(x.dtype, copy=False)
 

@@ -52,6 +52,42 @@ def gradcheck(cell: Cell, T: int = 4, B: int = 3, size: int = 3, seed: int = 0,
     grads = cell.backward(params, fwd, r, s_w)
     groups = [("param", params, grads.params), ("input", xs, grads.inputs),
               ("state0", state0, grads.state0)]
+    return _compare(groups, lambda: loss(params, xs, state0), eps, progress)
+
+
+def tree_gradcheck(cell, size: int = 3, seed: int = 0, eps: float = 1e-6,
+                   progress=None) -> GradcheckResult:
+    """`gradcheck` for a TreeCell, over a fixed batch of three small trees of several shapes
+    (a lone leaf, a full one, a lopsided one; up to three children where the cell takes any
+    number), with inputs on every node; L = sum(R * outputs), float64."""
+    from rnndsl.engines.tree import TreeBatch
+
+    rng = np.random.default_rng(seed)
+    sizes = {s: size + k for k, s in enumerate(cell.sizes)}
+    params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
+    params = {p: np.array(v + 0.1 * rng.standard_normal(v.shape)) for p, v in params.items()}
+    parents = [[-1], [-1, 0, 0, 1, 1, 2, 2], [-1, 0, 1, 1, 0, 4]]
+    if cell.arity is None:
+        parents[2] = [-1, 0, 0, 0, 1, 1, 1, 2]
+    width = sizes[next(iter(cell.inputs.values()))]
+    batch = TreeBatch.from_parents(parents, [rng.standard_normal((len(p), width))
+                                             for p in parents])
+    fwd = cell.forward(params, batch)
+    r = {o: rng.standard_normal(v.shape) for o, v in fwd.outputs.items()}
+
+    def loss() -> float:
+        f = cell.forward(params, batch)
+        return sum(float((r[o] * f.outputs[o]).sum()) for o in r)
+
+    grads = cell.backward(params, fwd, r)
+    groups = [("param", params, grads.params),
+              ("input", {next(iter(cell.inputs)): batch.inputs}, grads.inputs)]
+    return _compare(groups, loss, eps, progress)
+
+
+def _compare(groups, loss, eps: float, progress) -> GradcheckResult:
+    """Central differences of `loss()` for every element of every array of `groups`
+    ((kind, {name: array}, {name: derived gradient})), perturbed in place."""
     errors = {}
     for kind, arrays, derived in groups:
         for name, arr in arrays.items():
@@ -60,9 +96,9 @@ def gradcheck(cell: Cell, T: int = 4, B: int = 3, size: int = 3, seed: int = 0,
             for k in range(flat.size):
                 keep = flat[k]
                 flat[k] = keep + eps
-                up = loss(params, xs, state0)
+                up = loss()
                 flat[k] = keep - eps
-                down = loss(params, xs, state0)
+                down = loss()
                 flat[k] = keep
                 out[k] = (up - down) / (2 * eps)
             a = np.asarray(derived[name])

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from rnndsl.language.children import PREV, SUM_K, misuse, sum_k_misuse
 from rnndsl.language.errors import SourcePos, SpecError, suggest
 from rnndsl.symbolic.ops import user_functions
 from rnndsl.language.parse import (Assign, Binary, Call, Concat, Index, Name, Neg, Num,
@@ -34,7 +35,6 @@ from rnndsl.language.spec import SUM, ParamDecl, Spec
 
 # user-facing name -> {number of arguments: (op, kind)}, from the operators' records
 FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = user_functions()
-PREV = "_prev"
 
 
 @dataclass
@@ -122,18 +122,28 @@ class Checked:
 
 
 def check(spec: Spec) -> Checked:
-    assigns = [a for eq in spec.equations for a in parse_equations(eq)]
+    return check_assigns(spec, [a for eq in spec.equations for a in parse_equations(eq)])
+
+
+def check_assigns(spec: Spec, assigns: list[Assign]) -> Checked:
+    """Check parsed equations under a spec's declarations (a tree cell's steps are checked so,
+    language/tree.py)."""
     return _Checker(spec, assigns).run()
 
 
-def _walk(expr):
+def subexpressions(expr) -> tuple:
+    """The expressions directly inside `expr`."""
+    return (expr.left, expr.right) if isinstance(expr, Binary) else \
+        (expr.operand,) if isinstance(expr, (Neg, Index)) else \
+        expr.args if isinstance(expr, Call) else \
+        expr.items if isinstance(expr, Concat) else ()
+
+
+def walk(expr):
+    """`expr` and every expression inside it, depth first."""
     yield expr
-    for child in (expr.left, expr.right) if isinstance(expr, Binary) else \
-            (expr.operand,) if isinstance(expr, Neg) else \
-            expr.args if isinstance(expr, Call) else \
-            expr.items if isinstance(expr, Concat) else \
-            (expr.operand,) if isinstance(expr, Index) else ():
-        yield from _walk(child)
+    for child in subexpressions(expr):
+        yield from walk(child)
 
 
 class _Checker:
@@ -186,7 +196,8 @@ class _Checker:
         local = {n: self.concrete(self.types[n], n, defs[n].pos)
                  for n in defs if n not in spec.states}
         for o in spec.outputs:
-            if local.get(o, ("",))[:1][0].isdigit():
+            shape = local.get(o, ())  # a per-row scalar output has the shape ()
+            if shape and shape[0].isdigit():
                 raise SpecError(f"output '{o}' has the size {local[o][0]}, a number; an "
                                 "output's size is one of the spec's sizes",
                                 spec.where(f"outputs.{o}"))
@@ -241,9 +252,12 @@ class _Checker:
             return "value", n
         if n in spec.params:
             return "param", n
+        wrong_child = misuse(spec, n)
+        if wrong_child:
+            raise SpecError(wrong_child, name.pos)
         if n.endswith(PREV):
             base = n[:-len(PREV)]
-            if base in spec.states:
+            if base in spec.states and spec.structure == "sequence":
                 return "prev", base
             if base in spec.inputs or base in defs:
                 raise SpecError(f"'{n}': '{base}' is not a state, so it has no previous value "
@@ -274,7 +288,7 @@ class _Checker:
         deps = {}
         for t, a in defs.items():
             used = []
-            for e in _walk(a.expr):
+            for e in walk(a.expr):
                 if isinstance(e, Name):
                     kind, base = self.classify(e, defs)
                     if kind == "value":
@@ -318,6 +332,8 @@ class _Checker:
 
     def function(self, call: Call) -> tuple[str, str]:
         forms = FUNCTIONS.get(call.func)
+        if call.func == SUM_K:
+            raise SpecError(sum_k_misuse(self.spec), call.pos)
         if forms is None:
             raise SpecError(f"unknown function '{call.func}'{suggest(call.func, FUNCTIONS)}; "
                             f"known: {', '.join(sorted(FUNCTIONS))}", call.pos)

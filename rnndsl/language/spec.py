@@ -24,8 +24,14 @@ from rnndsl.language.errors import SourcePos, SpecError, suggest
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME = 64
 MAX_YAML_DEPTH = 32  # a spec needs 4 levels (params: W: shape: [...])
-TOP_KEYS = ("name", "summary", "sizes", "inputs", "states", "outputs", "params", "constants",
-            "equations")
+TOP_KEYS = ("name", "summary", "structure", "arity", "sizes", "inputs", "states", "outputs",
+            "params", "constants", "equations")
+# What a cell runs over: a sequence (a state's previous value is `h_prev`) or trees (a node
+# reads its children's states: `h_left`, `h_right` for `arity: 2`, `h_child1` ... for another
+# fixed arity, `h_k` inside `sum_k(...)` for `arity: any`; see language/tree.py).
+STRUCTURES = ("sequence", "tree")
+MAX_ARITY = 16
+ANY_ARITY = "any"
 PARAM_KEYS = ("shape", "init")
 INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
 # A matrix that multiplies a concatenation, W @ [h_prev, x], has as many columns as the parts
@@ -96,6 +102,8 @@ class Spec:
     equations: tuple[Equation, ...]
     file: str
     constants: dict[str, Constant] = field(default_factory=dict)
+    structure: str = "sequence"  # one of STRUCTURES
+    arity: int | None = None  # trees: children per node at most; None for `arity: any`
     positions: dict[str, SourcePos] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)
 
@@ -253,9 +261,36 @@ class _SpecReader:
         params = self.params(top["params"][1], sizes) if "params" in top else {}
         constants = self.constants(top["constants"][1]) if "constants" in top else {}
         equations = self.equations(top["equations"][1])
+        structure, arity = self.structure(top)
         return Spec(name=name, summary=summary, sizes=tuple(sizes), inputs=inputs, states=states,
                     outputs=outputs, params=params, equations=equations, file=self.file,
-                    constants=constants, positions=self.positions, source=self.text)
+                    constants=constants, structure=structure, arity=arity,
+                    positions=self.positions, source=self.text)
+
+    def structure(self, top) -> tuple[str, int | None]:
+        """`structure: tree` with `arity: N` (children per node at most) or `arity: any`."""
+        structure = self.scalar_str(top["structure"][1], "structure") if "structure" in top \
+            else "sequence"
+        if structure not in STRUCTURES:
+            raise self.fail(f"unknown structure '{structure}'{suggest(structure, STRUCTURES)}; "
+                            f"a cell runs over a sequence or a tree", top["structure"][1])
+        if structure == "sequence":
+            if "arity" in top:
+                raise self.fail("'arity' is the number of children of a tree's nodes; a "
+                                "sequence cell has none (add 'structure: tree')", top["arity"][0])
+            return structure, None
+        if "arity" not in top:
+            raise self.fail("a tree cell needs 'arity': 2 (or another number) for nodes with "
+                            "at most that many ordered children, or 'any' for any number "
+                            "of children summed with sum_k(...)", top["structure"][0])
+        node = top["arity"][1]
+        text = self.scalar_str(node, "arity")
+        if text == ANY_ARITY:
+            return structure, None
+        if not text.isdigit() or not 1 <= int(text) <= MAX_ARITY:
+            raise self.fail(f"'arity' is a number of children from 1 to {MAX_ARITY}, or "
+                            f"'{ANY_ARITY}'; not '{text}'", node)
+        return structure, int(text)
 
     def plain_tags_only(self, root):
         """Refuse explicit tags (`!!python/object`, `!foo`): a spec is plain data."""

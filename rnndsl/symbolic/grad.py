@@ -34,9 +34,12 @@ class Backward:
                 out += [g, v]
         return out
 
-    def equations(self) -> str:
-        """The backward step as equations, in the order they are computed."""
-        return _print(self)
+    def equations(self, seeds: str = "d_{}_next", previous: bool = True) -> str:
+        """The backward step as equations, in the order they are computed; an arriving
+        adjoint of `s` prints as seeds.format(s), and `previous=False` leaves out the
+        adjoints of previous states (a tree cell's steps have none)."""
+        with ir.seeds_named(seeds):
+            return _print(self, previous)
 
 
 def grad(step: StepIR) -> Backward:
@@ -90,7 +93,7 @@ def _labels(step: StepIR) -> dict[int, str]:
     unnamed nodes inside an equation (so the adjoint of sigmoid's argument is `d_i_pre`)."""
     labels = dict(step.names)
     for target, root in step.values.items():
-        if labels[root.uid] != target:  # an alias of another equation's value
+        if labels.get(root.uid) != target:  # a leaf, or another equation's value renamed
             continue
         k, stack = 0, [root]
         while stack:
@@ -107,7 +110,7 @@ def _labels(step: StepIR) -> dict[int, str]:
     return labels
 
 
-def _print(b: Backward) -> str:
+def _print(b: Backward, previous: bool) -> str:
     fwd = b.forward
     roots = b.roots()
     uses: dict[int, int] = defaultdict(int)
@@ -129,9 +132,11 @@ def _print(b: Backward) -> str:
         if g.uid in names and not g.is_leaf:
             lines.append(f"{label} = {names[g.uid]}")
             continue
-        lines.append(f"{label} = {ir.render(g, names)}")
+        text = ir.render(g, names)
+        if text != label:  # (a tree step's arriving adjoint may print as its own name)
+            lines.append(f"{label} = {text}")
         names[g.uid] = label
-    for s, g in b.d_prev.items():
+    for s, g in b.d_prev.items() if previous else ():
         lines.append(f"d_{s}_prev = {ir.render(g, names, False)}")
     for x, g in b.d_inputs.items():
         lines.append(f"d_{x} = {ir.render(g, names, False)}")

@@ -14,6 +14,7 @@ Matrix-valued states and index notation would add leaf shapes with two sizes and
 """
 from __future__ import annotations
 
+import contextvars
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -244,6 +245,21 @@ def topo_order_until(roots, stop) -> list[Node]:
 
 
 # -- printing -------------------------------------------------------------------------------
+# How an adjoint arriving at a step prints: `d_h_next` in a sequence (from step t+1 and the
+# loss); a tree cell's steps print theirs as coming from the parent (see `seeds_named`).
+_SEED_NAME = contextvars.ContextVar("seed_name", default="d_{}_next")
+
+
+@contextmanager
+def seeds_named(pattern: str):
+    """Within the block, an arriving adjoint of `s` prints as pattern.format(s)."""
+    token = _SEED_NAME.set(pattern)
+    try:
+        yield
+    finally:
+        _SEED_NAME.reset(token)
+
+
 _INFIX = {"add": ("+", 1), "sub": ("-", 1), "mul": ("*", 2), "div": ("/", 2),
           "matvec": ("@", 3), "matvec_t": ("@", 3), "pow": ("**", 5)}
 _FUNC_NAMES = {"minimum": "min", "maximum": "max", "rsum": "sum", "rmean": "mean", "rmax": "max"}
@@ -263,7 +279,7 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
     if n.op == "prev":
         return f"{n.attr}_prev", 9
     if n.op == "adj":
-        return f"d_{n.attr}_next", 9
+        return _SEED_NAME.get().format(n.attr), 9
     if n.op == "const":
         v = n.attr
         text = str(int(v)) if abs(v) < 1e15 and v == int(v) else repr(v)  # inf, nan: repr
@@ -307,9 +323,12 @@ class StepIR:
 
     @property
     def names(self) -> dict[int, str]:
+        """Computed node -> the first equation that names it (a leaf keeps its own name, even
+        where an equation only renames it)."""
         out: dict[int, str] = {}
         for name, n in self.values.items():
-            out.setdefault(n.uid, name)
+            if not n.is_leaf:
+                out.setdefault(n.uid, name)
         return out
 
     def roots(self) -> list[Node]:
@@ -319,5 +338,7 @@ class StepIR:
         return self.values[name].shape
 
     def equations(self) -> str:
+        """One line per equation; one that only renames an earlier value prints as its name."""
         names = self.names
-        return "\n".join(f"{t} = {render(n, names)}" for t, n in self.values.items())
+        return "\n".join(f"{t} = {names[n.uid] if names.get(n.uid, t) != t else render(n, names)}"
+                         for t, n in self.values.items())

@@ -94,9 +94,18 @@ def reverse_within(a: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.take_along_axis(a, index[:, :, None], axis=0)
 
 
-def _mask(lengths: np.ndarray, T: int) -> np.ndarray:
-    """(T, B, 1): 1 on the steps inside each sequence, 0 on its padding."""
-    return (np.arange(T)[:, None] < lengths)[:, :, None]
+def _zero_padding(a: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`a` (T, B, n) with the steps past each sequence's length zeroed, in a copy; `a` itself
+    when there are no such steps."""
+    T = a.shape[0]
+    if lengths.min(initial=T) >= T:
+        return a
+    return a * (np.arange(T)[:, None] < lengths)[:, :, None]
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """Parts (T, B, n_k) side by side; a lone part as it is, without a copy."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
 
 
 def _accumulate(adjoints: dict, key, d: np.ndarray) -> None:
@@ -262,7 +271,7 @@ class Network:
         T, B = x.shape[:2]
         lengths = _lengths(lengths, T, B)
         # Padding is ignored: zeroed once here, it stays zero through every stream.
-        values = {X: x.astype(_common_dtype(params, {X: x})) * _mask(lengths, T)}
+        values = {X: _zero_padding(x.astype(_common_dtype(params, {X: x}), copy=False), lengths)}
         inputs, cells, finals = {}, {}, {}
         for layer, stream, directions in self._parts():
             sources = [values[k] for k in self._sources(layer, stream)]
@@ -274,11 +283,11 @@ class Network:
                                         lengths=lengths, save=save)
                 outs.append(self._orient(fwd.output, d, lengths))
                 cells[(layer, d)], finals[(layer, d)] = fwd, fwd.states
-            y = np.concatenate(outs, axis=2)
-            if self.residual:
-                y += self._project(params, self._name(layer, "proj", stream), u)
+            y = _joined(outs)
+            if self.residual:  # a new array: the cell's own output stays as it gave it
+                y = y + self._project(params, self._name(layer, "proj", stream), u)
             inputs[(layer, stream)], values[(layer, stream)] = u, y
-        top = np.concatenate([values[(self.layers - 1, s)] for s in self.streams], axis=2)
+        top = _joined([values[(self.layers - 1, s)] for s in self.streams])
         return NetworkRun(top, finals, _Tape(lengths, values, inputs, cells) if save else None)
 
     def backward(self, params: dict, tape: _Tape, dy) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -299,12 +308,11 @@ class Network:
             raise ValueError("this forward pass ran with save=False: run it again to backpropagate")
         self._check(params)
         x = tape.values[X]
-        T = x.shape[0]
         dy = np.zeros((*x.shape[:2], self.output_size), x.dtype) if dy is None else \
             np.asarray(dy, x.dtype)
         if dy.shape != (*x.shape[:2], self.output_size):
             raise ValueError(f"dy must be {(*x.shape[:2], self.output_size)}, got {dy.shape}")
-        dy = dy * _mask(tape.lengths, T)  # what lands on padding goes nowhere
+        dy = _zero_padding(dy, tape.lengths)  # what lands on padding goes nowhere
         grads: dict[str, np.ndarray] = {}
         d_state0 = {}
         adjoints = dict(zip([(self.layers - 1, s) for s in self.streams],
@@ -312,17 +320,19 @@ class Network:
         for layer, stream, directions in reversed(list(self._parts())):
             d_y = adjoints.pop((layer, stream))
             u = tape.inputs[(layer, stream)]
-            du = np.zeros_like(u)
+            du = None  # dL/du, summed over the residual and the directions (never in place:
+            # a part may be a view of dy)
             if self.residual:
-                du += self._project_backward(params, grads, self._name(layer, "proj", stream),
-                                             u, d_y)
+                du = self._project_backward(params, grads, self._name(layer, "proj", stream),
+                                            u, d_y)
             for d, d_out in zip(directions, np.split(d_y, len(directions), axis=2)):
                 g = self.cell.backward(self._cell_params(params, layer, d), tape.cells[(layer, d)],
                                        d_outputs=self._orient(d_out, d, tape.lengths),
                                        d_states=d_states.get((layer, d)))
                 d_state0[(layer, d)] = g.state0
                 grads.update({f"layer{layer}.{d}.{p}": v for p, v in g.params.items()})
-                du += self._orient(g.inputs[self.x_name], d, tape.lengths)
+                part = self._orient(g.inputs[self.x_name], d, tape.lengths)
+                du = part if du is None else du + part
             self._combine_backward(params, grads, layer, stream, tape.values, du, adjoints)
         return {name: grads[name] for name in self._shapes}, adjoints[X], d_state0
 

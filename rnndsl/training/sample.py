@@ -89,8 +89,7 @@ def load_trained(path):
     """The training configuration, model and parameters of a checkpoint whose model writes
     sequences (GENERATING); any other (another task, a bidirectional language model, a changed
     text) is a UserError naming it."""
-    from rnndsl.training.optim import make_optimizer
-    from rnndsl.training.train import load_checkpoint, make_model, read_checkpoint
+    from rnndsl.training.train import load_checkpoint, make_model, optimizer_for, read_checkpoint
 
     where = printable(path)
     ckpt = read_checkpoint(path)
@@ -115,8 +114,7 @@ def load_trained(path):
                         f"characters; {printable(config.text or 'the built-in text')} now has "
                         f"{model.task.output_size}: the text changed since training")
     params = model.init_params(config.seed, config.orthogonal)
-    load_checkpoint(path, config, params, make_optimizer(config.optimizer, config.lr,
-                                                         config.momentum))
+    load_checkpoint(path, config, params, optimizer_for(config))
     return config, model, params
 
 

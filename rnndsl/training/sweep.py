@@ -55,10 +55,11 @@ from rnndsl.training.train import TrainConfig, check_writable, task_for, train
 
 # The settings a sweep may vary, with the type of their values. The spec, task, seed and
 # steps are the sweep's own axes; a decoder is a spec, so it is fixed for the sweep.
-HYPERPARAMETERS = {"lr": float, "momentum": float, "clip": float, "clip_value": float,
-                   "hidden": int, "layers": int, "batch": int, "length": int,
-                   "optimizer": str, "bidirectional": str, "dense": str, "condition": str,
-                   "residual": bool, "orthogonal": bool}
+HYPERPARAMETERS = {"lr": float, "momentum": float, "weight_decay": float, "clip": float,
+                   "clip_value": float, "hidden": int, "layers": int, "batch": int,
+                   "length": int, "warmup": int, "optimizer": str, "schedule": str,
+                   "bidirectional": str, "dense": str, "condition": str, "residual": bool,
+                   "orthogonal": bool}
 RANGES = {"uniform": float, "loguniform": float, "randint": int}  # and choice(...) of any type
 STATUSES = ("ok", "stopped", "diverged", "error")
 SCHEDULERS = ("fifo", "asha")
@@ -297,7 +298,7 @@ def run_trial(space: dict) -> None:
         with kernel_lock(config):
             train(replace(config, steps=1))  # compiles the kernels, or loads them from disk
         state["kernel_seconds"] = time.perf_counter() - started
-        train(config, progress=report, held_out_log=True)
+        train(config, progress=report, threads=space["threads"], held_out_log=True)
     except TrainingDiverged as exc:
         failed("diverged", str(exc), exc.step)
     except Exception as exc:  # noqa: BLE001 - any failure is this trial's result, not the sweep's
@@ -535,7 +536,8 @@ def run(sweep: Sweep, out, address: str | None = None, cpus: int | None = None,
 
         space = {"trial": tune.grid_search([{"key": t.key, "spec": t.spec, "point": t.point,
                                              "seed": t.seed, "settings": t.settings}
-                                            for t in pending])}
+                                            for t in pending]),
+                 "threads": cpus_per_trial}  # the kernels' BLAS threads
         asha = ASHAScheduler(time_attr="step", metric=METRIC, mode="min", max_t=steps,
                              grace_period=grace, reduction_factor=3)
         storage = tempfile.mkdtemp(prefix="rnndsl-sweep-")  # Tune's own state, not kept

@@ -25,6 +25,7 @@ import os
 import time
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from rnndsl.training.heads import Head
 from rnndsl.training.layers import Network
 from rnndsl.engines.cell import HIDDEN
 from rnndsl.language.errors import UserError, printable
-from rnndsl.training.optim import (OPTIMIZERS, check_finite, clip_global_norm, clip_value, global_norm,
-                    make_optimizer)
+from rnndsl.backend.blas import blas_threads
+from rnndsl.training.optim import (OPTIMIZERS, SCHEDULES, Schedule, TrainingDiverged,
+                                   check_finite, flatten, load_passes, make_optimizer)
 from rnndsl.training.tasks import SEQUENCE_TASKS, TASKS, Batch, make_task
 
 EVAL_SEED = 2**31 - 1  # the held-out batch's seed; training batches use (seed, step)
@@ -45,6 +47,10 @@ BIDIRECTIONAL = ("concat", "separate", "alternate")
 DENSE = ("add", "concat")
 CONDITIONS = ("state", "input", "both")  # how expand's decoder reads its vector
 SAVE_EVERY = 100  # steps between checkpoints
+# The kernels' BLAS threads during training. Its products at training sizes are small (one per
+# time step inside the loops); on this project's 2-core machine under load from other
+# processes, a second thread waiting for a core made them 3-15x slower, the whole step 5x.
+KERNEL_THREADS = 1
 
 
 @dataclass
@@ -62,6 +68,11 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float | None = None  # the optimizer's default when None
     momentum: float = 0.0
+    weight_decay: float | None = None  # adamw only (0.01 when None)
+    # the learning rate's: constant, warmup or cosine (whose decay ends at `steps`: a run
+    # resumed with more steps follows the longer curve from where it stands)
+    schedule: str = "constant"
+    warmup: int = 0  # steps of linear warm-up (warmup and cosine schedules)
     clip: float | None = 1.0  # global-norm threshold
     clip_value: float | None = None
     batch: int = 32
@@ -77,6 +88,7 @@ class TrainConfig:
         """Refuse any setting that cannot make a sound run, naming it."""
         for name, choices in (("task", TASKS), ("optimizer", OPTIMIZERS), ("dtype", DTYPES),
                               ("bidirectional", BIDIRECTIONAL), ("dense", DENSE),
+                              ("schedule", SCHEDULES),
                               ("condition", CONDITIONS)):
             value = getattr(self, name)
             if not (value in choices or (value is None and name in ("bidirectional", "dense",
@@ -104,6 +116,16 @@ class TrainConfig:
         _number("clip_value", self.clip_value, low=0, low_open=True, none_ok=True)
         if self.momentum and self.optimizer != "sgd":
             raise UserError("momentum applies to sgd only (adam keeps its own moment estimates)")
+        _number("weight_decay", self.weight_decay, low=0, none_ok=True)
+        if self.weight_decay is not None and self.optimizer != "adamw":
+            raise UserError("weight_decay applies to the adamw optimizer only")
+        if not (isinstance(self.warmup, int) and not isinstance(self.warmup, bool)
+                and self.warmup >= 0):
+            raise UserError(f"warmup must be a whole number >= 0, got {self.warmup!r}")
+        try:
+            Schedule(self.schedule, self.warmup, self.steps)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
 
     @property
     def label(self) -> str:
@@ -195,6 +217,24 @@ class Model:
         return res.loss, res.metrics, {**net_grads, **res.grads}
 
 
+def optimizer_for(config: TrainConfig):
+    return make_optimizer(config.optimizer, config.lr, config.momentum, config.weight_decay)
+
+
+@contextmanager
+def kernel_threads(n: int | None):
+    """Run the block with the kernels' BLAS on `n` threads (None: as it is), then restore."""
+    before = blas_threads()
+    if n is None or before is None:
+        yield
+        return
+    blas_threads(n)
+    try:
+        yield
+    finally:
+        blas_threads(before)
+
+
 def batch_at(task, seed: int, step: int, size: int, dtype) -> Batch:
     return task.sample(np.random.default_rng([seed, step]), size, dtype)
 
@@ -207,34 +247,47 @@ def held_out_batch(task, seed: int, size: int, dtype):
 
 def train(config: TrainConfig, progress=None, save: str | Path | None = None,
           resume: str | Path | None = None, save_every: int = SAVE_EVERY,
-          held_out_log: bool = False) -> TrainResult:
+          threads: int | None = KERNEL_THREADS, held_out_log: bool = False) -> TrainResult:
     """Train as `config` says. `progress(step, record)` is called after every step (record is
     a log record on logging steps, else None). `save` writes a checkpoint every `save_every`
-    steps (0: only at the end) and at the end; `resume` continues from one. `held_out_log`
-    also evaluates the held-out batch at every log record (`record["held_out"]`), so runs can
-    be compared along the way (rnndsl sweep); its time counts in steps/s."""
+    steps (0: only at the end) and at the end; `resume` continues from one. `threads`: the
+    kernels' BLAS threads during the run (None: leave them as they are). `held_out_log` also
+    evaluates the held-out batch at every log record (`record["held_out"]`), so runs can be
+    compared along the way (rnndsl sweep); its time counts in steps/s."""
     if save is not None:
         check_writable(save, "checkpoint")
     if not (isinstance(save_every, int) and save_every >= 0):
         raise UserError(f"save_every must be a whole number >= 0, got {save_every!r}")
+    if not (threads is None or (isinstance(threads, int) and threads >= 1)):
+        raise UserError(f"threads must be a whole number of at least 1, got {threads!r}")
+    with kernel_threads(threads):
+        return _train(config, progress, save, resume, save_every, held_out_log)
+
+
+def _train(config, progress, save, resume, save_every, held_out_log) -> TrainResult:
     model = make_model(config)
-    optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
-    params = model.init_params(config.seed, config.orthogonal)
+    optimizer = optimizer_for(config)
+    schedule = Schedule(config.schedule, config.warmup, config.steps)
+    # one buffer, which the optimiser updates in a single pass
+    params = flatten(model.init_params(config.seed, config.orthogonal))
     start, log = 0, []
     if resume is not None:
         start, log = load_checkpoint(resume, config, params, optimizer)
     eval_batch = held_out_batch(model.task, config.seed, config.eval_batch, model.dtype)
     model.loss(params, batch_at(model.task, EVAL_SEED, 0, 1, model.dtype))  # load the kernels
+    load_passes(model.dtype)  # and the optimiser's
     t0 = time.perf_counter()  # so that steps/s measures training, not compilation
     window: list[tuple[float, dict, float]] = []
     for step in range(start, config.steps):
         batch = batch_at(model.task, config.seed, step, config.batch, model.dtype)
         loss, metrics, grads = model.loss(params, batch)
-        check_finite(step, loss, grads)
-        norm = clip_global_norm(grads, config.clip) if config.clip else global_norm(grads)
-        if config.clip_value:
-            clip_value(grads, config.clip_value)
-        optimizer.step(params, grads)
+        if not math.isfinite(loss):
+            check_finite(step, loss, {})
+        norm = optimizer.step(params, grads, lr=optimizer.lr * schedule(step),
+                              clip_norm=config.clip or None, clip_value=config.clip_value)
+        if not math.isfinite(norm):  # nothing was updated
+            check_finite(step, loss, grads)
+            raise TrainingDiverged(f"step {step}: the gradients' global norm overflows", step)
         window.append((loss, metrics, norm))
         record = None
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:

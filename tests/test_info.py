@@ -1,0 +1,47 @@
+"""`rnndsl info`: what the process runs on, as text and as JSON."""
+import json
+import os
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from rnndsl import __version__
+from rnndsl.cli import app
+
+
+def test_info_reports_versions_blas_cache_and_cuda(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNDSL_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    assert found["versions"]["rnndsl"] == __version__
+    assert found["versions"]["numba"] and found["versions"]["numpy"]
+    assert found["kernel_cache"] == str(tmp_path / "cache")
+    assert found["cuda"]["imports"] in (True, False)
+    text = CliRunner().invoke(app, ["info"])
+    assert text.exit_code == 0 and "CUDA target:" in text.output and "kernel cache:" in text.output
+
+
+def test_info_in_the_simulator_names_each_pass_time_loop(tmp_path):
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "RNNDSL_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "rnndsl.cli", "info", "--json"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    cuda = json.loads(out.stdout)["cuda"]
+    assert cuda["simulator"] is True and cuda["gemm_backend"] == "numba"
+    assert set(cuda["time_loop"]) == {"lstm S", "lstm M", "lstm L", "lstm T1"}
+    for passes in cuda["time_loop"].values():
+        assert set(passes) == {"forward", "backward"}
+        assert all(m == "per-step" or m.startswith("persistent (") for m in passes.values())
+
+
+def test_a_cuda_support_that_cannot_import_is_reported_not_raised(monkeypatch):
+    # as numba-cuda 0.30 does on NumPy 2.5 (np.row_stack is gone)
+    import rnndsl.backend
+
+    monkeypatch.setitem(sys.modules, "rnndsl.backend.cuda_support", None)
+    monkeypatch.delattr(rnndsl.backend, "cuda_support", raising=False)
+    result = CliRunner().invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "CUDA target: cannot import Numba's CUDA support (ModuleNotFoundError" in result.output
