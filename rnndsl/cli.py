@@ -572,6 +572,101 @@ def _train_expr(ctx: typer.Context, specs: list[str], options: dict):
         plot(results, options["plot"])
 
 
+TrialScheduler = _choices("TrialScheduler", ("fifo", "asha"))
+
+
+@app.command()
+@reports_input_errors
+def sweep(ctx: typer.Context,
+          specs: list[str] = typer.Argument(..., help="Spec files, built-in names or folders "
+                                                      "(every .yaml in them)."),
+          task: Task = typer.Option(..., help="The task every trial trains on."),
+          grid: list[str] = typer.Option([], metavar="NAME=V1,V2", help="Try every value "
+                                         "(repeatable; e.g. lr=1e-3,1e-2)."),
+          search: list[str] = typer.Option([], metavar="NAME=RANGE", help="Draw from a range "
+                                           "(repeatable): uniform(a,b), loguniform(a,b), "
+                                           "randint(a,b) or choice(v1,v2,...)."),
+          samples: int = typer.Option(1, min=1, help="Points drawn from the --search ranges "
+                                                     "(each with every grid value)."),
+          seeds: int = typer.Option(1, min=1, help="Seeds per point: 0, 1, ..."),
+          search_seed: int = typer.Option(0, min=0, help="Seed of the draws."),
+          out: str = typer.Option("sweep", help="Results folder: trials.jsonl and trials.csv."),
+          resume: bool = typer.Option(False, "--resume", help="Keep the finished trials in "
+                                      "--out and run the others."),
+          address: str = typer.Option(None, help="A running Ray cluster (HOST:PORT of its "
+                                                 "head); default: a Ray started for the run."),
+          cpus: int = typer.Option(None, min=1, help="CPUs of the Ray started here (default: "
+                                                     "all of this machine's)."),
+          cpus_per_trial: int = typer.Option(1, min=1, help="CPUs each trial holds."),
+          scheduler: TrialScheduler = typer.Option("fifo", help="asha: stop trials whose "
+                                                   "held-out loss falls behind (Ray Tune's "
+                                                   "ASHA)."),
+          grace: int = typer.Option(None, min=1, help="asha: steps before a trial can be "
+                                                      "stopped (default: a tenth of --steps)."),
+          plot: str = typer.Option(None, help="Write a box plot of the best held-out loss per "
+                                              "spec to this image (needs matplotlib)."),
+          steps: int = typer.Option(1000, min=1, help="Optimizer steps of every trial."),
+          length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN, layers: int = LAYERS,
+          bidirectional: Bidirectional = BIDIRECTIONAL, residual: bool = RESIDUAL,
+          dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL, optimizer: Optimizer = OPTIMIZER,
+          lr: float = LR, momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY,
+          schedule: Schedule = SCHEDULE, warmup: int = WARMUP, clip: float = CLIP,
+          clip_value: float = CLIP_VALUE, batch: int = BATCH, dtype: Dtype = DTYPE,
+          decoder: str = DECODER, condition: Condition = CONDITION):
+    """Train every combination of SPECS, hyperparameter points and seeds as Ray Tune trials;
+    write a row per trial as it ends and print the best held-out loss per spec."""
+    import time
+
+    from rnndsl.training import sweep as sweeping
+
+    fixed = _plain({k: v for k, v in locals().items() if k in (
+        "task", "length", "text", "hidden", "steps", "layers", "bidirectional", "residual",
+        "dense", "orthogonal", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+        "warmup", "clip", "clip_value", "batch", "dtype", "decoder", "condition")})
+    if fixed["text"]:  # trials run in folders of their own
+        fixed["text"] = str(Path(fixed["text"]).resolve())
+    varied = [item.partition("=")[0].strip() for item in (*grid, *search)]
+    clash = [n for n in varied if n in fixed and
+             ctx.get_parameter_source(n).name not in ("DEFAULT", "DEFAULT_MAP")]
+    if clash:
+        raise UserError(f"{', '.join(clash)}: given as an option and in --grid/--search; "
+                        "give each one way")
+    _check_plot(plot)
+    study = sweeping.plan(specs, fixed, grid, search, samples, seeds, search_seed)
+    config = study.config
+
+    def start(finished):
+        typer.echo(f"{len(study.trials)} trials: {len(study.specs)} spec(s) x {study.points} "
+                   f"point(s) x {study.seeds} seed(s); task {config.task}" +
+                   (f" length {config.length}" if config.length else "") + f", {config.steps}"
+                   f" steps, batch {config.batch}; results in {printable(out)}" +
+                   (f" ({finished} finished before)" if finished else ""))
+
+    def show(row, done, total):
+        point = " ".join(f"{k}={sweeping.shown(v)}" for k, v in row["hyperparameters"].items())
+        what = f"best held-out loss {row['best_loss']:.4g} at step {row['best_step']}" \
+            if row["best_loss"] is not None else printable(row["reason"] or "")
+        typer.echo(f"[{done}/{total}] {printable(row['spec'])} {point} seed {row['seed']}: "
+                   f"{row['status']}, {what}")
+
+    t0 = time.perf_counter()
+    rows = sweeping.run(study, out, address=address, cpus=cpus, cpus_per_trial=cpus_per_trial,
+                        scheduler=scheduler.value, grace=grace, resume=resume,
+                        on_start=start, on_row=show)
+    seconds = time.perf_counter() - t0
+    typer.echo(f"{len(rows)} trials in {printable(out)}, {seconds:.0f} s; best held-out loss "
+               f"per spec (median, inter-quartile range) of the trials that ran or were "
+               f"stopped; seconds waiting for kernels:")
+    for line in sweeping.format_summary(rows):
+        typer.echo(line)
+    if plot:
+        sweeping.plot(rows, plot, f"{config.task}, {config.steps} steps")
+    if len(rows) < len(study.trials):  # interrupted (Ctrl-C stops Tune, which returns)
+        typer.echo(f"{len(study.trials) - len(rows)} of {len(study.trials)} trials did not end; "
+                   "the same command with --resume runs them", err=True)
+        raise typer.Exit(1)
+
+
 # -- generation ---------------------------------------------------------------------------------
 @app.command()
 @reports_input_errors

@@ -2,19 +2,21 @@
 
 The blocks are read from README.md, never copied here:
 * shell blocks (```bash, or unlabelled ones whose lines are commands): each command runs, in
-  order, in one scratch folder per block that sees the checkout's `specs/`, `tests/` and
-  README.md, and must exit 0. A `$ command` line is followed by its expected output, which must
-  be printed exactly. Installing, the test suite itself and the GPU are excepted, and marked
+  order, in one scratch folder per block that sees the checkout's `specs/`, `examples/`,
+  `tests/` and README.md, and must exit 0. A `$ command` line is followed by its expected
+  output, which must be printed exactly. Installing, the test suite itself and the GPU are excepted, and marked
   as skipped with the reason (`EXCEPTED`).
 * To keep the suite fast, training runs are shortened: `--steps N` becomes N // 1000 (at
-  least 2), a `train` or `compare` without `--steps` gets `--steps 2`, and `bench` runs the
-  smallest workload (`--size S`) with `--repeats 1`. Every other flag is passed as written.
+  least 2), a `train` or `compare` without `--steps` gets `--steps 2`, a `sweep` draws one
+  point (`--samples 1`) and trains one seed (`--seeds 1`), and `bench` runs the smallest
+  workload (`--size S`) with `--repeats 1`. Every other flag is passed as written.
 * An output block of derived equations (`d_... = ...`) must appear, line by line, in what the
   README's `--show backward` command prints.
 * Python blocks run in order within their section, in one namespace per section.
 * YAML blocks compile, to the same step as the built-in spec of their name.
 """
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -40,7 +42,17 @@ EXCEPTED = [  # (pattern, why the command is not run here)
     (r"^python -m pytest", "the suite that runs this test"),
     (r"^python benchmarks/", "a benchmark of minutes: its figures are in the README, with the "
                              "machine and the date"),
+    (r"^ray start", "starts a node of a Ray cluster: tests/test_sweep.py starts a cluster of two "
+                    "nodes on a loopback address"),
+    (r"^rnndsl sweep .*--address", "needs a running Ray cluster: tests/test_sweep.py runs one"),
 ]
+
+
+def missing(command: str) -> str | None:
+    """Why a command cannot run here: the optional extra it needs is not installed."""
+    if command.startswith("rnndsl sweep") and importlib.util.find_spec("ray") is None:
+        return 'needs Ray Tune, the sweep extra: pip install -e ".[sweep]"'
+    return None
 
 
 def blocks():
@@ -85,12 +97,16 @@ def excepted(command: str) -> str | None:
 def shortened(args: list[str]) -> list[str]:
     """The README's command with fewer training steps and timing repeats (see the docstring)."""
     args = list(args)
-    if args[:1] == ["rnndsl"] and args[1:2] in (["train"], ["compare"]):
+    if args[:1] == ["rnndsl"] and args[1:2] in (["train"], ["compare"], ["sweep"]):
         if "--steps" in args:
             i = args.index("--steps") + 1
             args[i] = str(max(2, int(args[i]) // 1000))
         else:
             args += ["--steps", "2"]
+    if args[:2] == ["rnndsl", "sweep"]:
+        for option in ("--samples", "--seeds"):
+            if option in args:
+                args[args.index(option) + 1] = "1"
     if args[:2] == ["rnndsl", "bench"]:
         if "--size" in args:
             args[args.index("--size") + 1] = "S"
@@ -99,7 +115,7 @@ def shortened(args: list[str]) -> list[str]:
 
 
 def scratch(tmp_path: Path) -> Path:
-    for name in ("specs", "tests"):
+    for name in ("specs", "examples", "tests"):
         (tmp_path / name).symlink_to(ROOT / name)
     (tmp_path / "README.md").write_text(README)
     return tmp_path
@@ -120,7 +136,9 @@ def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 SHELL = [(line, list(shell_lines(text))) for line, lang, _, text in blocks()
          if is_shell(lang, text)]
-RUNNABLE = [pytest.param([(c, e) for c, e in cmds if not excepted(c)], id=f"line{line}")
+RUNNABLE = [pytest.param([(c, e) for c, e in cmds if not excepted(c)], id=f"line{line}",
+                         marks=[pytest.mark.skip(reason=why) for why in
+                                {missing(c) for c, _ in cmds if not excepted(c)} if why])
             for line, cmds in SHELL if any(not excepted(c) for c, _ in cmds)]
 NOT_RUN = [pytest.param(c, marks=pytest.mark.skip(reason=excepted(c)), id=f"line{line}-{c}")
            for line, cmds in SHELL for c, _ in cmds if excepted(c)]

@@ -247,11 +247,13 @@ def held_out_batch(task, seed: int, size: int, dtype):
 
 def train(config: TrainConfig, progress=None, save: str | Path | None = None,
           resume: str | Path | None = None, save_every: int = SAVE_EVERY,
-          threads: int | None = KERNEL_THREADS) -> TrainResult:
+          threads: int | None = KERNEL_THREADS, held_out_log: bool = False) -> TrainResult:
     """Train as `config` says. `progress(step, record)` is called after every step (record is
     a log record on logging steps, else None). `save` writes a checkpoint every `save_every`
     steps (0: only at the end) and at the end; `resume` continues from one. `threads`: the
-    kernels' BLAS threads during the run (None: leave them as they are)."""
+    kernels' BLAS threads during the run (None: leave them as they are). `held_out_log` also
+    evaluates the held-out batch at every log record (`record["held_out"]`), so runs can be
+    compared along the way (rnndsl sweep); its time counts in steps/s."""
     if save is not None:
         check_writable(save, "checkpoint")
     if not (isinstance(save_every, int) and save_every >= 0):
@@ -259,10 +261,10 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
     if not (threads is None or (isinstance(threads, int) and threads >= 1)):
         raise UserError(f"threads must be a whole number of at least 1, got {threads!r}")
     with kernel_threads(threads):
-        return _train(config, progress, save, resume, save_every)
+        return _train(config, progress, save, resume, save_every, held_out_log)
 
 
-def _train(config, progress, save, resume, save_every) -> TrainResult:
+def _train(config, progress, save, resume, save_every, held_out_log) -> TrainResult:
     model = make_model(config)
     optimizer = optimizer_for(config)
     schedule = Schedule(config.schedule, config.warmup, config.steps)
@@ -290,6 +292,8 @@ def _train(config, progress, save, resume, save_every) -> TrainResult:
         record = None
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             record = _record(step + 1, window, time.perf_counter() - t0, start)
+            if held_out_log:
+                record["held_out"] = evaluate(model, params, eval_batch)
             log.append(record)
             window = []
         if save is not None and save_every and (step + 1) % save_every == 0 and \
@@ -298,11 +302,16 @@ def _train(config, progress, save, resume, save_every) -> TrainResult:
         if progress is not None:
             progress(step + 1, record)
     seconds = time.perf_counter() - t0
-    loss, metrics, _ = model.loss(params, eval_batch, grads=False)
-    final = {"loss": float(loss), **_floats(metrics), "baseline": model.task.baseline}
+    final = {**evaluate(model, params, eval_batch), "baseline": model.task.baseline}
     if save is not None:
         save_checkpoint(save, config, params, optimizer, config.steps, log)
     return TrainResult(config, log, final, seconds, config.steps - start, params)
+
+
+def evaluate(model, params: dict, batch) -> dict:
+    """The loss and the head's metrics on a batch, without gradients."""
+    loss, metrics, _ = model.loss(params, batch, grads=False)
+    return {"loss": float(loss), **_floats(metrics)}
 
 
 def _floats(metrics: dict) -> dict:
