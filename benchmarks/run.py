@@ -12,9 +12,9 @@ The peers, each the strongest of its kind that a user would write:
   A spec without a hand-written loop gets rnndsl.peers.EagerLoop, the same shape evaluated
   from the cell's step IR.
 - compile: the same loop with its step (and the hoisted input side) under torch.compile
-  (Inductor). Compiling the whole loop instead unrolls all T steps into one graph: minutes of
-  compiling at T=500 and 1000, and at S (T=100) its forward+backward was slower than the
-  compiled step's. The warm-up runs compile; they are not timed.
+  (Inductor), the way a recurrent loop is compiled: one graph of the step, reused T times.
+  Compiling the whole loop would unroll all T steps (up to 1000) into one graph. The warm-up
+  runs compile; they are not timed.
 - jax: the same cell under jax.lax.scan and jax.jit, forward and jax.grad of the sum of the
   outputs w.r.t. every weight and the input, timed up to block_until_ready; only where JAX is
   installed (the `bench` extra).
