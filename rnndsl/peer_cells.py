@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from rnndsl.compiler import analyse, builtin_specs
+
 
 @dataclass(frozen=True)
 class HandCell:
@@ -122,10 +124,8 @@ HAND_CELLS = {c.spec: c for c in [
 def hand_cell(cell) -> HandCell | None:
     """The hand-written peer of a compiled cell: only when the cell is a built-in spec whose
     equations are unchanged (a user's spec named 'lstm' with other equations has none)."""
-    from rnndsl.compiler import analyse, builtin_specs
-
     hand = HAND_CELLS.get(cell.name)
-    if hand is None or cell.name not in builtin_specs():
+    if hand is None:
         return None
     builtin, _ = analyse(builtin_specs()[cell.name])
     return hand if _signature(builtin) == _signature(cell.step) else None
