@@ -91,9 +91,10 @@ def test_only_the_builtin_equations_get_a_hand_written_peer(tmp_path):
 @pytest.fixture
 def jax_x64():
     jax = pytest.importorskip("jax")  # an optional benchmark extra, not a test dependency
+    previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     yield jax
-    jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_enable_x64", previous)
 
 
 @pytest.mark.parametrize("spec", sorted(HAND_CELLS))
