@@ -85,7 +85,8 @@ def list_specs():
     """The built-in cells, one line each."""
     for name, path in compiler.builtin_specs().items():
         spec = compiler.load(path)
-        typer.echo(f"{name:<18} {printable(spec.summary)}")
+        where = "" if name in compiler.kernel_specs() else " [reference target only]"
+        typer.echo(f"{name:<18} {printable(spec.summary)}{where}")
 
 
 @app.command()

@@ -245,8 +245,10 @@ def topo_order_until(roots, stop) -> list[Node]:
 
 # -- printing -------------------------------------------------------------------------------
 _INFIX = {"add": ("+", 1), "sub": ("-", 1), "mul": ("*", 2), "div": ("/", 2),
-          "matvec": ("@", 3), "matvec_t": ("@", 3), "pow": ("**", 5)}
-_FUNC_NAMES = {"minimum": "min", "maximum": "max", "rsum": "sum", "rmean": "mean", "rmax": "max"}
+          "matvec": ("@", 3), "matvec_t": ("@", 3), "mv": ("@", 3), "mtv": ("@", 3),
+          "pow": ("**", 5)}
+_FUNC_NAMES = {"minimum": "min", "maximum": "max", "rsum": "sum", "rmean": "mean", "rmax": "max",
+               "axis_sum": "sum"}
 
 
 def render(n: Node, names: dict[int, str] | None = None, top: bool = True) -> str:
@@ -268,8 +270,12 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
         v = n.attr
         text = str(int(v)) if abs(v) < 1e15 and v == int(v) else repr(v)  # inf, nan: repr
         return text, (9 if v >= 0 else 4)
-    if n.op == "bcast":
+    if n.op in ("bcast", "spread"):
         return _render(n.args[0], names, False)
+    if n.op == "axis_sum":  # sum(M, key): the axis summed over, by number if both are alike
+        rows, cols = n.args[0].shape
+        axis = str(n.attr) if rows == cols else (rows, cols)[n.attr]
+        return f"sum({_render(n.args[0], names, False)[0]}, {axis})", 9
     if n.op == "neg":
         inner, p = _render(n.args[0], names, False)
         return f"-{inner if p >= 4 else f'({inner})'}", 4
@@ -277,11 +283,11 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
         sym, prec = _INFIX[n.op]
         a, pa = _render(n.args[0], names, False)
         b, pb = _render(n.args[1], names, False)
-        if n.op == "matvec_t":
-            a = f"{a}.T"
         if pa < prec or (n.op == "pow" and pa <= prec):
             a = f"({a})"
-        if pb < prec or (pb == prec and n.op in ("sub", "div", "matvec", "matvec_t")):
+        if n.op in ("matvec_t", "mtv"):
+            a = f"{a}.T"
+        if pb < prec or (pb == prec and n.op in ("sub", "div", "matvec", "matvec_t", "mv", "mtv")):
             b = f"({b})"
         return f"{a} {sym} {b}", prec
     fname = _FUNC_NAMES.get(n.op, n.op)
