@@ -116,15 +116,6 @@ def test_padding_freezes_a_matrix_state():
 
 
 # -- located errors -------------------------------------------------------------------------------
-ERROR_HEAD = """name: bad
-sizes: [input, key, value]
-inputs: {x: input}
-states: {M: [key, value], h: value}
-outputs: [h]
-equations: |
-  a = tanh(W_a @ x)
-  b = tanh(W_b @ x)
-"""
 # (equations for M and h, words of the message, the text the caret points at)
 ERRORS = [
     ("M = outer(a, b)\n  h = a @ b", "the left side of '@' must be a weight matrix (a parameter "
@@ -155,22 +146,26 @@ ERRORS = [
 ]
 
 
-def located(text: str, marker: str) -> tuple[int, int]:
-    """1-based line and column of the first occurrence of `marker` in the equations."""
+def located(text: str, marker: str, first_line: int) -> tuple[int, int]:
+    """1-based line and column of the first occurrence of `marker` below line `first_line`."""
     lines = text.splitlines()
     for k, line in enumerate(lines):
-        if k > 5 and marker in line:
+        if k >= first_line and marker in line:
             return k + 1, line.index(marker) + 1
     raise AssertionError(marker)
 
 
-@pytest.mark.parametrize("equations, message, marker", ERRORS, ids=[e[2] for e in ERRORS])
-def test_misuse_is_a_located_error(equations, message, marker):
-    text = f"{ERROR_HEAD}  {equations}\n"
+def assert_refused(text: str, message: str, marker: str, first_line: int = 6):
+    """Compiling `text` fails with `message` at the first `marker` below `first_line`."""
     with pytest.raises(SpecError) as info:
         rnndsl.compile(text, target="reference")
     assert message in info.value.message
-    assert (info.value.pos.line, info.value.pos.column) == located(text, marker)
+    assert (info.value.pos.line, info.value.pos.column) == located(text, marker, first_line)
+
+
+@pytest.mark.parametrize("equations, message, marker", ERRORS, ids=[e[2] for e in ERRORS])
+def test_misuse_is_a_located_error(equations, message, marker):
+    assert_refused(f"{HEAD}  {equations}\n", message, marker)
 
 
 @pytest.mark.parametrize("states, equations, message, marker", [
@@ -182,11 +177,8 @@ def test_misuse_is_a_located_error(equations, message, marker):
      "sums down the rows, 1 along each row", "value)"),
 ])
 def test_a_square_matrix_needs_its_axis_named_by_number(states, equations, message, marker):
-    text = f"{ERROR_HEAD.replace('{M: [key, value], h: value}', states)}  {equations}\n"
-    with pytest.raises(SpecError) as info:
-        rnndsl.compile(text, target="reference")
-    assert message in info.value.message
-    assert (info.value.pos.line, info.value.pos.column) == located(text, marker)
+    text = f"{HEAD.replace('{M: [key, value], h: value}', states)}  {equations}\n"
+    assert_refused(text, message, marker)
 
 
 @pytest.mark.parametrize("states, message, marker", [
@@ -195,17 +187,13 @@ def test_a_square_matrix_needs_its_axis_named_by_number(states, equations, messa
     ("{M: [key, valeu]}", "unknown size 'valeu' for 'M' (did you mean 'value'?)", "valeu"),
 ])
 def test_a_bad_matrix_declaration_is_located(states, message, marker):
-    text = ERROR_HEAD.replace("{M: [key, value], h: value}", states) + "  M = outer(a, b)\n"
-    with pytest.raises(SpecError) as info:
-        rnndsl.compile(text, target="reference")
-    assert message in info.value.message
-    line = text.splitlines()[3]
-    assert (info.value.pos.line, info.value.pos.column) == (4, line.index(marker) + 1)
+    text = HEAD.replace("{M: [key, value], h: value}", states) + "  M = outer(a, b)\n"
+    assert_refused(text, message, marker, first_line=3)
 
 
 def test_cli_reports_a_matrix_error_with_a_caret_and_exit_2(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(f"{ERROR_HEAD}  M = outer(a, b)\n  h = a @ b\n")
+    path.write_text(f"{HEAD}  M = outer(a, b)\n  h = a @ b\n")
     result = CliRunner().invoke(app, ["check", str(path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{path}:10:7: the left side of '@'" in result.output

@@ -20,6 +20,9 @@ Parameters cut into blocks (see ParamLayout); the kernels only ever see the bloc
   name, and everything elementwise is done part by part.
 * A size that is a number (`shape: [3, hidden]`): such a vector is that many per-row scalars,
   so `s[0]`, `softmax(s)`, `U @ s` are plain scalar arithmetic in the kernels.
+
+Matrix values (a state `M: [key, value]`, `outer(a, b)`, ...) follow the rules of
+check_matrix.py.
 """
 from __future__ import annotations
 
@@ -598,8 +601,7 @@ class _Checker(MatrixRules):
         """A weight matrix is used only as W @ v (a matrix value is used in any way)."""
         if t.kind == "matrix" and isinstance(e, Name) and \
                 self.classify(e, self.defs)[0] == "param":
-            name = e.id if isinstance(e, Name) else "this"
-            raise SpecError(f"'{name}' is a matrix; use it as {name} @ vector", e.pos)
+            raise SpecError(f"'{e.id}' is a matrix; use it as {e.id} @ vector", e.pos)
 
     def describe_blocks(self, dims) -> str:
         return f"({SUM.join(self.sizes.name(d) or '?' for d in dims)})"

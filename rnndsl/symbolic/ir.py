@@ -9,8 +9,9 @@ keeps the derived backward pass as short as a hand derivation.
 
 Leaf ops: input, prev (a state's previous value), param, const, size (a size as a number),
 adj (an adjoint arriving at a backward step). Everything else is listed in `ops.py`.
-Matrix-valued states and index notation would add leaf shapes with two sizes and an
-`index`-style op; nothing below assumes vectors beyond the shape checks in the constructors.
+Values of rank 2 (matrix-valued states and what is computed from them) have shapes of two
+sizes; their own ops are built in `rank2.py`. Nothing below assumes vectors beyond the shape
+checks in the constructors.
 """
 from __future__ import annotations
 
