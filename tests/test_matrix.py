@@ -128,6 +128,8 @@ ERRORS = [
     ("M = outer(a, b)\n  h = sum(M_prev, 2)", "its axes are 'key' or 'value' (or 0, 1)", "2)"),
     ("M = outer(a, b)\n  h = b * sum(M_prev)", "'sum' of a matrix needs the axis it works "
      "over, as in sum(M, axis)", "sum(M_prev)"),
+    ("M = outer(a, b)\n  h = b * max(M_prev)", "'max' of a matrix is not supported; sum, mean "
+     "and norm work over one axis of a matrix", "max(M_prev)"),
     ("M = outer(a, b)\n  h = sum(b, value)", "'sum(x, axis)' reduces a matrix over one axis; "
      "this is shape (value,) (write sum(x) for all of a vector's features)", "b, value"),
     ("M = outer(M_prev, b)\n  h = b", "'outer' takes two vectors; this argument is shape "
@@ -184,6 +186,7 @@ def test_a_square_matrix_needs_its_axis_named_by_number(states, equations, messa
 @pytest.mark.parametrize("states, message, marker", [
     ("{M: [key, value, input]}", "'M' has 3 sizes; a state is a vector (M: hidden) or a "
      "matrix of two sizes (M: [key, value])", "[key, value, input]"),
+    ("{M: [key]}", "'M' has 1 size; a state is a vector", "[key]"),
     ("{M: [key, valeu]}", "unknown size 'valeu' for 'M' (did you mean 'value'?)", "valeu"),
 ])
 def test_a_bad_matrix_declaration_is_located(states, message, marker):

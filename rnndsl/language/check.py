@@ -394,8 +394,7 @@ class _Checker(MatrixRules):
             if kind in ("matrix", "axis"):
                 return self.matrix_call(e, kind, ts)
             if ts[0].kind == "matrix":
-                raise SpecError(f"'{e.func}' of a matrix needs the axis it works over, as in "
-                                f"{e.func}(M, axis) with the axis a size name", e.pos)
+                raise self.whole_matrix(e)
             if ts[0].kind != "vector":
                 raise SpecError(f"'{e.func}' of one argument works along a vector's features; "
                                 f"its argument is a scalar", e.args[0].pos)

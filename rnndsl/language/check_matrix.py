@@ -67,6 +67,16 @@ class MatrixRules:
         over = self.axis(e, m)
         return Shape("vector", (m.dims[1 - over],))
 
+    def whole_matrix(self, e: Call) -> SpecError:
+        """`sum(M)`: the functions of a vector's features need an axis of a matrix."""
+        from rnndsl.language.check import FUNCTIONS
+
+        if any(kind == "axis" for _, kind in FUNCTIONS[e.func].values()):
+            return SpecError(f"'{e.func}' of a matrix needs the axis it works over, as in "
+                             f"{e.func}(M, axis) with the axis a size name", e.pos)
+        return SpecError(f"'{e.func}' of a matrix is not supported; sum, mean and norm work "
+                         "over one axis of a matrix, as in sum(M, axis)", e.pos)
+
     def axis(self, e: Call, m) -> int:
         """The axis named by the second argument of sum / mean / norm of a matrix: 0 or 1."""
         arg, names = e.args[1], [self.sizes.name(d) for d in m.dims]

@@ -323,7 +323,8 @@ class _SpecReader:
         for n, (knode, vnode) in self.mapping(node, what).items():
             if matrices and isinstance(vnode, yaml.SequenceNode):
                 if len(vnode.value) != 2:
-                    raise self.fail(f"'{n}' has {len(vnode.value)} sizes; a state is a vector "
+                    count = f"{len(vnode.value)} size{'' if len(vnode.value) == 1 else 's'}"
+                    raise self.fail(f"'{n}' has {count}; a state is a vector "
                                     f"({n}: hidden) or a matrix of two sizes ({n}: [key, value])",
                                     vnode)
                 dims = tuple(self.known_size(item, n, what, sizes) for item in vnode.value)
