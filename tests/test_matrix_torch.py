@@ -31,14 +31,12 @@ def fast_weights(p, x, state0, lengths):
 
 def delta_net(p, x, state0, lengths):
     """Schlag et al. 2021: W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T, y_t = W_t q_t,
-    keys and queries of unit length, beta_t = sigmoid(w . x_t + b)."""
+    keys and queries of unit length (F.normalize), beta_t = sigmoid(w . x_t + b)."""
     W = state0["W"]
     outs = []
     for t in range(x.shape[0]):
-        k = x[t] @ p["W_key"].T
-        k = k / k.norm(dim=-1, keepdim=True)
-        q = x[t] @ p["W_query"].T
-        q = q / q.norm(dim=-1, keepdim=True)
+        k = torch.nn.functional.normalize(x[t] @ p["W_key"].T, dim=-1)
+        q = torch.nn.functional.normalize(x[t] @ p["W_query"].T, dim=-1)
         v = x[t] @ p["W_value"].T
         beta = torch.sigmoid(x[t] @ p["w_beta"] + p["b_beta"])[:, None, None]
         retrieved = torch.einsum("bij,bj->bi", W, k)

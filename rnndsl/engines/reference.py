@@ -10,6 +10,8 @@ step computes reaches a gradient (a key normalised by its norm is 0 / 0 on zero 
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from rnndsl.language.spec import state_shape
@@ -54,6 +56,14 @@ def _rank(value, arg: Node, user: Node):
     return value
 
 
+def _quiet_if_padded(t: int, lengths):
+    """No NumPy warnings at a step where some sequence has ended: its padded rows may divide
+    by zero (a key normalised on zero padding) and are thrown away."""
+    if (t < lengths).all():
+        return contextlib.nullcontext()
+    return np.errstate(divide="ignore", invalid="ignore")
+
+
 def _live(t: int, lengths, ndim: int) -> np.ndarray:
     """Which sequences still run at step t, shaped to mask arrays of `ndim` dimensions."""
     return (t < lengths).reshape(-1, *(1,) * (ndim - 1))
@@ -80,7 +90,8 @@ def forward(step: StepIR, params: dict, xs: dict, state0: dict, lengths, sizes: 
             leaves[("prev", s)] = v
         for x, seq in xs.items():
             leaves[("input", x)] = seq[t]
-        vals = ev.run(leaves, sizes, B, dtype)
+        with _quiet_if_padded(t, lengths):
+            vals = ev.run(leaves, sizes, B, dtype)
         for o in step.outputs:
             out = full(vals[step.values[o].uid], step.shape_of(o), sizes, B, dtype)
             outs[o][t] = np.where(_live(t, lengths, out.ndim), out, 0)
@@ -112,7 +123,8 @@ def backward(bwd: Backward, params: dict, xs: dict, history: dict, lengths, d_ou
                 leaves[("adj", o)] = np.where(_live(t, lengths, seed.ndim), seed, 0)
         for x, seq in xs.items():
             leaves[("input", x)] = seq[t]
-        vals = ev.run(leaves, sizes, B, dtype)
+        with _quiet_if_padded(t, lengths):
+            vals = ev.run(leaves, sizes, B, dtype)
         for s in step.states:
             d_prev = full(vals[bwd.d_prev[s].uid], state_shape(step.states[s]), sizes, B, dtype)
             d_state[s] = np.where(_live(t, lengths, d_prev.ndim), d_prev, d_state[s])
