@@ -249,3 +249,40 @@ DELTA_NET_BY_HAND = [
     "d_W_prev = d_W + outer(d_W_4, k)",
     "d_W_value += outer(d_W_3, x)",
 ]
+
+
+# -- fuzzing the new syntax -----------------------------------------------------------------------
+MATRIX_TOKENS = [".T", " @ ", "outer(", "W_prev", "A_prev", "h_prev", "k", "q", "v", "x", "beta",
+                 "sum(", "mean(", "norm(", "max(", ", key", ", value", ", hidden", ", 0", ", 1",
+                 "(", ")", "*", "+", "-", "/", "**2", "tanh(", "[", "]", ", ", "1"]
+
+
+@pytest.mark.parametrize("base", ["delta_net", "fast_weights"])
+def test_mutated_matrix_specs_fail_only_with_spec_errors(base):
+    """Mutated cells either compile and run forward and backward, or fail with a SpecError."""
+    from test_fuzz import mutate
+
+    text = rnndsl.builtin_specs()[base].read_text()
+    head, equations = text.split("equations: |\n")
+    rng = __import__("random").Random(base)
+    compiled = failed = 0
+    for _ in range(300):
+        mutated = equations
+        for _ in range(rng.randint(1, 2)):
+            p = rng.randrange(len(mutated) + 1)
+            mutated = mutated[:p] + rng.choice(MATRIX_TOKENS) + mutated[p:]
+        if rng.random() < 0.3:
+            mutated = mutate(mutated, rng, 1)
+        try:
+            c = rnndsl.compile(f"{head}equations: |\n{mutated}", target="reference")
+        except SpecError as err:
+            failed += 1
+            assert err.message and err.render()
+            continue
+        compiled += 1
+        sizes = {s: 2 + k for k, s in enumerate(c.sizes)}
+        with np.errstate(all="ignore"):
+            f = c.forward(c.init_params(dtype=np.float64, **sizes), np.ones((2, 2, sizes["input"])))
+            c.backward(c.init_params(dtype=np.float64, **sizes), f,
+                       {o: np.ones_like(v) for o, v in f.outputs.items()})
+    assert failed > 100 and compiled > 2, (failed, compiled)  # both paths were exercised
