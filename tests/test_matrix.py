@@ -43,6 +43,7 @@ def cell(matrix: str, vector: str, head: str = HEAD, outputs: str = "[h]"):
     ("mean(M_prev, value)", ("key",)),
     ("norm(M_prev, key)", ("value",)),
     ("norm(b)", ()),
+    ("softmax(M_prev, key)", ("key", "value")),
 ])
 def test_intermediates_take_their_shape_from_the_rules(expr, shape):
     c = rnndsl.compile(f"{HEAD}  t = {expr}\n  M = M_prev + 0 * outer(a, b)\n  h = b\n",
@@ -72,6 +73,8 @@ OP_CELLS = {
     "sum over value": ("M_prev + outer(a, b)", "tanh(M.T @ (a * sum(M, value)))", "[h]"),
     "mean and norm over an axis": ("M_prev + outer(a, b)",
                                    "mean(M, key) + norm(M, key) * b", "[h]"),
+    "softmax over key": ("softmax(M_prev, key) + outer(a, b)", "tanh(M.T @ a)", "[h]"),
+    "softmax over value": ("M_prev * softmax(outer(a, b), value)", "tanh(M.T @ a) + b", "[h]"),
     "norm of a vector": ("M_prev + outer(a / norm(a), b)", "tanh(M.T @ a)", "[h]"),
     "min, max with a vector": ("max(M_prev, b) + min(outer(a, b), 0.5)", "tanh(M.T @ a)", "[h]"),
     "a matrix output": ("M_prev + outer(a, b)", "tanh(M.T @ a)", "[h, M]"),
@@ -124,11 +127,16 @@ ERRORS = [
     ("M = outer(a, b)\n  h = M_prev @ a", "M @ v needs v of M's column size", "@ a"),
     ("M = outer(a, b)\n  h = sum(M_prev, input)", "'input' is not an axis of this shape "
      "(key, value) matrix; its axes are 'key' or 'value' (or 0, 1)", "input)"),
+    ("M = M_prev * softmax(outer(a, b), input)\n  h = b", "'input' is not an axis of this "
+     "shape (key, value) matrix", "input)"),
+    ("h = sum(outer(a, b), value)\n  M = outer(a, b)", "shape mismatch at 'sum': over this "
+     "axis of a shape (key, value) matrix it gives a vector of size (key,), used as one of size "
+     "(value,)", "sum(outer"),  # decided once outer(a, b)'s sizes are known, after h
     ("M = outer(a, b)\n  h = sum(M_prev, 2)", "its axes are 'key' or 'value' (or 0, 1)", "2)"),
     ("M = outer(a, b)\n  h = b * sum(M_prev)", "'sum' of a matrix needs the axis it works "
      "over, as in sum(M, axis)", "sum(M_prev)"),
-    ("M = outer(a, b)\n  h = b * max(M_prev)", "'max' of a matrix is not supported; sum, mean "
-     "and norm work over one axis of a matrix", "max(M_prev)"),
+    ("M = outer(a, b)\n  h = b * max(M_prev)", "'max' of a matrix is not supported; sum, mean, "
+     "norm and softmax work over one axis of a matrix", "max(M_prev)"),
     ("M = outer(a, b)\n  h = sum(b, value)", "'sum(x, axis)' reduces a matrix over one axis; "
      "this is shape (value,) (write sum(x) for all of a vector's features)", "b, value"),
     ("M = outer(M_prev, b)\n  h = b", "'outer' takes two vectors; this argument is shape "

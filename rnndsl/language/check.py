@@ -162,7 +162,7 @@ class _Checker(MatrixRules):
         self.whole: dict[str, SourcePos] = {}  # parameter -> first use of all its rows
         self.splits: dict[int, list[Shape]] = {}  # `[a, b] = e`: id(e) -> the parts' shapes
         self.indexes: list[tuple[int, Index]] = []  # (size variable, v[k]) checked at the end
-        self.spreads: list[tuple] = []  # a vector with a matrix, checked at the end
+        self.matrix_uses_to_check()
 
     def run(self) -> Checked:
         spec = self.spec
@@ -176,7 +176,7 @@ class _Checker(MatrixRules):
             self.assign(a)
         for var, e in self.indexes:
             self.index_in_range(var, e)
-        self.check_spreads()
+        self.check_matrix_uses()
         for s, size in spec.states.items():
             if s not in defs:
                 raise SpecError(f"state '{s}' is never assigned; add an equation '{s} = ...'",
@@ -392,7 +392,7 @@ class _Checker(MatrixRules):
             if kind == "map":
                 return self.join_all(ts, e.pos, f"'{e.func}'")
             if kind in ("matrix", "axis"):
-                return self.matrix_call(e, kind, ts)
+                return self.matrix_call(e, op, kind, ts)
             if ts[0].kind == "matrix":
                 raise self.whole_matrix(e)
             if ts[0].kind != "vector":

@@ -9,7 +9,8 @@ vectors of sizes a and b, and anything computed from those. The rules:
   vector: the vector runs along the axis of its size, which must be exactly one of the two
   (checked once every size is known: a vector's size is often inferred further down).
 * `sum(M, axis)`, `mean(M, axis)`, `norm(M, axis)`: over the named axis (a size name, or 0 /
-  1 when both sizes are the same); the result is a vector of the other size.
+  1 when both sizes are the same); the result is a vector of the other size. `softmax(M, axis)`
+  normalises over the axis and keeps the matrix's shape.
 * `outer(a, b)` takes two vectors.
 """
 from __future__ import annotations
@@ -20,6 +21,22 @@ from rnndsl.language.parse import Binary, Call, Name, Num, Transpose
 
 class MatrixRules:
     """Methods of the checker for matrices; `self` is a check._Checker."""
+
+    def matrix_uses_to_check(self):
+        """What is decided once every size is known: a vector's size is often inferred further
+        down than where it meets a matrix."""
+        self.spreads: list[tuple] = []  # (a, b, pos, where): a vector with a matrix
+        self.axes: list[tuple] = []  # (call, op, matrix, size variable of the result)
+
+    def check_matrix_uses(self):
+        self.check_spreads()
+        for e, op, m, result in self.axes:
+            over = self.axis(e, m, final=True)
+            if op != "axis_softmax" and not self.sizes.unify(result, m.dims[1 - over]):
+                raise SpecError(f"shape mismatch at '{e.func}': over this axis of a "
+                                f"{self.describe(m)} matrix it gives a vector of size "
+                                f"({self.sizes.name(m.dims[1 - over])},), used as one of size "
+                                f"({self.sizes.name(result)},)", e.pos)
 
     def value_product(self, e: Binary):
         """`M @ v` or `M.T @ v` for a matrix M computed in the step (not a parameter)."""
@@ -48,8 +65,9 @@ class MatrixRules:
                             f"vector has {self.describe(v)} ({what})", e.pos)
         return Shape("vector", (outer_dim,))
 
-    def matrix_call(self, e: Call, kind: str, ts: list):
-        """outer(a, b), and sum / mean / norm over a named axis of a matrix."""
+    def matrix_call(self, e: Call, op: str, kind: str, ts: list):
+        """outer(a, b); sum / mean / norm over a named axis of a matrix (a vector of the other
+        size), and softmax over one (the matrix's shape)."""
         from rnndsl.language.check import Shape
 
         if kind == "matrix":
@@ -64,8 +82,13 @@ class MatrixRules:
                             f"{self.describe(m)}" + (f" (write {e.func}(x) for all of a "
                                                      "vector's features)" if m.kind == "vector"
                                                      else ""), e.args[0].pos)
-        over = self.axis(e, m)
-        return Shape("vector", (m.dims[1 - over],))
+        over = self.axis(e, m, final=False)
+        if over is None:  # the axis's name is not known yet: decided at the end
+            result = self.sizes.fresh()
+            self.axes.append((e, op, m, result))
+        else:
+            result = m.dims[1 - over]
+        return m if op == "axis_softmax" else Shape("vector", (result,))
 
     def whole_matrix(self, e: Call) -> SpecError:
         """`sum(M)`: the functions of a vector's features need an axis of a matrix."""
@@ -74,15 +97,23 @@ class MatrixRules:
         if any(kind == "axis" for _, kind in FUNCTIONS[e.func].values()):
             return SpecError(f"'{e.func}' of a matrix needs the axis it works over, as in "
                              f"{e.func}(M, axis) with the axis a size name", e.pos)
-        return SpecError(f"'{e.func}' of a matrix is not supported; sum, mean and norm work "
-                         "over one axis of a matrix, as in sum(M, axis)", e.pos)
+        return SpecError(f"'{e.func}' of a matrix is not supported; sum, mean, norm and softmax "
+                         "work over one axis of a matrix, as in sum(M, axis)", e.pos)
 
-    def axis(self, e: Call, m) -> int:
-        """The axis named by the second argument of sum / mean / norm of a matrix: 0 or 1."""
+    def axis(self, e: Call, m, final: bool) -> int | None:
+        """The axis named by the second argument of sum / mean / norm / softmax of a matrix: 0
+        or 1; None while a size of the matrix is not known (unless `final`)."""
         arg, names = e.args[1], [self.sizes.name(d) for d in m.dims]
         shown = self.describe(m)
         if isinstance(arg, Num) and arg.value in (0.0, 1.0):
             return int(arg.value)
+        if isinstance(arg, Name) and None in names:
+            if not final:
+                return None
+            raise SpecError(f"cannot tell which axis '{arg.id}' is: the sizes of this {shown} "
+                            "matrix cannot be inferred; declare the shape of a parameter it is "
+                            "computed from under 'params', or name the axis by number (0, 1)",
+                            arg.pos)
         if isinstance(arg, Name) and arg.id in names:
             if names[0] == names[1]:
                 raise SpecError(f"both axes of this {shown} matrix are '{arg.id}'; name the axis "

@@ -249,7 +249,7 @@ _INFIX = {"add": ("+", 1), "sub": ("-", 1), "mul": ("*", 2), "div": ("/", 2),
           "matvec": ("@", 3), "matvec_t": ("@", 3), "mv": ("@", 3), "mtv": ("@", 3),
           "pow": ("**", 5)}
 _FUNC_NAMES = {"minimum": "min", "maximum": "max", "rsum": "sum", "rmean": "mean", "rmax": "max",
-               "axis_sum": "sum"}
+               "axis_sum": "sum", "axis_softmax": "softmax"}
 
 
 def render(n: Node, names: dict[int, str] | None = None, top: bool = True) -> str:
@@ -273,10 +273,10 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
         return text, (9 if v >= 0 else 4)
     if n.op in ("bcast", "spread"):
         return _render(n.args[0], names, False)
-    if n.op == "axis_sum":  # sum(M, key): the axis summed over, by number if both are alike
+    if n.op in ("axis_sum", "axis_softmax"):  # sum(M, key): the axis, a number if both alike
         rows, cols = n.args[0].shape
         axis = str(n.attr) if rows == cols else (rows, cols)[n.attr]
-        return f"sum({_render(n.args[0], names, False)[0]}, {axis})", 9
+        return f"{_FUNC_NAMES[n.op]}({_render(n.args[0], names, False)[0]}, {axis})", 9
     if n.op == "neg":
         inner, p = _render(n.args[0], names, False)
         return f"-{inner if p >= 4 else f'({inner})'}", 4

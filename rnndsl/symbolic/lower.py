@@ -168,8 +168,11 @@ def row_reduce(op: str, x) -> ir.Node:
 
 
 def axis_reduce(op: str, m: ir.Node, axis) -> ir.Node:
-    """sum, mean or norm of a matrix over the axis the checker allowed: a size name or 0, 1."""
+    """sum, mean, norm or softmax of a matrix over the axis the checker allowed: a size name or
+    0, 1."""
     over = int(axis.value) if isinstance(axis, Num) else m.shape.index(axis.id)
+    if op == "axis_softmax":
+        return rank2.axis_softmax(m, over)
     if op == "axis_norm":
         return ir.apply("sqrt", rank2.axis_sum(ir.power(m, ir.const(2.0)), over))
     total = rank2.axis_sum(m, over)

@@ -73,9 +73,15 @@ def _softplus(x):
     return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
 
 
-def _softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def _softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _axis_softmax_grad(y: Node, g: Node):
+    """softmax' over one axis: y * (g - the sum of g * y over that axis, spread back)."""
+    over = y.attr
+    return (mul(y, sub(g, rank2.spread(rank2.axis_sum(mul(g, y), over), y.shape, 1 - over))),)
 
 
 def _step(x):
@@ -178,6 +184,8 @@ OPS: dict[str, Op] = {
     "axis_sum": Op(lambda m, over: m.sum(axis=over - 2), lambda y, g: (
         rank2.spread(g, _x(y).shape, 1 - y.attr),), spelling="sum", arity=2, structural=True,
         kind="axis"),
+    "axis_softmax": Op(lambda m, over: _softmax(m, over - 2), _axis_softmax_grad,
+                       spelling="softmax", arity=2, structural=True, kind="axis"),
 }
 
 

@@ -14,6 +14,7 @@ Ops (derivative rules in ops.py, beside their NumPy rules):
   `along` is 0 (v runs down the rows), v[j] when it is 1
 * `axis_sum(M, over)`  the sum over axis `over` (0: down the rows, 1: along each row); the
   result runs along the other axis
+* `axis_softmax(M, over)`  softmax over axis `over`: each column (0) or row (1) sums to 1
 Axes are numbers in the IR (attr), so a square matrix (hidden, hidden) is never ambiguous.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rnndsl.symbolic import ir
 from rnndsl.symbolic.ir import Node, node
 
 # the primitives of this module (what the compiled targets do not run yet)
-OPS = ("mv", "mtv", "outer", "spread", "axis_sum")
+OPS = ("mv", "mtv", "outer", "spread", "axis_sum", "axis_softmax")
 
 
 def is_matrix(n: Node) -> bool:
@@ -54,6 +55,11 @@ def spread(v: Node, shape: tuple[str, str], along: int) -> Node:
 def axis_sum(m: Node, over: int) -> Node:
     assert is_matrix(m) and over in (0, 1), (m, over)
     return node("axis_sum", (m,), over, m.shape[1 - over:2 - over])
+
+
+def axis_softmax(m: Node, over: int) -> Node:
+    assert is_matrix(m) and over in (0, 1), (m, over)
+    return node("axis_softmax", (m,), over, m.shape)
 
 
 def total(x: Node) -> Node:
