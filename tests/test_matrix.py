@@ -220,6 +220,11 @@ def test_compiled_targets_refuse_matrix_values(target):
     assert "use the reference target" in info.value.message
 
 
+def test_retargeting_a_matrix_cell_is_refused_too():
+    with pytest.raises(SpecError, match="the cpu target cannot run this cell yet"):
+        rnndsl.compiler.retarget(rnndsl.compile("fast_weights", target="reference"), "cpu")
+
+
 def test_cli_compile_refuses_on_cpu_and_prints_the_backward_on_the_reference():
     refused = CliRunner().invoke(app, ["compile", "delta_net"])
     assert refused.exit_code == 2 and "Traceback" not in refused.output
