@@ -190,6 +190,13 @@ def test_a_square_matrix_needs_its_axis_named_by_number(states, equations, messa
     assert_refused(text, message, marker)
 
 
+def test_outer_of_a_vector_of_a_number_size_is_refused():
+    text = HEAD.replace("equations: |", "params: {W_s: {shape: [3, input]}}\nequations: |") + \
+        "  s = W_s @ x\n  t = sum(outer(s, b), 0)\n  M = M_prev + outer(a, b)\n  h = b\n"
+    assert_refused(text, "a vector whose size is a number (3,) is that many separate values, "
+                   "not a side of a matrix", "s, b", first_line=10)
+
+
 @pytest.mark.parametrize("states, message, marker", [
     ("{M: [key, value, input]}", "'M' has 3 sizes; a state is a vector (M: hidden) or a "
      "matrix of two sizes (M: [key, value])", "[key, value, input]"),

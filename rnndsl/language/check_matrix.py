@@ -27,9 +27,18 @@ class MatrixRules:
         down than where it meets a matrix."""
         self.spreads: list[tuple] = []  # (a, b, pos, where): a vector with a matrix
         self.axes: list[tuple] = []  # (call, op, matrix, size variable of the result)
+        # (size variable, pos): the vectors of outer(a, b), where every matrix that does not come
+        # from a state gets its sizes
+        self.matrix_operands: list[tuple] = []
 
     def check_matrix_uses(self):
         self.check_spreads()
+        for var, pos in self.matrix_operands:
+            size = self.sizes.name(var)
+            if size is not None and size.isdigit():
+                raise SpecError(f"a vector whose size is a number ({size},) is that many "
+                                "separate values, not a side of a matrix; outer(a, b) takes "
+                                "vectors of named sizes", pos)
         for e, op, m, result in self.axes:
             over = self.axis(e, m, final=True)
             if op != "axis_softmax" and not self.sizes.unify(result, m.dims[1 - over]):
@@ -75,6 +84,7 @@ class MatrixRules:
                 if t.kind != "vector":
                     raise SpecError(f"'{e.func}' takes two vectors; this argument is "
                                     f"{self.describe(t)}", arg.pos)
+                self.matrix_operands.append((t.dims[0], arg.pos))
             return Shape("matrix", (ts[0].dims[0], ts[1].dims[0]))
         m = ts[0]
         if m.kind != "matrix":
