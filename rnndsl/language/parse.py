@@ -81,7 +81,8 @@ class Assign:
 
 _READABLE = {
     "NAME": "a name", "NUMBER": "a number", "EQUALS": "'='", "PLUS": "'+'", "MINUS": "'-'",
-    "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "POW": "'**'", "TRANSPOSE": "'.T'", "LPAR": "'('", "RPAR": "')'",
+    "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "POW": "'**'", "TRANSPOSE": "'.T'",
+    "LPAR": "'('", "RPAR": "')'",
     "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "_NL": "end of line", "$END": "end of equations",
 }
 
