@@ -227,6 +227,15 @@ def test_compiled_targets_refuse_matrix_values(target):
     assert "use the reference target" in info.value.message
 
 
+def test_a_matrix_inside_an_equation_is_refused_too():
+    text = "name: t\nsizes: [input, value]\ninputs: {x: input}\nstates: {h: value}\n" \
+        "equations: |\n  h = tanh(sum(outer(x, h_prev), input))\n"
+    with pytest.raises(SpecError, match="the equation of 'h' computes a matrix of shape "
+                                        r"\(input, value\)"):
+        rnndsl.compile(text)
+    assert rnndsl.compile(text, target="reference").step.shape_of("h") == ("value",)
+
+
 def test_retargeting_a_matrix_cell_is_refused_too():
     with pytest.raises(SpecError, match="the cpu target cannot run this cell yet"):
         rnndsl.compiler.retarget(rnndsl.compile("fast_weights", target="reference"), "cpu")

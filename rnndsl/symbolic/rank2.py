@@ -79,12 +79,18 @@ def align(a: Node, b: Node) -> tuple[Node, Node]:
     return a, b
 
 
-
 def matrix_value(step: ir.StepIR) -> str | None:
-    """The first value of rank 2 in a step, described for a message; None if there is none.
-    The compiled targets (cpu, cuda) have no kernels for such values yet."""
+    """The first value of rank 2 in a step, described for a message (a named one if there is
+    one); None if there is none. The compiled targets (cpu, cuda) have no kernels for such
+    values yet."""
     for name, n in step.values.items():
         if is_matrix(n):
             kind = "state" if name in step.states else "value"
             return f"{kind} '{name}' is a matrix of shape ({', '.join(n.shape)})"
+    for name, n in step.values.items():
+        inner = next((m for m in ir.topo_order([n]) if is_matrix(m) and m.op != "param"),
+                     None)
+        if inner is not None:
+            return f"the equation of '{name}' computes a matrix of shape " \
+                   f"({', '.join(inner.shape)})"
     return None
