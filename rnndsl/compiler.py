@@ -1,9 +1,10 @@
 """The pipeline end to end: spec -> checked AST -> step IR -> backward IR -> engine -> Cell."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
-from rnndsl.symbolic import ir
+from rnndsl.symbolic import ir, rank2
 from rnndsl.language.check import Checked, check
 from rnndsl.language.tree import check_tree
 from rnndsl.language.errors import SpecError
@@ -27,6 +28,14 @@ def builtin_specs() -> dict[str, Path]:
 def builtin_tree_specs() -> dict[str, Path]:
     """Built-in tree cells (specs/trees): name -> file."""
     return {p.stem: p for p in sorted((specs_dir() / "trees").glob("*.yaml"))}
+
+
+@lru_cache(maxsize=1)
+def kernel_specs() -> tuple[str, ...]:
+    """The built-in specs the compiled targets (cpu, cuda) run: all but those with values of
+    rank 2, which run on the reference engine only."""
+    return tuple(name for name, path in builtin_specs().items()
+                 if not rank2.matrix_value(analyse(path)[0]))
 
 
 def resolve(source: str | Path) -> tuple[str, str | None]:
@@ -100,7 +109,8 @@ def _cell(checked: Checked, target: str, persistent: bool | None) -> Cell:
 
 
 def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | None) -> Cell:
-    kernel_plan = plan(step, bwd)
+    _refuse_matrices(step, target)
+    kernel_plan = None if rank2.matrix_value(step) else plan(step, bwd)
     return Cell(step, bwd, _engine(step, bwd, kernel_plan, target, persistent), kernel_plan)
 
 
@@ -109,8 +119,18 @@ def retarget(cell: Cell, target: str, persistent: bool | None = None) -> Cell:
     PyTorch bridge runs when a module's tensors move to another device."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    _refuse_matrices(cell.step, target)
     engine = _engine(cell.step, cell.backward_ir, cell.plan, target, persistent)
     return Cell(cell.step, cell.backward_ir, engine, cell.plan)
+
+
+def _refuse_matrices(step: StepIR, target: str):
+    """Values of rank 2 run on the reference engine only: no kernels are generated for them."""
+    found = rank2.matrix_value(step)
+    if found and target != "reference":
+        raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
+                        "and kernels for matrix values are not generated; use the reference "
+                        "target (target='reference', --target reference)")
 
 
 def _engine(step, bwd, kernel_plan, target: str, persistent: bool | None):

@@ -5,11 +5,12 @@ from collections import Counter
 
 from rnndsl.symbolic import ir
 from rnndsl.language.errors import printable
+from rnndsl.language.spec import state_shape
 from rnndsl.symbolic.ir import Node, StepIR
 from rnndsl.engines.cell import Cell
 from rnndsl.engines.tree import TreeCell
 
-_FREE = ("input", "prev", "param", "const", "size", "adj", "bcast")
+_FREE = ("input", "prev", "param", "const", "size", "adj", "bcast", "spread")
 
 
 def flops_per_step(roots: list[Node]) -> Counter:
@@ -20,14 +21,14 @@ def flops_per_step(roots: list[Node]) -> Counter:
     for n in ir.topo_order(roots):
         if n.op in _FREE:
             continue
-        if n.op in ("matvec", "matvec_t"):
+        if n.op in ("matvec", "matvec_t", "mv", "mtv"):
             cost[tuple(sorted(n.args[0].shape))] += 2
-        elif n.op in ("rsum", "rmean", "rmax"):
-            cost[n.args[0].shape] += 1
+        elif n.op in ("rsum", "rmean", "rmax", "axis_sum"):
+            cost[tuple(sorted(n.args[0].shape))] += 1
         elif n.op == "softmax":
             cost[n.shape] += 4
         else:
-            cost[n.shape] += 1
+            cost[tuple(sorted(n.shape))] += 1
     return cost
 
 
@@ -103,5 +104,5 @@ def _shape(shape: tuple[str, ...]) -> str:
     return "scalar" if not shape else f"({', '.join(shape)})"
 
 
-def _sized(d: dict[str, str]) -> str:
-    return ", ".join(f"{k} ({v})" for k, v in d.items()) or "none"
+def _sized(d: dict) -> str:
+    return ", ".join(f"{k} {_shape(state_shape(v))}" for k, v in d.items()) or "none"

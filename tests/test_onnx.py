@@ -11,7 +11,7 @@ import rnndsl  # noqa: E402
 from rnndsl.backend import onnx_export  # noqa: E402
 from rnndsl.backend.onnx_export import LOWERINGS, Graph, export_onnx  # noqa: E402
 from rnndsl.language.errors import UserError  # noqa: E402
-from rnndsl.symbolic import ir  # noqa: E402
+from rnndsl.symbolic import ir, rank2  # noqa: E402
 from rnndsl.symbolic.ops import OPS  # noqa: E402
 from rnndsl.training.heads import Head  # noqa: E402
 
@@ -62,7 +62,7 @@ def own_sizes(cell) -> dict[str, int]:
 # -- every operator -------------------------------------------------------------------------------
 def test_every_primitive_has_a_lowering():
     """A new operator in ops.py cannot be forgotten here."""
-    assert sorted(set(OPS) - set(LOWERINGS)) == []
+    assert sorted(set(OPS) - set(LOWERINGS)) == sorted(rank2.OPS)  # matrices: not yet
     assert sorted(set(LOWERINGS) - set(OPS)) == []  # nor a lowering left after its operator
 
 
@@ -92,7 +92,7 @@ def op_arguments(name: str, rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("name", sorted(set(OPS) - set(rank2.OPS)))
 def test_each_lowering_computes_its_numpy_rule(name, dtype):
     rng = np.random.default_rng(sorted(OPS).index(name))
     with ir.scope():
@@ -120,9 +120,15 @@ def test_an_operator_without_a_lowering_is_named(monkeypatch):
         export_onnx(cell, cell.init_params(input=3, hidden=4))
 
 
+def test_a_cell_with_matrix_values_is_refused_by_its_operators():
+    cell = rnndsl.compile("delta_net", target="reference")
+    with pytest.raises(UserError, match="no ONNX lowering for the operator.*mv, outer"):
+        export_onnx(cell, cell.init_params(input=3, key=4, value=5))
+
+
 # -- whole cells ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", sorted(rnndsl.builtin_specs()))
+@pytest.mark.parametrize("name", sorted(rnndsl.compiler.kernel_specs()))
 def test_builtin_specs_match_the_reference(name, dtype):
     cell = rnndsl.compile(name, target="reference")
     check_cell(cell, dtype, own_sizes(cell))

@@ -171,15 +171,21 @@ def test_excepted_command(command):
 
 
 def test_derived_equations_are_what_show_backward_prints(tmp_path):
-    shown = [t for _, lang, _, t in blocks() if lang == "" and t.startswith("d_")]
-    command = next(c for _, lang, _, t in blocks() if is_shell(lang, t)
-                   for c, _ in shell_lines(t) if "--show backward" in c and not excepted(c))
-    out = run_shell(command, scratch(tmp_path)).stdout.splitlines()
+    """Each block of derived equations, against the `--show backward` command before it."""
+    shown, command = [], None
+    for _, lang, _, text in blocks():
+        if is_shell(lang, text):
+            command = next((c for c, _ in shell_lines(text)
+                            if "--show backward" in c and not excepted(c)), command)
+        elif lang == "" and text.startswith("d_"):
+            shown.append((command, text))
     assert shown
-    for text in shown:
+    cwd = scratch(tmp_path)
+    for command, text in shown:
+        out = run_shell(command, cwd).stdout.splitlines()
         for line in text.splitlines():
             if line != "...":
-                assert line in out, line
+                assert line in out, (command, line)
 
 
 SECTIONS = {}
@@ -202,8 +208,8 @@ def test_python_blocks_run(section, tmp_path, monkeypatch):
 def test_yaml_blocks_are_the_built_in_specs():
     texts = [t for _, lang, _, t in blocks() if lang == "yaml"]
     for text in texts:
-        cell = rnndsl.compile(text)
-        assert equations(cell) == equations(rnndsl.compile(cell.name))
+        cell = rnndsl.compile(text, target="reference")
+        assert equations(cell) == equations(rnndsl.compile(cell.name, target="reference"))
 
 
 def equations(cell) -> str:

@@ -12,7 +12,7 @@ pytest.importorskip("onnxscript")
 import rnndsl  # noqa: E402
 import rnndsl.torch as rt  # noqa: E402
 
-BUILTINS = sorted(rnndsl.builtin_specs())
+BUILTINS = sorted(rnndsl.compiler.kernel_specs())
 
 
 class Tagger(torch.nn.Module):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnndsl.engines import reference
-from rnndsl.language.spec import SUM
+from rnndsl.language.spec import SUM, state_shape
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import StepIR
 
@@ -214,13 +214,13 @@ class Cell:
         _known("state0", state0 or {}, self.states)
         T, B = next(iter(xs.values())).shape[:2]
         sizes = self._sizes(params, xs, state0)
-        state0 = {s: (np.zeros((B, sizes[size]), dtype) if not state0 or s not in state0
+        shapes = {s: (B, *_dims(state_shape(size), sizes)) for s, size in self.states.items()}
+        state0 = {s: (np.zeros(shapes[s], dtype) if not state0 or s not in state0
                       else self._array(state0[s], dtype))
-                  for s, size in self.states.items()}
+                  for s in self.states}
         for s, v in state0.items():
-            if v.shape != (B, sizes[self.states[s]]):
-                raise ValueError(f"state0['{s}'] has shape {v.shape}, expected "
-                                 f"{(B, sizes[self.states[s]])}")
+            if v.shape != shapes[s]:
+                raise ValueError(f"state0['{s}'] has shape {v.shape}, expected {shapes[s]}")
         lengths = _lengths(lengths, T, B)
         xs = {k: _zero_padding(v, lengths) for k, v in xs.items()}
         params = self._blocks(params, sizes, dtype)
@@ -316,7 +316,9 @@ class Cell:
                     see(s, n, f"parameter '{p}'")
         for s, v in (state0 or {}).items():
             if s in self.states:
-                see(self.states[s], tuple(np.shape(v))[-1], f"state0['{s}']")
+                shape = state_shape(self.states[s])
+                for size, n in zip(shape, tuple(np.shape(v))[-len(shape):]):
+                    see(size, n, f"state0['{s}']")
         _solve_sums([(s, n, f"parameter '{p}'") for p, info in self.params.items()
                      for s, n in zip(info.shape, np.shape(params[p])) if SUM in s], found)
         missing = [s for s in self.sizes if s not in found]

@@ -20,6 +20,9 @@ Parameters cut into blocks (see ParamLayout); the kernels only ever see the bloc
   name, and everything elementwise is done part by part.
 * A size that is a number (`shape: [3, hidden]`): such a vector is that many per-row scalars,
   so `s[0]`, `softmax(s)`, `U @ s` are plain scalar arithmetic in the kernels.
+
+Matrix values (a state `M: [key, value]`, `outer(a, b)`, ...) follow the rules of
+check_matrix.py.
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from rnndsl.language.children import PREV, SUM_K, misuse, sum_k_misuse
+from rnndsl.language.check_matrix import MatrixRules
 from rnndsl.language.errors import SourcePos, SpecError, suggest
 from rnndsl.symbolic.ops import user_functions
 from rnndsl.language.parse import (Assign, Binary, Call, Concat, Index, Name, Neg, Num,
-                                   parse_equations)
-from rnndsl.language.spec import SUM, ParamDecl, Spec
+                                   Transpose, parse_equations)
+from rnndsl.language.spec import SUM, ParamDecl, Spec, state_shape
 
 # user-facing name -> {number of arguments: (op, kind)}, from the operators' records
 FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = user_functions()
@@ -134,8 +138,8 @@ def check_assigns(spec: Spec, assigns: list[Assign]) -> Checked:
 def subexpressions(expr) -> tuple:
     """The expressions directly inside `expr`."""
     return (expr.left, expr.right) if isinstance(expr, Binary) else \
-        (expr.operand,) if isinstance(expr, (Neg, Index)) else \
-        expr.args if isinstance(expr, Call) else \
+        (expr.operand,) if isinstance(expr, (Neg, Index, Transpose)) else \
+        _values(expr) if isinstance(expr, Call) else \
         expr.items if isinstance(expr, Concat) else ()
 
 
@@ -146,7 +150,14 @@ def walk(expr):
         yield from walk(child)
 
 
-class _Checker:
+def _values(call: Call) -> tuple:
+    """A call's arguments that are values: not the axis of sum(M, axis), a size name."""
+    if FUNCTIONS.get(call.func, {}).get(len(call.args), ("", ""))[1] == "axis":
+        return call.args[:1]
+    return call.args
+
+
+class _Checker(MatrixRules):
     def __init__(self, spec: Spec, assigns: list[Assign]):
         self.spec = spec
         self.assigns = assigns
@@ -162,6 +173,7 @@ class _Checker:
         self.whole: dict[str, SourcePos] = {}  # parameter -> first use of all its rows
         self.splits: dict[int, list[Shape]] = {}  # `[a, b] = e`: id(e) -> the parts' shapes
         self.indexes: list[tuple[int, Index]] = []  # (size variable, v[k]) checked at the end
+        self.matrix_uses_to_check()
 
     def run(self) -> Checked:
         spec = self.spec
@@ -175,6 +187,7 @@ class _Checker:
             self.assign(a)
         for var, e in self.indexes:
             self.index_in_range(var, e)
+        self.check_matrix_uses()
         for s, size in spec.states.items():
             if s not in defs:
                 raise SpecError(f"state '{s}' is never assigned; add an equation '{s} = ...'",
@@ -353,16 +366,17 @@ class _Checker:
             if id(a.expr) not in self.splits:
                 self.splits[id(a.expr)] = self.infer_split(a.expr, n)
             t = self.splits[id(a.expr)][k]
-        if t.kind == "matrix":
-            raise SpecError(f"'{a.target}' would be a matrix; only matrix @ vector is supported",
-                            a.expr.pos)
         if a.target in self.spec.states:
-            want = self.sizes.fresh(self.spec.states[a.target])
-            if t.kind == "vector" and not self.sizes.unify(want, t.dims[0]):
-                raise SpecError(f"shape mismatch: state '{a.target}' has size "
-                                f"({self.spec.states[a.target]},) but the right side has "
-                                f"{self.describe(t)}", a.pos)
-            t = Shape("vector", (want,))
+            shape = state_shape(self.spec.states[a.target])
+            want = Shape(("vector", "matrix")[len(shape) - 1],
+                         tuple(self.sizes.fresh(d) for d in shape))
+            if t.kind != "scalar" and (len(t.dims) != len(shape) or
+                                       not all(map(self.sizes.unify, want.dims, t.dims))):
+                declared = f"size ({shape[0]},)" if len(shape) == 1 else \
+                    f"shape ({', '.join(shape)})"
+                raise SpecError(f"shape mismatch: state '{a.target}' has {declared} but the "
+                                f"right side has {self.describe(t)}", a.pos)
+            t = want
         self.types[a.target] = t
 
     def infer(self, e) -> Shape:
@@ -373,11 +387,14 @@ class _Checker:
         if isinstance(e, Concat):
             raise SpecError("a concatenation [...] can only be the vector of a product, as in "
                             "W @ [h_prev, x]", e.pos)
+        if isinstance(e, Transpose):
+            raise SpecError("'.T' is written only left of '@', as in M.T @ q", e.pos)
         if isinstance(e, Index):
             t = self.infer(e.operand)
             self.not_matrix(t, e.operand)
             if t.kind != "vector":
-                raise SpecError("only a vector can be indexed; this is a scalar", e.pos)
+                raise SpecError(f"only a vector can be indexed; this is {self.describe(t)}",
+                                e.pos)
             self.indexes.append((t.dims[0], e))
             return Shape("scalar")
         if isinstance(e, Neg):
@@ -386,18 +403,23 @@ class _Checker:
             return t
         if isinstance(e, Call):
             op, kind = self.function(e)
-            ts = [self.infer(arg) for arg in e.args]
+            ts = [self.infer(arg) for arg in _values(e)]
             for t, arg in zip(ts, e.args):
                 self.not_matrix(t, arg)
             if kind == "map":
                 return self.join_all(ts, e.pos, f"'{e.func}'")
+            if kind in ("matrix", "axis"):
+                return self.matrix_call(e, op, kind, ts)
+            if ts[0].kind == "matrix":
+                raise self.whole_matrix(e)
             if ts[0].kind != "vector":
                 raise SpecError(f"'{e.func}' of one argument works along a vector's features; "
                                 f"its argument is a scalar", e.args[0].pos)
             return Shape("scalar") if kind == "reduce" else ts[0]
         assert isinstance(e, Binary)
         if e.op == "@":
-            return self.matvec(e)
+            weight = isinstance(e.left, Name) and self.classify(e.left, self.defs)[0] == "param"
+            return self.matvec(e) if weight else self.value_product(e)
         left, right = self.infer(e.left), self.infer(e.right)
         self.not_matrix(left, e.left)
         self.not_matrix(right, e.right)
@@ -545,7 +567,8 @@ class _Checker:
         if kind == "input":
             return Shape("vector", (self.sizes.fresh(self.spec.inputs[base]),))
         if kind == "prev":
-            return Shape("vector", (self.sizes.fresh(self.spec.states[base]),))
+            dims = tuple(self.sizes.fresh(d) for d in state_shape(self.spec.states[base]))
+            return Shape(("vector", "matrix")[len(dims) - 1], dims)
         if kind == "value":
             return self.types[base]
         if kind == "const":
@@ -579,6 +602,8 @@ class _Checker:
         return joined
 
     def join(self, a: Shape, b: Shape, pos: SourcePos, where: str) -> Shape:
+        if "matrix" in (a.kind, b.kind):
+            return self.join_matrix(a, b, pos, where)
         if a.kind == "scalar":
             return b
         if b.kind == "scalar":
@@ -589,9 +614,10 @@ class _Checker:
         return a
 
     def not_matrix(self, t: Shape, e):
-        if t.kind == "matrix":
-            name = e.id if isinstance(e, Name) else "this"
-            raise SpecError(f"'{name}' is a matrix; use it as {name} @ vector", e.pos)
+        """A weight matrix is used only as W @ v (a matrix value is used in any way)."""
+        if t.kind == "matrix" and isinstance(e, Name) and \
+                self.classify(e, self.defs)[0] == "param":
+            raise SpecError(f"'{e.id}' is a matrix; use it as {e.id} @ vector", e.pos)
 
     def describe_blocks(self, dims) -> str:
         return f"({SUM.join(self.sizes.name(d) or '?' for d in dims)})"

@@ -52,6 +52,12 @@ class Index:
 
 
 @dataclass(frozen=True)
+class Transpose:
+    operand: object
+    pos: SourcePos  # the '.T'
+
+
+@dataclass(frozen=True)
 class Binary:
     op: str  # one of + - * / @ **
     left: object
@@ -75,7 +81,8 @@ class Assign:
 
 _READABLE = {
     "NAME": "a name", "NUMBER": "a number", "EQUALS": "'='", "PLUS": "'+'", "MINUS": "'-'",
-    "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "POW": "'**'", "LPAR": "'('", "RPAR": "')'",
+    "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "POW": "'**'", "TRANSPOSE": "'.T'",
+    "LPAR": "'('", "RPAR": "')'",
     "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "_NL": "end of line", "$END": "end of equations",
 }
 
@@ -167,6 +174,9 @@ class _ToAst(Transformer):
         if value != int(value) or not tok.isdigit():
             raise SpecError(f"an index is a whole number (0, 1, 2, ...), not {tok}", self.at(tok))
         return Index(operand, int(tok), self.at(tok))
+
+    def transpose(self, operand, tok):
+        return Transpose(operand, self.at(tok))
 
     def binary(self, left, op, right):
         if str(op) == "@" and isinstance(left, Neg):

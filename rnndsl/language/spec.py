@@ -40,6 +40,12 @@ INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
 SUM = " + "
 # A size may be a number (`shape: [3, hidden]`): such a vector is that many per-row scalars.
 MAX_NUMBER_SIZE = 64
+
+
+def state_shape(size: str | tuple[str, str]) -> tuple[str, ...]:
+    """A state's shape from its declaration: `h: hidden` is (hidden,), a matrix-valued state
+    `M: [key, value]` is (key, value)."""
+    return size if isinstance(size, tuple) else (size,)
 # The only YAML tags a spec may carry (those plain YAML resolves to); anything else, above all
 # `!!python/...`, is refused before any value is read.
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq",
@@ -96,7 +102,7 @@ class Spec:
     summary: str
     sizes: tuple[str, ...]
     inputs: dict[str, str]  # name -> size
-    states: dict[str, str]  # name -> size
+    states: dict[str, str | tuple[str, str]]  # name -> size, or (rows, columns): state_shape
     outputs: tuple[str, ...]
     params: dict[str, ParamDecl]
     equations: tuple[Equation, ...]
@@ -240,7 +246,7 @@ class _SpecReader:
         if not sizes:
             raise self.fail("'sizes' must name at least one size", top["sizes"][1])
         inputs = self.sized_names(top["inputs"][1], "inputs", sizes) if "inputs" in top else {}
-        states = self.sized_names(top["states"][1], "states", sizes)
+        states = self.sized_names(top["states"][1], "states", sizes, matrices=True)
         if not states:
             raise self.fail("a recurrent cell needs at least one state", top["states"][1])
         for n in inputs:
@@ -346,16 +352,29 @@ class _SpecReader:
             names.append(n)
         return names
 
-    def sized_names(self, node, what: str, sizes: list[str]) -> dict[str, str]:
+    def sized_names(self, node, what: str, sizes: list[str], matrices: bool = False) -> dict:
+        """`{x: input}`; with `matrices`, also `{M: [key, value]}`, a matrix of two sizes."""
         out = {}
         for n, (knode, vnode) in self.mapping(node, what).items():
-            size = self.name_of(vnode, what)
-            if size not in sizes:
-                raise self.fail(f"unknown size '{size}' for '{n}'{suggest(size, sizes)}"
-                                f"; sizes are declared in 'sizes'", vnode)
+            if matrices and isinstance(vnode, yaml.SequenceNode):
+                if len(vnode.value) != 2:
+                    count = f"{len(vnode.value)} size{'' if len(vnode.value) == 1 else 's'}"
+                    raise self.fail(f"'{n}' has {count}; a state is a vector "
+                                    f"({n}: hidden) or a matrix of two sizes ({n}: [key, value])",
+                                    vnode)
+                dims = tuple(self.known_size(item, n, what, sizes) for item in vnode.value)
+            else:
+                dims = self.known_size(vnode, n, what, sizes)
             self.positions[f"{what}.{n}"] = self.at(knode.start_mark)
-            out[n] = size
+            out[n] = dims
         return out
+
+    def known_size(self, node, n: str, what: str, sizes: list[str]) -> str:
+        size = self.name_of(node, what)
+        if size not in sizes:
+            raise self.fail(f"unknown size '{size}' for '{n}'{suggest(size, sizes)}"
+                            f"; sizes are declared in 'sizes'", node)
+        return size
 
     def params(self, node, sizes: list[str]) -> dict[str, ParamDecl]:
         out = {}

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from rnndsl.symbolic import ir
+from rnndsl.language.spec import state_shape
+from rnndsl.symbolic import ir, rank2
 from rnndsl.symbolic.ir import Node, StepIR
 from rnndsl.symbolic.ops import OPS
 
@@ -46,7 +47,7 @@ def grad(step: StepIR) -> Backward:
     seeds: dict[str, Node] = {}
     contribs: dict[int, list[Node]] = defaultdict(list)
     for s, size in step.states.items():
-        seeds[s] = ir.leaf("adj", s, (size,))
+        seeds[s] = ir.leaf("adj", s, state_shape(size))
         contribs[step.values[s].uid].append(seeds[s])
     for o in step.outputs:
         if o not in step.states:
@@ -77,7 +78,7 @@ def grad(step: StepIR) -> Backward:
                 if c is None or c.is_const(0.0) or arg.op in ("const", "size"):
                     continue
                 if arg.shape == () and c.shape != ():
-                    c = ir.reduce("rsum", c)  # a per-row scalar collects over the features
+                    c = rank2.total(c)  # a per-row scalar collects over the features
                 contribs[arg.uid].append(c)
     zero = ir.const(0.0)
     for s in step.states:

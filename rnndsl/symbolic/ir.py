@@ -9,8 +9,9 @@ keeps the derived backward pass as short as a hand derivation.
 
 Leaf ops: input, prev (a state's previous value), param, const, size (a size as a number),
 adj (an adjoint arriving at a backward step). Everything else is listed in `ops.py`.
-Matrix-valued states and index notation would add leaf shapes with two sizes and an
-`index`-style op; nothing below assumes vectors beyond the shape checks in the constructors.
+Values of rank 2 (matrix-valued states and what is computed from them) have shapes of two
+sizes; their own ops are built in `rank2.py`. Nothing below assumes vectors beyond the shape
+checks in the constructors.
 """
 from __future__ import annotations
 
@@ -261,8 +262,10 @@ def seeds_named(pattern: str):
 
 
 _INFIX = {"add": ("+", 1), "sub": ("-", 1), "mul": ("*", 2), "div": ("/", 2),
-          "matvec": ("@", 3), "matvec_t": ("@", 3), "pow": ("**", 5)}
-_FUNC_NAMES = {"minimum": "min", "maximum": "max", "rsum": "sum", "rmean": "mean", "rmax": "max"}
+          "matvec": ("@", 3), "matvec_t": ("@", 3), "mv": ("@", 3), "mtv": ("@", 3),
+          "pow": ("**", 5)}
+_FUNC_NAMES = {"minimum": "min", "maximum": "max", "rsum": "sum", "rmean": "mean", "rmax": "max",
+               "axis_sum": "sum", "axis_softmax": "softmax"}
 
 
 def render(n: Node, names: dict[int, str] | None = None, top: bool = True) -> str:
@@ -284,8 +287,12 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
         v = n.attr
         text = str(int(v)) if abs(v) < 1e15 and v == int(v) else repr(v)  # inf, nan: repr
         return text, (9 if v >= 0 else 4)
-    if n.op == "bcast":
+    if n.op in ("bcast", "spread"):
         return _render(n.args[0], names, False)
+    if n.op in ("axis_sum", "axis_softmax"):  # sum(M, key): the axis, a number if both alike
+        rows, cols = n.args[0].shape
+        axis = str(n.attr) if rows == cols else (rows, cols)[n.attr]
+        return f"{_FUNC_NAMES[n.op]}({_render(n.args[0], names, False)[0]}, {axis})", 9
     if n.op == "neg":
         inner, p = _render(n.args[0], names, False)
         return f"-{inner if p >= 4 else f'({inner})'}", 4
@@ -293,11 +300,11 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
         sym, prec = _INFIX[n.op]
         a, pa = _render(n.args[0], names, False)
         b, pb = _render(n.args[1], names, False)
-        if n.op == "matvec_t":
-            a = f"{a}.T"
         if pa < prec or (n.op == "pow" and pa <= prec):
             a = f"({a})"
-        if pb < prec or (pb == prec and n.op in ("sub", "div", "matvec", "matvec_t")):
+        if n.op in ("matvec_t", "mtv"):
+            a = f"{a}.T"
+        if pb < prec or (pb == prec and n.op in ("sub", "div", "matvec", "matvec_t", "mv", "mtv")):
             b = f"({b})"
         return f"{a} {sym} {b}", prec
     fname = _FUNC_NAMES.get(n.op, n.op)

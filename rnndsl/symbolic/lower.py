@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from functools import reduce
 
-from rnndsl.symbolic import ir
+from rnndsl.symbolic import ir, rank2
 from rnndsl.language.check import FUNCTIONS, PREV, Checked
+from rnndsl.language.spec import state_shape
 from rnndsl.symbolic.ops import MACROS
-from rnndsl.language.parse import Binary, Call, Concat, Index, Name, Neg, Num
+from rnndsl.language.parse import Binary, Call, Concat, Index, Name, Neg, Num, Transpose
 
 _BINARY = {"+": ir.add, "-": ir.sub, "*": ir.mul, "/": ir.div, "**": ir.power}
 _FOLD = {"rmax": "maximum", "rmin": "minimum"}
@@ -41,7 +42,7 @@ def lower(checked: Checked) -> ir.StepIR:
             return ir.const(spec.constants[n].value)
         if n.endswith(PREV) and n[:-len(PREV)] in spec.states:
             s = n[:-len(PREV)]
-            return ir.leaf("prev", s, (spec.states[s],))
+            return ir.leaf("prev", s, state_shape(spec.states[s]))
         if n in cuts:  # a vector parameter in parts, or of a size that is a number
             return [param(k) for k in cuts[n].names]
         return param(n)
@@ -56,16 +57,25 @@ def lower(checked: Checked) -> ir.StepIR:
         if isinstance(e, Index):
             return expr(e.operand)[e.index]
         if isinstance(e, Binary):
-            if e.op == "@":
+            if e.op == "@" and isinstance(e.left, Transpose):
+                return rank2.mtv(expr(e.left.operand), expr(e.right))
+            if e.op == "@" and isinstance(e.left, Name) and e.left.id in checked.layout.params:
                 return product(e.left.id, e.right)
-            return each(_BINARY[e.op], expr(e.left), expr(e.right))
+            if e.op == "@":  # a matrix computed in the step
+                return rank2.mv(expr(e.left), expr(e.right))
+            return each(lambda a, b: _BINARY[e.op](*rank2.align(a, b)), expr(e.left),
+                        expr(e.right))
         assert isinstance(e, Call)
         op, kind = FUNCTIONS[e.func][len(e.args)]
+        if kind == "axis":
+            return axis_reduce(op, expr(e.args[0]), e.args[1])
         args = [expr(a) for a in e.args]
         if kind == "reduce":
             return row_reduce(op, args[0])
         if kind == "row":
             return softmax(args[0])
+        if kind == "matrix":
+            return rank2.outer(*args)
         return each(lambda *a: elementwise(op, *a), *args)
 
     def product(matrix: str, v) -> ir.Node | list:
@@ -104,7 +114,7 @@ def lower(checked: Checked) -> ir.StepIR:
                 splits[id(a.expr)] = split(a.expr, n)
             value = splits[id(a.expr)][k]
         if a.target in spec.states:
-            value = ir.bcast(value, (spec.states[a.target],))
+            value = ir.bcast(value, state_shape(spec.states[a.target]))
         env[a.target] = value
         if isinstance(value, list):
             values.update((f"{a.target}[{k}]", v) for k, v in enumerate(value))
@@ -116,6 +126,8 @@ def lower(checked: Checked) -> ir.StepIR:
 
 def elementwise(op: str, *args: ir.Node) -> ir.Node:
     """A function of the table in ops.py; a composite one (gelu, ...) built from others."""
+    if len(args) == 2:
+        args = rank2.align(*args)
     return MACROS[op].expand(*args) if op in MACROS else ir.apply(op, *args)
 
 
@@ -150,7 +162,21 @@ def row_reduce(op: str, x) -> ir.Node:
         return total if op == "rsum" else ir.div(total, ir.const(len(x)))
     if op == "rmin":  # min over a row is minus the max of minus the row
         return ir.neg(ir.reduce("rmax", ir.neg(x)))
+    if op == "norm":
+        return ir.apply("sqrt", row_reduce("rsum", each(lambda v: ir.power(v, ir.const(2.0)), x)))
     return ir.reduce(op, x)
+
+
+def axis_reduce(op: str, m: ir.Node, axis) -> ir.Node:
+    """sum, mean, norm or softmax of a matrix over the axis the checker allowed: a size name or
+    0, 1."""
+    over = int(axis.value) if isinstance(axis, Num) else m.shape.index(axis.id)
+    if op == "axis_softmax":
+        return rank2.axis_softmax(m, over)
+    if op == "axis_norm":
+        return ir.apply("sqrt", rank2.axis_sum(ir.power(m, ir.const(2.0)), over))
+    total = rank2.axis_sum(m, over)
+    return ir.div(total, ir.size(m.shape[over])) if op == "axis_mean" else total
 
 
 def softmax(x):

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 from scipy import special
 
-from rnndsl.symbolic import ir
+from rnndsl.symbolic import ir, rank2
 from rnndsl.symbolic.ir import Node, add, const, div, mul, neg, power, sub
 
 HARD_SLOPE = 0.2  # hard_sigmoid(x) = clip(HARD_SLOPE x + 0.5, 0, 1)
@@ -46,6 +46,7 @@ class Op:
     spelling: str = ""  # the name users call it by; "" if they cannot
     arity: int = 1
     structural: bool = False  # reductions, softmax, products: the emitters' own loops
+    kind: str = ""  # how users call it when not by a kind user_functions derives ("matrix")
 
     def code(self, name: str) -> str:
         """How a kernel computes one element: a format string of the argument expressions."""
@@ -72,9 +73,15 @@ def _softplus(x):
     return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
 
 
-def _softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def _softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _axis_softmax_grad(y: Node, g: Node):
+    """softmax' over one axis: y * (g - the sum of g * y over that axis, spread back)."""
+    over = y.attr
+    return (mul(y, sub(g, rank2.spread(rank2.axis_sum(mul(g, y), over), y.shape, 1 - over))),)
 
 
 def _step(x):
@@ -158,11 +165,27 @@ OPS: dict[str, Op] = {
                structural=True),
     "softmax": Op(_softmax, lambda y, g: (mul(y, sub(g, ir.reduce("rsum", mul(g, y)))),),
                   spelling="softmax", structural=True),
-    "bcast": Op(lambda x: x, lambda y, g: (ir.reduce("rsum", g),), structural=True),
+    "bcast": Op(lambda x: x, lambda y, g: (rank2.total(g),), structural=True),
     # matrix times vector; the matrix's own gradient (an outer product) is kept by grad.py
     "matvec": Op(lambda w, v: v @ w.T, lambda y, g: (None, ir.matvec_t(y.args[0], g)), arity=2,
                  structural=True),
     "matvec_t": Op(lambda w, v: v @ w, lambda y, g: (None, None), arity=2, structural=True),
+    # values of rank 2 (rank2.py): a matrix computed in the step, one per batch row
+    "mv": Op(lambda m, v: np.einsum("...ij,...j->...i", m, v), lambda y, g: (
+        rank2.outer(g, y.args[1]), rank2.mtv(y.args[0], g)), arity=2, structural=True),
+    "mtv": Op(lambda m, u: np.einsum("...ij,...i->...j", m, u), lambda y, g: (
+        rank2.outer(y.args[1], g), rank2.mv(y.args[0], g)), arity=2, structural=True),
+    "outer": Op(lambda a, b: a[..., :, None] * b[..., None, :], lambda y, g: (
+        rank2.mv(g, y.args[1]), rank2.mtv(g, y.args[0])), spelling="outer", arity=2,
+        structural=True, kind="matrix"),
+    # `along` and `over` (the node's attr) come last: the vector's axis, the summed axis
+    "spread": Op(lambda v, along: v[..., :, None] if along == 0 else v[..., None, :],
+                 lambda y, g: (rank2.axis_sum(g, 1 - y.attr),), structural=True),
+    "axis_sum": Op(lambda m, over: m.sum(axis=over - 2), lambda y, g: (
+        rank2.spread(g, _x(y).shape, 1 - y.attr),), spelling="sum", arity=2, structural=True,
+        kind="axis"),
+    "axis_softmax": Op(lambda m, over: _softmax(m, over - 2), _axis_softmax_grad,
+                       spelling="softmax", arity=2, structural=True, kind="axis"),
 }
 
 
@@ -194,13 +217,19 @@ MACROS: dict[str, Macro] = {
 def user_functions() -> dict[str, dict[int, tuple[str, str]]]:
     """What users may call: spelling -> {number of arguments: (op, kind)}; kinds: "map"
     elementwise (primitives and macros), "reduce" vector -> per-row scalar, "row" vector ->
-    vector. `min` of one argument is lowered as -max(-x)."""
+    vector, "matrix" two vectors -> a matrix (outer), "axis" a matrix and the axis it is
+    reduced over -> a vector. `min` of one argument is lowered as -max(-x)."""
     table: dict[str, dict[int, tuple[str, str]]] = {}
     for name, op in OPS.items():
         if op.spelling:
-            kind = "map" if not op.structural else ("row" if name == "softmax" else "reduce")
+            kind = op.kind or ("map" if not op.structural else
+                               "row" if name == "softmax" else "reduce")
             table.setdefault(op.spelling, {})[op.arity] = (name, kind)
     table["min"][1] = ("rmin", "reduce")
+    # composites lowered in lower.py: the mean and the Euclidean norm, of a vector (a per-row
+    # scalar) and over one axis of a matrix (a vector)
+    table["mean"][2] = ("axis_mean", "axis")
+    table["norm"] = {1: ("norm", "reduce"), 2: ("axis_norm", "axis")}
     for name, macro in MACROS.items():
         table[name] = {n: (name, "map") for n in macro.arities}
     return table

@@ -1,0 +1,94 @@
+"""The built-in cells with matrix-valued states against independent PyTorch implementations
+written from the papers' equations: outputs, final states, and the gradients of every
+parameter, the inputs and the initial states by autograd, float64, to 1e-9 relative."""
+import numpy as np
+import pytest
+
+import rnndsl
+
+torch = pytest.importorskip("torch")
+
+
+def fast_weights(p, x, state0, lengths):
+    """Ba et al. 2016, one inner step: A(t) = lam A(t-1) + eta h(t) h(t)^T, then
+    h(t+1) = ReLU(LN(z + A(t) ReLU(z))) with z = W h(t) + C x(t)."""
+    lam, eta = 0.95, 0.5
+    h, A = state0["h"], state0["A"]
+    outs = []
+    for t in range(x.shape[0]):
+        A_new = lam * A + eta * h[:, :, None] * h[:, None, :]
+        z = h @ p["W_recurrent"].T + x[t] @ p["W_input"].T + p["bias"]
+        u = z + torch.einsum("bij,bj->bi", A_new, torch.relu(z))
+        mu = u.mean(-1, keepdim=True)
+        sd = torch.sqrt(((u - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
+        h_new = torch.relu(p["ln_gain"] * (u - mu) / sd + p["ln_shift"])
+        live = torch.as_tensor(t < lengths)
+        h = torch.where(live[:, None], h_new, h)
+        A = torch.where(live[:, None, None], A_new, A)
+        outs.append(torch.where(live[:, None], h_new, torch.zeros_like(h_new)))
+    return {"h": torch.stack(outs)}, {"h": h, "A": A}
+
+
+def delta_net(p, x, state0, lengths):
+    """Schlag et al. 2021: W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T, y_t = W_t q_t,
+    keys and queries of unit length (F.normalize), beta_t = sigmoid(w . x_t + b)."""
+    W = state0["W"]
+    outs = []
+    for t in range(x.shape[0]):
+        k = torch.nn.functional.normalize(x[t] @ p["W_key"].T, dim=-1)
+        q = torch.nn.functional.normalize(x[t] @ p["W_query"].T, dim=-1)
+        v = x[t] @ p["W_value"].T
+        beta = torch.sigmoid(x[t] @ p["w_beta"] + p["b_beta"])[:, None, None]
+        retrieved = torch.einsum("bij,bj->bi", W, k)
+        W_new = W + beta * (v - retrieved)[:, :, None] * k[:, None, :]
+        y = torch.einsum("bij,bj->bi", W_new, q)
+        live = torch.as_tensor(t < lengths)
+        W = torch.where(live[:, None, None], W_new, W)
+        outs.append(torch.where(live[:, None], y, torch.zeros_like(y)))
+    return {"y": torch.stack(outs)}, {"W": W}
+
+
+CELLS = {"fast_weights": (fast_weights, {"input": 3, "hidden": 5}),
+         "delta_net": (delta_net, {"input": 3, "key": 4, "value": 5})}
+
+
+def relative(a, b) -> float:
+    return float(np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+@pytest.mark.parametrize("lengths", [None, [6, 3, 1, 0]], ids=["full", "lengths"])
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_cell_matches_pytorch_autograd(name, lengths):
+    model, sizes = CELLS[name]
+    cell = rnndsl.compile(name, target="reference")
+    rng = np.random.default_rng(7)
+    T, B = 6, 4
+    params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in
+              cell.init_params(seed=3, dtype=np.float64, **sizes).items()}
+    x = rng.standard_normal((T, B, sizes["input"]))
+    state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in shape)))
+              for s, shape in ((s, (n,) if isinstance(n, str) else n)
+                               for s, n in cell.states.items())}
+    steps = np.full(B, T) if lengths is None else np.array(lengths)
+
+    fwd = cell.forward(params, x, state0, lengths)
+    d_out = {o: rng.standard_normal(v.shape) for o, v in fwd.outputs.items()}
+    d_fin = {s: rng.standard_normal(v.shape) for s, v in fwd.states.items()}
+    grads = cell.backward(params, fwd, d_out, d_fin)
+
+    leaf = lambda a: torch.tensor(a, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    tp, tx, ts = ({k: leaf(v) for k, v in params.items()}, leaf(x),
+                  {k: leaf(v) for k, v in state0.items()})
+    outs, finals = model(tp, tx, ts, steps)
+    loss = sum((outs[o] * torch.from_numpy(g)).sum() for o, g in d_out.items()) + \
+        sum((finals[s] * torch.from_numpy(g)).sum() for s, g in d_fin.items())
+    loss.backward()
+
+    errors = {f"output {o}": relative(fwd.outputs[o], outs[o].detach().numpy()) for o in outs}
+    errors |= {f"state {s}": relative(fwd.states[s], finals[s].detach().numpy())
+               for s in finals}
+    errors |= {f"d {k}": relative(grads.params[k], v.grad.numpy()) for k, v in tp.items()}
+    errors["d x"] = relative(grads.inputs["x"], tx.grad.numpy())
+    errors |= {f"d {s}0": relative(grads.state0[s], v.grad.numpy()) for s, v in ts.items()}
+    assert max(errors.values()) < 1e-9, errors
+    assert len(errors) == len(outs) + len(finals) + len(params) + 1 + len(state0)
