@@ -59,7 +59,7 @@ def _size_from_environment() -> int:
         return DEFAULT_CACHE_SIZE
 
 
-def why_not(stream: cs.Stream | None = None) -> str | None:
+def why_not() -> str | None:
     """Why a time loop would not be captured in a graph here, or None when it would."""
     if _CACHE.size == 0:
         return "turned off (RNNDSL_CUDA_GRAPHS=0)"
@@ -132,30 +132,31 @@ class GraphCache:
         while len(self.seen) > 4 * self.size:
             self.seen.popitem(last=False)
 
-    def run(self, key, run, loop: Loop, stream, T, B, sizes, lengths, arrays) -> bool:
-        """Run the loop through its graph, capturing it on the key's second call. False when
-        the caller should run it uncaptured (a first call, or a capture that failed)."""
+    def run(self, key, run, loop: Loop, stream, T, B, sizes, lengths, arrays) -> str | None:
+        """Run the loop through its graph: 'replayed'; or capture it, on the key's second call:
+        'captured' (this call ran uncaptured on the graph's buffers); or None, for the caller
+        to run it uncaptured (a first call, or a key whose capture failed before)."""
         with self.lock:
             entry = self.graphs.get(key)
             if entry is not None:
                 self.graphs.move_to_end(key)
             elif key in self.failed:
-                return False
+                return None
             elif key not in self.seen:
                 self.seen[key] = None
                 self._trim()
-                return False
+                return None
         if entry is None:
-            entry = self._record(key, run, loop, stream, T, B, sizes, lengths, arrays)
-            return entry is not None
+            self._record(key, run, loop, stream, T, B, sizes, lengths, arrays)
+            return "captured"
         self._copy_in(entry, loop, stream, lengths, arrays)
         self.replay(entry.graph, stream)
         self._copy_out(entry, loop, stream, arrays)
-        return True
+        return "replayed"
 
     def _record(self, key, run, loop, stream, T, B, sizes, lengths, arrays):
         entry = _Entry(tuple(cs.empty(a.shape, a.dtype, stream) for a in arrays),
-                       cs.empty(lengths.shape, lengths.dtype, stream), ())
+                       cs.cuda.device_array(lengths.shape, lengths.dtype), ())
         entry.mats = tuple(cs.gemm_operand(entry.arrays[i]) for i in loop.index(loop.gemm))
         self._copy_in(entry, loop, stream, lengths, arrays)
         # uncaptured first: this call's result, and every kernel compiled before the capture
@@ -169,13 +170,12 @@ class GraphCache:
             with self.lock:
                 self.failed.add(key)
             self._copy_out(entry, loop, stream, arrays)
-            return entry
+            return
         self._copy_out(entry, loop, stream, arrays)
         with self.lock:
             self.seen.pop(key, None)
             self.graphs[key] = entry
             self._trim()
-        return entry
 
     @staticmethod
     def _copy_in(entry, loop, stream, lengths, arrays):
@@ -209,18 +209,32 @@ def clear_graph_cache() -> None:
     _CACHE.clear()
 
 
+def _device() -> int:
+    import torch
+
+    return torch.cuda.current_device()
+
+
 def time_loop(run, loop: Loop, stream: cs.Stream, T: int, B: int, sizes: tuple, lengths,
               arrays: tuple) -> str:
     """Run a generated time loop (`run(stream, T, B, sizes, lengths, arrays, mats)`) through
-    a CUDA graph where one can be captured, else directly. Returns how it ran: 'graph' or
-    'uncaptured'."""
-    if T > 0 and why_not(stream) is None and all(a.is_c_contiguous() for a in arrays):
-        import torch
+    a CUDA graph where one can be captured, else directly. Returns how it ran: 'replayed',
+    'captured' or 'uncaptured' (also kept in `last_run`, per thread)."""
+    how = None
+    if T > 0 and why_not() is None and all(a.is_c_contiguous() for a in arrays):
+        key = (run, T, B, sizes, _device(), tuple((a.shape, str(a.dtype)) for a in arrays))
+        how = _CACHE.run(key, run, loop, stream, T, B, sizes, lengths, arrays)
+    if how is None:
+        run(stream, T, B, sizes, lengths, arrays,
+            tuple(cs.gemm_operand(arrays[i]) for i in loop.index(loop.gemm)))
+        how = "uncaptured"
+    _last.run = how
+    return how
 
-        key = (run, T, B, sizes, torch.cuda.current_device(),
-               tuple((a.shape, str(a.dtype)) for a in arrays))
-        if _CACHE.run(key, run, loop, stream, T, B, sizes, lengths, arrays):
-            return "graph"
-    run(stream, T, B, sizes, lengths, arrays,
-        tuple(cs.gemm_operand(arrays[i]) for i in loop.index(loop.gemm)))
-    return "uncaptured"
+
+_last = threading.local()
+
+
+def last_run() -> str | None:
+    """How this thread's last time loop ran (time_loop's answer), None before any."""
+    return getattr(_last, "run", None)
