@@ -126,6 +126,16 @@ def on_stream(handle: int):
         _current.stream = before
 
 
+@contextmanager
+def on_device(index: int):
+    """Within the block, Numba works on GPU `index` (torch's tensors may be on any)."""
+    if SIMULATOR:
+        yield
+        return
+    with cuda.gpus[index]:
+        yield
+
+
 # -- arrays ---------------------------------------------------------------------------------
 def is_device(a) -> bool:
     return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
