@@ -344,7 +344,8 @@ def test_the_device_check_script_dry_runs_in_the_simulator(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["equality"]["status"] == "ok", (tmp_path / "equality.txt").read_text()
     found = json.loads((tmp_path / "equality.json").read_text())
-    assert len(found) == 6 and max(found.values()) < 1e-12
+    assert len(found) == 8 and max(found.values()) < 1e-12
+    assert "lstm tiny graph, last run uncaptured (Numba's CUDA simulator), vs uncaptured" in found
 
 
 @device
@@ -407,6 +408,7 @@ def fake_graphs(monkeypatch):
 
 
 @device
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="the simulator's")
 def test_the_simulator_runs_every_time_loop_uncaptured():
     from rnndsl.backend import cuda_graphs as cg
 
@@ -456,7 +458,7 @@ def test_a_tape_survives_the_next_forward_through_the_same_graph(fake_graphs):
         got = cell.backward(params, first, seed)
         assert not np.allclose(first.output, second.output)
         for p in params:
-            np.testing.assert_array_equal(got.params[p], want.params[p])
+            np.testing.assert_allclose(got.params[p], want.params[p], rtol=1e-13, atol=1e-15)
 
 
 @device
