@@ -163,3 +163,10 @@ def test_info_says_the_time_loops_are_captured(graphs):
 
     found = report()["cuda"]["graphs"]
     assert found == {"captured": True, "why_not": None, "cache_size": graphs.DEFAULT_CACHE_SIZE}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over NCCL needs two GPUs")
+def test_ddp_over_nccl_on_two_gpus_matches_one_process(tmp_path):
+    from test_torch_ddp import two_ranks_match_one_process
+
+    two_ranks_match_one_process(tmp_path, "nccl")
