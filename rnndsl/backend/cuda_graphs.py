@@ -9,7 +9,8 @@ torch's capture stream) and replays it in one call.
   simulator, no PyTorch or no CUDA in it, GEMMs not through PyTorch, or a stream that is
   already capturing: the caller's own graph then records the uncaptured loop). Then the loop
   runs uncaptured, with the same results. So does a loop whose arrays are not all
-  C-contiguous (their copies into a graph's buffers are plain copies).
+  C-contiguous (their copies into a graph's buffers are plain copies). After a capture that
+  fails (a warning says why), no loop is captured again in the process.
 - What a graph holds: a graph reads and writes fixed addresses, so each one owns a static
   copy of every array of its loop. A call copies into them what the loop reads (not what it
   only writes), replays, and copies back what the pass returns or keeps (its outputs, states
@@ -63,6 +64,8 @@ def why_not() -> str | None:
     """Why a time loop would not be captured in a graph here, or None when it would."""
     if _CACHE.size == 0:
         return "turned off (RNNDSL_CUDA_GRAPHS=0)"
+    if _CACHE.failure is not None:
+        return _CACHE.failure
     if cs.SIMULATOR:
         return "Numba's CUDA simulator"
     try:
@@ -83,7 +86,9 @@ def _torch_capture(record):
     import torch
 
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # Numba frees device memory in batches, and a free (cuMemFree) during a capture would
+    # invalidate it: none happens inside the block
+    with cs.cuda.defer_cleanup(), torch.cuda.graph(graph):
         record(cs.Stream(torch.cuda.current_stream().cuda_stream))
     return graph
 
@@ -112,7 +117,7 @@ class GraphCache:
         self.capture, self.replay = capture, replay
         self.graphs: OrderedDict[tuple, _Entry] = OrderedDict()
         self.seen: OrderedDict[tuple, None] = OrderedDict()  # keys called once
-        self.failed: set[tuple] = set()  # keys whose capture raised: never tried again
+        self.failure: str | None = None  # why a capture failed: none is tried again
         self.lock = threading.Lock()
 
     def resize(self, size: int):
@@ -124,9 +129,11 @@ class GraphCache:
         with self.lock:
             self.graphs.clear()
             self.seen.clear()
-            self.failed.clear()
+            self.failure = None
 
     def _trim(self):
+        if len(self.graphs) > self.size:
+            cs.cuda.synchronize()  # no replay of a graph to drop may still be running
         while len(self.graphs) > self.size:
             self.graphs.popitem(last=False)
         while len(self.seen) > 4 * self.size:
@@ -135,12 +142,12 @@ class GraphCache:
     def run(self, key, run, loop: Loop, stream, T, B, sizes, lengths, arrays) -> str | None:
         """Run the loop through its graph: 'replayed'; or capture it, on the key's second call:
         'captured' (this call ran uncaptured on the graph's buffers); or None, for the caller
-        to run it uncaptured (a first call, or a key whose capture failed before)."""
+        to run it uncaptured (a first call, or after a capture that failed)."""
         with self.lock:
             entry = self.graphs.get(key)
             if entry is not None:
                 self.graphs.move_to_end(key)
-            elif key in self.failed:
+            elif self.failure is not None:
                 return None
             elif key not in self.seen:
                 self.seen[key] = None
@@ -165,10 +172,10 @@ class GraphCache:
             entry.graph = self.capture(
                 lambda on: run(on, T, B, sizes, entry.lengths, entry.arrays, entry.mats))
         except Exception as exc:  # the loop still ran, uncaptured: its result stands
+            self.failure = f"a capture failed: {type(exc).__name__}: {exc}"
             warnings.warn(f"rnndsl: the time loop could not be captured as a CUDA graph "
-                          f"({type(exc).__name__}: {exc}); it runs uncaptured", stacklevel=3)
-            with self.lock:
-                self.failed.add(key)
+                          f"({type(exc).__name__}: {exc}); from now on every time loop runs "
+                          "uncaptured", stacklevel=3)
             self._copy_out(entry, loop, stream, arrays)
             return
         self._copy_out(entry, loop, stream, arrays)
