@@ -194,7 +194,7 @@ def _on_torch_stream(like: Tensor):
         return
     from rnndsl.backend import cuda_support as cs
 
-    with cs.on_device(like.device.index or 0), torch.cuda.device(like.device), \
+    with cs.on_device(like.device.index), torch.cuda.device(like.device), \
             cs.on_stream(torch.cuda.current_stream(like.device).cuda_stream):
         yield
 

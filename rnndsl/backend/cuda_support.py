@@ -8,8 +8,9 @@ this module, never from Numba directly.
 
 Arrays are device arrays of any kind that has `__cuda_array_interface__` (Numba's, CuPy's,
 PyTorch's CUDA tensors): `device()` wraps them without a copy; host NumPy arrays are copied.
-GEMMs go to cuBLAS through CuPy when it is installed, else through PyTorch when it has CUDA,
-else to the tiled Numba kernel below (the only path in the simulator).
+GEMMs go to cuBLAS through PyTorch when it has CUDA (its GEMMs can be captured in a CUDA
+graph, CuPy's cannot), else through CuPy when it is installed, else to the tiled Numba kernel
+below (the only path in the simulator).
 
 Streams: every launch, copy and GEMM goes to a stream the caller gives (a `Stream`, made from a
 cudaStream_t handle; 0 is the default stream). Generated code takes it as an argument; the
