@@ -87,8 +87,9 @@ def _torch_capture(record):
 
     graph = torch.cuda.CUDAGraph()
     # Numba frees device memory in batches, and a free (cuMemFree) during a capture would
-    # invalidate it: none happens inside the block
-    with cs.cuda.defer_cleanup(), torch.cuda.graph(graph):
+    # invalidate it: none happens inside the block. "thread_local": other threads (a data
+    # loader pinning memory, say) may go on calling CUDA while this one captures.
+    with cs.cuda.defer_cleanup(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
         record(cs.Stream(torch.cuda.current_stream().cuda_stream))
     return graph
 
