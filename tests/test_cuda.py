@@ -532,3 +532,31 @@ def test_the_graph_cache_size_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("RNNDSL_CUDA_GRAPHS", "many")
     with pytest.warns(UserWarning, match="whole number"):
         assert cg._size_from_environment() == cg.DEFAULT_CACHE_SIZE
+
+
+@device
+def test_the_graph_choice_names_each_reason_not_to_capture(monkeypatch):
+    """The reasons, most decisive first, each with everything after it allowed."""
+    torch = pytest.importorskip("torch")
+    from rnndsl.backend import cuda_graphs as cg
+    from rnndsl.backend import cuda_support as cs
+
+    monkeypatch.setattr(cs, "SIMULATOR", False)
+    monkeypatch.setattr(cs, "_BACKEND", "torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert cg.why_not() is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert cg.why_not() == "the stream is already being captured"
+    monkeypatch.setattr(cs, "_BACKEND", "cupy")
+    assert cg.why_not() == "the GEMMs go through cupy, not PyTorch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cg.why_not() == "PyTorch has no CUDA here"
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert cg.why_not() == "PyTorch is not installed"
+    monkeypatch.setattr(cs, "SIMULATOR", True)
+    assert cg.why_not() == "Numba's CUDA simulator"
+    monkeypatch.setattr(cg._CACHE, "failure", "a capture failed: RuntimeError: no")
+    assert cg.why_not() == "a capture failed: RuntimeError: no"
+    monkeypatch.setattr(cg._CACHE, "size", 0)
+    assert cg.why_not() == "turned off (RNNDSL_CUDA_GRAPHS=0)"
