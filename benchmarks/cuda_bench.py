@@ -13,6 +13,10 @@ parameters are uploaded once, outside the timed region. Goals (issue 6): LSTM wi
 cuDNN at M, faster than cuDNN at T1 with the persistent kernel; custom cells at least 5x faster
 than the eager loop at S and T1. `bridge` is the same cell as a one-layer `rnndsl.torch.RNN`
 on CUDA tensors (autograd, the custom op), whose cost over the raw cell is the bridge's own.
+
+The per-step loop (of `steps`, and of `auto` where the persistent kernel does not fit) is
+replayed from a CUDA graph once the warm-up calls have captured it; `nograph` times `steps`
+with graphs turned off (every step launched from Python), the difference being the graphs'.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -79,6 +84,18 @@ def time_rnndsl(spec: str, size: str, persistent, repeats: int):
     return median_gpu(forward, repeats), median_gpu(forward_backward, repeats), blocks
 
 
+@contextmanager
+def graphs_off():
+    from rnndsl.backend import cuda_graphs as cg
+
+    before = cg.graph_cache_size()
+    cg.set_graph_cache_size(0)
+    try:
+        yield
+    finally:
+        cg.set_graph_cache_size(before)
+
+
 def time_eager(spec: str, size: str, repeats: int):
     cell = rnndsl.compile(spec)  # the plan (hoisted products) is all the eager loop reads
     params, xs, sizes = problem(cell, size)
@@ -113,6 +130,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_bench needs a GPU and PyTorch with CUDA")
+    from rnndsl.backend import cuda_graphs as cg
     from rnndsl.backend import cuda_support as cs
 
     rows = []
@@ -126,6 +144,9 @@ def main():
                 got = time_rnndsl(spec, size, flag, args.repeats)
                 if got is not None:
                     row[f"{mode}_fwd"], row[f"{mode}_fwdbwd"], row[f"{mode}_blocks"] = got
+            with graphs_off():
+                row["nograph_fwd"], row["nograph_fwdbwd"], _ = \
+                    time_rnndsl(spec, size, False, args.repeats)
             lib = (peers.time_library(spec, size, args.repeats, "cuda", median_gpu)
                    if spec in ("lstm", "gru") else None)
             if lib:
@@ -137,23 +158,25 @@ def main():
             print(row, file=sys.stderr, flush=True)
     info = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-            "gemm": cs.backend(), **cs.versions()}
+            "gemm": cs.backend(), "graphs": cg.why_not() or "captured", **cs.versions()}
     if args.json:
         print(json.dumps({"info": info, "rows": rows}, indent=1))
         return
     print(f"Device: {info['device']}; {info['date']}; torch {info['torch']}, cuDNN "
           f"{info['cudnn']}; GEMMs via {info['gemm']}. float32, medians of {args.repeats} runs, "
-          "ms; ratio = rnndsl (auto) / peer; blocks = persistent grid (0: per-step launches).\n")
-    print("| cell | size | auto fwd | auto fwd+bwd | blocks | steps fwd+bwd | persistent fwd+bwd "
-          "| cuDNN fwd | cuDNN fwd+bwd | ratio fwd | ratio fwd+bwd | eager fwd+bwd | ratio "
-          "| bridge fwd+bwd | bridge / auto |")
-    print("|" + "---|" * 15)
+          "ms; ratio = rnndsl (auto) / peer; blocks = persistent grid (0: per-step launches); "
+          "steps: the per-step loop from a CUDA graph, no graph: launched from Python.\n")
+    print("| cell | size | auto fwd | auto fwd+bwd | blocks | steps fwd+bwd | steps fwd+bwd, no "
+          "graph | persistent fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | ratio fwd | ratio fwd+bwd "
+          "| eager fwd+bwd | ratio | bridge fwd+bwd | bridge / auto |")
+    print("|" + "---|" * 16)
     for r in rows:
         g = r.get
         print("| " + " | ".join([
             r["spec"], r["size"], _ms(g("auto_fwd")), _ms(g("auto_fwdbwd")),
             str(g("auto_blocks", {}).get("forward", "")), _ms(g("steps_fwdbwd")),
-            _ms(g("persistent_fwdbwd")), _ms(g("cudnn_fwd")), _ms(g("cudnn_fwdbwd")),
+            _ms(g("nograph_fwdbwd")), _ms(g("persistent_fwdbwd")), _ms(g("cudnn_fwd")),
+            _ms(g("cudnn_fwdbwd")),
             _ratio(g("auto_fwd"), g("cudnn_fwd")), _ratio(g("auto_fwdbwd"), g("cudnn_fwdbwd")),
             _ms(g("eager_fwdbwd")), _ratio(g("auto_fwdbwd"), g("eager_fwdbwd")),
             _ms(g("bridge_fwdbwd")), _ratio(g("bridge_fwdbwd"), g("auto_fwdbwd"))]) + " |")

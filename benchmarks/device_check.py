@@ -6,8 +6,10 @@ go to OUT (default $OUT, else ./device_out): one file per part and summary.json.
 
 1. equality at real sizes: the CUDA target against the CPU target in float64 (forward outputs,
    final states, every gradient; lstm, gru, peephole_lstm at M and T1, each time-loop mode),
-   and the PyTorch bridge on CUDA tensors against cuDNN in float32 (2-layer bidirectional
-   LSTM and GRU, packed lengths): `equality.json`;
+   the per-step time loop replayed from its CUDA graph against the same loop uncaptured
+   (float64, lstm and gru at M, fwd+bwd run three times: uncaptured, captured, replayed; the
+   key says how the last run went), and the PyTorch bridge on CUDA tensors against cuDNN in
+   float32 (2-layer bidirectional LSTM and GRU, packed lengths): `equality.json`;
 2. `tests/test_cuda.py` (with RNNDSL_TEST_GPU=1) and `tests/test_torch_cuda.py` on the GPU:
    `pytest.txt`;
 3. `benchmarks/cuda_bench.py --json`: `bench.json` (the README's GPU table).
@@ -50,8 +52,48 @@ def equality(simulate: bool) -> dict:
                 diffs = differences(cuda, cpu, T, B, lengths, np.float64, seed=1,
                                     problem_args=(I, H - I))
                 out[f"{spec} {size} {mode}"] = max(diffs.values())
+    out.update(_graphs_vs_uncaptured(sizes))
     if not simulate:
         out.update(_bridge_vs_cudnn())
+    return out
+
+
+def _graphs_vs_uncaptured(sizes: dict) -> dict:
+    """Max relative difference of the third fwd+bwd (replayed from a CUDA graph where one can
+    be captured) from a run with graphs turned off, per spec and size."""
+    import numpy as np
+
+    import rnndsl
+    from rnndsl.backend import cuda_graphs as cg
+    from rnndsl.backend import cuda_support as cs
+
+    from engines import problem, relative
+
+    out = {}
+    for spec in ("lstm", "gru"):
+        cell = rnndsl.compile(spec, target="cuda", persistent=False)
+        for size, (T, B, I, H) in sizes.items():
+            params, xs, state0 = problem(cell, T, B, 2, I, H - I)
+            lengths = [T] + [max(1, T - 7 * k) for k in range(1, B)]
+            seed = np.random.default_rng(3).standard_normal((T, B, H))
+
+            def run():
+                fwd = cell.forward(params, xs, state0, lengths)
+                grads = cell.backward(params, fwd, seed)
+                return [cs.host(fwd.output), *map(cs.host, grads.params.values()),
+                        *map(cs.host, grads.inputs.values())]
+
+            before = cg.graph_cache_size()
+            cg.set_graph_cache_size(0)
+            want = run()
+            cg.set_graph_cache_size(before or cg.DEFAULT_CACHE_SIZE)
+            for _ in range(3):
+                got = run()
+            worst = max(relative(a, b, 1e-30) for a, b in zip(got, want))
+            why = cg.why_not()
+            out[f"{spec} {size} graph, last run {cg.last_run()}"
+                f"{f' ({why})' if why else ''}, vs uncaptured"] = worst
+            cg.set_graph_cache_size(before)
     return out
 
 

@@ -9,6 +9,9 @@ tensors), which are used without copies and give device arrays back (Numba's).
 weights in shared memory) whenever it fits, True insists on it (an error when it does not
 fit), False never uses it. `last_blocks` tells what the last pass ran: 0 for per-step
 launches, else the persistent kernel's grid.
+
+Every pass runs on the thread's current stream (`cuda_support.on_stream`; the default stream
+unless set), which the generated code is given.
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ class CudaEngine(GeneratedEngine):
             tuple(dev(_one_element(params[p])) for p in self.step.params),
             tuple(dev(xs[x]) for x in self.step.inputs),
             tuple(dev(state0[s]) for s in self.step.states), dev(np.asarray(lengths, np.int64)),
-            tuple(sizes[s] for s in self.step.sizes), self.persistent)
+            tuple(sizes[s] for s in self.step.sizes), cs.current_stream(), self.persistent)
         self.last_blocks["forward"] = blocks
         back = cs.host if on_host else (lambda a: a)
         return (dict(zip(self.step.outputs, map(back, outs))),
@@ -83,7 +86,7 @@ class CudaEngine(GeneratedEngine):
             tuple(dev(_one_element(params[p])) for p in self.step.params),
             tuple(dev(tape.xs[x]) for x in self.step.inputs), dev(np.asarray(tape.lengths, np.int64)),
             saved, douts, tuple(dev(d_final[s]) for s in self.step.states),
-            tuple(tape.sizes[s] for s in self.step.sizes), self.persistent)
+            tuple(tape.sizes[s] for s in self.step.sizes), cs.current_stream(), self.persistent)
         self.last_blocks["backward"] = blocks
         back = cs.host if on_host else (lambda a: a)
         dparams = {}
