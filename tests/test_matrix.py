@@ -103,6 +103,8 @@ def test_every_rank2_operator_is_reached():
     for matrix, vector, outputs in OP_CELLS.values():
         c = cell(matrix, vector, outputs=outputs)
         used |= {n.op for n in ir.topo_order(c.step.roots() + c.backward_ir.roots())}
+    c = addressing("w = shift(gated, s)")  # the NTM's shift, below
+    used |= {n.op for n in ir.topo_order(c.step.roots() + c.backward_ir.roots())}
     assert set(rank2.OPS) <= used
 
 
@@ -253,11 +255,14 @@ def test_cli_compile_refuses_on_cpu_and_prints_the_backward_on_the_reference():
         assert line in shown.output.splitlines(), line
 
 
+REFERENCE_ONLY = {"fast_weights", "delta_net", "ntm"}  # the built-ins without kernels yet
+
+
 def test_builtin_matrix_cells_are_marked_in_the_list():
     listed = CliRunner().invoke(app, ["list"]).output.splitlines()
     marked = {line.split()[0] for line in listed if line.endswith("[reference target only]")}
-    assert marked == {"fast_weights", "delta_net"}
-    assert not {"fast_weights", "delta_net"} & set(rnndsl.compiler.kernel_specs())
+    assert marked == REFERENCE_ONLY
+    assert not REFERENCE_ONLY & set(rnndsl.compiler.kernel_specs())
 
 
 # Hand derivation. W = W_prev + beta * e k^T with e = v - W_prev @ k, y = W @ q. With G the
@@ -282,11 +287,12 @@ DELTA_NET_BY_HAND = [
 
 # -- fuzzing the new syntax -----------------------------------------------------------------------
 MATRIX_TOKENS = [".T", " @ ", "outer(", "W_prev", "A_prev", "h_prev", "k", "q", "v", "x", "beta",
+                 "shift(", "M_prev", "w_read", ", read_shift", "** 2", ", width", ", slots",
                  "sum(", "mean(", "norm(", "max(", ", key", ", value", ", hidden", ", 0", ", 1",
                  "(", ")", "*", "+", "-", "/", "**2", "tanh(", "[", "]", ", ", "1"]
 
 
-@pytest.mark.parametrize("base", ["delta_net", "fast_weights"])
+@pytest.mark.parametrize("base", ["delta_net", "fast_weights", "ntm"])
 def test_mutated_matrix_specs_fail_only_with_spec_errors(base):
     """Mutated cells either compile and run forward and backward, or fail with a SpecError."""
     from test_fuzz import mutate
@@ -311,7 +317,167 @@ def test_mutated_matrix_specs_fail_only_with_spec_errors(base):
         compiled += 1
         sizes = {s: 2 + k for k, s in enumerate(c.sizes)}
         with np.errstate(all="ignore"):
-            f = c.forward(c.init_params(dtype=np.float64, **sizes), np.ones((2, 2, sizes["input"])))
+            f = c.forward(c.init_params(dtype=np.float64, **sizes),
+                          np.ones((2, 2, sizes["input"])), sizes=sizes)
             c.backward(c.init_params(dtype=np.float64, **sizes), f,
                        {o: np.ones_like(v) for o, v in f.outputs.items()})
     assert failed > 100 and compiled > 2, (failed, compiled)  # both paths were exercised
+
+
+def test_a_size_that_only_a_state_has_is_given_by_name():
+    """The NTM's slots are the size of its memory and weightings only: no parameter shows it."""
+    c = rnndsl.compile("ntm", target="reference")
+    sizes = {"input": 3, "hidden": 4, "slots": 5, "width": 2}
+    params = c.init_params(seed=0, dtype=np.float64, **sizes)
+    x = np.ones((2, 1, 3))
+    with pytest.raises(ValueError, match=r"cannot tell size\(s\) \['slots'\] from the arrays "
+                                         r"given; pass state0, or sizes=\{'slots': N\}"):
+        c.forward(params, x)
+    f = c.forward(params, x, sizes={"slots": 5})
+    assert f.states["M"].shape == (1, 5, 2) and f.states["w_read"].shape == (1, 5)
+    with pytest.raises(ValueError, match="size 'width' is 3 from sizes but 2 from parameter"):
+        c.forward(params, x, sizes={"slots": 5, "width": 3})
+    with pytest.raises(ValueError, match="sizes: unknown name"):
+        c.forward(params, x, sizes={"slot": 5})
+
+
+# -- the NTM's location addressing: circular shift and sharpening ---------------------------------
+ADDRESSING = """name: a
+sizes: [input, slots]
+inputs: {x: input}
+states: {w: slots}
+params: {W_s: {shape: [SHIFTS, input]}, w_gamma: {shape: [input]}, b_gamma: {shape: []}}
+equations: |
+  s = softmax(W_s @ x)
+  gamma = 1 + softplus(sum(w_gamma * x) + b_gamma)
+  content = softmax(W_c @ x)
+  gated = 0.5 * content + 0.5 * w_prev
+  EQUATIONS
+"""
+
+
+def addressing(equations: str, shifts: int = 3):
+    text = ADDRESSING.replace("SHIFTS", str(shifts)).replace("EQUATIONS", equations)
+    return rnndsl.compile(text, target="reference")
+
+
+def distributions(rng, shape):
+    e = np.exp(rng.standard_normal(shape))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("equations, shifts", [
+    ("w = shift(gated, s)", 3),
+    ("w = shift(gated, s)", 5),
+    ("w = shift(gated, s)", 1),
+    ("w = shift(gated, s) * shift(w_prev, s)", 3),  # one distribution, two weightings
+    ("p = gated ** gamma\n  w = p / sum(p)", 3),
+    ("p = shift(gated, s) ** gamma\n  w = p / max(sum(p), 1e-30)", 3),
+], ids=["3 shifts", "5 shifts", "1 shift", "two weightings", "sharpening", "shift, sharpen"])
+@pytest.mark.parametrize("lengths", [None, [3, 1, 0]], ids=["full", "lengths"])
+def test_addressing_gradients_match_finite_differences(equations, shifts, lengths):
+    c = addressing(equations, shifts)
+    rng = np.random.default_rng(2)
+    # previous weightings are distributions: a power of a negative weight is NaN
+    state0 = {"w": distributions(rng, (3, 3))}  # gradcheck's sizes: input 2, slots 3
+    result = gradcheck(c, T=3, B=3, size=2, seed=1, lengths=lengths, state0=state0)
+    assert result.worst[1] < 1e-7, result.errors
+    assert len(result.errors) == len(c.params) + len(c.inputs) + len(c.states)
+
+
+def circular_convolution(w, s):
+    """Graves et al. 2014, eq. 8: w~(i) = sum_j w(j) s(i - j), indices modulo the number of
+    slots, s given over the shifts -(n-1)/2 .. (n-1)/2."""
+    slots, n = w.shape[-1], len(s)
+    out = np.zeros_like(w)
+    for i in range(slots):
+        for j in range(slots):
+            for k in range(n):
+                if (i - j - (k - n // 2)) % slots == 0:
+                    out[..., i] += w[..., j] * s[k][..., 0]
+    return out
+
+
+@pytest.mark.parametrize("shifts, slots", [(3, 6), (5, 7), (3, 2)])
+def test_shift_is_the_papers_circular_convolution(shifts, slots):
+    """Rolled by -1, 0, +1: a weight on slot 0 moves to slot 1 with s(+1), to the last slot with
+    s(-1); with fewer slots than shifts the shifts wrap onto each other."""
+    c = addressing("w = shift(w_prev, s)", shifts)
+    rng = np.random.default_rng(0)
+    params = c.init_params(input=3, slots=slots, seed=0, dtype=np.float64)
+    x = rng.standard_normal((1, 4, 3))
+    w0 = distributions(rng, (4, slots))
+    got = c.forward(params, x, {"w": w0}).states["w"]
+    logits = x[0] @ params["W_s"].T
+    s = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    want = circular_convolution(w0, [s[:, k:k + 1] for k in range(shifts)])
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+    one_hot = np.eye(slots)[[0]]
+    moved = c.forward({**params, "W_s": np.eye(shifts, 3)[::-1] * 50}, np.eye(1, 3)[None] * 1,
+                      {"w": one_hot}).states["w"]  # all weight on the last shift, +(n-1)/2
+    assert moved.argmax() == (shifts // 2) % slots and moved.max() > 0.99
+
+
+def test_sharpening_gradient_is_finite_where_a_weight_is_zero():
+    """d(w ** gamma)/d gamma = log(w) w ** gamma is 0, not 0 * -inf, where w is 0."""
+    c = addressing("p = relu(gated - 0.2) ** gamma\n  w = p / max(sum(p), 1e-30)")
+    rng = np.random.default_rng(1)
+    params = c.init_params(input=3, slots=6, seed=0, dtype=np.float64)
+    state0 = {"w": distributions(rng, (2, 6))}
+    x = rng.standard_normal((2, 2, 3))
+    f = c.forward(params, x, state0)
+    grads = c.backward(params, f, {}, {"w": np.ones((2, 6))})
+    assert np.isfinite(grads.params["b_gamma"]) and np.isfinite(grads.params["w_gamma"]).all()
+    result = gradcheck(c, params=params, xs={"x": x}, state0=state0)
+    assert result.worst[1] < 1e-7, result.errors
+
+
+def test_the_derivation_of_the_shift_prints_its_rules():
+    c = addressing("w = shift(gated, s)")
+    assert "w = shift(gated, s[0], s[1], s[2])" in c.step.equations().splitlines()
+    lines = c.backward_ir.equations().splitlines()
+    for line in ["d_s[2] = sum(d_w * roll(gated, 1))", "d_s[1] = sum(d_w * gated)",
+                 "d_s[0] = sum(d_w * roll(gated, -1))", "d_gated = shift(d_w, s[2], s[1], s[0])"]:
+        assert line in lines, line
+
+
+ADDRESSING_ERRORS = [
+    ("w = shift(gated, content)", "the shift distribution of shift(w, s) has one weight per "
+     "shift, so its size is a number (3: shifts -1, 0, +1), as in s = softmax(W_shift @ h) with "
+     "W_shift: {shape: [3, hidden]}; this one has size (slots,)", "content)"),
+    ("w = shift(gated, gamma)", "shift(w, s) takes a shift distribution here, a vector; this "
+     "is a scalar", "gamma)"),
+    ("w = shift(gamma, s)", "shift(w, s) takes a weighting over slots here, a vector; this is a "
+     "scalar", "gamma, s"),
+    ("w = shift(outer(gated, x), s)", "shift(w, s) takes a weighting over slots here, a "
+     "vector; this is shape (slots, input)", "outer(gated"),
+    ("w = gated + sum(shift(s, s))", "shift(w, s) rotates w over the memory's slots, a named "
+     "size; this w has size (3,)", "s, s))"),
+    ("w = shift(gated)", "'shift' takes 2 arguments, got 1", "shift(gated)"),
+    ("w = shfit(gated, s)", "unknown function 'shfit' (did you mean 'shift'?)", "shfit"),
+    ("w = gated ** x", "shape mismatch at '**': shape (slots,) and shape (input,); an exponent "
+     "per sequence is a scalar, as in w ** gamma with gamma = 1 + softplus(sum(w_gamma * h) + "
+     "b_gamma)", "** x"),
+]
+
+
+@pytest.mark.parametrize("equations, message, marker", ADDRESSING_ERRORS,
+                         ids=[e[2] for e in ADDRESSING_ERRORS])
+def test_addressing_misuse_is_a_located_error(equations, message, marker):
+    text = ADDRESSING.replace("SHIFTS", "3").replace("EQUATIONS", equations)
+    assert_refused(text, message, marker, first_line=10)
+
+
+def test_an_even_number_of_shifts_is_refused_at_the_distribution():
+    text = ADDRESSING.replace("SHIFTS", "4").replace("EQUATIONS", "w = shift(gated, s)")
+    assert_refused(text, "the shift distribution of shift(w, s) has 4 weights; it needs an odd "
+                   "number, centred on no shift (3: shifts -1, 0, +1; 5: -2 to +2)", "s)",
+                   first_line=10)
+
+
+def test_compiled_targets_refuse_the_shift_by_name():
+    text = ADDRESSING.replace("SHIFTS", "3").replace("EQUATIONS", "w = shift(gated, s)")
+    with pytest.raises(SpecError) as info:
+        rnndsl.compile(text, target="cpu")
+    assert "the cpu target cannot run this cell yet: the equation of 'w' uses shift(w, s), " \
+           "the circular shift" in info.value.message

@@ -1,5 +1,6 @@
 """The built-in cells with matrix-valued states against independent PyTorch implementations
-written from the papers' equations: outputs, final states, and the gradients of every
+written from the papers' equations (the NTM's is rnndsl.eager_ntm, the eager module a user
+writes): outputs, final states, and the gradients of every
 parameter, the inputs and the initial states by autograd, float64, to 1e-9 relative."""
 import numpy as np
 import pytest
@@ -48,8 +49,29 @@ def delta_net(p, x, state0, lengths):
     return {"y": torch.stack(outs)}, {"W": W}
 
 
+def ntm(p, x, state0, lengths):
+    """The eager PyTorch NTM of rnndsl.eager_ntm (nn.LSTMCell, nn.Linear heads), run on
+    rnndsl's parameters through torch.func.functional_call."""
+    from rnndsl.eager_ntm import EagerNTM
+
+    sizes = {"input": x.shape[-1], "hidden": p["W_output"].shape[0],
+             "slots": state0["M"].shape[1], "width": state0["M"].shape[2]}
+    module = EagerNTM(*sizes.values(), dtype=torch.float64)
+    y, final = torch.func.functional_call(module, module.stacked(p), (x, state0, lengths))
+    return {"y": y}, final
+
+
+def weightings(rng, shape):
+    """Previous weightings over the slots: nonnegative, summing to 1 (w ** gamma of a negative
+    weight is NaN)."""
+    e = np.exp(rng.standard_normal(shape))
+    return e / e.sum(-1, keepdims=True)
+
+
 CELLS = {"fast_weights": (fast_weights, {"input": 3, "hidden": 5}),
-         "delta_net": (delta_net, {"input": 3, "key": 4, "value": 5})}
+         "delta_net": (delta_net, {"input": 3, "key": 4, "value": 5}),
+         "ntm": (ntm, {"input": 3, "hidden": 5, "slots": 6, "width": 4})}
+NONNEGATIVE = {"ntm": ("w_read", "w_write")}
 
 
 def relative(a, b) -> float:
@@ -69,6 +91,8 @@ def test_cell_matches_pytorch_autograd(name, lengths):
     state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in shape)))
               for s, shape in ((s, (n,) if isinstance(n, str) else n)
                                for s, n in cell.states.items())}
+    for s in NONNEGATIVE.get(name, ()):
+        state0[s] = weightings(rng, state0[s].shape)
     steps = np.full(B, T) if lengths is None else np.array(lengths)
 
     fwd = cell.forward(params, x, state0, lengths)

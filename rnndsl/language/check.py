@@ -410,6 +410,8 @@ class _Checker(MatrixRules):
                 return self.join_all(ts, e.pos, f"'{e.func}'")
             if kind in ("matrix", "axis"):
                 return self.matrix_call(e, op, kind, ts)
+            if kind == "shift":
+                return self.shift_call(e, ts)
             if ts[0].kind == "matrix":
                 raise self.whole_matrix(e)
             if ts[0].kind != "vector":
@@ -609,8 +611,10 @@ class _Checker(MatrixRules):
         if b.kind == "scalar":
             return a
         if not self.sizes.unify(a.dims[0], b.dims[0]):
+            hint = "; an exponent per sequence is a scalar, as in w ** gamma with gamma = " \
+                "1 + softplus(sum(w_gamma * h) + b_gamma)" if where == "'**'" else ""
             raise SpecError(f"shape mismatch at {where}: {self.describe(a)} and "
-                            f"{self.describe(b)}", pos)
+                            f"{self.describe(b)}{hint}", pos)
         return a
 
     def not_matrix(self, t: Shape, e):

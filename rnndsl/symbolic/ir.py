@@ -293,6 +293,8 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
         rows, cols = n.args[0].shape
         axis = str(n.attr) if rows == cols else (rows, cols)[n.attr]
         return f"{_FUNC_NAMES[n.op]}({_render(n.args[0], names, False)[0]}, {axis})", 9
+    if n.op == "roll":
+        return f"roll({_render(n.args[0], names, False)[0]}, {n.attr})", 9
     if n.op == "neg":
         inner, p = _render(n.args[0], names, False)
         return f"-{inner if p >= 4 else f'({inner})'}", 4

@@ -76,6 +76,8 @@ def lower(checked: Checked) -> ir.StepIR:
             return softmax(args[0])
         if kind == "matrix":
             return rank2.outer(*args)
+        if kind == "shift":  # the distribution is a list of per-row scalars: its size is a number
+            return rank2.shift(args[0], as_list(args[1]))
         return each(lambda *a: elementwise(op, *a), *args)
 
     def product(matrix: str, v) -> ir.Node | list:
