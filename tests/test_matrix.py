@@ -200,8 +200,9 @@ def test_outer_of_a_vector_of_a_number_size_is_refused():
 
 
 @pytest.mark.parametrize("states, message, marker", [
-    ("{M: [key, value, input]}", "'M' has 3 sizes; a state is a vector (M: hidden) or a "
-     "matrix of two sizes (M: [key, value])", "[key, value, input]"),
+    ("{M: [key, value, input]}", "'M' has 3 sizes; a state is a vector (M: hidden), a "
+     "matrix of two sizes (M: [key, value]) or one number per sequence (M: [])",
+     "[key, value, input]"),
     ("{M: [key]}", "'M' has 1 size; a state is a vector", "[key]"),
     ("{M: [key, valeu]}", "unknown size 'valeu' for 'M' (did you mean 'value'?)", "valeu"),
 ])
@@ -255,7 +256,7 @@ def test_cli_compile_refuses_on_cpu_and_prints_the_backward_on_the_reference():
         assert line in shown.output.splitlines(), line
 
 
-REFERENCE_ONLY = {"fast_weights", "delta_net", "ntm"}  # the built-ins without kernels yet
+REFERENCE_ONLY = {"fast_weights", "delta_net", "ntm", "mlstm"}  # the built-ins without kernels yet
 
 
 def test_builtin_matrix_cells_are_marked_in_the_list():
@@ -287,12 +288,13 @@ DELTA_NET_BY_HAND = [
 
 # -- fuzzing the new syntax -----------------------------------------------------------------------
 MATRIX_TOKENS = [".T", " @ ", "outer(", "W_prev", "A_prev", "h_prev", "k", "q", "v", "x", "beta",
+                 "m_1_prev", "C_1_prev", "n_2", "key", "exp(",
                  "shift(", "M_prev", "w_read", ", read_shift", "** 2", ", width", ", slots",
                  "sum(", "mean(", "norm(", "max(", ", key", ", value", ", hidden", ", 0", ", 1",
                  "(", ")", "*", "+", "-", "/", "**2", "tanh(", "[", "]", ", ", "1"]
 
 
-@pytest.mark.parametrize("base", ["delta_net", "fast_weights", "ntm"])
+@pytest.mark.parametrize("base", ["delta_net", "fast_weights", "ntm", "mlstm"])
 def test_mutated_matrix_specs_fail_only_with_spec_errors(base):
     """Mutated cells either compile and run forward and backward, or fail with a SpecError."""
     from test_fuzz import mutate
@@ -481,3 +483,62 @@ def test_compiled_targets_refuse_the_shift_by_name():
         rnndsl.compile(text, target="cpu")
     assert "the cpu target cannot run this cell yet: the equation of 'w' uses shift(w, s), " \
            "the circular shift" in info.value.message
+
+
+# -- per-sequence scalar states and sizes as numbers (xLSTM's stabiliser, 1 / sqrt(key)) ----------
+SCALAR_STATE = """name: s
+sizes: [input, key]
+inputs: {x: input}
+states: {n: key, m: []}
+outputs: [n]
+equations: |
+  k = W_k @ x / sqrt(key)
+  i_pre = sum(w_i * x)
+  m = max(m_prev - 0.5, i_pre)
+  n = exp(-0.5 + m_prev - m) * n_prev + exp(i_pre - m) * k
+"""
+
+
+def test_a_scalar_state_is_one_number_per_sequence():
+    c = rnndsl.compile(SCALAR_STATE, target="reference")
+    assert c.states == {"n": "key", "m": ()}
+    params = c.init_params(input=3, key=4, seed=0, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    f = c.forward(params, x, lengths=[2, 1, 0, 2, 2])
+    assert f.states["m"].shape == (5, 1) and f.states["n"].shape == (5, 4)
+    i_pre = x @ params["w_i"]  # (T, B): m = max(m_prev - 0.5, i~) from m = 0
+    m1 = np.maximum(-0.5, i_pre[0])
+    want = np.where([True, False, False, True, True], np.maximum(m1 - 0.5, i_pre[1]),
+                    np.where([True, True, False, False, False], m1, 0))
+    np.testing.assert_allclose(f.states["m"][:, 0], want, rtol=1e-15)
+    for lengths in (None, [3, 1, 0]):
+        assert gradcheck(c, T=3, B=3, size=2, seed=1, lengths=lengths).worst[1] < 1e-7
+
+
+def test_a_size_in_an_equation_is_its_number():
+    c = rnndsl.compile(SCALAR_STATE, target="reference")
+    assert "k = W_k @ x / sqrt(key)" in c.step.equations().splitlines()
+    params = c.init_params(input=3, key=4, seed=0, dtype=np.float64)
+    x = np.ones((1, 1, 3))
+    n = c.forward(params, x).states["n"]
+    i_pre = x[0, 0] @ params["w_i"]
+    m = max(-0.5, i_pre)
+    np.testing.assert_allclose(n[0], np.exp(i_pre - m) * params["W_k"] @ x[0, 0] / 2.0,
+                               rtol=1e-14)
+
+
+@pytest.mark.parametrize("equation, message, marker", [
+    ("m = n_prev", "shape mismatch: state 'm' has one number per sequence ([]) but the right "
+     "side has shape (key,)", "m = n_prev"),
+    ("m = key * x", "shape mismatch: state 'm' has one number per sequence ([]) but the right "
+     "side has shape (input,)", "m = key"),
+])
+def test_a_vector_assigned_to_a_scalar_state_is_located(equation, message, marker):
+    text = SCALAR_STATE.replace("  m = max(m_prev - 0.5, i_pre)", f"  {equation}")
+    assert_refused(text, message, marker)
+
+
+def test_compiled_targets_refuse_a_scalar_state_by_name():
+    with pytest.raises(SpecError, match="the cpu target cannot run this cell yet: state 'm' is "
+                                        "one number per sequence"):
+        rnndsl.compile(SCALAR_STATE, target="cpu")

@@ -2,6 +2,8 @@
 written from the papers' equations (the NTM's is rnndsl.eager_ntm, the eager module a user
 writes): outputs, final states, and the gradients of every
 parameter, the inputs and the initial states by autograd, float64, to 1e-9 relative."""
+import math
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,46 @@ def ntm(p, x, state0, lengths):
     return {"y": y}, final
 
 
+def mlstm(p, x, state0, lengths):
+    """Beck et al. 2024, the stabilised recurrent mLSTM with the heads as a dimension of the
+    arrays: C (B, H, value, key), n (B, H, key), m (B, H)."""
+    heads = (1, 2)
+    stack = lambda name: torch.stack([p[f"{name}_{j}"] for j in heads])  # noqa: E731
+    C = torch.stack([state0[f"C_{j}"] for j in heads], 1)
+    n = torch.stack([state0[f"n_{j}"] for j in heads], 1)
+    m = torch.cat([state0[f"m_{j}"] for j in heads], 1)
+    project = lambda name, xt: torch.einsum("hoi,bi->bho", stack(f"W_{name}"), xt) + \
+        stack(f"b_{name}")  # noqa: E731
+    outs = []
+    for t in range(x.shape[0]):
+        xt = x[t]
+        q = project("query", xt)
+        k = torch.einsum("hoi,bi->bho", stack("W_key"), xt) / math.sqrt(C.shape[-1]) + \
+            stack("b_key")
+        v = project("value", xt)
+        i_tilde = xt @ stack("w_input").T + stack("b_input")
+        log_f = torch.nn.functional.logsigmoid(xt @ stack("w_forget").T + stack("b_forget"))
+        m_new = torch.maximum(log_f + m, i_tilde)
+        i = torch.exp(i_tilde - m_new)[..., None]
+        f = torch.exp(log_f + m - m_new)[..., None]
+        C_new = f[..., None] * C + i[..., None] * v[..., :, None] * k[..., None, :]
+        n_new = f * n + i * k
+        o = torch.sigmoid(project("output_gate", xt))
+        numerator = torch.einsum("bhvk,bhk->bhv", C_new, q)
+        denominator = torch.maximum((n_new * q).sum(-1).abs(), torch.exp(-m_new))
+        h = o * numerator / denominator[..., None]
+        y = h.reshape(h.shape[0], -1) @ p["W_output"].T
+        live = torch.as_tensor(t < lengths)
+        C = torch.where(live[:, None, None, None], C_new, C)
+        n = torch.where(live[:, None, None], n_new, n)
+        m = torch.where(live[:, None], m_new, m)
+        outs.append(torch.where(live[:, None], y, torch.zeros_like(y)))
+    finals = {}
+    for j in heads:
+        finals |= {f"C_{j}": C[:, j - 1], f"n_{j}": n[:, j - 1], f"m_{j}": m[:, j - 1:j]}
+    return {"y": torch.stack(outs)}, finals
+
+
 def weightings(rng, shape):
     """Previous weightings over the slots: nonnegative, summing to 1 (w ** gamma of a negative
     weight is NaN)."""
@@ -70,7 +112,8 @@ def weightings(rng, shape):
 
 CELLS = {"fast_weights": (fast_weights, {"input": 3, "hidden": 5}),
          "delta_net": (delta_net, {"input": 3, "key": 4, "value": 5}),
-         "ntm": (ntm, {"input": 3, "hidden": 5, "slots": 6, "width": 4})}
+         "ntm": (ntm, {"input": 3, "hidden": 5, "slots": 6, "width": 4}),
+         "mlstm": (mlstm, {"input": 3, "hidden": 5, "key": 4, "value": 6})}
 NONNEGATIVE = {"ntm": ("w_read", "w_write")}
 
 
@@ -88,9 +131,9 @@ def test_cell_matches_pytorch_autograd(name, lengths):
     params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in
               cell.init_params(seed=3, dtype=np.float64, **sizes).items()}
     x = rng.standard_normal((T, B, sizes["input"]))
-    state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in shape)))
+    state0 = {s: 0.5 * rng.standard_normal((B, *(tuple(sizes[d] for d in shape) or (1,))))
               for s, shape in ((s, (n,) if isinstance(n, str) else n)
-                               for s, n in cell.states.items())}
+                               for s, n in cell.states.items())}  # a scalar state: (B, 1)
     for s in NONNEGATIVE.get(name, ()):
         state0[s] = weightings(rng, state0[s].shape)
     steps = np.full(B, T) if lengths is None else np.array(lengths)

@@ -216,7 +216,8 @@ class Cell:
         _known("state0", state0 or {}, self.states)
         T, B = next(iter(xs.values())).shape[:2]
         sizes = self._sizes(params, xs, state0, sizes or {})
-        shapes = {s: (B, *_dims(state_shape(size), sizes)) for s, size in self.states.items()}
+        shapes = {s: (B, *(_dims(state_shape(size), sizes) or (1,)))  # a scalar: (B, 1)
+                  for s, size in self.states.items()}
         state0 = {s: (np.zeros(shapes[s], dtype) if not state0 or s not in state0
                       else self._array(state0[s], dtype))
                   for s in self.states}

@@ -36,7 +36,8 @@ def gradcheck(cell: Cell, T: int = 4, B: int = 3, size: int = 3, seed: int = 0,
         xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
     if state0 is None:
         B = next(iter(xs.values())).shape[1]
-        state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in state_shape(n))))
+        state0 = {s: 0.5 * rng.standard_normal((B, *(tuple(sizes[d] for d in state_shape(n))
+                                                     or (1,))))  # a scalar state: (B, 1)
                   for s, n in cell.states.items()}
     # own float64 arrays (a 0-d parameter too, which arithmetic turns into a NumPy scalar):
     # the perturbations below write into them

@@ -41,6 +41,9 @@ from rnndsl.language.spec import SUM, ParamDecl, Spec, state_shape
 FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = user_functions()
 
 
+RANKS = ("scalar", "vector", "matrix")  # a Shape's kind by its number of sizes
+
+
 @dataclass
 class Shape:
     """A scalar, a vector of a size variable, or a matrix of two size variables."""
@@ -255,7 +258,8 @@ class _Checker(MatrixRules):
         return defs
 
     def classify(self, name: Name, defs) -> tuple[str, str]:
-        """('input'|'prev'|'value'|'const'|'param', base name) for a name in an expression."""
+        """('input'|'prev'|'value'|'const'|'size'|'param', base name) for a name in an
+        expression."""
         spec, n = self.spec, name.id
         if n in spec.inputs:
             return "input", n
@@ -281,8 +285,8 @@ class _Checker(MatrixRules):
                             "value", name.pos)
         if n in FUNCTIONS:
             raise SpecError(f"'{n}' is a function; call it as {n}(...)", name.pos)
-        if n in spec.sizes:
-            raise SpecError(f"'{n}' is a size, not a value", name.pos)
+        if n in spec.sizes:  # its number, the same for every sequence (1 / sqrt(key))
+            return "size", n
         # A parameter named after the value it feeds (W_gate, b_gate for gate) is normal
         # practice, not a typo: no suggestion when the part after the prefix is known.
         prefix, _, rest = n.partition("_")
@@ -368,12 +372,11 @@ class _Checker(MatrixRules):
             t = self.splits[id(a.expr)][k]
         if a.target in self.spec.states:
             shape = state_shape(self.spec.states[a.target])
-            want = Shape(("vector", "matrix")[len(shape) - 1],
-                         tuple(self.sizes.fresh(d) for d in shape))
+            want = Shape(RANKS[len(shape)], tuple(self.sizes.fresh(d) for d in shape))
             if t.kind != "scalar" and (len(t.dims) != len(shape) or
                                        not all(map(self.sizes.unify, want.dims, t.dims))):
-                declared = f"size ({shape[0]},)" if len(shape) == 1 else \
-                    f"shape ({', '.join(shape)})"
+                declared = "one number per sequence ([])" if not shape else \
+                    f"size ({shape[0]},)" if len(shape) == 1 else f"shape ({', '.join(shape)})"
                 raise SpecError(f"shape mismatch: state '{a.target}' has {declared} but the "
                                 f"right side has {self.describe(t)}", a.pos)
             t = want
@@ -515,7 +518,8 @@ class _Checker(MatrixRules):
                 if t.kind == "scalar":
                     return [t] * n
                 return [Shape("vector", (v,)) for v in self.row_split(e, n)]
-            if kind == "const" or (kind == "value" and self.types[base].kind == "scalar"):
+            if kind in ("const", "size") or \
+                    (kind == "value" and self.types[base].kind == "scalar"):
                 return [Shape("scalar")] * n
         what = f"'{e.id}'" if isinstance(e, Name) else f"'{e.func}(...)'" \
             if isinstance(e, Call) else "this"
@@ -570,10 +574,10 @@ class _Checker(MatrixRules):
             return Shape("vector", (self.sizes.fresh(self.spec.inputs[base]),))
         if kind == "prev":
             dims = tuple(self.sizes.fresh(d) for d in state_shape(self.spec.states[base]))
-            return Shape(("vector", "matrix")[len(dims) - 1], dims)
+            return Shape(RANKS[len(dims)], dims)
         if kind == "value":
             return self.types[base]
-        if kind == "const":
+        if kind in ("const", "size"):
             return Shape("scalar")
         t = self.param_type(name, "vector")
         if t.kind != "matrix":
@@ -587,7 +591,7 @@ class _Checker(MatrixRules):
             self.param_pos[n] = decl.pos if decl else name.pos
             if decl is not None and decl.shape is not None:
                 dims = tuple(self.sizes.fresh(s) for s in decl.shape)
-                self.types[n] = Shape(("scalar", "vector", "matrix")[len(dims)], dims)
+                self.types[n] = Shape(RANKS[len(dims)], dims)
             else:
                 k = 2 if use == "matrix" else 1
                 self.types[n] = Shape(use, tuple(self.sizes.fresh() for _ in range(k)))

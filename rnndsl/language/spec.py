@@ -42,9 +42,9 @@ SUM = " + "
 MAX_NUMBER_SIZE = 64
 
 
-def state_shape(size: str | tuple[str, str]) -> tuple[str, ...]:
+def state_shape(size: str | tuple[str, ...]) -> tuple[str, ...]:
     """A state's shape from its declaration: `h: hidden` is (hidden,), a matrix-valued state
-    `M: [key, value]` is (key, value)."""
+    `M: [key, value]` is (key, value), a per-sequence scalar `m: []` is ()."""
     return size if isinstance(size, tuple) else (size,)
 # The only YAML tags a spec may carry (those plain YAML resolves to); anything else, above all
 # `!!python/...`, is refused before any value is read.
@@ -353,15 +353,16 @@ class _SpecReader:
         return names
 
     def sized_names(self, node, what: str, sizes: list[str], matrices: bool = False) -> dict:
-        """`{x: input}`; with `matrices`, also `{M: [key, value]}`, a matrix of two sizes."""
+        """`{x: input}`; with `matrices`, also `{M: [key, value]}`, a matrix of two sizes, and
+        `{m: []}`, one number per sequence (xLSTM's stabiliser)."""
         out = {}
         for n, (knode, vnode) in self.mapping(node, what).items():
             if matrices and isinstance(vnode, yaml.SequenceNode):
-                if len(vnode.value) != 2:
+                if len(vnode.value) not in (0, 2):
                     count = f"{len(vnode.value)} size{'' if len(vnode.value) == 1 else 's'}"
                     raise self.fail(f"'{n}' has {count}; a state is a vector "
-                                    f"({n}: hidden) or a matrix of two sizes ({n}: [key, value])",
-                                    vnode)
+                                    f"({n}: hidden), a matrix of two sizes ({n}: [key, value]) "
+                                    f"or one number per sequence ({n}: [])", vnode)
                 dims = tuple(self.known_size(item, n, what, sizes) for item in vnode.value)
             else:
                 dims = self.known_size(vnode, n, what, sizes)

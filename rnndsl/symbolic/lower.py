@@ -40,6 +40,8 @@ def lower(checked: Checked) -> ir.StepIR:
             return env[n]
         if n in spec.constants:
             return ir.const(spec.constants[n].value)
+        if n in spec.sizes and n not in spec.params:
+            return ir.size(n)
         if n.endswith(PREV) and n[:-len(PREV)] in spec.states:
             s = n[:-len(PREV)]
             return ir.leaf("prev", s, state_shape(spec.states[s]))
