@@ -256,7 +256,7 @@ def test_cli_compile_refuses_on_cpu_and_prints_the_backward_on_the_reference():
         assert line in shown.output.splitlines(), line
 
 
-REFERENCE_ONLY = {"fast_weights", "delta_net", "ntm", "mlstm"}  # the built-ins without kernels yet
+REFERENCE_ONLY = {"fast_weights", "delta_net", "ntm", "mlstm", "slstm"}  # the built-ins without kernels yet
 
 
 def test_builtin_matrix_cells_are_marked_in_the_list():
@@ -542,3 +542,83 @@ def test_compiled_targets_refuse_a_scalar_state_by_name():
     with pytest.raises(SpecError, match="the cpu target cannot run this cell yet: state 'm' is "
                                         "one number per sequence"):
         rnndsl.compile(SCALAR_STATE, target="cpu")
+
+
+# -- block-diagonal parameters (xLSTM's head-wise recurrent weights) ------------------------------
+BLOCKS = """name: b
+sizes: [input, hidden]
+inputs: {x: input}
+states: {h: hidden}
+constants: {heads: 2}
+params:
+  R: {shape: [hidden, hidden], blocks: heads}
+equations: |
+  h = tanh(W @ x + R @ h_prev + b)
+"""
+
+
+def test_a_block_diagonal_parameter_uses_its_diagonal_blocks_alone():
+    c = rnndsl.compile(BLOCKS, target="reference")
+    params = c.init_params(input=3, hidden=4, seed=0, dtype=np.float64)
+    off = np.kron(1 - np.eye(2), np.ones((2, 2))).astype(bool)
+    assert not params["R"][off].any() and params["R"][~off].all()  # initialised block-diagonal
+    rng = np.random.default_rng(0)
+    params["R"] = rng.standard_normal((4, 4))  # what lies off the blocks is never read
+    x, h0 = rng.standard_normal((1, 2, 3)), rng.standard_normal((2, 4))
+    f = c.forward(params, x, {"h": h0})
+    want = np.tanh(x[0] @ params["W"].T + params["b"] +
+                   np.concatenate([h0[:, :2] @ params["R"][:2, :2].T,
+                                   h0[:, 2:] @ params["R"][2:, 2:].T], 1))
+    np.testing.assert_allclose(f.states["h"], want, rtol=1e-14)
+    g = c.backward(params, f, {}, {"h": np.ones((2, 4))})
+    assert not g.params["R"][off].any() and g.params["R"][~off].all()
+    for lengths in (None, [3, 1, 0]):
+        result = gradcheck(c, T=3, B=3, size=3, seed=1, lengths=lengths)  # hidden 4
+        assert result.worst[1] < 1e-7, result.errors
+
+
+def test_the_derivation_names_the_blocks_and_the_list_marks_the_cell():
+    c = rnndsl.compile(BLOCKS, target="reference")
+    assert "d_R += outer(d_h_pre, h_prev) (its 2 diagonal blocks)" in \
+        c.backward_ir.equations().splitlines()
+    with pytest.raises(SpecError, match="the cpu target cannot run this cell yet: parameter 'R' "
+                                        r"is block-diagonal \(2 blocks\)"):
+        rnndsl.compile(BLOCKS)
+
+
+def test_blocks_must_divide_the_size():
+    c = rnndsl.compile(BLOCKS, target="reference", constants={"heads": 3})
+    with pytest.raises(ValueError, match=r"parameter 'R' has 3 diagonal blocks, so its size "
+                                         r"\(hidden = 4\) must be a multiple of 3"):
+        c.init_params(input=3, hidden=4)
+    params = rnndsl.compile(BLOCKS, target="reference").init_params(input=3, hidden=4)
+    with pytest.raises(ValueError, match="must be a multiple of 3"):
+        c.forward(params, np.ones((1, 1, 3)))
+
+
+CUT = "[u, v] = R @ h_prev\n  h = tanh(W @ x + u + v)\n"
+
+
+@pytest.mark.parametrize("decl, equations, message, marker", [
+    ("{shape: [hidden, input], blocks: heads}", "h = tanh(R @ x)\n", "'R' has 2 blocks on its "
+     "diagonal, so it is a square matrix of one size used whole, as in R @ h_prev with R: "
+     "{shape: [hidden, hidden], blocks: heads}; it is of shape (hidden, input)", "heads}"),
+    ("{shape: [hidden + hidden, hidden], blocks: heads}", CUT, "'R' has 2 blocks on its "
+     "diagonal, so it is a square matrix of one size used whole", "heads}"),
+    ("{shape: [hidden, hidden], blocks: head}", None, "'blocks' of 'R' names 'head', which is "
+     "not a constant (did you mean 'heads'?)", "head}"),
+    ("{shape: [hidden, hidden], blocks: 0}", None, "'blocks' of 'R' is the number of blocks on "
+     "its diagonal, a whole number or a constant's name", "0}"),
+])
+def test_a_bad_blocks_declaration_is_located(decl, equations, message, marker):
+    text = BLOCKS.replace("{shape: [hidden, hidden], blocks: heads}", decl)
+    if equations:
+        text = text.split("equations: |\n")[0] + "equations: |\n  " + equations
+    assert_refused(text, message, marker, first_line=6)
+
+
+def test_a_fractional_number_of_blocks_is_refused():
+    text = BLOCKS.replace("blocks: heads", "blocks: half").replace(
+        "constants: {heads: 2}", "constants: {half: 0.5}")
+    assert_refused(text, "'blocks' of 'R' is the constant 'half' = 0.5; a number of blocks is "
+                   "a whole number of at least 1", "half}", first_line=6)

@@ -103,6 +103,37 @@ def mlstm(p, x, state0, lengths):
     return {"y": torch.stack(outs)}, finals
 
 
+def slstm(p, x, state0, lengths):
+    """Beck et al. 2024, the stabilised sLSTM with the heads as an array axis: each recurrent
+    matrix is its diagonal blocks R[j] (heads, head size, head size), h_prev split by head.
+    The parameters' off-diagonal entries are random (the test perturbs every entry), so a
+    match also shows that rnndsl uses the diagonal blocks alone."""
+    heads = 4
+    h, c, n, m = (state0[k] for k in "hcnm")
+    B, hidden = h.shape
+    size = hidden // heads
+    blocks = {g: torch.stack([p[f"R_{g}"][j * size:(j + 1) * size, j * size:(j + 1) * size]
+                              for j in range(heads)]) for g in "zifo"}
+    outs = []
+    for t in range(x.shape[0]):
+        by_head = h.reshape(B, heads, size)
+        pre = {g: x[t] @ p[f"W_{g}"].T + p[f"b_{g}"] +
+               torch.einsum("jab,Bjb->Bja", blocks[g], by_head).reshape(B, hidden)
+               for g in "zifo"}
+        log_f = torch.nn.functional.logsigmoid(pre["f"])
+        m_new = torch.maximum(log_f + m, pre["i"])
+        i = torch.exp(pre["i"] - m_new)
+        f = torch.exp(log_f + m - m_new)
+        c_new = f * c + i * torch.tanh(pre["z"])
+        n_new = f * n + i
+        h_new = torch.sigmoid(pre["o"]) * c_new / n_new
+        live = torch.as_tensor(t < lengths)[:, None]
+        h, c, n, m = (torch.where(live, new, old) for new, old in
+                      ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
+        outs.append(torch.where(live, h_new, torch.zeros_like(h_new)))
+    return {"h": torch.stack(outs)}, {"h": h, "c": c, "n": n, "m": m}
+
+
 def weightings(rng, shape):
     """Previous weightings over the slots: nonnegative, summing to 1 (w ** gamma of a negative
     weight is NaN)."""
@@ -113,7 +144,8 @@ def weightings(rng, shape):
 CELLS = {"fast_weights": (fast_weights, {"input": 3, "hidden": 5}),
          "delta_net": (delta_net, {"input": 3, "key": 4, "value": 5}),
          "ntm": (ntm, {"input": 3, "hidden": 5, "slots": 6, "width": 4}),
-         "mlstm": (mlstm, {"input": 3, "hidden": 5, "key": 4, "value": 6})}
+         "mlstm": (mlstm, {"input": 3, "hidden": 5, "key": 4, "value": 6}),
+         "slstm": (slstm, {"input": 3, "hidden": 8})}
 NONNEGATIVE = {"ntm": ("w_read", "w_write")}
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from rnndsl.engines import reference
 from rnndsl.language.spec import SUM, state_shape
+from rnndsl.symbolic.ops import block_diagonal
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import StepIR
 
@@ -335,6 +336,7 @@ class Cell:
         known = {s: v for s, (v, _) in found.items()}
         for p, info in self.params.items():
             want = _dims(info.shape, known)
+            _divides(p, info, want)
             if params[p].shape != want:
                 raise ValueError(f"parameter '{p}' has shape {params[p].shape}; "
                                  f"({', '.join(info.shape)}) is {want} here")
@@ -365,8 +367,17 @@ def make_params(name: str, size_names, params: dict, sizes_in_order, seed: int, 
     out = {}
     for p, info in params.items():  # a concatenated matrix as a whole
         shape = _dims(info.shape, sizes)
-        out[p] = init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng, p)
+        _divides(p, info, shape)
+        out[p] = block_diagonal(init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng,
+                                           p), info.blocks)
     return {p: v.astype(dtype) for p, v in out.items()}
+
+
+def _divides(name: str, info, shape: tuple[int, ...]) -> None:
+    """A block-diagonal parameter's blocks are of equal size."""
+    if info.blocks > 1 and shape[0] % info.blocks:
+        raise ValueError(f"parameter '{name}' has {info.blocks} diagonal blocks, so its size "
+                         f"({info.shape[0]} = {shape[0]}) must be a multiple of {info.blocks}")
 
 
 def _solve_sums(shapes: list[tuple[str, int, str]], found: dict) -> None:

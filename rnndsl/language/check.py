@@ -95,6 +95,7 @@ class ParamInfo:
     value: float
     declared: bool
     pos: SourcePos  # declaration, or first use when inferred
+    blocks: int = 1  # > 1: a square matrix with that many blocks on its diagonal, zeros elsewhere
 
 
 @dataclass(frozen=True)
@@ -650,6 +651,34 @@ class _Checker(MatrixRules):
                             f"{', '.join(self.spec.sizes)}", pos)
         return dims
 
+    def blocks_of(self, decl: ParamDecl, shape: tuple[str, ...], cut: bool) -> int:
+        """The number of diagonal blocks of a parameter declared with `blocks:` (1 without)."""
+        if not decl.blocks:
+            return 1
+        where = decl.blocks_pos
+        if decl.blocks.isdigit():
+            count = int(decl.blocks)
+        elif decl.blocks in self.spec.constants:
+            value = self.spec.constants[decl.blocks].value
+            if value != int(value) or value < 1:
+                raise SpecError(f"'blocks' of '{decl.name}' is the constant '{decl.blocks}' = "
+                                f"{value:g}; a number of blocks is a whole number of at least 1",
+                                where)
+            count = int(value)
+        else:
+            raise SpecError(f"'blocks' of '{decl.name}' names '{decl.blocks}', which is not a "
+                            f"constant{suggest(decl.blocks, self.spec.constants)}; write a "
+                            "number or declare it under 'constants'", where)
+        if len(shape) != 2 or shape[0] != shape[1] or SUM in shape[0] or shape[0].isdigit() or \
+                cut:
+            raise SpecError(f"'{decl.name}' has {count} blocks on its diagonal, so it is a "
+                            "square matrix of one size used whole, as in R @ h_prev with R: "
+                            f"{{shape: [hidden, hidden], blocks: {decl.blocks}}}; it is "
+                            + ("cut into parts" if cut else
+                               f"of shape ({', '.join(shape)}{',' if len(shape) == 1 else ''})"),
+                            where)
+        return count
+
     def param_infos(self) -> tuple[ParamLayout, dict[str, ParamInfo]]:
         """The parameters as the user sees them, and what the kernels take: the blocks of a
         parameter cut into row parts, column parts or single elements."""
@@ -676,7 +705,9 @@ class _Checker(MatrixRules):
                 raise SpecError(f"init 'orthogonal' needs a matrix; '{n}' has shape "
                                 f"({', '.join(shape)}{',' if len(shape) == 1 else ''})", decl.pos)
             out[n] = info = ParamInfo(n, shape, decl.init if decl else "uniform",
-                                      decl.value if decl else 0.0, decl is not None, pos)
+                                      decl.value if decl else 0.0, decl is not None, pos,
+                                      self.blocks_of(decl, shape, n in self.row_parts or
+                                                     n in self.blocks) if decl else 1)
             row_cut = _cut(names[0]) if names else ()
             col_cut = _cut(names[1]) if len(names) == 2 else ()
             if not row_cut and not col_cut:

@@ -32,7 +32,7 @@ TOP_KEYS = ("name", "summary", "structure", "arity", "sizes", "inputs", "states"
 STRUCTURES = ("sequence", "tree")
 MAX_ARITY = 16
 ANY_ARITY = "any"
-PARAM_KEYS = ("shape", "init")
+PARAM_KEYS = ("shape", "init", "blocks")
 INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
 # A matrix that multiplies a concatenation, W @ [h_prev, x], has as many columns as the parts
 # together: its shape is written [hidden, hidden + input], the sizes in the order of the parts;
@@ -59,6 +59,11 @@ class ParamDecl:
     init: str  # one of INITS
     value: float  # for init == "constant"
     pos: SourcePos
+    # `blocks: 4` or `blocks: heads` (a constant): a square matrix that is block-diagonal, that
+    # many blocks of equal size on its diagonal and zeros elsewhere (xLSTM's head-wise
+    # recurrent weights); "" for a full matrix
+    blocks: str = ""
+    blocks_pos: SourcePos | None = None
 
 
 @dataclass(frozen=True)
@@ -395,7 +400,16 @@ class _SpecReader:
                 shape = self.shape(fields["shape"][1], n, sizes)
             if "init" in fields:
                 init, value = self.init(fields["init"][1], n)
-            out[n] = ParamDecl(n, shape, init, value, pos)
+            blocks, blocks_pos = "", None
+            if "blocks" in fields:
+                bnode = fields["blocks"][1]
+                blocks, blocks_pos = self.scalar_str(bnode, f"params.{n}.blocks"), \
+                    self.at(bnode.start_mark)
+                if not (NAME_RE.match(blocks) or (blocks.isdigit() and int(blocks) >= 1)):
+                    raise self.fail(f"'blocks' of '{n}' is the number of blocks on its "
+                                    "diagonal, a whole number or a constant's name, e.g. "
+                                    "blocks: 4", bnode)
+            out[n] = ParamDecl(n, shape, init, value, pos, blocks, blocks_pos)
         return out
 
     def shape(self, node, pname: str, sizes: list[str]) -> tuple[str, ...]:

@@ -88,7 +88,7 @@ def lower(checked: Checked) -> ir.StepIR:
         parts = [p for item in items for p in as_list(expr(item))]
         cut = cuts.get(matrix)
         if cut is None:
-            return ir.matvec(param(matrix), parts[0])
+            return ir.matvec(param(matrix), parts[0], checked.params[matrix].blocks)
         blocks = iter(cut.names)
         rows = [ir.add_all([block_product(param(next(blocks)), c, part)
                             for c, part in zip(cut.cols or [None], parts)])

@@ -84,6 +84,16 @@ def _axis_softmax_grad(y: Node, g: Node):
     return (mul(y, sub(g, rank2.spread(rank2.axis_sum(mul(g, y), over), y.shape, 1 - over))),)
 
 
+def block_diagonal(w: np.ndarray, blocks: int) -> np.ndarray:
+    """A square matrix with everything off its `blocks` diagonal blocks zero: what the
+    reference engine multiplies by, and keeps the gradient of (kernels that exploit the blocks
+    are to read the diagonal blocks alone)."""
+    if blocks == 1:
+        return w
+    size = w.shape[-1] // blocks
+    return w * np.kron(np.eye(blocks, dtype=w.dtype), np.ones((size, size), dtype=w.dtype))
+
+
 def _step(x):
     return (x > 0).astype(x.dtype) if isinstance(x, np.ndarray) else float(x > 0)
 
@@ -183,10 +193,12 @@ OPS: dict[str, Op] = {
     "softmax": Op(_softmax, lambda y, g: (mul(y, sub(g, ir.reduce("rsum", mul(g, y)))),),
                   spelling="softmax", structural=True),
     "bcast": Op(lambda x: x, lambda y, g: (rank2.total(g),), structural=True),
-    # matrix times vector; the matrix's own gradient (an outer product) is kept by grad.py
-    "matvec": Op(lambda w, v: v @ w.T, lambda y, g: (None, ir.matvec_t(y.args[0], g)), arity=2,
-                 structural=True),
-    "matvec_t": Op(lambda w, v: v @ w, lambda y, g: (None, None), arity=2, structural=True),
+    # matrix times vector; the matrix's own gradient (an outer product) is kept by grad.py.
+    # The attr, when set, is the number of diagonal blocks of a block-diagonal W.
+    "matvec": Op(lambda w, v, blocks=1: v @ block_diagonal(w, blocks).T, lambda y, g: (
+        None, ir.matvec_t(y.args[0], g, y.attr or 1)), arity=2, structural=True),
+    "matvec_t": Op(lambda w, v, blocks=1: v @ block_diagonal(w, blocks), lambda y, g: (None, None),
+                   arity=2, structural=True),
     # values of rank 2 (rank2.py): a matrix computed in the step, one per batch row
     "mv": Op(lambda m, v: np.einsum("...ij,...j->...i", m, v), lambda y, g: (
         rank2.outer(g, y.args[1]), rank2.mtv(y.args[0], g)), arity=2, structural=True),

@@ -106,14 +106,17 @@ def align(a: Node, b: Node) -> tuple[Node, Node]:
 
 def reference_only(step: ir.StepIR) -> str | None:
     """What in a step the compiled targets (cpu, cuda) have no kernels for yet, described for
-    a message: a matrix value, a state that is one number per sequence, or an equation that
-    uses the NTM's circular shift; None if nothing."""
+    a message: a matrix value, a state that is one number per sequence, a block-diagonal
+    parameter, or an equation that uses the NTM's circular shift; None if nothing."""
     found = matrix_value(step)
     if found:
         return found
     for name, size in step.states.items():
         if size == ():
             return f"state '{name}' is one number per sequence"
+    for name, info in step.params.items():
+        if info.blocks > 1:
+            return f"parameter '{name}' is block-diagonal ({info.blocks} blocks)"
     for name, n in step.values.items():
         if any(m.op in ("shift", "roll") for m in ir.topo_order([n])):
             return f"the equation of '{name}' uses shift(w, s), the circular shift"
