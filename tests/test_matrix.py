@@ -622,3 +622,12 @@ def test_a_fractional_number_of_blocks_is_refused():
         "constants: {heads: 2}", "constants: {half: 0.5}")
     assert_refused(text, "'blocks' of 'R' is the constant 'half' = 0.5; a number of blocks is "
                    "a whole number of at least 1", "half}", first_line=6)
+
+
+def test_gradcheck_command_fails_on_nan_and_says_why():
+    """Random initial weightings of the NTM may be negative: w ** gamma is NaN, which fails."""
+    result = CliRunner().invoke(app, ["gradcheck", "ntm", "--steps", "2", "--batch", "1",
+                                      "--size", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "worst relative error nan" in result.output
+    assert "the random initial states may lie outside the cell's domain" in result.output

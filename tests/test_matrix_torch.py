@@ -191,3 +191,21 @@ def test_cell_matches_pytorch_autograd(name, lengths):
     errors |= {f"d {s}0": relative(grads.state0[s], v.grad.numpy()) for s, v in ts.items()}
     assert max(errors.values()) < 1e-9, errors
     assert len(errors) == len(outs) + len(finals) + len(params) + 1 + len(state0)
+
+
+def test_eager_ntm_loads_the_specs_parameters():
+    """The eager module with the spec's parameters copied in (as a benchmark would) computes
+    what the built-in ntm computes, from zero states."""
+    from rnndsl.eager_ntm import EagerNTM
+
+    cell = rnndsl.compile("ntm", target="reference")
+    sizes = {"input": 3, "hidden": 5, "slots": 6, "width": 4}
+    params = cell.init_params(seed=1, dtype=np.float64, **sizes)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    want = cell.forward(params, x, sizes=sizes)
+    module = EagerNTM(*sizes.values(), dtype=torch.float64)
+    module.load_rnndsl(params)
+    with torch.no_grad():
+        y, final = module(torch.from_numpy(x))
+    assert relative(want.outputs["y"], y.numpy()) < 1e-12
+    assert relative(want.states["M"], final["M"].numpy()) < 1e-12
