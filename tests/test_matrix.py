@@ -631,3 +631,17 @@ def test_gradcheck_command_fails_on_nan_and_says_why():
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "worst relative error nan" in result.output
     assert "the random initial states may lie outside the cell's domain" in result.output
+
+
+@pytest.mark.parametrize("name, lines", [
+    ("ntm", ["d_read_gated = shift(d_read_shifted, read_shift[2], read_shift[1], read_shift[0])",
+             "d_add = d_M.T @ w_write", "d_w_write_prev = d_write_gated * (1 - write_gate)"]),
+    ("mlstm", ["d_C_1 = d_C_1_next + outer(d_h_1_8, q_1)", "d_k_1_2 = d_k_1 / sqrt(key)"]),
+    ("slstm", ["d_R_z += outer(d_z_pre, h_prev) (its 4 diagonal blocks)", "d_c_prev = d_c * f"]),
+])
+def test_cli_prints_the_backward_of_the_new_cells(name, lines):
+    shown = CliRunner().invoke(app, ["compile", name, "--target", "reference", "--show",
+                                     "backward"])
+    assert shown.exit_code == 0, shown.output
+    for line in lines:
+        assert line in shown.output.splitlines(), line
