@@ -182,8 +182,9 @@ def gradcheck(spec: str = SPEC,
               tolerance: float = typer.Option(1e-6, min=0, help="Largest relative error accepted."),
               target: Target = typer.Option("reference", help="Engine whose gradients are checked.")):
     """Finite differences against the derived gradients for every parameter, input and initial
-    state (float64); exit status 1 if the worst relative error exceeds the tolerance. A tree
-    cell is checked over three small trees (--steps and --batch do not apply)."""
+    state (float64); exit status 1 if the worst relative error exceeds the tolerance or is not
+    a number. A tree cell is checked over three small trees (--steps and --batch do not
+    apply)."""
     from rich.progress import Progress
 
     from rnndsl.engines.gradcheck import gradcheck as run_check
@@ -202,7 +203,11 @@ def gradcheck(spec: str = SPEC,
     worst, err = result.worst
     verdict = "ok" if err <= tolerance else "FAILED"
     typer.echo(f"{cell.name}: worst relative error {err:.2e} ({worst}) {verdict}")
-    if err > tolerance:
+    if err != err and not tree:  # NaN
+        typer.echo("not a number: the random initial states may lie outside the cell's domain "
+                   "(the NTM's weightings are distributions: a negative weight sharpened by a "
+                   "power is NaN); check it from Python with gradcheck(cell, state0=...)")
+    if not err <= tolerance:
         raise typer.Exit(1)
 
 

@@ -33,9 +33,9 @@ def builtin_tree_specs() -> dict[str, Path]:
 @lru_cache(maxsize=1)
 def kernel_specs() -> tuple[str, ...]:
     """The built-in specs the compiled targets (cpu, cuda) run: all but those with values of
-    rank 2, which run on the reference engine only."""
+    rank 2 or the circular shift, which run on the reference engine only."""
     return tuple(name for name, path in builtin_specs().items()
-                 if not rank2.matrix_value(analyse(path)[0]))
+                 if not rank2.reference_only(analyse(path)[0]))
 
 
 def resolve(source: str | Path) -> tuple[str, str | None]:
@@ -110,7 +110,7 @@ def _cell(checked: Checked, target: str, persistent: bool | None) -> Cell:
 
 def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | None) -> Cell:
     _refuse_matrices(step, target)
-    kernel_plan = None if rank2.matrix_value(step) else plan(step, bwd)
+    kernel_plan = None if rank2.reference_only(step) else plan(step, bwd)
     return Cell(step, bwd, _engine(step, bwd, kernel_plan, target, persistent), kernel_plan)
 
 
@@ -125,11 +125,12 @@ def retarget(cell: Cell, target: str, persistent: bool | None = None) -> Cell:
 
 
 def _refuse_matrices(step: StepIR, target: str):
-    """Values of rank 2 run on the reference engine only: no kernels are generated for them."""
-    found = rank2.matrix_value(step)
+    """Values of rank 2 and the circular shift run on the reference engine only: no kernels
+    are generated for them."""
+    found = rank2.reference_only(step)
     if found and target != "reference":
         raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
-                        "and kernels for matrix values are not generated; use the reference "
+                        "and kernels for it are not generated; use the reference "
                         "target (target='reference', --target reference)")
 
 
