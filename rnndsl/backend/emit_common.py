@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from rnndsl.language.errors import SpecError
+from rnndsl.language.spec import state_shape
 from rnndsl.symbolic.ir import Node
 from rnndsl.symbolic.ops import OPS
 from rnndsl.backend.schedule import Plan, Program, ReadKind, Store, StoreKind
@@ -93,7 +94,7 @@ def legend(plan: Plan) -> list[str]:
     for title, table, shapes in (
             ("sizes", names.size, {s: () for s in step.sizes}),
             ("inputs", names.input, {x: (n,) for x, n in step.inputs.items()}),
-            ("states", names.state, {s: (n,) for s, n in step.states.items()}),
+            ("states", names.state, {s: state_shape(n) for s, n in step.states.items()}),
             ("outputs", names.output, {o: step.shape_of(o) for o in step.outputs}),
             ("params", names.param, {p: i.shape for p, i in step.params.items()})):
         items = ", ".join(f"{code}={name}{'(' + ','.join(shapes[name]) + ')' if shapes[name] else ''}"
@@ -199,12 +200,7 @@ class KernelWriter:
     def expr(self, n: Node, here) -> str:
         if n.op == "bcast":
             return self.ref(n.args[0], here)
-        args = [self.ref(a, here) for a in n.args]
-        if n.op == "pow" and n.args[1].is_const(2.0):
-            return f"({args[0]} * {args[0]})"
-        if n.op == "pow" and n.args[1].is_const(0.5):
-            return f"math.sqrt({args[0]})"
-        return OPS[n.op].code(n.op).format(*args)
+        return element_code(n, [self.ref(a, here) for a in n.args])
 
     # -- stores -------------------------------------------------------------------------------
     def store(self, s: Store, value: str) -> str:
@@ -230,6 +226,15 @@ class KernelWriter:
         if sp is None:
             return []
         return [f"{self.use(sp)}[b{', j' if n.shape else ''}] = {value or self.var(n)}"]
+
+
+def element_code(n: Node, args: list[str]) -> str:
+    """One element of an elementwise node, given its arguments' elements as code."""
+    if n.op == "pow" and n.args[1].is_const(2.0):
+        return f"({args[0]} * {args[0]})"
+    if n.op == "pow" and n.args[1].is_const(0.5):
+        return f"math.sqrt({args[0]})"
+    return OPS[n.op].code(n.op).format(*args)
 
 
 def stage_products(prog: Program, stage: int):
