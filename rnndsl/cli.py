@@ -90,8 +90,8 @@ def list_specs():
     for name, path in {**compiler.builtin_specs(), **compiler.builtin_tree_specs()}.items():
         spec = compiler.load(path)
         kind = "tree  " if spec.structure == "tree" else ""
-        where = "" if spec.structure == "tree" or name in compiler.kernel_specs() else \
-            " [reference target only]"
+        where = "" if spec.structure == "tree" or name in compiler.kernel_specs("cuda") else \
+            " [cpu and reference targets]"
         typer.echo(f"{name:<20} {kind}{printable(spec.summary)}{where}")
 
 

@@ -151,8 +151,8 @@ def _refuse_matrices(step: StepIR, target: str):
     found = rank2.matrix_value(step)
     if found and target == "cuda":
         raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
-                        "and kernels for matrix values are not generated; use the reference "
-                        "target (target='reference', --target reference)")
+                        "and CUDA kernels for matrix values are not generated; use the cpu or "
+                        "the reference target (target='cpu', --target cpu)")
 
 
 def _engine(step, bwd, kernel_plan, target: str, persistent: bool | None,
