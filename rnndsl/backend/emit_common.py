@@ -13,7 +13,11 @@ from rnndsl.language.errors import SpecError
 from rnndsl.language.spec import state_shape
 from rnndsl.symbolic.ir import Node
 from rnndsl.symbolic.ops import OPS
+from rnndsl.backend.kernel_lib import kernel_functions
 from rnndsl.backend.schedule import Plan, Program, ReadKind, Store, StoreKind
+
+
+FASTMATH = '{"nsz", "arcp", "contract", "afn"}'
 
 
 class Code:
@@ -188,13 +192,8 @@ class KernelWriter:
     def seed(self, n: Node) -> str:
         """The adjoint arriving at this step: from step t+1 and from the loss, zero when
         padding."""
-        names, name = self.names, n.attr
         idx = "j" if n.shape else "0"
-        terms = []
-        if name in names.state:
-            terms.append(f"{self.use('d' + names.state[name])}[t + 1, b, {idx}]")
-        if name in names.output:
-            terms.append(f"{self.use('d' + names.output[name])}[t, b, {idx}]")
+        terms = seed_terms(self.names, self.use, n.attr, f"t + 1, b, {idx}", f"t, b, {idx}")
         return f"(({' + '.join(terms)}) if live else C0)"
 
     def expr(self, n: Node, here) -> str:
@@ -226,6 +225,26 @@ class KernelWriter:
         if sp is None:
             return []
         return [f"{self.use(sp)}[b{', j' if n.shape else ''}] = {value or self.var(n)}"]
+
+
+def seed_terms(names: Names, use, name: str, from_next: str, from_loss: str) -> list[str]:
+    """The parts of the adjoint of `name` arriving at a step: the gradient array of a state
+    (from step t+1) indexed by `from_next`, the loss's of an output by `from_loss`; `use`
+    records each array a kernel reads."""
+    terms = []
+    if name in names.state:
+        terms.append(f"{use('d' + names.state[name])}[{from_next}]")
+    if name in names.output:
+        terms.append(f"{use('d' + names.output[name])}[{from_loss}]")
+    return terms
+
+
+def cpu_module_head(header: str, names: Names, dtype: str, imports: str) -> list[str]:
+    """The opening of a generated CPU module: imports (and the emitter's own `imports`), the
+    dtype, the constants and the kernel functions."""
+    return [header, "import math", "", "import numpy as np", "from numba import njit", "",
+            imports, "from rnndsl.backend.scratch import empty", "", f"DT = np.{dtype}",
+            f"FAST = {FASTMATH}", constant_lines(names, dtype), kernel_functions(dtype, "cpu")]
 
 
 def element_code(n: Node, args: list[str]) -> str:

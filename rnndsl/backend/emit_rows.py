@@ -33,9 +33,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
-from rnndsl.backend.emit_common import Code, Names, as_tuple, constant_lines, element_code, \
-    function, unpack
-from rnndsl.backend.kernel_lib import kernel_functions
+from rnndsl.backend.emit_common import Code, Names, as_tuple, cpu_module_head, element_code, \
+    function, seed_terms, unpack
 from rnndsl.language.errors import SpecError, UserError
 from rnndsl.language.spec import state_shape
 from rnndsl.symbolic import ir
@@ -45,7 +44,6 @@ from rnndsl.symbolic.ops import OPS
 
 TAPE_BUDGET_ENV = "RNNDSL_TAPE_BUDGET"
 DEFAULT_TAPE_BUDGET = 1 << 30  # bytes of kept matrix states
-FASTMATH = '{"nsz", "arcp", "contract", "afn"}'
 
 
 # -- the memory budget ------------------------------------------------------------------------
@@ -190,41 +188,32 @@ def _softmax(k: "_RowKernel", n: Node, code: Code, over: int | None = None):
             code(f"{out}[{index}] = {out}[{index}] / {out}_sum")
 
 
-def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
-    """M @ v (rows of M times v) or M.T @ u (rows of M accumulated with weights u), M a matrix
-    parameter or a matrix value."""
-    out, m, v = k.var(n), n.args[0], n.args[1]
+def _matrix_sum(k: "_RowKernel", n: Node, code: Code, over: int, term: Callable[[], str]):
+    """n[i] = the sum over j of term at (i, j) (over 1: along each row), or n[j] = the sum
+    over i (over 0: down the rows, a row at a time, so the matrix is read in order); the
+    matrix is n's first argument, a parameter or a matrix value."""
+    out, m = k.var(n), n.args[0]
     rows, cols = k.size(m.shape[0]), k.size(m.shape[1])
-    if not transpose:
+    if over == 1:
         with code.block(f"for i in range({rows}):"):
             code(f"{out}_acc = C0")
             with code.block(f"for j in range({cols}):"):
-                code(f"{out}_acc += {k.elem(m, ('i', 'j'))} * {k.elem(v, ('j',))}")
+                code(f"{out}_acc += {term()}")
             code(f"{out}[i] = {out}_acc")
         return
     with code.block(f"for j in range({cols}):"):
         code(f"{out}[j] = C0")
     with code.block(f"for i in range({rows}):"):
-        code(f"{out}_acc = {k.elem(v, ('i',))}")
         with code.block(f"for j in range({cols}):"):
-            code(f"{out}[j] += {k.elem(m, ('i', 'j'))} * {out}_acc")
+            code(f"{out}[j] += {term()}")
 
 
-def _axis_sum(k: "_RowKernel", n: Node, code: Code):
-    out, m = k.var(n), n.args[0]
-    rows, cols = k.size(m.shape[0]), k.size(m.shape[1])
-    if n.attr == 1:  # along each row
-        with code.block(f"for i in range({rows}):"):
-            code(f"{out}_acc = C0")
-            with code.block(f"for j in range({cols}):"):
-                code(f"{out}_acc += {k.elem(m, ('i', 'j'))}")
-            code(f"{out}[i] = {out}_acc")
-        return
-    with code.block(f"for j in range({cols}):"):  # down the rows, a row at a time
-        code(f"{out}[j] = C0")
-    with code.block(f"for i in range({rows}):"):
-        with code.block(f"for j in range({cols}):"):
-            code(f"{out}[j] += {k.elem(m, ('i', 'j'))}")
+def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
+    """M @ v: the sum along each row of M times v; M.T @ u: down the rows, times u."""
+    m, v = n.args
+    along = ("i",) if transpose else ("j",)
+    _matrix_sum(k, n, code, 0 if transpose else 1,
+                lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}")
 
 
 ROW_CODE: dict[str, Callable] = {
@@ -237,7 +226,8 @@ ROW_CODE: dict[str, Callable] = {
     "mv": lambda k, n, code: _product(k, n, code, transpose=False),
     "matvec_t": lambda k, n, code: _product(k, n, code, transpose=True),
     "mtv": lambda k, n, code: _product(k, n, code, transpose=True),
-    "axis_sum": _axis_sum,
+    "axis_sum": lambda k, n, code: _matrix_sum(k, n, code, n.attr,
+                                               lambda: k.elem(n.args[0], ("i", "j"))),
 }
 
 
@@ -322,13 +312,8 @@ class _RowKernel:
     def seed(self, n: Node, idx: tuple[str, ...]) -> str:
         """The adjoint arriving at this step: from step t+1 (`d` arrays of one row) and the
         loss (the output's gradient); padded steps are never run."""
-        names, name, at = self.names, n.attr, ", ".join(idx) if idx else "0"
-        terms = []
-        if name in names.state:
-            terms.append(f"{self.use('d' + names.state[name])}[{at}]")
-        if name in names.output:
-            terms.append(f"{self.use('d' + names.output[name])}[t, b, {at}]")
-        return f"({' + '.join(terms)})"
+        at = self.at(idx)
+        return f"({' + '.join(seed_terms(self.names, self.use, n.attr, at, f't, b, {at}'))})"
 
     # -- a step -------------------------------------------------------------------------------
     def step(self, code: Code, roots: list[Node]):
@@ -468,19 +453,8 @@ def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
     bwd = _RowKernel(plan, names, "backward")
     kernels = [fwd.text(), inf.text(), bwd.text()]
     return "\n".join([
-        header,
-        "import math",
-        "",
-        "import numpy as np",
-        "from numba import njit",
-        "",
-        "from rnndsl.backend.emit_rows import checkpoint_every",
-        "from rnndsl.backend.scratch import empty",
-        "",
-        f"DT = np.{dtype}",
-        f"FAST = {FASTMATH}",
-        constant_lines(names, dtype),
-        kernel_functions(dtype, "cpu"),
+        *cpu_module_head(header, names, dtype, "from rnndsl.backend.emit_rows import "
+                                               "checkpoint_every"),
         *kernels,
         _forward_glue(plan, names, fwd, save=True),
         _forward_glue(plan, names, inf, save=False),
