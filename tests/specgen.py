@@ -51,6 +51,15 @@ class Gen:
         # a per-row scalar spread over the vector: reductions before products
         return f"({self.scalar(depth - 1)}) * {self.vector(size, depth - 1)}"
 
+    def intermediates(self, depth: int, most: int) -> list[str]:
+        """Up to `most` equations of named vectors that later equations may use."""
+        lines = []
+        for k in range(self.rng.randint(0, most)):
+            size = self.rng.choice(self.sizes)
+            lines.append(f"v{k} = {self.vector(size, depth)}")
+            self.pool[size].append(f"v{k}")
+        return lines
+
     def leaf(self, size: str) -> str:
         r = self.rng.random()
         if r < 0.65 and self.pool[size]:
@@ -123,11 +132,7 @@ def random_spec(seed: int) -> str:
         pool[s].append(f"{st}_prev")
     g = Gen(rng, sizes, pool)
     depth = rng.randint(1, 3)
-    lines = []
-    for k in range(rng.randint(0, 3)):  # intermediates that later equations may use
-        size = rng.choice(sizes)
-        lines.append(f"v{k} = {g.vector(size, depth)}")
-        pool[size].append(f"v{k}")
+    lines = g.intermediates(depth, 3)
     for st, s in states.items():
         rhs = g.product(s, depth) if rng.random() < 0.25 else g.vector(s, depth)
         lines.append(f"{st} = {rhs}")
@@ -222,11 +227,7 @@ def random_matrix_spec(seed: int) -> str:
     g = MatrixGen(rng, sizes, pool)
     g.matrices = ["M_prev"]
     depth = rng.randint(1, 3)
-    lines = []
-    for k in range(rng.randint(0, 2)):  # intermediates that later equations may use
-        size = rng.choice(sizes)
-        lines.append(f"v{k} = {g.vector(size, depth)}")
-        pool[size].append(f"v{k}")
+    lines = g.intermediates(depth, 2)
     decay = rng.choice(["0.9 * M_prev + ", "M_prev * sigmoid(h_prev) + ", ""])
     lines.append(f"M = {decay}{g.matrix(depth)}")
     g.matrices.append("M")
