@@ -99,8 +99,8 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | None = N
     insists on it, False never uses it. `constants` gives some of the spec's `constants:`
     other values ({"lam": 0.9}); they are folded into the generated code. `tape_budget`
     (target "cpu", cells with matrix-valued states): the bytes of matrix states a forward pass
-    keeps for backward, past which backward recomputes them (backend/emit_rows.py; default
-    $RNNDSL_TAPE_BUDGET, else 1 GiB)."""
+    may keep for backward, past which backward recomputes them from fewer kept copies
+    (backend/emit_rows.py; default $RNNDSL_TAPE_BUDGET, else 1 GiB)."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     spec = load(source)

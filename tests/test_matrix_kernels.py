@@ -46,11 +46,11 @@ def test_an_operator_without_row_code_is_refused_by_name(monkeypatch):
 
 # -- the tape budget ---------------------------------------------------------------------------
 @pytest.mark.parametrize("T, B, budget, every", [
-    (7, 3, 10 ** 9, 1),  # everything fits
-    (7, 3, 0, 7),  # nothing fits: only the initial states are kept
-    (7, 3, 3 * 2 * 100 * 8, 4),  # two kept copies of 3 rows of 100 float64: every 4 steps
-    (8, 3, 3 * 2 * 100 * 8, 4),
-    (9, 3, 3 * 2 * 100 * 8, 5),
+    (7, 3, 22 * 800, 1),  # all 7 x 3 matrices of 100 float64 fit (and one of scratch)
+    (7, 3, 22 * 800 - 1, 4),  # they do not: 2 x 3 kept + 4 of scratch is the least
+    (7, 3, 0, 4),
+    (100, 1, 0, 10),  # about sqrt(T B)
+    (100, 16, 0, 34),  # 3 x 16 + 34 = 82 matrices (33: 4 x 16 + 33)
     (1, 1, 0, 1),
 ])
 def test_checkpoint_interval(T, B, budget, every):
@@ -58,16 +58,16 @@ def test_checkpoint_interval(T, B, budget, every):
 
 
 @pytest.mark.parametrize("name", ["fast_weights", "delta_net"])
-@pytest.mark.parametrize("lengths", [None, [9, 4, 0, 1]], ids=["full", "lengths"])
-def test_recomputing_the_matrix_states_gives_identical_gradients(name, lengths):
-    """Budgets that keep every step, every 4th (the last segment short) and only the first."""
+@pytest.mark.parametrize("B, lengths, every", [(4, None, 5), (4, [9, 4, 0, 1], 5), (1, None, 3)],
+                         ids=["full", "lengths", "one row"])
+def test_recomputing_the_matrix_states_gives_identical_gradients(name, B, lengths, every):
+    """A budget that keeps every step, and one that keeps none: the interval is the least
+    memory's (T = 9: the last segment is short with 5)."""
     cell = rnndsl.compile(name)
-    params, xs, state0 = problem(cell, 9, 4, seed=2)
-    d_out = np.random.default_rng(3).standard_normal((9, 4, 5 if name == "fast_weights" else 7))
-    matrix = next(s for s, size in cell.states.items() if isinstance(size, tuple))
-    per_step = state0[matrix].nbytes  # one step's matrices of all rows
+    params, xs, state0 = problem(cell, 9, B, seed=2)
+    d_out = np.random.default_rng(3).standard_normal((9, B, 5 if name == "fast_weights" else 7))
     runs = []
-    for budget, every in [(None, 1), (3 * per_step, 3), (0, 9)]:
+    for budget, every in [(None, 1), (0, every)]:
         cell.engine.tape_budget = budget
         with nan_scratch():
             fwd = cell.forward(params, xs, state0, lengths)
@@ -91,7 +91,7 @@ def test_the_budget_comes_from_compile_then_the_environment(monkeypatch):
     monkeypatch.setenv(emit_rows.TAPE_BUDGET_ENV, "0")
     cell = rnndsl.compile("delta_net")
     params, xs, state0 = problem(cell, 4, 2, seed=1)
-    assert cell.forward(params, xs, state0).tape.saved[-1] == 4
+    assert cell.forward(params, xs, state0).tape.saved[-1] == 2  # 2 x 2 kept + 2 of scratch
     cell = rnndsl.compile("delta_net", tape_budget=10 ** 6)
     assert cell.forward(params, xs, state0).tape.saved[-1] == 1
     monkeypatch.delenv(emit_rows.TAPE_BUDGET_ENV)
@@ -119,3 +119,14 @@ def test_inference_keeps_no_tape_and_gives_the_same_outputs():
     for s in kept.states:
         np.testing.assert_array_equal(kept.states[s], bare.states[s])
     assert bare.tape is None
+
+
+def test_cli_compiles_a_matrix_cell_for_the_cpu():
+    from typer.testing import CliRunner
+
+    from rnndsl.cli import app
+
+    shown = CliRunner().invoke(app, ["compile", "delta_net"])
+    assert shown.exit_code == 0, shown.output
+    assert "per batch row: the whole time loop of one row in compiled code" in shown.output
+    assert "forward  W @ q  loop nest per row" in shown.output

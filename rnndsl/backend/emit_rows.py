@@ -17,13 +17,13 @@ by the operator's name (and tests/test_matrix_kernels.py fails until it has one)
 
 The tape and its memory budget. Backward recomputes each step's forward values from the
 states before the step and the step's inputs, so it needs every state's value before every
-step. Vector states keep all of them, (T + 1, B, n). A matrix state's would be
-T x B x rows x cols: they are kept only every `every` steps, with `every` the smallest that
-makes the kept copies fit the tape budget (`tape_budget`, in bytes: the argument of
-`rnndsl.compile`, else $RNNDSL_TAPE_BUDGET, else 1 GiB; `every` is 1, everything stored,
-when all T copies fit). Between two kept copies backward runs the row's forward steps again
-(into a scratch of `every` matrices of one row), one extra forward pass in all; both paths
-compute the same numbers in the same order, so they give identical gradients.
+step. Vector states keep all of them, (T + 1, B, n). A matrix state's are T x B x rows x
+cols: they are all kept when they fit the tape budget (`tape_budget`, in bytes: the argument
+of `rnndsl.compile`, else $RNNDSL_TAPE_BUDGET, else 1 GiB). Past it, they are kept every
+`every` steps, the interval that needs the least memory (about sqrt(T B): the kept copies of
+all rows plus one row's segment), and backward runs each segment of a row forward again from
+its kept copy (into a scratch of `every` matrices of one row): one extra forward pass in all.
+Both paths compute the same numbers in the same order, so they give identical gradients.
 """
 from __future__ import annotations
 
@@ -65,12 +65,16 @@ def tape_budget(given: int | None) -> int:
 
 
 def checkpoint_every(T: int, B: int, matrix_elements: int, itemsize: int, budget: int) -> int:
-    """Every how many steps the matrix states are kept: 1 when all T copies fit `budget`,
-    else the fewest steps between kept copies that make them fit (T at most: only the
-    initial state is kept)."""
-    per_step = B * matrix_elements * itemsize
-    kept = max(1, budget // per_step) if per_step else T
-    return -(-T // min(kept, T))
+    """Every how many steps the matrix states are kept: 1 (every step, no recomputation) when
+    that fits `budget`, else the interval that needs the least memory. Any interval above 1
+    costs one extra forward pass, so memory decides: the kept copies of all B rows plus
+    backward's scratch of one row's segment, least near sqrt(T B)."""
+    def needs(every: int) -> int:  # bytes
+        return (-(-T // every) * B + every) * matrix_elements * itemsize
+
+    if needs(1) <= budget:
+        return 1
+    return min(range(1, T + 1), key=needs)
 
 
 # -- the plan ---------------------------------------------------------------------------------
