@@ -239,12 +239,13 @@ def seed_terms(names: Names, use, name: str, from_next: str, from_loss: str) -> 
     return terms
 
 
-def cpu_module_head(header: str, names: Names, dtype: str, imports: str) -> list[str]:
+def cpu_module_head(header: str, names: Names, dtype: str, imports: str,
+                    fastmath: str = FASTMATH) -> list[str]:
     """The opening of a generated CPU module: imports (and the emitter's own `imports`), the
-    dtype, the constants and the kernel functions."""
+    dtype, the fastmath flags, the constants and the kernel functions."""
     return [header, "import math", "", "import numpy as np", "from numba import njit", "",
             imports, "from rnndsl.backend.scratch import empty", "", f"DT = np.{dtype}",
-            f"FAST = {FASTMATH}", constant_lines(names, dtype), kernel_functions(dtype, "cpu")]
+            f"FAST = {fastmath}", constant_lines(names, dtype), kernel_functions(dtype, "cpu")]
 
 
 def element_code(n: Node, args: list[str]) -> str:

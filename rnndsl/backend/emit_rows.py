@@ -44,6 +44,9 @@ from rnndsl.symbolic.ops import OPS
 
 TAPE_BUDGET_ENV = "RNNDSL_TAPE_BUDGET"
 DEFAULT_TAPE_BUDGET = 1 << 30  # bytes of kept matrix states
+# The row kernels' sums (M @ v along a row) vectorise only if they may be reassociated: the
+# rounding then differs from the reference's in the last bits, not from run to run.
+FASTMATH = '{"nsz", "arcp", "contract", "afn", "reassoc"}'
 
 
 # -- the memory budget ------------------------------------------------------------------------
@@ -458,7 +461,7 @@ def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
     kernels = [fwd.text(), inf.text(), bwd.text()]
     return "\n".join([
         *cpu_module_head(header, names, dtype, "from rnndsl.backend.emit_rows import "
-                                               "checkpoint_every"),
+                                               "checkpoint_every", FASTMATH),
         *kernels,
         _forward_glue(plan, names, fwd, save=True),
         _forward_glue(plan, names, inf, save=False),
