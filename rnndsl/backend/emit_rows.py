@@ -110,6 +110,8 @@ class RowPlan:
 
 
 def row_plan(step: StepIR, bwd: Backward) -> RowPlan:
+    """The plan of a cell with matrix values; an operator with no row kernel code is refused
+    by name."""
     d_prev = {s: ir.bcast(n, state_shape(step.states[s])) for s, n in bwd.d_prev.items()}
     d_inputs = {x: ir.bcast(n, (step.inputs[x],)) for x, n in bwd.d_inputs.items()
                 if not n.is_const(0.0)}
