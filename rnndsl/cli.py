@@ -90,7 +90,8 @@ def list_specs():
     for name, path in {**compiler.builtin_specs(), **compiler.builtin_tree_specs()}.items():
         spec = compiler.load(path)
         kind = "tree  " if spec.structure == "tree" else ""
-        where = "" if spec.structure == "tree" or name in compiler.kernel_specs() else \
+        where = "" if spec.structure == "tree" or name in compiler.kernel_specs("cuda") else \
+            " [cpu and reference targets]" if name in compiler.kernel_specs("cpu") else \
             " [reference target only]"
         typer.echo(f"{name:<20} {kind}{printable(spec.summary)}{where}")
 

@@ -109,7 +109,7 @@ equations: |
   h = sigmoid(o) * tanh(c) + V @ s
 """,
 }
-SPECS = {**{k: k for k in sorted(rnndsl.compiler.kernel_specs())}, **EXTRA}
+SPECS = {**{k: k for k in sorted(rnndsl.compiler.kernel_specs("cuda"))}, **EXTRA}
 
 
 def identifiers(code: str) -> set[str]:

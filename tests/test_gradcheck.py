@@ -40,7 +40,7 @@ def weighting_states(cell, spec: str, B: int, size: int) -> dict | None:
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("spec", BUILTINS)
 def test_gradcheck(spec, with_lengths):
-    kernels = spec in rnndsl.compiler.kernel_specs()  # cells with matrix values: reference only
+    kernels = spec in rnndsl.compiler.kernel_specs()  # matrix cells included; not the shift
     cell = rnndsl.compile(spec, target="cpu" if kernels else "reference",
                           constants=CONSTANTS.get(spec))
     # B=3: one full sequence, one shorter, one empty (its initial state passes straight out)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rnndsl.backend import emit_rows as rows
+from rnndsl.backend.emit_rows import RowPlan
 from rnndsl.engines import reference
 from rnndsl.language.spec import SUM, state_shape
 from rnndsl.symbolic.ops import block_diagonal
@@ -114,17 +116,31 @@ class GeneratedEngine:
 
 
 class CpuEngine(GeneratedEngine):
-    """The generated Numba kernels for the CPU."""
+    """The generated Numba kernels for the CPU: GEMMs over the batch and fused loops
+    (emit_cpu.py), or, for cells with matrix values, one batch row at a time (emit_rows.py),
+    whose forward pass keeps matrix states within `tape_budget` bytes (None: the default)."""
 
     name = "cpu"
 
+    def __init__(self, step: StepIR, bwd: Backward, plan, tape_budget: int | None = None):
+        super().__init__(step, bwd, plan)
+        self.rows = isinstance(plan, RowPlan)
+        if self.rows:
+            rows.tape_budget(tape_budget)  # a bad value is refused now, not at the first pass
+        self.tape_budget = tape_budget
+
     def emitter(self):
+        if self.rows:
+            return rows.emit_module
         from rnndsl.backend.emit_cpu import emit_module
         return emit_module
 
     def forward(self, params, xs, state0, lengths, sizes, dtype, save=True):
         m = self.module(dtype)
         run = m.forward if save else (lambda *a: (*m.infer(*a), None))
+        if save and self.rows:
+            budget = rows.tape_budget(self.tape_budget)
+            run = lambda *a: m.forward(*a, budget)  # noqa: E731
         outs, finals, saved = run(
             tuple(params[p] for p in self.step.params), tuple(xs[x] for x in self.step.inputs),
             tuple(state0[s] for s in self.step.states), lengths,

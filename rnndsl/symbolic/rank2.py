@@ -106,11 +106,9 @@ def align(a: Node, b: Node) -> tuple[Node, Node]:
 
 def reference_only(step: ir.StepIR) -> str | None:
     """What in a step the compiled targets (cpu, cuda) have no kernels for yet, described for
-    a message: a matrix value, a state that is one number per sequence, a block-diagonal
-    parameter, or an equation that uses the NTM's circular shift; None if nothing."""
-    found = matrix_value(step)
-    if found:
-        return found
+    a message: a state that is one number per sequence, a block-diagonal parameter, or an
+    equation that uses the NTM's circular shift; None if nothing. (Matrix values, which the
+    cpu target runs, are `matrix_value`.)"""
     for name, size in step.states.items():
         if size == ():
             return f"state '{name}' is one number per sequence"
@@ -125,8 +123,7 @@ def reference_only(step: ir.StepIR) -> str | None:
 
 def matrix_value(step: ir.StepIR) -> str | None:
     """The first value of rank 2 in a step, described for a message (a named one if there is
-    one); None if there is none. The compiled targets (cpu, cuda) have no kernels for such
-    values yet."""
+    one); None if there is none. The cuda target has no kernels for such values yet."""
     for name, n in step.values.items():
         if is_matrix(n):
             kind = "state" if name in step.states else "value"
