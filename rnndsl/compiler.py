@@ -82,12 +82,13 @@ def _analyse(spec: Spec, constants: dict | None) -> tuple[StepIR, Backward]:
     return step, grad(step)
 
 
-def compile(source: str | Path, target: str = "cpu", persistent: bool | None = None,
+def compile(source: str | Path, target: str = "cpu", persistent: bool | str | None = None,
             constants: dict | None = None) -> Cell | TreeCell:
     """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell, or a
     TreeCell for a spec with `structure: tree`.
-    `persistent` (target "cuda" only): None uses the persistent kernel where it fits, True
-    insists on it, False never uses it. `constants` gives some of the spec's `constants:`
+    `persistent` (target "cuda" only): None picks each pass's time loop by a cost model, True
+    insists on a persistent kernel, False never uses one, 'single-block' or 'multi-block'
+    insists on that persistent kernel. `constants` gives some of the spec's `constants:`
     other values ({"lam": 0.9}); they are folded into the generated code."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
@@ -101,20 +102,20 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | None = N
         return _planned_cell(step, bwd, target, persistent)
 
 
-def _cell(checked: Checked, target: str, persistent: bool | None) -> Cell:
+def _cell(checked: Checked, target: str, persistent: bool | str | None) -> Cell:
     """A checked step (one of a tree cell's) made into a Cell."""
     with ir.scope():
         step = lower(checked)
         return _planned_cell(step, grad(step), target, persistent)
 
 
-def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | None) -> Cell:
+def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | str | None) -> Cell:
     _refuse_matrices(step, target)
     kernel_plan = None if rank2.matrix_value(step) else plan(step, bwd)
     return Cell(step, bwd, _engine(step, bwd, kernel_plan, target, persistent), kernel_plan)
 
 
-def retarget(cell: Cell, target: str, persistent: bool | None = None) -> Cell:
+def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> Cell:
     """The same cell (its step, backward and kernel plan) on another target: what the
     PyTorch bridge runs when a module's tensors move to another device."""
     if target not in TARGETS:
@@ -133,7 +134,7 @@ def _refuse_matrices(step: StepIR, target: str):
                         "target (target='reference', --target reference)")
 
 
-def _engine(step, bwd, kernel_plan, target: str, persistent: bool | None):
+def _engine(step, bwd, kernel_plan, target: str, persistent: bool | str | None):
     if target == "cuda":
         from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
 
