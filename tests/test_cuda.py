@@ -231,8 +231,8 @@ def test_cuda_matches_reference(name, mode):
     with grid_of(mode):
         compare(cell, ref, 3, 2, [3, 0])
     assert cell.engine.last_variant == {"forward": mode, "backward": mode}
-    if mode == "multi-block" and SIMULATOR:
-        assert cell.engine.last_blocks == {"forward": 3, "backward": 3}
+    if mode == "multi-block" and SIMULATOR:  # (fewer where a product has fewer columns)
+        assert all(2 <= n <= 3 for n in cell.engine.last_blocks.values()), cell.engine.last_blocks
 
 
 @device
@@ -266,7 +266,7 @@ def test_time_loop_choice_follows_fit_and_cost():
     # rows of the vector staged at once: as many as the room left holds, at most B
     assert choose("single-block", batch=3, shared=227 * 1024)[2] == 3
     assert choose("single-block", batch=1000, shared=70 * 1024)[2] == (70 * 256 - 64 * 256) // 64
-    with pytest.raises(ValueError, match="fewer than two co-resident blocks"):
+    with pytest.raises(ValueError, match="needs two co-resident blocks"):
         choose("multi-block", limit=1)
     with pytest.raises(ValueError, match="persistent kernel does not fit"):
         choose(True, products=[(4096, 16384)], unit=4096, limit=2)

@@ -282,6 +282,9 @@ def gemm(a, b, c, trans_a=False, trans_b=False, accumulate=False):
 # warp, summed with warp shuffles (a power of two, at most 32, dividing THREADS).
 LANES = 4 if SIMULATOR else 8
 STATIC_SHARED_BYTES = 48 * 1024  # beyond this a kernel must opt in to more dynamic shared memory
+# The static shared memory a persistent kernel may have besides its dynamic shared memory: the
+# reduction buffer of block_sum (THREADS words of at most 8 bytes).
+STATIC_RESERVE = THREADS * 8
 FULL_MASK = 0xFFFFFFFF
 
 if SIMULATOR:
@@ -368,7 +371,9 @@ def choose_time_loop(mode, products, unit: int, batch: int, itemsize: int, syncs
     widest = max((k for k, _ in products), default=0)
     words = shared // itemsize
     grids = {"single-block": 1}
-    most = max([unit] if unit else [n for _, n in products] or [1])
+    # no more blocks than hidden units (or columns); the phases of a pass without products
+    # are strided over the grid, any size
+    most = unit or max((n for _, n in products), default=limit)
     if min(limit, most) >= 2:
         grids["multi-block"] = min(limit, most)
     fits = {}
@@ -383,11 +388,13 @@ def choose_time_loop(mode, products, unit: int, batch: int, itemsize: int, syncs
     if mode is False:
         return per_step
     if mode in ("single-block", "multi-block"):
+        if mode not in grids:
+            raise ValueError("the persistent kernel does not fit: the multi-block kernel needs "
+                             "two co-resident blocks at least and one hidden unit (or output "
+                             "column) each")
         if mode not in fits:
             raise ValueError(f"the persistent kernel does not fit: the {mode} kernel needs "
-                             "more shared memory than a block has for its recurrent weights"
-                             + ("" if mode in grids else ", and the device runs fewer than two "
-                                "co-resident blocks"))
+                             "more shared memory than a block has for its recurrent weights")
         return fits[mode]
     candidates = dict(fits)
     if mode is None:
@@ -412,21 +419,22 @@ SIMULATED_MULTIPROCESSORS = 1
 
 
 def shared_limit() -> int:
-    """Bytes of shared memory one block may have (opting in past the static 48 KiB)."""
-    if SIMULATOR:
-        return STATIC_SHARED_BYTES
-    device = cuda.get_current_device()
-    try:
-        return int(device.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-    except AttributeError:  # a driver that does not name the attribute
-        return STATIC_SHARED_BYTES
+    """Bytes of dynamic shared memory a persistent kernel's block may have (opting in past
+    the static 48 KiB), its static shared memory kept aside."""
+    most = STATIC_SHARED_BYTES
+    if not SIMULATOR:
+        try:
+            most = int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        except AttributeError:  # a driver that does not name the attribute
+            pass
+    return most - STATIC_RESERVE
 
 
 def launch_persistent(kernel, blocks: int, nbytes: int, *args):
     """kernel[blocks, THREADS, 0, nbytes](*args), first raising the kernel's limit of dynamic
-    shared memory when nbytes is past the static 48 KiB (numba-cuda 0.30 has no launch option
-    for it: the attribute is set on the compiled function)."""
-    if nbytes > STATIC_SHARED_BYTES and not SIMULATOR:
+    shared memory when it and the static shared memory pass 48 KiB (numba-cuda 0.30 has no
+    launch option for it: the attribute is set on the compiled function)."""
+    if nbytes + STATIC_RESERVE > STATIC_SHARED_BYTES and not SIMULATOR:
         from numba.cuda.cudadrv.driver import binding, driver
 
         compiled = kernel._compile_for_args(*args)

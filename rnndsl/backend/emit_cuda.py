@@ -12,12 +12,11 @@ The same plan as the CPU target (schedule.py), emitted for a GPU:
   gradients, weight gradients) are calls of `cs.gemm` (cuBLAS through CuPy or PyTorch, or the
   tiled Numba kernel in `cuda_support`); the time loop of the default mode is plain Python
   in `forward`/`backward` that launches, per step, the GEMM of each stage and the phase kernel.
-* a persistent kernel per program (`forward_persistent`, `backward_persistent`), after
-  Persistent RNNs (Diamos et al. 2016): one cooperative launch runs the whole time loop; each
-  block keeps its slice of the output columns of every recurrent weight matrix in shared
-  memory for the whole sequence, computes that slice of the per-step product itself, and the
-  grid synchronises between stages. The glue chooses it at run time when the weights fit
-  (`cs.persistent_blocks`) or when asked (`persistent=True`), and never with `False`.
+* two persistent kernels per program (`forward_grid` and `forward_block`, `backward_grid`
+  and `backward_block`), after Persistent RNNs (Diamos et al. 2016) and FlashRNN (Pöppel et
+  al. 2024): one launch runs the whole time loop, on a cooperative grid or on one block (see
+  _PersistentKernel). The glue chooses per pass among them and the per-step launches by the
+  cost model of `cs.choose_time_loop`, or as asked (`persistent=...`).
 
 The index expressions (which array, which column block, padding) come from
 emit_common.KernelWriter, shared with the CPU target, so the two read and write the plan's
@@ -369,8 +368,8 @@ class _PersistentKernel(_CudaKernel):
                         code("acc += smem[x0 + i] * smem[y0 + i]")
                 code("acc = lane_sum(acc)")
                 with code.block(f"if lane == 0 and item < nb * nc{k}:"):
-                    code(f"e = item % nc{k}",
-                         f"g_{g}[b0 + item // nc{k}, (e // nu{k}) * U{k} + u0{k} + e % nu{k}] = acc")
+                    code(f"e = item % nc{k}", f"col = (e // nu{k}) * U{k} + u0{k} + e % nu{k}",
+                         f"g_{g}[b0 + item // nc{k}, col] = acc")
             code("cuda.syncthreads()")
         self.barriers += 2
         self._synced = False
