@@ -139,6 +139,26 @@ def test_generated_code_names_only_compiler_made_identifiers(name):
         assert f"def {kind}_grid(" in code and f"def {kind}_block(" in code
 
 
+@pytest.mark.parametrize("name", sorted(SPECS) + ["fuzz0", "fuzz1"])
+def test_persistent_kernels_assign_none_of_their_arguments(name):
+    """A kernel's own variables (loop indices, offsets into shared memory) must not take the
+    name of an array it is given (x0 is both an input and a name a kernel might pick)."""
+    import ast
+
+    from test_differential import random_spec
+
+    text = random_spec(int(name[4:])) if name.startswith("fuzz") else SPECS[name]
+    code = rnndsl.compile(text, target="cuda").engine.source_code("float64")
+    kernels = [f for f in ast.parse(code).body if isinstance(f, ast.FunctionDef) and
+               f.name.endswith(("_grid", "_block"))]
+    assert len(kernels) == 4
+    for f in kernels:
+        given = {a.arg for a in f.args.args}
+        assigned = {n.id for n in ast.walk(f) if isinstance(n, ast.Name) and
+                    isinstance(n.ctx, ast.Store)}
+        assert not given & assigned, (f.name, given & assigned)
+
+
 def test_only_cuda_support_imports_numba_cuda():
     pkg = Path(rnndsl.__file__).parent
     importers = [p.name for p in pkg.rglob("*.py")

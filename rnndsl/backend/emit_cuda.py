@@ -360,12 +360,13 @@ class _PersistentKernel(_CudaKernel):
             with code.block(f"for f in range(tid, nb * k{k}, TPB):"):
                 code(f"smem[sv + f] = {vec}[t, b0 + f // k{k}, f % k{k}]")
             code("cuda.syncthreads()")
-            with code.block(f"for w0 in range(0, nb * nc{k}, GROUPS):  # every thread goes round"):
-                code("item = w0 + grp", "acc = C0")
+            with code.block(f"for first in range(0, nb * nc{k}, GROUPS):  # all threads go round"):
+                code("item = first + grp", "acc = C0")
                 with code.block(f"if item < nb * nc{k}:"):
-                    code(f"x0 = sv + (item // nc{k}) * k{k}", f"y0 = a{k} + (item % nc{k}) * k{k}")
+                    code(f"vrow = sv + (item // nc{k}) * k{k}",
+                         f"wcol = a{k} + (item % nc{k}) * k{k}")
                     with code.block(f"for i in range(lane, k{k}, LANES):"):
-                        code("acc += smem[x0 + i] * smem[y0 + i]")
+                        code("acc += smem[vrow + i] * smem[wcol + i]")
                 code("acc = lane_sum(acc)")
                 with code.block(f"if lane == 0 and item < nb * nc{k}:"):
                     code(f"e = item % nc{k}", f"col = (e // nu{k}) * U{k} + u0{k} + e % nu{k}",
