@@ -332,7 +332,6 @@ COST = {
     "block_macs_per_us": 2.0e4,  # multiply-adds per microsecond of one block, from shared memory
     "block_elements_per_us": 2.0e3,  # pointwise elements per microsecond of one block
 }
-VARIANTS = ("per-step", "single-block", "multi-block")
 
 
 def step_costs(products, batch: int, syncs: int, barriers: int, launches: int, elements: int,
@@ -344,7 +343,7 @@ def step_costs(products, batch: int, syncs: int, barriers: int, launches: int, e
     block = macs / COST["block_macs_per_us"] + elements / COST["block_elements_per_us"] + \
         barriers * COST["barrier_us"]
     return {"per-step": launches * COST["launch_us"] + macs / COST["gemm_macs_per_us"],
-            "single-block": block,
+            "single-block": block + syncs * COST["barrier_us"],  # its grid syncs are barriers
             "multi-block": syncs * COST["grid_sync_us"] + block / max(blocks, 1)}
 
 
