@@ -278,14 +278,16 @@ def test_time_loop_choice_follows_fit_and_cost():
                                    args["limit"], shared)
 
     # float32: 64 KiB of weights, past 48 KiB for one block; a 64-block grid owns one unit
-    # of every gate per block (4 columns of 64 words)
-    assert choose("multi-block") == ("multi-block", 64, 1, (4 * 64 + 64) * 4)
+    # of every gate per block (4 columns of 64 words, padded)
+    stride = cs.column_stride(64)
+    assert stride // cs.LANES % 2 == 1 and 64 <= stride < 64 + 2 * cs.LANES
+    assert choose("multi-block") == ("multi-block", 64, 1, (4 * stride + 64) * 4)
     with pytest.raises(ValueError, match="single-block kernel needs more shared memory"):
         choose("single-block")
     assert choose("single-block", shared=227 * 1024)[:2] == ("single-block", 1)
     # rows of the vector staged at once: as many as the room left holds, at most B
     assert choose("single-block", batch=3, shared=227 * 1024)[2] == 3
-    assert choose("single-block", batch=1000, shared=70 * 1024)[2] == (70 * 256 - 64 * 256) // 64
+    assert choose("single-block", batch=1000, shared=(256 * stride + 24 * 64) * 4)[2] == 24
     with pytest.raises(ValueError, match="needs two co-resident blocks"):
         choose("multi-block", limit=1)
     with pytest.raises(ValueError, match="persistent kernel does not fit"):

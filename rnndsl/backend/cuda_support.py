@@ -347,6 +347,14 @@ def step_costs(products, batch: int, syncs: int, barriers: int, launches: int, e
             "multi-block": syncs * COST["grid_sync_us"] + block / max(blocks, 1)}
 
 
+def column_stride(k: int) -> int:
+    """Words between two weight columns of a persistent kernel in shared memory: k rounded up
+    to an odd multiple of LANES, so that the groups of LANES threads of a warp, each reading
+    its own column at once, fall on different banks (as the kernels compute it)."""
+    groups = -(-k // LANES)
+    return (groups + 1 - groups % 2) * LANES
+
+
 def block_columns(products, unit: int, blocks: int) -> list[int]:
     """Per product, the most output columns one block of a `blocks`-block grid owns: a slice
     of `unit` hidden units in every gate block of width `unit` (0: a contiguous slice of the
@@ -363,8 +371,8 @@ def choose_time_loop(mode, products, unit: int, batch: int, itemsize: int, syncs
     """The time loop of one pass: (variant, blocks, rows, nbytes). `mode`: None picks the
     cheapest that fits by the cost model, True the cheapest persistent one, False the per-step
     launches, 'single-block' or 'multi-block' that kernel. A persistent kernel fits when its
-    block's columns of every product's weights and one staged row of the widest vector fit in
-    `shared` bytes; `rows` vector rows are staged at once (`nbytes` of dynamic shared memory).
+    block's columns of every product's weights (column_stride words each) and one staged row
+    of the widest vector fit in `shared` bytes; `rows` vector rows are staged at once (`nbytes` of dynamic shared memory).
     The multi-block kernel runs on min(limit, widest slice) co-resident blocks, at least two.
     Raises ValueError when a forced kernel does not fit."""
     widest = max((k for k, _ in products), default=0)
@@ -377,7 +385,8 @@ def choose_time_loop(mode, products, unit: int, batch: int, itemsize: int, syncs
         grids["multi-block"] = min(limit, most)
     fits = {}
     for variant, blocks in grids.items():
-        weights = sum(k * c for (k, _), c in zip(products, block_columns(products, unit, blocks)))
+        weights = sum(column_stride(k) * c
+                      for (k, _), c in zip(products, block_columns(products, unit, blocks)))
         if weights + max(widest, 1) <= words:
             rows = max(1, min(batch, (words - weights) // widest)) if widest else 1
             fits[variant] = (variant, blocks, rows, (weights + rows * widest) * itemsize)

@@ -289,19 +289,22 @@ class _PersistentKernel(_CudaKernel):
             self.use("g_" + g)
             kk, mm = (f"{w}.shape[1]", f"{w}.shape[0]") if trans else \
                 (f"{w}.shape[0]", f"{w}.shape[1]")
-            code(f"k{k} = {kk}", f"m{k} = {mm}")
+            code(f"k{k} = {kk}", f"m{k} = {mm}",
+                 f"kp{k} = ((k{k} + LANES - 1) // LANES) | 1  # odd groups of LANES words",
+                 f"kp{k} *= LANES  # a column's stride (cs.column_stride)")
             if self.unit is not None:
                 code(f"U{k} = {self.names.size[self.unit]}", f"u0{k} = u0", f"nu{k} = nu")
             else:
                 code(f"U{k} = m{k}", f"q{k} = (U{k} + nblk - 1) // nblk", f"u0{k} = blk * q{k}",
                      f"nu{k} = max(0, min(q{k}, U{k} - u0{k}))")
             code(f"nc{k} = (m{k} // U{k}) * nu{k}  # this block's columns",
-                 f"a{k} = {base}  # where they start in smem, k{k} words each")
+                 f"a{k} = {base}  # where they start in smem, kp{k} words each")
             with code.block(f"for f in range(tid, nc{k} * k{k}, TPB):"):
-                code(f"e = f // k{k}", f"col = (e // nu{k}) * U{k} + u0{k} + e % nu{k}",
-                     f"smem[a{k} + f] = {w}[col, f % k{k}]" if trans else
-                     f"smem[a{k} + f] = {w}[f % k{k}, col]")
-            base = f"a{k} + nc{k} * k{k}"
+                code(f"e = f // k{k}", f"i = f % k{k}",
+                     f"col = (e // nu{k}) * U{k} + u0{k} + e % nu{k}",
+                     f"smem[a{k} + e * kp{k} + i] = {w}[col, i]" if trans else
+                     f"smem[a{k} + e * kp{k} + i] = {w}[i, col]")
+            base = f"a{k} + nc{k} * kp{k}"
         code(f"sv = {base}  # the staged rows of a product's vector")
         code("cuda.syncthreads()")
         end_sync = self._step_ends_with_sync()
@@ -364,7 +367,7 @@ class _PersistentKernel(_CudaKernel):
                 code("item = first + grp", "acc = C0")
                 with code.block(f"if item < nb * nc{k}:"):
                     code(f"vrow = sv + (item // nc{k}) * k{k}",
-                         f"wcol = a{k} + (item % nc{k}) * k{k}")
+                         f"wcol = a{k} + (item % nc{k}) * kp{k}")
                     with code.block(f"for i in range(lane, k{k}, LANES):"):
                         code("acc += smem[vrow + i] * smem[wcol + i]")
                 code("acc = lane_sum(acc)")
