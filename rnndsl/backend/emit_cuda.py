@@ -220,16 +220,20 @@ class _PersistentKernel(_CudaKernel):
     """The whole time loop of a program in one kernel: `grid` (cooperative, synchronised with
     grid.sync()) or one block (block barriers only). Each dot product of the per-step products
     is split over LANES threads and summed with warp shuffles (`lane_sum`); the block's columns
-    of the recurrent weights live in dynamic shared memory for the whole sequence, and the
-    product's vector is staged there, `rows` batch rows at a time.
+    of the recurrent weights live in dynamic shared memory for the whole sequence (a column
+    every cs.column_stride words, against bank conflicts), and the product's vector is staged
+    there, `rows` batch rows at a time.
 
     Which columns a block owns: when every loop and every product of the program runs over one
     size (the hidden units: `unit_size`), block k owns hidden units [k*q, (k+1)*q) and every
     gate's column of those units, so it runs the pointwise math of its units right after its
     slice of the product, behind a block barrier: the grid synchronises only to publish a
-    product's vector (the new state), once per step for an LSTM. Otherwise the block owns a
-    contiguous slice of each product's columns, and every product and phase ends with a grid
-    sync (the phases grid-strided over (b, j), or one block per batch row with reductions)."""
+    product's vector (the new state, which the (T + 1, B, n) state arrays keep per step, so
+    that no block overwrites what another still reads), once per step for an LSTM, forward or
+    backward (there the vector is the gates' gradients and the product the transposed one).
+    Otherwise the block owns a contiguous slice of each product's columns, and every product
+    and phase ends with a grid sync (the phases grid-strided over (b, j), or one block per
+    batch row with reductions)."""
 
     def __init__(self, plan: Plan, names: Names, prog: Program, kind: str, grid: bool):
         self.grid = grid
@@ -265,10 +269,6 @@ class _PersistentKernel(_CudaKernel):
             code("grid.sync()" if self.grid else "cuda.syncthreads()")
             self.grid_syncs += 1
             self._synced = True
-
-    def barrier(self, code: Code):
-        code("cuda.syncthreads()")
-        self.barriers += 1
 
     def _body(self) -> list[str]:
         prods = self.products()
