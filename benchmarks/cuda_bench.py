@@ -3,7 +3,7 @@ of the same cell on the GPU, float32, on the fixed workloads; one run, medians a
 (rnndsl time / peer time: below 1 means rnndsl is faster). Needs a GPU, PyTorch with CUDA and
 the `cuda` extra; benchmarks/device_check.py runs it with the GPU tests in one go.
 
-    python benchmarks/cuda_bench.py                          # lstm, gru, custom cells; S M L T1
+    python benchmarks/cuda_bench.py                          # lstm, gru, custom cells; T1 S M L
     python benchmarks/cuda_bench.py --specs lstm --sizes M T1 --json
 
 Each rnndsl cell runs four ways: `auto` (the time loop the cost model picks per pass), `steps`
@@ -14,8 +14,9 @@ microseconds (`{mode}_step_us`), printed beside a grid sync's 1.4 us (../shared/
 cuDNN's own time per step. Inputs are CUDA tensors handed to the cell without copies;
 parameters are uploaded once, outside the timed region. Goals (issue 15, fwd+bwd): LSTM and
 GRU at most 1.0x cuDNN's time at T1 and at S; a custom cell at T1 at least 20x faster than the
-eager loop of the same cell (earlier, issue 6: LSTM within 1.5x of cuDNN at M). `bridge` is the same cell as a one-layer `rnndsl.torch.RNN`
-on CUDA tensors (autograd, the custom op), whose cost over the raw cell is the bridge's own.
+eager loop of the same cell (earlier, issue 6: LSTM within 1.5x of cuDNN at M). `bridge` is
+the same cell as a one-layer `rnndsl.torch.RNN` on CUDA tensors (autograd, the custom op),
+whose cost over the raw cell is the bridge's own.
 """
 from __future__ import annotations
 
