@@ -373,16 +373,19 @@ def choose_time_loop(mode, products, unit: int, batch: int, itemsize: int, syncs
     launches, 'single-block' or 'multi-block' that kernel. A persistent kernel fits when its
     block's columns of every product's weights (column_stride words each) and one staged row
     of the widest vector fit in `shared` bytes; `rows` vector rows are staged at once (`nbytes` of dynamic shared memory).
-    The multi-block kernel runs on min(limit, widest slice) co-resident blocks, at least two.
+    The multi-block kernel runs on at most `limit` co-resident blocks, at least two, each with
+    the same share of the units (or columns).
     Raises ValueError when a forced kernel does not fit."""
     widest = max((k for k, _ in products), default=0)
     words = shared // itemsize
     grids = {"single-block": 1}
-    # no more blocks than hidden units (or columns); the phases of a pass without products
-    # are strided over the grid, any size
+    # no more blocks than hidden units (or columns), and none left without any: 512 units on
+    # 132 blocks take 128 blocks of 4; the phases of a pass without products are strided over
+    # the grid, any size
     most = unit or max((n for _, n in products), default=limit)
-    if min(limit, most) >= 2:
-        grids["multi-block"] = min(limit, most)
+    each = math.ceil(most / max(min(limit, most), 1))
+    if math.ceil(most / each) >= 2:
+        grids["multi-block"] = math.ceil(most / each)
     fits = {}
     for variant, blocks in grids.items():
         weights = sum(column_stride(k) * c
