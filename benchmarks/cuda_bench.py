@@ -17,6 +17,11 @@ GRU at most 1.0x cuDNN's time at T1 and at S; a custom cell at T1 at least 20x f
 eager loop of the same cell (earlier, issue 6: LSTM within 1.5x of cuDNN at M). `bridge` is
 the same cell as a one-layer `rnndsl.torch.RNN` on CUDA tensors (autograd, the custom op),
 whose cost over the raw cell is the bridge's own.
+
+The per-step loop (of `steps`, and of `auto` where it picks per-step launches) is replayed
+from a CUDA graph once the warm-up calls have captured it; `nograph` times `steps` with graphs
+turned off (every step launched from Python), the difference being the graphs'. The
+persistent kernels are one launch per pass and never captured.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -84,6 +90,18 @@ def time_rnndsl(spec: str, size: str, persistent, repeats: int):
     return median_gpu(forward, repeats), median_gpu(forward_backward, repeats), ran
 
 
+@contextmanager
+def graphs_off():
+    from rnndsl.backend import cuda_graphs as cg
+
+    before = cg.graph_cache_size()
+    cg.set_graph_cache_size(0)
+    try:
+        yield
+    finally:
+        cg.set_graph_cache_size(before)
+
+
 def time_eager(spec: str, size: str, repeats: int):
     cell = rnndsl.compile(spec)  # the plan (hoisted products) is all the eager loop reads
     params, xs, sizes = problem(cell, size)
@@ -118,6 +136,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("cuda_bench needs a GPU and PyTorch with CUDA")
+    from rnndsl.backend import cuda_graphs as cg
     from rnndsl.backend import cuda_support as cs
 
     rows = []
@@ -133,6 +152,10 @@ def main():
                 if got is not None:
                     row[f"{mode}_fwd"], row[f"{mode}_fwdbwd"], row[f"{mode}_ran"] = got
                     row[f"{mode}_step_us"] = got[0] / steps * 1e6
+            with graphs_off():
+                row["nograph_fwd"], row["nograph_fwdbwd"], _ = \
+                    time_rnndsl(spec, size, False, args.repeats)
+            row["nograph_step_us"] = row["nograph_fwd"] / steps * 1e6
             lib = (peers.time_library(spec, size, args.repeats, "cuda", median_gpu)
                    if spec in ("lstm", "gru") else None)
             if lib:
@@ -145,33 +168,36 @@ def main():
             print(row, file=sys.stderr, flush=True)
     info = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-            "gemm": cs.backend(), **cs.versions()}
+            "gemm": cs.backend(), "graphs": cg.why_not() or "captured", **cs.versions()}
     if args.json:
         print(json.dumps({"info": info, "rows": rows}, indent=1))
         return
     print(f"Device: {info['device']}; {info['date']}; torch {info['torch']}, cuDNN "
           f"{info['cudnn']}; GEMMs via {info['gemm']}. float32, medians of {args.repeats} runs, "
-          "ms; ratio = rnndsl (auto) / peer; auto ran = each pass's time loop (grid).\n")
-    print("| cell | size | auto fwd | auto fwd+bwd | auto ran | steps fwd+bwd | single fwd+bwd "
-          "| multi fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | ratio fwd | ratio fwd+bwd "
+          "ms; ratio = rnndsl (auto) / peer; auto ran = each pass's time loop (grid); "
+          "steps: the per-step loop from a CUDA graph, no graph: launched from Python.\n")
+    print("| cell | size | auto fwd | auto fwd+bwd | auto ran | steps fwd+bwd | steps fwd+bwd, no "
+          "graph | single fwd+bwd | multi fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | ratio fwd "
+          "| ratio fwd+bwd "
           "| eager fwd+bwd | ratio | bridge fwd+bwd | bridge / auto |")
-    print("|" + "---|" * 16)
+    print("|" + "---|" * 17)
     for r in rows:
         g = r.get
         print("| " + " | ".join([
             r["spec"], r["size"], _ms(g("auto_fwd")), _ms(g("auto_fwdbwd")),
             ", ".join(g("auto_ran", {}).values()), _ms(g("steps_fwdbwd")),
-            _ms(g("single_fwdbwd")), _ms(g("multi_fwdbwd")), _ms(g("cudnn_fwd")),
-            _ms(g("cudnn_fwdbwd")), _ratio(g("auto_fwd"), g("cudnn_fwd")),
+            _ms(g("nograph_fwdbwd")), _ms(g("single_fwdbwd")), _ms(g("multi_fwdbwd")),
+            _ms(g("cudnn_fwd")), _ms(g("cudnn_fwdbwd")), _ratio(g("auto_fwd"), g("cudnn_fwd")),
             _ratio(g("auto_fwdbwd"), g("cudnn_fwdbwd")), _ms(g("eager_fwdbwd")),
             _ratio(g("auto_fwdbwd"), g("eager_fwdbwd")), _ms(g("bridge_fwdbwd")),
             _ratio(g("bridge_fwdbwd"), g("auto_fwdbwd"))]) + " |")
+    columns = [*MODES, "nograph", "cudnn"]
     print(f"\nForward time per step, us (a grid sync: {GRID_SYNC_US} us):\n")
-    print("| cell | size | " + " | ".join(MODES) + " | cuDNN |")
-    print("|" + "---|" * (len(MODES) + 3))
+    print("| cell | size | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (len(columns) + 2))
     for r in rows:
         print("| " + " | ".join([r["spec"], r["size"]] + [
-            _us(r.get(f"{m}_step_us")) for m in [*MODES, "cudnn"]]) + " |")
+            _us(r.get(f"{m}_step_us")) for m in columns]) + " |")
 
 
 def _ms(v):

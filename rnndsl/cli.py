@@ -90,7 +90,8 @@ def list_specs():
     for name, path in {**compiler.builtin_specs(), **compiler.builtin_tree_specs()}.items():
         spec = compiler.load(path)
         kind = "tree  " if spec.structure == "tree" else ""
-        where = "" if spec.structure == "tree" or name in compiler.kernel_specs() else \
+        where = "" if spec.structure == "tree" or name in compiler.kernel_specs("cuda") else \
+            " [cpu and reference targets]" if name in compiler.kernel_specs("cpu") else \
             " [reference target only]"
         typer.echo(f"{name:<20} {kind}{printable(spec.summary)}{where}")
 
@@ -182,8 +183,9 @@ def gradcheck(spec: str = SPEC,
               tolerance: float = typer.Option(1e-6, min=0, help="Largest relative error accepted."),
               target: Target = typer.Option("reference", help="Engine whose gradients are checked.")):
     """Finite differences against the derived gradients for every parameter, input and initial
-    state (float64); exit status 1 if the worst relative error exceeds the tolerance. A tree
-    cell is checked over three small trees (--steps and --batch do not apply)."""
+    state (float64); exit status 1 if the worst relative error exceeds the tolerance or is not
+    a number. A tree cell is checked over three small trees (--steps and --batch do not
+    apply)."""
     from rich.progress import Progress
 
     from rnndsl.engines.gradcheck import gradcheck as run_check
@@ -202,7 +204,11 @@ def gradcheck(spec: str = SPEC,
     worst, err = result.worst
     verdict = "ok" if err <= tolerance else "FAILED"
     typer.echo(f"{cell.name}: worst relative error {err:.2e} ({worst}) {verdict}")
-    if err > tolerance:
+    if err != err and not tree:  # NaN
+        typer.echo("not a number: the random initial states may lie outside the cell's domain "
+                   "(the NTM's weightings are distributions: a negative weight sharpened by a "
+                   "power is NaN); check it from Python with gradcheck(cell, state0=...)")
+    if not err <= tolerance:
         raise typer.Exit(1)
 
 
@@ -277,6 +283,9 @@ TEXT = typer.Option(None, help="charlm: a text file to model (default: a shipped
 HIDDEN = typer.Option(64, min=1, help="Hidden size of every layer.")
 STEPS = typer.Option(None, min=1, help="Optimizer steps (default 1000; the demonstration: 2000).")
 LAYERS = typer.Option(1, min=1, help="Stacked layers.")
+SIZES = typer.Option(None, "--size", help="A size of the cell other than its input and hidden, as "
+                                           "NAME=N (repeatable; default: hidden), e.g. --size "
+                                           "slots=128.")
 BIDIRECTIONAL = typer.Option(None, help="Run each layer both ways, joined this way.")
 RESIDUAL = typer.Option(False, "--residual", help="Add each layer's input to its output.")
 DENSE = typer.Option(None, help="Every layer sees all lower layers' outputs, joined this way.")
@@ -444,11 +453,25 @@ def _finish(configs, json_out, plot, **train_options):
 
 
 def _plain(options: dict) -> dict:
-    """Enum choices as their strings; `--clip 0` as no clipping."""
+    """Enum choices as their strings; `--clip 0` as no clipping; `--size` as a dict."""
     out = {k: v.value if isinstance(v, Enum) else v for k, v in options.items()}
     if "clip" in out:
         out["clip"] = out["clip"] or None
+    if "sizes" in out:
+        out["sizes"] = _named_sizes(out["sizes"] or [])
     return out
+
+
+def _named_sizes(items: list[str]) -> dict[str, int] | None:
+    """`--size slots=128 --size width=20` as {'slots': 128, 'width': 20} (None if none)."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not (name.strip().isidentifier() and value.strip().isdigit() and int(value) >= 1):
+            raise UserError(f"--size {printable(item)}: expected NAME=N with N a whole number of "
+                            "at least 1, e.g. --size slots=128")
+        out[name.strip()] = int(value)
+    return out or None
 
 
 def _resumed_config(ctx: typer.Context, resume: str, options: dict):
@@ -475,7 +498,8 @@ def _resumed_config(ctx: typer.Context, resume: str, options: dict):
 def train_(ctx: typer.Context,
            spec: str = typer.Argument("lstm", help="A spec file or a built-in spec name."),
            task: Task = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN,
-           steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
+           sizes: list[str] = SIZES, steps: int = STEPS, layers: int = LAYERS,
+           bidirectional: Bidirectional = BIDIRECTIONAL,
            residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
            optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
            weight_decay: float = WEIGHT_DECAY, schedule: Schedule = SCHEDULE,
@@ -511,7 +535,8 @@ def train_(ctx: typer.Context,
 def compare(ctx: typer.Context,
             specs: list[str] = typer.Argument(..., help="Spec files or built-in names."),
             task: Task = TASK, length: int = LENGTH, text: str = TEXT, hidden: int = HIDDEN,
-            steps: int = STEPS, layers: int = LAYERS, bidirectional: Bidirectional = BIDIRECTIONAL,
+            sizes: list[str] = SIZES, steps: int = STEPS, layers: int = LAYERS,
+            bidirectional: Bidirectional = BIDIRECTIONAL,
             residual: bool = RESIDUAL, dense: Dense = DENSE, orthogonal: bool = ORTHOGONAL,
             optimizer: Optimizer = OPTIMIZER, lr: float = LR, momentum: float = MOMENTUM,
             weight_decay: float = WEIGHT_DECAY, schedule: Schedule = SCHEDULE,
@@ -672,6 +697,50 @@ def sweep(ctx: typer.Context,
 # -- generation ---------------------------------------------------------------------------------
 @app.command()
 @reports_input_errors
+def evaluate(checkpoints: list[str] = typer.Argument(..., help="Checkpoints of `rnndsl train "
+                                                                "--save`."),
+             length: list[int] = typer.Option(..., "--length", min=1,
+                                              help="Evaluate on sequences of exactly this "
+                                                   "length (repeatable), e.g. longer than "
+                                                   "in training."),
+             batch: int = typer.Option(256, min=1, help="Sequences per length."),
+             seed: int = typer.Option(0, min=0, help="Seed of the evaluation batches (the "
+                                                     "same for every checkpoint)."),
+             json_out: bool = JSON,
+             plot: str = typer.Option(None, help="Also draw the checkpoints' learning curves "
+                                                 "(training loss, from their logs) in this "
+                                                 "image.")):
+    """Evaluate trained models on fixed sequence lengths: how far they generalise beyond the
+    lengths they were trained on (copy, repeat_copy, recall: the bits wrong per sequence)."""
+    import json
+
+    from rnndsl.training.train import TrainResult, evaluate_lengths, plot_curves
+
+    _check_plot(plot)
+    results = []
+    for path in checkpoints:
+        ckpt, rows = evaluate_lengths(path, length, batch=batch, seed=seed)
+        config = ckpt["config"]
+        results.append((path, ckpt, rows))
+        if json_out:
+            for row in rows:
+                typer.echo(json.dumps({"checkpoint": printable(Path(path).name),
+                                       "spec": config.label, **row}))
+    if not json_out:
+        keys = [k for k in ("loss", "accuracy", "bits_wrong_per_seq", "cost_per_seq")
+                if any(k in row for _, _, rows in results for row in rows)]
+        typer.echo(f"  {'checkpoint':<24} {'length':>6} " + " ".join(f"{k:>18}" for k in keys))
+        for path, _, rows in results:
+            for row in rows:
+                values = " ".join(f"{row[k]:18.4f}" if k in row else f"{'-':>18}" for k in keys)
+                typer.echo(f"  {printable(Path(path).name)[:24]:<24} {row['length']:6d} {values}")
+    if plot:
+        plot_curves([TrainResult(ckpt["config"], ckpt["log"], {}, 0.0, 0)
+                     for _, ckpt, _ in results], plot)
+
+
+@app.command()
+@reports_input_errors
 def sample(ctx: typer.Context,
            checkpoint: str = typer.Argument(..., help="A checkpoint of `rnndsl train --save FILE` "
                                                       "with --task charlm, reverse or expand."),
@@ -690,13 +759,13 @@ def sample(ctx: typer.Context,
                                                       "this width (default: greedy).")):
     """Generate from a trained model: text from a character-level language model, streamed as
     it comes, or a sequence task's answer to --prompt."""
-    from rnndsl.training.sample import (Generator, charlm_text, check_sampling, decode_prompt, load_trained,
-                         terminal_text)
+    from rnndsl.training.sample import (Generator, charlm_text, check_sampling, decode_prompt,
+                                        load_generator, terminal_text)
 
     given = {k for k in ("temperature", "top_k", "seed", "beam")
              if ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")}
     check_sampling(temperature, top_k)
-    config, model, params = load_trained(checkpoint)
+    config, model, params = load_generator(checkpoint)
     wrong = given - ({"temperature", "top_k", "seed"} if config.task == "charlm" else {"beam"})
     if wrong:
         names = ", ".join("--" + k.replace("_", "-") for k in sorted(wrong))

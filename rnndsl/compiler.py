@@ -14,6 +14,7 @@ from rnndsl.symbolic.lower import lower
 from rnndsl.resources import specs_dir
 from rnndsl.engines.cell import Cell, CpuEngine, ReferenceEngine
 from rnndsl.engines.tree import TreeCell
+from rnndsl.backend.emit_rows import row_plan
 from rnndsl.backend.schedule import plan
 from rnndsl.language.spec import Spec, load_spec, with_constants
 
@@ -30,12 +31,22 @@ def builtin_tree_specs() -> dict[str, Path]:
     return {p.stem: p for p in sorted((specs_dir() / "trees").glob("*.yaml"))}
 
 
-@lru_cache(maxsize=1)
-def kernel_specs() -> tuple[str, ...]:
-    """The built-in specs the compiled targets (cpu, cuda) run: all but those with values of
-    rank 2, which run on the reference engine only."""
+@lru_cache(maxsize=2)
+def kernel_specs(target: str = "cpu") -> tuple[str, ...]:
+    """The built-in specs a compiled target runs: on "cpu" all but those using what only the
+    reference engine runs (`rank2.reference_only`: the circular shift, ...); on "cuda" also
+    not those with values of rank 2 (`matrix_specs`)."""
+    matrices = matrix_specs() if target == "cuda" else ()
     return tuple(name for name, path in builtin_specs().items()
-                 if not rank2.matrix_value(analyse(path)[0]))
+                 if name not in matrices and not rank2.reference_only(analyse(path)[0]))
+
+
+@lru_cache(maxsize=1)
+def matrix_specs() -> tuple[str, ...]:
+    """The built-in specs with values of rank 2 (the cpu target runs them one batch row at a
+    time; the cuda target and ONNX export do not take them)."""
+    return tuple(name for name, path in builtin_specs().items()
+                 if rank2.matrix_value(analyse(path)[0]))
 
 
 def resolve(source: str | Path) -> tuple[str, str | None]:
@@ -83,13 +94,16 @@ def _analyse(spec: Spec, constants: dict | None) -> tuple[StepIR, Backward]:
 
 
 def compile(source: str | Path, target: str = "cpu", persistent: bool | str | None = None,
-            constants: dict | None = None) -> Cell | TreeCell:
+            constants: dict | None = None, tape_budget: int | None = None) -> Cell | TreeCell:
     """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell, or a
     TreeCell for a spec with `structure: tree`.
     `persistent` (target "cuda" only): None picks each pass's time loop by a cost model, True
     insists on a persistent kernel, False never uses one, 'single-block' or 'multi-block'
     insists on that persistent kernel. `constants` gives some of the spec's `constants:`
-    other values ({"lam": 0.9}); they are folded into the generated code."""
+    other values ({"lam": 0.9}); they are folded into the generated code. `tape_budget`
+    (target "cpu", cells with matrix-valued states): the bytes of matrix states a forward pass
+    may keep for backward, past which backward recomputes them from fewer kept copies
+    (backend/emit_rows.py; default $RNNDSL_TAPE_BUDGET, else 1 GiB)."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     spec = load(source)
@@ -99,7 +113,7 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | str | No
         return TreeCell(checked, _cell(checked.node, target, persistent), edge)
     with ir.scope():  # the plan's nodes must be the IR's own
         step, bwd = _analyse(spec, constants)
-        return _planned_cell(step, bwd, target, persistent)
+        return _planned_cell(step, bwd, target, persistent, tape_budget)
 
 
 def _cell(checked: Checked, target: str, persistent: bool | str | None) -> Cell:
@@ -109,10 +123,17 @@ def _cell(checked: Checked, target: str, persistent: bool | str | None) -> Cell:
         return _planned_cell(step, grad(step), target, persistent)
 
 
-def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | str | None) -> Cell:
-    _refuse_matrices(step, target)
-    kernel_plan = None if rank2.matrix_value(step) else plan(step, bwd)
-    return Cell(step, bwd, _engine(step, bwd, kernel_plan, target, persistent), kernel_plan)
+def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | str | None,
+                  tape_budget: int | None = None) -> Cell:
+    _refuse_what_has_no_kernels(step, target)
+    if rank2.reference_only(step):
+        kernel_plan = None
+    elif rank2.matrix_value(step):  # one kernel per batch row (or the reference only)
+        kernel_plan = row_plan(step, bwd) if target == "cpu" else None
+    else:
+        kernel_plan = plan(step, bwd)
+    engine = _engine(step, bwd, kernel_plan, target, persistent, tape_budget)
+    return Cell(step, bwd, engine, kernel_plan)
 
 
 def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> Cell:
@@ -120,25 +141,37 @@ def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> C
     PyTorch bridge runs when a module's tensors move to another device."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
-    _refuse_matrices(cell.step, target)
-    engine = _engine(cell.step, cell.backward_ir, cell.plan, target, persistent)
-    return Cell(cell.step, cell.backward_ir, engine, cell.plan)
+    _refuse_what_has_no_kernels(cell.step, target)
+    kernel_plan = cell.plan
+    if kernel_plan is None and target == "cpu" and rank2.matrix_value(cell.step):
+        kernel_plan = row_plan(cell.step, cell.backward_ir)
+    engine = _engine(cell.step, cell.backward_ir, kernel_plan, target, persistent,
+                     getattr(cell.engine, "tape_budget", None))
+    return Cell(cell.step, cell.backward_ir, engine, kernel_plan)
 
 
-def _refuse_matrices(step: StepIR, target: str):
-    """Values of rank 2 run on the reference engine only: no kernels are generated for them."""
-    found = rank2.matrix_value(step)
+def _refuse_what_has_no_kernels(step: StepIR, target: str):
+    """Values of rank 2 run on the cpu target (one batch row at a time) and the reference
+    engine, the circular shift (and the rest of `rank2.reference_only`) on the reference
+    engine only."""
+    found = rank2.reference_only(step)
     if found and target != "reference":
         raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
-                        "and kernels for matrix values are not generated; use the reference "
+                        "and kernels for it are not generated; use the reference "
                         "target (target='reference', --target reference)")
+    found = rank2.matrix_value(step)
+    if found and target == "cuda":
+        raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
+                        "and CUDA kernels for matrix values are not generated; use the cpu or "
+                        "the reference target (target='cpu', --target cpu)")
 
 
-def _engine(step, bwd, kernel_plan, target: str, persistent: bool | str | None):
+def _engine(step, bwd, kernel_plan, target: str, persistent: bool | str | None,
+            tape_budget: int | None = None):
     if target == "cuda":
         from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
 
         return CudaEngine(step, bwd, kernel_plan, persistent)
     if target == "cpu":
-        return CpuEngine(step, bwd, kernel_plan)
+        return CpuEngine(step, bwd, kernel_plan, tape_budget)
     return ReferenceEngine(step, bwd)

@@ -1,6 +1,7 @@
 """What rnndsl runs on, for `rnndsl info`: versions of what it uses, the CPU kernels' BLAS, the
 kernel cache, and the CUDA target: whether it imports, the GPU it found, who does its GEMMs,
-and which time loop the auto mode gives each pass on the benchmark workloads."""
+which time loop the auto mode gives each pass on the benchmark workloads, and whether the
+per-step loops are captured as CUDA graphs."""
 from __future__ import annotations
 
 import os
@@ -58,7 +59,16 @@ def _cuda() -> dict:
                       "multiprocessors": int(device.MULTIPROCESSOR_COUNT)}
     out["gemm_backend"] = cs.backend()
     out["time_loop"] = _time_loops(cs)
+    out["graphs"] = _graphs()
     return out
+
+
+def _graphs() -> dict:
+    """Whether the per-step time loops would be captured as CUDA graphs, and why not."""
+    from rnndsl.backend import cuda_graphs as cg
+
+    reason = cg.why_not()
+    return {"captured": reason is None, "why_not": reason, "cache_size": cg.graph_cache_size()}
 
 
 def _time_loops(cs) -> dict:
@@ -104,4 +114,11 @@ def lines(info: dict) -> list[str]:
     for what, passes in cuda["time_loop"].items():
         out.append(f"  time loop, {what}: " +
                    ", ".join(f"{p} {mode}" for p, mode in passes.items()))
+    graphs = cuda["graphs"]
+    if graphs["captured"]:
+        out.append(f"  per-step time loops: captured as CUDA graphs and replayed (at most "
+                   f"{graphs['cache_size']} kept; RNNDSL_CUDA_GRAPHS=0 turns them off)")
+    else:
+        out.append(f"  per-step time loops: launched step by step, no CUDA graphs "
+                   f"({graphs['why_not']})")
     return out

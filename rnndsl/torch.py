@@ -134,9 +134,9 @@ def _kernel_threads():
 # -- tensors <-> the engines' arrays ------------------------------------------------------------
 # CPU tensors run on the cell's own target; CUDA tensors on the CUDA target, compiled once per
 # cell from the same plan, with the tensors' memory handed to the kernels and the results handed
-# back as tensors, without copies. The kernels run on the default stream, which is torch's
-# unless a stream is made current: then the op waits for that stream first and makes it wait
-# for the kernels after.
+# back as tensors, without copies. Everything the op enqueues (kernels, copies, GEMMs, and the
+# CUDA graphs of the time loops) goes to torch's current stream on the tensors' device, as
+# torch's own ops do.
 _CUDA_TWINS: dict[str, Cell] = {}
 
 
@@ -188,18 +188,15 @@ def _tensor(a, like: Tensor, dtype=None, fresh: bool = False) -> Tensor:
 
 @contextmanager
 def _on_torch_stream(like: Tensor):
-    """Order the kernels (on the default stream) after and before torch's current stream."""
+    """Within the block, the CUDA target works on `like`'s device, on torch's current stream."""
     if like.device.type != "cuda":
         yield
         return
-    current = torch.cuda.current_stream(like.device)
-    default = torch.cuda.default_stream(like.device)
-    if current == default:
+    from rnndsl.backend import cuda_support as cs
+
+    with cs.on_device(like.device.index), torch.cuda.device(like.device), \
+            cs.on_stream(torch.cuda.current_stream(like.device).cuda_stream):
         yield
-        return
-    current.synchronize()
-    yield
-    current.wait_stream(default)
 
 
 def _named(cell: Cell, params, xs, state0):

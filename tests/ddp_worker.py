@@ -1,7 +1,8 @@
 """One rank of the DDP test (tests/test_torch_ddp.py): trains a small rnndsl model with
-DistributedDataParallel (gloo, CPU) on its half of the batch and saves its parameters.
+DistributedDataParallel (gloo, CPU; or NCCL on GPU RANK, tests/test_torch_cuda.py) on its
+half of the batch and saves its parameters.
 
-Usage: python ddp_worker.py RANK WORLD_SIZE PORT OUT_FILE"""
+Usage: python ddp_worker.py RANK WORLD_SIZE PORT OUT_FILE [gloo|nccl]"""
 import sys
 from datetime import timedelta
 
@@ -49,19 +50,25 @@ def train(model, x, y, lengths):
     return model
 
 
-def main(rank: int, world: int, port: int, out: str):
+def main(rank: int, world: int, port: int, out: str, backend: str = "gloo"):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     try:
-        model = nn.parallel.DistributedDataParallel(build())
+        if backend == "nccl":  # one GPU per process
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+            model = nn.parallel.DistributedDataParallel(build().to(device), device_ids=[rank])
+        else:
+            device = torch.device("cpu")
+            model = nn.parallel.DistributedDataParallel(build())
         x, y, lengths = data()
         part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        train(model, x[:, part], y[:, part], lengths[part])
-        torch.save({n: p.detach() for n, p in model.module.named_parameters()}, out)
+        train(model, x[:, part].to(device), y[:, part].to(device), lengths[part])
+        torch.save({n: p.detach().cpu() for n, p in model.module.named_parameters()}, out)
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rnndsl.language.spec import state_shape
+
 
 def relative(a, b, floor: float = 1e-30) -> float:
     """max |a - b| / max(max |b|, floor); NaN where they disagree on NaN or inf.
@@ -25,7 +27,8 @@ def problem(cell, T: int, B: int, seed: int, first_size: int = 3, step: int = 2)
     params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
     params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
     xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
-    state0 = {s: 0.5 * rng.standard_normal((B, sizes[n])) for s, n in cell.states.items()}
+    state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in state_shape(n))))
+              for s, n in cell.states.items()}
     return params, xs, state0
 
 

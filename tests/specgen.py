@@ -51,6 +51,15 @@ class Gen:
         # a per-row scalar spread over the vector: reductions before products
         return f"({self.scalar(depth - 1)}) * {self.vector(size, depth - 1)}"
 
+    def intermediates(self, depth: int, most: int) -> list[str]:
+        """Up to `most` equations of named vectors that later equations may use."""
+        lines = []
+        for k in range(self.rng.randint(0, most)):
+            size = self.rng.choice(self.sizes)
+            lines.append(f"v{k} = {self.vector(size, depth)}")
+            self.pool[size].append(f"v{k}")
+        return lines
+
     def leaf(self, size: str) -> str:
         r = self.rng.random()
         if r < 0.65 and self.pool[size]:
@@ -123,11 +132,7 @@ def random_spec(seed: int) -> str:
         pool[s].append(f"{st}_prev")
     g = Gen(rng, sizes, pool)
     depth = rng.randint(1, 3)
-    lines = []
-    for k in range(rng.randint(0, 3)):  # intermediates that later equations may use
-        size = rng.choice(sizes)
-        lines.append(f"v{k} = {g.vector(size, depth)}")
-        pool[size].append(f"v{k}")
+    lines = g.intermediates(depth, 3)
     for st, s in states.items():
         rhs = g.product(s, depth) if rng.random() < 0.25 else g.vector(s, depth)
         lines.append(f"{st} = {rhs}")
@@ -145,15 +150,96 @@ def random_spec(seed: int) -> str:
     rng.shuffle(lines)  # order does not matter in a spec
     used = {*inputs.values(), *states.values(), *(s for shape in g.params.values() for s in shape)}
     sizes = [s for s in sizes if s in used]  # a size no array has cannot be read off
-    params = "\n".join(f"  {p}: {{shape: [{', '.join(shape)}]}}" for p, shape in g.params.items())
+    return _spec_text(f"fuzz{seed}", sizes, inputs, states, outputs, g.params, lines)
+
+
+def _spec_text(name: str, sizes: list[str], inputs: dict, states: dict, outputs: list[str],
+               params: dict[str, list[str]], lines: list[str]) -> str:
+    declared = "\n".join(f"  {p}: {{shape: [{', '.join(shape)}]}}" for p, shape in params.items())
     return "\n".join([
-        f"name: fuzz{seed}",
+        f"name: {name}",
         f"sizes: [{', '.join(sizes)}]",
         "inputs: {" + ", ".join(f"{x}: {s}" for x, s in inputs.items()) + "}",
         "states: {" + ", ".join(f"{x}: {s}" for x, s in states.items()) + "}",
         f"outputs: [{', '.join(outputs)}]",
-        "params:" + ("\n" + params if params else " {}"),
+        "params:" + ("\n" + declared if declared else " {}"),
         "equations: |",
         *(f"  {line}" for line in lines),
         "",
     ])
+
+
+# -- cells with a matrix-valued state -----------------------------------------------------------
+MATRIX_UNARY = [f for f in UNARY if f != "softmax"]  # softmax of a matrix names its axis
+OTHER_AXIS = {"key": "value", "value": "key"}
+
+
+class MatrixGen(Gen):
+    """Expressions over a state M: [key, value] as well as vectors: products with M and its
+    transpose, outer products, elementwise matrix arithmetic, broadcasts of vectors and
+    per-row scalars, and sums, means, norms and softmax over an axis."""
+
+    matrices: list[str]  # matrix names that an expression may read
+
+    def vector(self, size: str, depth: int) -> str:
+        if depth > 0 and size in OTHER_AXIS and self.rng.random() < 0.3:
+            return self.from_matrix(size, depth - 1)
+        return super().vector(size, depth)
+
+    def from_matrix(self, size: str, depth: int) -> str:
+        """A vector of `size` computed from a matrix: a product or a reduction."""
+        m, other = self.matrix(depth), OTHER_AXIS[size]
+        r = self.rng.random()
+        if r < 0.5:
+            v = self.vector(other, depth)
+            return f"({m}) @ ({v})" if size == "key" else f"({m}).T @ ({v})"
+        op = self.rng.choice(["sum", "mean", "norm"])
+        inner = f"tanh({m})" if op == "sum" else m  # bounded, so sums stay well conditioned
+        return f"{op}({inner}, {other})"
+
+    def matrix(self, depth: int) -> str:
+        """An expression of shape (key, value)."""
+        r = self.rng.random()
+        if depth <= 0 or r < 0.2:
+            if self.rng.random() < 0.6:
+                return self.rng.choice(self.matrices)
+            return f"outer({self.leaf('key')}, {self.leaf('value')})"
+        if r < 0.35:
+            return f"outer({self.vector('key', depth - 1)}, {self.vector('value', depth - 1)})"
+        if r < 0.5:
+            return self.unary(self.matrix(depth - 1), self.rng.choice(MATRIX_UNARY))
+        if r < 0.6:
+            return f"softmax({self.matrix(depth - 1)}, {self.rng.choice(list(OTHER_AXIS))})"
+        if r < 0.8:
+            return self.binary(self.matrix(depth - 1), lambda: self.matrix(depth - 1))
+        if r < 0.9:  # a vector spread along the axis of its size
+            size = self.rng.choice(list(OTHER_AXIS))
+            return f"({self.matrix(depth - 1)}) * ({self.vector(size, depth - 1)})"
+        return f"({self.scalar(depth - 1)}) * ({self.matrix(depth - 1)})"
+
+
+def random_matrix_spec(seed: int) -> str:
+    """The YAML text of a random valid cell with a matrix state M: [key, value] and a vector
+    state h: value (sizes differ, so no axis is ambiguous)."""
+    rng = random.Random(seed)
+    sizes = ["input", "key", "value"]
+    pool: dict[str, list[str]] = {"input": ["x"], "key": [], "value": ["h_prev"]}
+    g = MatrixGen(rng, sizes, pool)
+    g.matrices = ["M_prev"]
+    depth = rng.randint(1, 3)
+    lines = g.intermediates(depth, 2)
+    decay = rng.choice(["0.9 * M_prev + ", "M_prev * sigmoid(h_prev) + ", ""])
+    lines.append(f"M = {decay}{g.matrix(depth)}")
+    g.matrices.append("M")
+    read = g.from_matrix("value", depth) if rng.random() < 0.7 else g.vector("value", depth)
+    lines.append(f"h = tanh({read})")
+    outputs = ["h"]
+    if rng.random() < 0.4:
+        size = rng.choice(sizes)
+        lines.append(f"y = {g.vector(size, depth)}")
+        outputs.append("y")
+    if rng.random() < 0.2:
+        outputs.append("M")
+    rng.shuffle(lines)
+    return _spec_text(f"mfuzz{seed}", sizes, {"x": "input"}, {"M": "[key, value]", "h": "value"},
+                      outputs, g.params, lines)

@@ -110,7 +110,7 @@ equations: |
   h = sigmoid(o) * tanh(c) + V @ s
 """,
 }
-SPECS = {**{k: k for k in sorted(rnndsl.compiler.kernel_specs())}, **EXTRA}
+SPECS = {**{k: k for k in sorted(rnndsl.compiler.kernel_specs("cuda"))}, **EXTRA}
 
 
 def identifiers(code: str) -> set[str]:
@@ -443,7 +443,8 @@ def test_the_device_check_script_dry_runs_in_the_simulator(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["equality"]["status"] == "ok", (tmp_path / "equality.txt").read_text()
     found = json.loads((tmp_path / "equality.json").read_text())
-    assert len(found) == 12 and all(v < 1e-12 for v in found.values()), found
+    assert len(found) == 14 and all(v < 1e-12 for v in found.values()), found
+    assert "lstm tiny graph, last run uncaptured (Numba's CUDA simulator), vs uncaptured" in found
 
 
 @device
@@ -466,3 +467,195 @@ def test_nan_in_the_padding_of_device_arrays_reaches_no_gradient():
         np.testing.assert_allclose(cs.host(grads.params[p]), cs.host(clean.params[p]),
                                    rtol=1e-12, err_msg=p)
     assert not np.isfinite(cs.host(dirty)[2:, 1]).any()  # the caller's array is left as it was
+
+
+# -- the time loop as a CUDA graph -------------------------------------------------------------
+# The simulator cannot capture: there the choice says so and every loop runs uncaptured. The
+# cache's own path (static buffers, copies in and out, keys, eviction, a failed capture) runs
+# here with a fake capture whose replay runs the recorded loop again on the graph's buffers.
+class FakeGraphs:
+    """A capture that keeps the recording function; its replay calls it."""
+
+    def __init__(self, fail: bool = False):
+        self.captures = self.replays = 0
+        self.fail = fail
+
+    def capture(self, record):
+        self.captures += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return record
+
+    def replay(self, graph, stream):
+        self.replays += 1
+        graph(stream)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    from rnndsl.backend import cuda_graphs as cg
+
+    def install(size=8, fail=False):
+        fake = FakeGraphs(fail)
+        cache = cg.GraphCache(size, capture=fake.capture, replay=fake.replay)
+        monkeypatch.setattr(cg, "_CACHE", cache)
+        monkeypatch.setattr(cg, "why_not", lambda: None)
+        monkeypatch.setattr(cg, "_device", lambda: 0)
+        return fake, cache
+
+    return install
+
+
+@device
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="the simulator's")
+def test_the_simulator_runs_every_time_loop_uncaptured():
+    from rnndsl.backend import cuda_graphs as cg
+
+    assert cg.why_not() == "Numba's CUDA simulator"
+    cell = rnndsl.compile("lstm", target="cuda", persistent=False)
+    params = cell.init_params(2, 3, dtype=np.float64)
+    for _ in range(3):
+        cell.forward(params, np.ones((2, 2, 2)))
+        assert cg.last_run() == "uncaptured"
+
+
+@device
+@pytest.mark.parametrize("name", ["lstm", "gru", "x_gru_split", "x_ln_lstm", "x_jordan",
+                                  "x_indrnn", "x_parts"])
+def test_a_graph_s_buffers_give_the_uncaptured_results(name, fake_graphs):
+    """The first call of a shape runs uncaptured, the second on the graph's static buffers
+    (and captures), the third replays: each time every output and gradient matches the
+    reference, with scratch buffers (the graph's too) full of NaN, so a buffer the loop reads
+    but the copy-in skips, or writes but the copy-out skips, shows."""
+    from rnndsl.backend import cuda_graphs as cg
+
+    fake, cache = fake_graphs()
+    cell = rnndsl.compile(SPECS[name], target="cuda", persistent=False)
+    ref = rnndsl.compile(SPECS[name], target="reference")
+    runs = []
+    for _ in range(3):
+        compare(cell, ref, 3, 2, [3, 1])
+        runs.append(cg.last_run())  # the backward pass's
+    assert runs == ["uncaptured", "captured", "replayed"]
+    assert fake.captures == 2 and fake.replays == 2  # a graph per pass, each replayed once
+    compare(cell, ref, 3, 2, [1, 0])  # other lengths: the same graphs
+    assert fake.captures == 2 and fake.replays == 4 and len(cache.graphs) == 2
+
+
+@device
+def test_a_tape_survives_the_next_forward_through_the_same_graph(fake_graphs):
+    fake_graphs()
+    cell = rnndsl.compile("gru", target="cuda", persistent=False)
+    params = cell.init_params(2, 3, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    xa, xb = rng.standard_normal((2, 4, 2, 2))
+    seed = rng.standard_normal((4, 2, 3))
+    want = cell.backward(params, cell.forward(params, xa), seed)  # first calls: uncaptured
+    for _ in range(2):  # captured, then replayed
+        first = cell.forward(params, xa)
+        second = cell.forward(params, xb)
+        got = cell.backward(params, first, seed)
+        assert not np.allclose(first.output, second.output)
+        for p in params:
+            np.testing.assert_allclose(got.params[p], want.params[p], rtol=1e-13, atol=1e-15)
+
+
+@device
+def test_the_graph_cache_keeps_the_most_recently_used(fake_graphs):
+    from rnndsl.backend import cuda_graphs as cg
+
+    fake, cache = fake_graphs(size=2)
+    cell = rnndsl.compile("elman", target="cuda", persistent=False)
+    params = cell.init_params(2, 3, dtype=np.float64)
+
+    def run(T):
+        cell.forward(params, np.ones((T, 1, 2)), save=False)
+        return cg.last_run()
+
+    assert [run(2), run(2), run(3), run(3), run(2)] == \
+        ["uncaptured", "captured", "uncaptured", "captured", "replayed"]
+    assert [run(4), run(4)] == ["uncaptured", "captured"]  # evicts T=3, the least recent
+    assert sorted(key[1] for key in cache.graphs) == [2, 4]
+    assert [run(3), run(3), run(3)] == ["uncaptured", "captured", "replayed"]
+    assert sorted(key[1] for key in cache.graphs) == [3, 4]
+    cg.set_graph_cache_size(1)
+    assert len(cache.graphs) == 1
+    cg.set_graph_cache_size(0)
+    assert not cache.graphs
+    with pytest.raises(ValueError, match="0 or more"):
+        cg.set_graph_cache_size(-1)
+
+
+@device
+def test_a_capture_that_fails_leaves_the_loop_uncaptured(fake_graphs):
+    from rnndsl.backend import cuda_graphs as cg
+
+    fake, cache = fake_graphs(fail=True)
+    cell = rnndsl.compile("elman", target="cuda", persistent=False)
+    ref = rnndsl.compile("elman", target="reference")
+    compare(cell, ref, 2, 2, [2, 1])
+    with pytest.warns(UserWarning, match="could not be captured.*not permitted"):
+        compare(cell, ref, 2, 2, [2, 1])  # the forward's capture fails; the result stands
+    compare(cell, ref, 2, 2, [2, 1])
+    assert cg.last_run() == "uncaptured" and not cache.graphs and fake.captures == 1
+    assert cache.failure == "a capture failed: RuntimeError: operation not permitted when " \
+        "stream is capturing"
+
+
+@device
+def test_arrays_that_are_not_contiguous_run_uncaptured(fake_graphs):
+    from rnndsl.backend import cuda_support as cs
+    from rnndsl.backend import cuda_graphs as cg
+
+    fake_graphs()
+    cell = rnndsl.compile(EXTRA["x_indrnn"], target="cuda", persistent=False)
+    params = cell.init_params(2, 3, dtype=np.float64)
+    x, m = np.ones((2, 2, 2)), np.linspace(-1, 1, 24).reshape(2, 2, 6)
+    strided = cs.device(m)[:, :, ::2]  # the phase kernels read it as it is
+    assert not strided.is_c_contiguous()
+    for _ in range(3):
+        out = cell.forward(params, {"x": cs.device(x), "m": strided})
+        assert cg.last_run() == "uncaptured"
+    np.testing.assert_allclose(cs.host(out.output),
+                               cell.forward(params, {"x": x, "m": m[:, :, ::2]}).output,
+                               rtol=0, atol=1e-15)
+
+
+@device
+def test_the_graph_cache_size_comes_from_the_environment(monkeypatch):
+    from rnndsl.backend import cuda_graphs as cg
+
+    for text, size in (("", cg.DEFAULT_CACHE_SIZE), ("0", 0), ("3", 3)):
+        monkeypatch.setenv("RNNDSL_CUDA_GRAPHS", text)
+        assert cg._size_from_environment() == size
+    monkeypatch.setenv("RNNDSL_CUDA_GRAPHS", "many")
+    with pytest.warns(UserWarning, match="whole number"):
+        assert cg._size_from_environment() == cg.DEFAULT_CACHE_SIZE
+
+
+@device
+def test_the_graph_choice_names_each_reason_not_to_capture(monkeypatch):
+    """The reasons, most decisive first, each with everything after it allowed."""
+    torch = pytest.importorskip("torch")
+    from rnndsl.backend import cuda_graphs as cg
+    from rnndsl.backend import cuda_support as cs
+
+    monkeypatch.setattr(cs, "SIMULATOR", False)
+    monkeypatch.setattr(cs, "_BACKEND", "torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert cg.why_not() is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert cg.why_not() == "the stream is already being captured"
+    monkeypatch.setattr(cs, "_BACKEND", "cupy")
+    assert cg.why_not() == "the GEMMs go through cupy, not PyTorch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cg.why_not() == "PyTorch has no CUDA here"
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert cg.why_not() == "PyTorch is not installed"
+    monkeypatch.setattr(cs, "SIMULATOR", True)
+    assert cg.why_not() == "Numba's CUDA simulator"
+    monkeypatch.setattr(cg._CACHE, "failure", "a capture failed: RuntimeError: no")
+    assert cg.why_not() == "a capture failed: RuntimeError: no"
+    monkeypatch.setattr(cg._CACHE, "size", 0)
+    assert cg.why_not() == "turned off (RNNDSL_CUDA_GRAPHS=0)"

@@ -6,7 +6,9 @@ in the simulator.)
 
 By default a small batch with fixed seeds runs (12 specs, about a minute); thousands run with
 `python -m pytest tests/test_differential.py --fuzz-specs 2000 -s`, which prints a report
-(`--fuzz-seconds` puts a time box on it, `--fuzz-seed` moves the first seed).
+(`--fuzz-seconds` puts a time box on it, `--fuzz-seed` moves the first seed). Cells with a
+matrix-valued state (specgen.random_matrix_spec) run the same way, a quarter as many (each
+compiles longer).
 """
 import time
 
@@ -17,16 +19,16 @@ import rnndsl
 from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences
-from specgen import random_spec
+from specgen import random_matrix_spec, random_spec
 
 TOLERANCE = 1e-9
 FLOOR = 1e-3  # values are O(1): below this, differences are rounding in a cancellation
 
 
 def check_spec(seed: int, target: str = "cpu", T: int = 4, B: int = 3, lengths=(4, 2, 0),
-               **compile_args) -> list[str]:
+               generate=random_spec, **compile_args) -> list[str]:
     """Problems found with the spec of `seed` on `target`, as readable lines (none: agreed)."""
-    text = random_spec(seed)
+    text = generate(seed)
     try:
         cell = rnndsl.compile(text, target=target, **compile_args)
         ref = rnndsl.compile(text, target="reference")
@@ -38,18 +40,27 @@ def check_spec(seed: int, target: str = "cpu", T: int = 4, B: int = 3, lengths=(
     return [f"seed {seed}: {k} differs by {v:.3g}\n{text}" for k, v in bad.items()][:1]
 
 
-def test_generated_specs_agree_with_the_reference(request):
+@pytest.mark.parametrize("generate, share", [(random_spec, 1), (random_matrix_spec, 4)],
+                         ids=["vectors", "matrices"])
+def test_generated_specs_agree_with_the_reference(request, generate, share):
     first = request.config.getoption("--fuzz-seed")
-    count = request.config.getoption("--fuzz-specs")
+    count = max(1, request.config.getoption("--fuzz-specs") // share)
     budget = request.config.getoption("--fuzz-seconds")
     start, tried, problems = time.monotonic(), 0, []
     while tried < count and not (budget and time.monotonic() - start > budget):
-        problems += check_spec(first + tried)
+        problems += check_spec(first + tried, generate=generate)
         tried += 1
     print(f"\ndifferential fuzzer: {tried} generated specs (seeds {first}..{first + tried - 1}) "
           f"in {time.monotonic() - start:.0f} s, {len(problems)} disagreeing")
     assert not problems, "\n\n".join(problems[:5])
     assert tried >= 1
+
+
+def test_the_matrix_generator_covers_the_matrix_language():
+    texts = "\n".join(random_matrix_spec(seed) for seed in range(40))
+    for construct in ["outer(", ").T @ (", ") @ (", "sum(", "mean(", "norm(", "softmax(",
+                      ", key)", ", value)", "tanh(M", "M_prev", "M, value", "[h, M"]:
+        assert construct in texts, construct
 
 
 def test_generator_covers_the_language():

@@ -14,14 +14,39 @@ def test_all_builtins_present():
         "gru1", "gru2", "gru3", "mgu", "indrnn", "layernorm_lstm"}
 
 
+# gradcheck's hidden size is 3: slstm's heads must divide it
+CONSTANTS = {"slstm": {"heads": 3}}
+# States that are weightings over memory slots (nonnegative, summing to 1): the NTM sharpens
+# them with a power, w ** gamma, which is NaN for a negative weight.
+WEIGHTINGS = {"ntm": ("w_read", "w_write")}
+
+
+def weighting_states(cell, spec: str, B: int, size: int) -> dict | None:
+    """Random initial states as gradcheck draws them, with the weightings made distributions;
+    None (gradcheck's own) for a cell without such states."""
+    if spec not in WEIGHTINGS:
+        return None
+    rng = np.random.default_rng(size)
+    sizes = {s: size + k for k, s in enumerate(cell.sizes)}
+    state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in (n if isinstance(n, tuple)
+                                                                     else (n,)))))
+              for s, n in cell.states.items()}
+    for s in WEIGHTINGS[spec]:
+        e = np.exp(state0[s])
+        state0[s] = e / e.sum(-1, keepdims=True)
+    return state0
+
+
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("spec", BUILTINS)
 def test_gradcheck(spec, with_lengths):
-    kernels = spec in rnndsl.compiler.kernel_specs()  # cells with matrix values: reference only
-    cell = rnndsl.compile(spec, target="cpu" if kernels else "reference")
+    kernels = spec in rnndsl.compiler.kernel_specs()  # matrix cells included; not the shift
+    cell = rnndsl.compile(spec, target="cpu" if kernels else "reference",
+                          constants=CONSTANTS.get(spec))
     # B=3: one full sequence, one shorter, one empty (its initial state passes straight out)
     lengths = np.array([3, 2, 0]) if with_lengths else None
-    result = gradcheck(cell, T=3, B=3, size=2, seed=3, lengths=lengths)
+    result = gradcheck(cell, T=3, B=3, size=2, seed=3, lengths=lengths,
+                       state0=weighting_states(cell, spec, B=3, size=2))
     name, err = result.worst
     assert err < 1e-6, f"{spec}: {name} relative error {err:.2e}"
     # every parameter, the input and every initial state was checked

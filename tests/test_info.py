@@ -26,6 +26,7 @@ def test_info_reports_versions_blas_cache_and_cuda(tmp_path, monkeypatch):
 
 def test_info_in_the_simulator_names_each_pass_time_loop(tmp_path):
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "RNNDSL_CACHE_DIR": str(tmp_path)}
+    env.pop("RNNDSL_CUDA_GRAPHS", None)  # the default cache size
     out = subprocess.run([sys.executable, "-m", "rnndsl.cli", "info", "--json"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -36,6 +37,23 @@ def test_info_in_the_simulator_names_each_pass_time_loop(tmp_path):
         assert set(passes) == {"forward", "backward"}
         assert all(re.fullmatch(r"per-step|single-block|multi-block \(\d+ blocks\)", m)
                    for m in passes.values())
+    assert cuda["graphs"] == {"captured": False, "why_not": "Numba's CUDA simulator",
+                              "cache_size": 8}
+    text = subprocess.run([sys.executable, "-m", "rnndsl.cli", "info"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "per-step time loops: launched step by step, no CUDA graphs (Numba's CUDA " \
+        "simulator)" in text.stdout, text.stdout
+
+
+def test_info_says_when_graphs_are_turned_off(tmp_path):
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "RNNDSL_CACHE_DIR": str(tmp_path),
+           "RNNDSL_CUDA_GRAPHS": "0"}
+    out = subprocess.run([sys.executable, "-m", "rnndsl.cli", "info", "--json"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    graphs = json.loads(out.stdout)["cuda"]["graphs"]
+    assert graphs == {"captured": False, "why_not": "turned off (RNNDSL_CUDA_GRAPHS=0)",
+                      "cache_size": 0}
 
 
 def test_a_cuda_support_that_cannot_import_is_reported_not_raised(monkeypatch):

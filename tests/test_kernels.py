@@ -9,7 +9,7 @@ from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences, problem
 
-SPECS = sorted(rnndsl.compiler.kernel_specs())  # those with matrix values: test_matrix.py
+SPECS = sorted(rnndsl.compiler.kernel_specs())  # matrix values too: test_matrix_kernels.py
 
 
 @pytest.fixture(scope="module", params=SPECS)

@@ -103,6 +103,8 @@ def test_every_rank2_operator_is_reached():
     for matrix, vector, outputs in OP_CELLS.values():
         c = cell(matrix, vector, outputs=outputs)
         used |= {n.op for n in ir.topo_order(c.step.roots() + c.backward_ir.roots())}
+    c = addressing("w = shift(gated, s)")  # the NTM's shift, below
+    used |= {n.op for n in ir.topo_order(c.step.roots() + c.backward_ir.roots())}
     assert set(rank2.OPS) <= used
 
 
@@ -198,8 +200,9 @@ def test_outer_of_a_vector_of_a_number_size_is_refused():
 
 
 @pytest.mark.parametrize("states, message, marker", [
-    ("{M: [key, value, input]}", "'M' has 3 sizes; a state is a vector (M: hidden) or a "
-     "matrix of two sizes (M: [key, value])", "[key, value, input]"),
+    ("{M: [key, value, input]}", "'M' has 3 sizes; a state is a vector (M: hidden), a "
+     "matrix of two sizes (M: [key, value]) or one number per sequence (M: [])",
+     "[key, value, input]"),
     ("{M: [key]}", "'M' has 1 size; a state is a vector", "[key]"),
     ("{M: [key, valeu]}", "unknown size 'valeu' for 'M' (did you mean 'value'?)", "valeu"),
 ])
@@ -217,14 +220,13 @@ def test_cli_reports_a_matrix_error_with_a_caret_and_exit_2(tmp_path):
     assert result.output.splitlines()[-2:] == ["      h = a @ b", "          ^"]
 
 
-# -- the compiled targets refuse, by name ---------------------------------------------------------
-@pytest.mark.parametrize("target", ["cpu", "cuda"])
-def test_compiled_targets_refuse_matrix_values(target):
+# -- the cuda target refuses, by name (the cpu target's kernels: test_matrix_kernels.py) ----------
+def test_the_cuda_target_refuses_matrix_values():
     with pytest.raises(SpecError) as info:
-        rnndsl.compile("delta_net", target=target)
-    assert f"the {target} target cannot run this cell yet: state 'W' is a matrix of shape " \
+        rnndsl.compile("delta_net", target="cuda")
+    assert "the cuda target cannot run this cell yet: state 'W' is a matrix of shape " \
            "(value, key)" in info.value.message
-    assert "use the reference target" in info.value.message
+    assert "use the cpu or the reference target" in info.value.message
 
 
 def test_a_matrix_inside_an_equation_is_refused_too():
@@ -232,17 +234,17 @@ def test_a_matrix_inside_an_equation_is_refused_too():
         "equations: |\n  h = tanh(sum(outer(x, h_prev), input))\n"
     with pytest.raises(SpecError, match="the equation of 'h' computes a matrix of shape "
                                         r"\(input, value\)"):
-        rnndsl.compile(text)
+        rnndsl.compile(text, target="cuda")
     assert rnndsl.compile(text, target="reference").step.shape_of("h") == ("value",)
 
 
 def test_retargeting_a_matrix_cell_is_refused_too():
-    with pytest.raises(SpecError, match="the cpu target cannot run this cell yet"):
-        rnndsl.compiler.retarget(rnndsl.compile("fast_weights", target="reference"), "cpu")
+    with pytest.raises(SpecError, match="the cuda target cannot run this cell yet"):
+        rnndsl.compiler.retarget(rnndsl.compile("fast_weights", target="reference"), "cuda")
 
 
-def test_cli_compile_refuses_on_cpu_and_prints_the_backward_on_the_reference():
-    refused = CliRunner().invoke(app, ["compile", "delta_net"])
+def test_cli_compile_refuses_on_cuda_and_prints_the_backward_on_the_reference():
+    refused = CliRunner().invoke(app, ["compile", "delta_net", "--target", "cuda"])
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert "state 'W' is a matrix" in refused.output
     shown = CliRunner().invoke(app, ["compile", "delta_net", "--target", "reference",
@@ -255,9 +257,14 @@ def test_cli_compile_refuses_on_cpu_and_prints_the_backward_on_the_reference():
 
 def test_builtin_matrix_cells_are_marked_in_the_list():
     listed = CliRunner().invoke(app, ["list"]).output.splitlines()
-    marked = {line.split()[0] for line in listed if line.endswith("[reference target only]")}
-    assert marked == {"fast_weights", "delta_net"}
-    assert not {"fast_weights", "delta_net"} & set(rnndsl.compiler.kernel_specs())
+    cpu = {line.split()[0] for line in listed if line.endswith("[cpu and reference targets]")}
+    reference = {line.split()[0] for line in listed if line.endswith("[reference target only]")}
+    assert cpu == {"fast_weights", "delta_net"}
+    assert reference == {"ntm", "mlstm", "slstm"}
+    assert cpu | reference == set(rnndsl.compiler.matrix_specs()) | reference
+    assert cpu <= set(rnndsl.compiler.kernel_specs())
+    assert not (cpu | reference) & set(rnndsl.compiler.kernel_specs("cuda"))
+    assert not reference & set(rnndsl.compiler.kernel_specs())
 
 
 # Hand derivation. W = W_prev + beta * e k^T with e = v - W_prev @ k, y = W @ q. With G the
@@ -282,11 +289,13 @@ DELTA_NET_BY_HAND = [
 
 # -- fuzzing the new syntax -----------------------------------------------------------------------
 MATRIX_TOKENS = [".T", " @ ", "outer(", "W_prev", "A_prev", "h_prev", "k", "q", "v", "x", "beta",
+                 "m_1_prev", "C_1_prev", "n_2", "key", "exp(",
+                 "shift(", "M_prev", "w_read", ", read_shift", "** 2", ", width", ", slots",
                  "sum(", "mean(", "norm(", "max(", ", key", ", value", ", hidden", ", 0", ", 1",
                  "(", ")", "*", "+", "-", "/", "**2", "tanh(", "[", "]", ", ", "1"]
 
 
-@pytest.mark.parametrize("base", ["delta_net", "fast_weights"])
+@pytest.mark.parametrize("base", ["delta_net", "fast_weights", "ntm", "mlstm"])
 def test_mutated_matrix_specs_fail_only_with_spec_errors(base):
     """Mutated cells either compile and run forward and backward, or fail with a SpecError."""
     from test_fuzz import mutate
@@ -311,7 +320,329 @@ def test_mutated_matrix_specs_fail_only_with_spec_errors(base):
         compiled += 1
         sizes = {s: 2 + k for k, s in enumerate(c.sizes)}
         with np.errstate(all="ignore"):
-            f = c.forward(c.init_params(dtype=np.float64, **sizes), np.ones((2, 2, sizes["input"])))
+            f = c.forward(c.init_params(dtype=np.float64, **sizes),
+                          np.ones((2, 2, sizes["input"])), sizes=sizes)
             c.backward(c.init_params(dtype=np.float64, **sizes), f,
                        {o: np.ones_like(v) for o, v in f.outputs.items()})
     assert failed > 100 and compiled > 2, (failed, compiled)  # both paths were exercised
+
+
+def test_a_size_that_only_a_state_has_is_given_by_name():
+    """The NTM's slots are the size of its memory and weightings only: no parameter shows it."""
+    c = rnndsl.compile("ntm", target="reference")
+    sizes = {"input": 3, "hidden": 4, "slots": 5, "width": 2}
+    params = c.init_params(seed=0, dtype=np.float64, **sizes)
+    x = np.ones((2, 1, 3))
+    with pytest.raises(ValueError, match=r"cannot tell size\(s\) \['slots'\] from the arrays "
+                                         r"given; pass state0, or sizes=\{'slots': N\}"):
+        c.forward(params, x)
+    f = c.forward(params, x, sizes={"slots": 5})
+    assert f.states["M"].shape == (1, 5, 2) and f.states["w_read"].shape == (1, 5)
+    with pytest.raises(ValueError, match="size 'width' is 3 from sizes but 2 from parameter"):
+        c.forward(params, x, sizes={"slots": 5, "width": 3})
+    with pytest.raises(ValueError, match="sizes: unknown name"):
+        c.forward(params, x, sizes={"slot": 5})
+
+
+# -- the NTM's location addressing: circular shift and sharpening ---------------------------------
+ADDRESSING = """name: a
+sizes: [input, slots]
+inputs: {x: input}
+states: {w: slots}
+params: {W_s: {shape: [SHIFTS, input]}, w_gamma: {shape: [input]}, b_gamma: {shape: []}}
+equations: |
+  s = softmax(W_s @ x)
+  gamma = 1 + softplus(sum(w_gamma * x) + b_gamma)
+  content = softmax(W_c @ x)
+  gated = 0.5 * content + 0.5 * w_prev
+  EQUATIONS
+"""
+
+
+def addressing(equations: str, shifts: int = 3):
+    text = ADDRESSING.replace("SHIFTS", str(shifts)).replace("EQUATIONS", equations)
+    return rnndsl.compile(text, target="reference")
+
+
+def distributions(rng, shape):
+    e = np.exp(rng.standard_normal(shape))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("equations, shifts", [
+    ("w = shift(gated, s)", 3),
+    ("w = shift(gated, s)", 5),
+    ("w = shift(gated, s)", 1),
+    ("w = shift(gated, s) * shift(w_prev, s)", 3),  # one distribution, two weightings
+    ("p = gated ** gamma\n  w = p / sum(p)", 3),
+    ("p = shift(gated, s) ** gamma\n  w = p / max(sum(p), 1e-30)", 3),
+], ids=["3 shifts", "5 shifts", "1 shift", "two weightings", "sharpening", "shift, sharpen"])
+@pytest.mark.parametrize("lengths", [None, [3, 1, 0]], ids=["full", "lengths"])
+def test_addressing_gradients_match_finite_differences(equations, shifts, lengths):
+    c = addressing(equations, shifts)
+    rng = np.random.default_rng(2)
+    # previous weightings are distributions: a power of a negative weight is NaN
+    state0 = {"w": distributions(rng, (3, 3))}  # gradcheck's sizes: input 2, slots 3
+    result = gradcheck(c, T=3, B=3, size=2, seed=1, lengths=lengths, state0=state0)
+    assert result.worst[1] < 1e-7, result.errors
+    assert len(result.errors) == len(c.params) + len(c.inputs) + len(c.states)
+
+
+def circular_convolution(w, s):
+    """Graves et al. 2014, eq. 8: w~(i) = sum_j w(j) s(i - j), indices modulo the number of
+    slots, s given over the shifts -(n-1)/2 .. (n-1)/2."""
+    slots, n = w.shape[-1], len(s)
+    out = np.zeros_like(w)
+    for i in range(slots):
+        for j in range(slots):
+            for k in range(n):
+                if (i - j - (k - n // 2)) % slots == 0:
+                    out[..., i] += w[..., j] * s[k][..., 0]
+    return out
+
+
+@pytest.mark.parametrize("shifts, slots", [(3, 6), (5, 7), (3, 2)])
+def test_shift_is_the_papers_circular_convolution(shifts, slots):
+    """Rolled by -1, 0, +1: a weight on slot 0 moves to slot 1 with s(+1), to the last slot with
+    s(-1); with fewer slots than shifts the shifts wrap onto each other."""
+    c = addressing("w = shift(w_prev, s)", shifts)
+    rng = np.random.default_rng(0)
+    params = c.init_params(input=3, slots=slots, seed=0, dtype=np.float64)
+    x = rng.standard_normal((1, 4, 3))
+    w0 = distributions(rng, (4, slots))
+    got = c.forward(params, x, {"w": w0}).states["w"]
+    logits = x[0] @ params["W_s"].T
+    s = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    want = circular_convolution(w0, [s[:, k:k + 1] for k in range(shifts)])
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+    one_hot = np.eye(slots)[[0]]
+    moved = c.forward({**params, "W_s": np.eye(shifts, 3)[::-1] * 50}, np.eye(1, 3)[None] * 1,
+                      {"w": one_hot}).states["w"]  # all weight on the last shift, +(n-1)/2
+    assert moved.argmax() == (shifts // 2) % slots and moved.max() > 0.99
+
+
+def test_sharpening_gradient_is_finite_where_a_weight_is_zero():
+    """d(w ** gamma)/d gamma = log(w) w ** gamma is 0, not 0 * -inf, where w is 0."""
+    c = addressing("p = relu(gated - 0.2) ** gamma\n  w = p / max(sum(p), 1e-30)")
+    rng = np.random.default_rng(1)
+    params = c.init_params(input=3, slots=6, seed=0, dtype=np.float64)
+    state0 = {"w": distributions(rng, (2, 6))}
+    x = rng.standard_normal((2, 2, 3))
+    f = c.forward(params, x, state0)
+    grads = c.backward(params, f, {}, {"w": np.ones((2, 6))})
+    assert np.isfinite(grads.params["b_gamma"]) and np.isfinite(grads.params["w_gamma"]).all()
+    result = gradcheck(c, params=params, xs={"x": x}, state0=state0)
+    assert result.worst[1] < 1e-7, result.errors
+
+
+def test_the_derivation_of_the_shift_prints_its_rules():
+    c = addressing("w = shift(gated, s)")
+    assert "w = shift(gated, s[0], s[1], s[2])" in c.step.equations().splitlines()
+    lines = c.backward_ir.equations().splitlines()
+    for line in ["d_s[2] = sum(d_w * roll(gated, 1))", "d_s[1] = sum(d_w * gated)",
+                 "d_s[0] = sum(d_w * roll(gated, -1))", "d_gated = shift(d_w, s[2], s[1], s[0])"]:
+        assert line in lines, line
+
+
+ADDRESSING_ERRORS = [
+    ("w = shift(gated, content)", "the shift distribution of shift(w, s) has one weight per "
+     "shift, so its size is a number (3: shifts -1, 0, +1), as in s = softmax(W_shift @ h) with "
+     "W_shift: {shape: [3, hidden]}; this one has size (slots,)", "content)"),
+    ("w = shift(gated, gamma)", "shift(w, s) takes a shift distribution here, a vector; this "
+     "is a scalar", "gamma)"),
+    ("w = shift(gamma, s)", "shift(w, s) takes a weighting over slots here, a vector; this is a "
+     "scalar", "gamma, s"),
+    ("w = shift(outer(gated, x), s)", "shift(w, s) takes a weighting over slots here, a "
+     "vector; this is shape (slots, input)", "outer(gated"),
+    ("w = gated + sum(shift(s, s))", "shift(w, s) rotates w over the memory's slots, a named "
+     "size; this w has size (3,)", "s, s))"),
+    ("w = shift(gated)", "'shift' takes 2 arguments, got 1", "shift(gated)"),
+    ("w = shfit(gated, s)", "unknown function 'shfit' (did you mean 'shift'?)", "shfit"),
+    ("w = gated ** x", "shape mismatch at '**': shape (slots,) and shape (input,); an exponent "
+     "per sequence is a scalar, as in w ** gamma with gamma = 1 + softplus(sum(w_gamma * h) + "
+     "b_gamma)", "** x"),
+]
+
+
+@pytest.mark.parametrize("equations, message, marker", ADDRESSING_ERRORS,
+                         ids=[e[2] for e in ADDRESSING_ERRORS])
+def test_addressing_misuse_is_a_located_error(equations, message, marker):
+    text = ADDRESSING.replace("SHIFTS", "3").replace("EQUATIONS", equations)
+    assert_refused(text, message, marker, first_line=10)
+
+
+def test_an_even_number_of_shifts_is_refused_at_the_distribution():
+    text = ADDRESSING.replace("SHIFTS", "4").replace("EQUATIONS", "w = shift(gated, s)")
+    assert_refused(text, "the shift distribution of shift(w, s) has 4 weights; it needs an odd "
+                   "number, centred on no shift (3: shifts -1, 0, +1; 5: -2 to +2)", "s)",
+                   first_line=10)
+
+
+def test_compiled_targets_refuse_the_shift_by_name():
+    text = ADDRESSING.replace("SHIFTS", "3").replace("EQUATIONS", "w = shift(gated, s)")
+    with pytest.raises(SpecError) as info:
+        rnndsl.compile(text, target="cpu")
+    assert "the cpu target cannot run this cell yet: the equation of 'w' uses shift(w, s), " \
+           "the circular shift" in info.value.message
+
+
+# -- per-sequence scalar states and sizes as numbers (xLSTM's stabiliser, 1 / sqrt(key)) ----------
+SCALAR_STATE = """name: s
+sizes: [input, key]
+inputs: {x: input}
+states: {n: key, m: []}
+outputs: [n]
+equations: |
+  k = W_k @ x / sqrt(key)
+  i_pre = sum(w_i * x)
+  m = max(m_prev - 0.5, i_pre)
+  n = exp(-0.5 + m_prev - m) * n_prev + exp(i_pre - m) * k
+"""
+
+
+def test_a_scalar_state_is_one_number_per_sequence():
+    c = rnndsl.compile(SCALAR_STATE, target="reference")
+    assert c.states == {"n": "key", "m": ()}
+    params = c.init_params(input=3, key=4, seed=0, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    f = c.forward(params, x, lengths=[2, 1, 0, 2, 2])
+    assert f.states["m"].shape == (5, 1) and f.states["n"].shape == (5, 4)
+    i_pre = x @ params["w_i"]  # (T, B): m = max(m_prev - 0.5, i~) from m = 0
+    m1 = np.maximum(-0.5, i_pre[0])
+    want = np.where([True, False, False, True, True], np.maximum(m1 - 0.5, i_pre[1]),
+                    np.where([True, True, False, False, False], m1, 0))
+    np.testing.assert_allclose(f.states["m"][:, 0], want, rtol=1e-15)
+    for lengths in (None, [3, 1, 0]):
+        assert gradcheck(c, T=3, B=3, size=2, seed=1, lengths=lengths).worst[1] < 1e-7
+
+
+def test_a_size_in_an_equation_is_its_number():
+    c = rnndsl.compile(SCALAR_STATE, target="reference")
+    assert "k = W_k @ x / sqrt(key)" in c.step.equations().splitlines()
+    params = c.init_params(input=3, key=4, seed=0, dtype=np.float64)
+    x = np.ones((1, 1, 3))
+    n = c.forward(params, x).states["n"]
+    i_pre = x[0, 0] @ params["w_i"]
+    m = max(-0.5, i_pre)
+    np.testing.assert_allclose(n[0], np.exp(i_pre - m) * params["W_k"] @ x[0, 0] / 2.0,
+                               rtol=1e-14)
+
+
+@pytest.mark.parametrize("equation, message, marker", [
+    ("m = n_prev", "shape mismatch: state 'm' has one number per sequence ([]) but the right "
+     "side has shape (key,)", "m = n_prev"),
+    ("m = key * x", "shape mismatch: state 'm' has one number per sequence ([]) but the right "
+     "side has shape (input,)", "m = key"),
+])
+def test_a_vector_assigned_to_a_scalar_state_is_located(equation, message, marker):
+    text = SCALAR_STATE.replace("  m = max(m_prev - 0.5, i_pre)", f"  {equation}")
+    assert_refused(text, message, marker)
+
+
+def test_compiled_targets_refuse_a_scalar_state_by_name():
+    with pytest.raises(SpecError, match="the cpu target cannot run this cell yet: state 'm' is "
+                                        "one number per sequence"):
+        rnndsl.compile(SCALAR_STATE, target="cpu")
+
+
+# -- block-diagonal parameters (xLSTM's head-wise recurrent weights) ------------------------------
+BLOCKS = """name: b
+sizes: [input, hidden]
+inputs: {x: input}
+states: {h: hidden}
+constants: {heads: 2}
+params:
+  R: {shape: [hidden, hidden], blocks: heads}
+equations: |
+  h = tanh(W @ x + R @ h_prev + b)
+"""
+
+
+def test_a_block_diagonal_parameter_uses_its_diagonal_blocks_alone():
+    c = rnndsl.compile(BLOCKS, target="reference")
+    params = c.init_params(input=3, hidden=4, seed=0, dtype=np.float64)
+    off = np.kron(1 - np.eye(2), np.ones((2, 2))).astype(bool)
+    assert not params["R"][off].any() and params["R"][~off].all()  # initialised block-diagonal
+    rng = np.random.default_rng(0)
+    params["R"] = rng.standard_normal((4, 4))  # what lies off the blocks is never read
+    x, h0 = rng.standard_normal((1, 2, 3)), rng.standard_normal((2, 4))
+    f = c.forward(params, x, {"h": h0})
+    want = np.tanh(x[0] @ params["W"].T + params["b"] +
+                   np.concatenate([h0[:, :2] @ params["R"][:2, :2].T,
+                                   h0[:, 2:] @ params["R"][2:, 2:].T], 1))
+    np.testing.assert_allclose(f.states["h"], want, rtol=1e-14)
+    g = c.backward(params, f, {}, {"h": np.ones((2, 4))})
+    assert not g.params["R"][off].any() and g.params["R"][~off].all()
+    for lengths in (None, [3, 1, 0]):
+        result = gradcheck(c, T=3, B=3, size=3, seed=1, lengths=lengths)  # hidden 4
+        assert result.worst[1] < 1e-7, result.errors
+
+
+def test_the_derivation_names_the_blocks_and_the_list_marks_the_cell():
+    c = rnndsl.compile(BLOCKS, target="reference")
+    assert "d_R += outer(d_h_pre, h_prev) (its 2 diagonal blocks)" in \
+        c.backward_ir.equations().splitlines()
+    with pytest.raises(SpecError, match="the cpu target cannot run this cell yet: parameter 'R' "
+                                        r"is block-diagonal \(2 blocks\)"):
+        rnndsl.compile(BLOCKS)
+
+
+def test_blocks_must_divide_the_size():
+    c = rnndsl.compile(BLOCKS, target="reference", constants={"heads": 3})
+    with pytest.raises(ValueError, match=r"parameter 'R' has 3 diagonal blocks, so its size "
+                                         r"\(hidden = 4\) must be a multiple of 3"):
+        c.init_params(input=3, hidden=4)
+    params = rnndsl.compile(BLOCKS, target="reference").init_params(input=3, hidden=4)
+    with pytest.raises(ValueError, match="must be a multiple of 3"):
+        c.forward(params, np.ones((1, 1, 3)))
+
+
+CUT = "[u, v] = R @ h_prev\n  h = tanh(W @ x + u + v)\n"
+
+
+@pytest.mark.parametrize("decl, equations, message, marker", [
+    ("{shape: [hidden, input], blocks: heads}", "h = tanh(R @ x)\n", "'R' has 2 blocks on its "
+     "diagonal, so it is a square matrix of one size used whole, as in R @ h_prev with R: "
+     "{shape: [hidden, hidden], blocks: heads}; it is of shape (hidden, input)", "heads}"),
+    ("{shape: [hidden + hidden, hidden], blocks: heads}", CUT, "'R' has 2 blocks on its "
+     "diagonal, so it is a square matrix of one size used whole", "heads}"),
+    ("{shape: [hidden, hidden], blocks: head}", None, "'blocks' of 'R' names 'head', which is "
+     "not a constant (did you mean 'heads'?)", "head}"),
+    ("{shape: [hidden, hidden], blocks: 0}", None, "'blocks' of 'R' is the number of blocks on "
+     "its diagonal, a whole number or a constant's name", "0}"),
+])
+def test_a_bad_blocks_declaration_is_located(decl, equations, message, marker):
+    text = BLOCKS.replace("{shape: [hidden, hidden], blocks: heads}", decl)
+    if equations:
+        text = text.split("equations: |\n")[0] + "equations: |\n  " + equations
+    assert_refused(text, message, marker, first_line=6)
+
+
+def test_a_fractional_number_of_blocks_is_refused():
+    text = BLOCKS.replace("blocks: heads", "blocks: half").replace(
+        "constants: {heads: 2}", "constants: {half: 0.5}")
+    assert_refused(text, "'blocks' of 'R' is the constant 'half' = 0.5; a number of blocks is "
+                   "a whole number of at least 1", "half}", first_line=6)
+
+
+def test_gradcheck_command_fails_on_nan_and_says_why():
+    """Random initial weightings of the NTM may be negative: w ** gamma is NaN, which fails."""
+    result = CliRunner().invoke(app, ["gradcheck", "ntm", "--steps", "2", "--batch", "1",
+                                      "--size", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "worst relative error nan" in result.output
+    assert "the random initial states may lie outside the cell's domain" in result.output
+
+
+@pytest.mark.parametrize("name, lines", [
+    ("ntm", ["d_read_gated = shift(d_read_shifted, read_shift[2], read_shift[1], read_shift[0])",
+             "d_add = d_M.T @ w_write", "d_w_write_prev = d_write_gated * (1 - write_gate)"]),
+    ("mlstm", ["d_C_1 = d_C_1_next + outer(d_h_1_8, q_1)", "d_k_1_2 = d_k_1 / sqrt(key)"]),
+    ("slstm", ["d_R_z += outer(d_z_pre, h_prev) (its 4 diagonal blocks)", "d_c_prev = d_c * f"]),
+])
+def test_cli_prints_the_backward_of_the_new_cells(name, lines):
+    shown = CliRunner().invoke(app, ["compile", name, "--target", "reference", "--show",
+                                     "backward"])
+    assert shown.exit_code == 0, shown.output
+    for line in lines:
+        assert line in shown.output.splitlines(), line

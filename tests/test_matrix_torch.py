@@ -1,6 +1,9 @@
 """The built-in cells with matrix-valued states against independent PyTorch implementations
-written from the papers' equations: outputs, final states, and the gradients of every
+written from the papers' equations (the NTM's is rnndsl.eager_ntm, the eager module a user
+writes): outputs, final states, and the gradients of every
 parameter, the inputs and the initial states by autograd, float64, to 1e-9 relative."""
+import math
+
 import numpy as np
 import pytest
 
@@ -48,8 +51,102 @@ def delta_net(p, x, state0, lengths):
     return {"y": torch.stack(outs)}, {"W": W}
 
 
+def ntm(p, x, state0, lengths):
+    """The eager PyTorch NTM of rnndsl.eager_ntm (nn.LSTMCell, nn.Linear heads), run on
+    rnndsl's parameters through torch.func.functional_call."""
+    from rnndsl.eager_ntm import EagerNTM
+
+    sizes = {"input": x.shape[-1], "hidden": p["W_output"].shape[0],
+             "slots": state0["M"].shape[1], "width": state0["M"].shape[2]}
+    module = EagerNTM(*sizes.values(), dtype=torch.float64)
+    y, final = torch.func.functional_call(module, module.stacked(p), (x, state0, lengths))
+    return {"y": y}, final
+
+
+def mlstm(p, x, state0, lengths):
+    """Beck et al. 2024, the stabilised recurrent mLSTM with the heads as a dimension of the
+    arrays: C (B, H, value, key), n (B, H, key), m (B, H)."""
+    heads = (1, 2)
+    stack = lambda name: torch.stack([p[f"{name}_{j}"] for j in heads])  # noqa: E731
+    C = torch.stack([state0[f"C_{j}"] for j in heads], 1)
+    n = torch.stack([state0[f"n_{j}"] for j in heads], 1)
+    m = torch.cat([state0[f"m_{j}"] for j in heads], 1)
+    project = lambda name, xt: torch.einsum("hoi,bi->bho", stack(f"W_{name}"), xt) + \
+        stack(f"b_{name}")  # noqa: E731
+    outs = []
+    for t in range(x.shape[0]):
+        xt = x[t]
+        q = project("query", xt)
+        k = torch.einsum("hoi,bi->bho", stack("W_key"), xt) / math.sqrt(C.shape[-1]) + \
+            stack("b_key")
+        v = project("value", xt)
+        i_tilde = xt @ stack("w_input").T + stack("b_input")
+        log_f = torch.nn.functional.logsigmoid(xt @ stack("w_forget").T + stack("b_forget"))
+        m_new = torch.maximum(log_f + m, i_tilde)
+        i = torch.exp(i_tilde - m_new)[..., None]
+        f = torch.exp(log_f + m - m_new)[..., None]
+        C_new = f[..., None] * C + i[..., None] * v[..., :, None] * k[..., None, :]
+        n_new = f * n + i * k
+        o = torch.sigmoid(project("output_gate", xt))
+        numerator = torch.einsum("bhvk,bhk->bhv", C_new, q)
+        denominator = torch.maximum((n_new * q).sum(-1).abs(), torch.exp(-m_new))
+        h = o * numerator / denominator[..., None]
+        y = h.reshape(h.shape[0], -1) @ p["W_output"].T
+        live = torch.as_tensor(t < lengths)
+        C = torch.where(live[:, None, None, None], C_new, C)
+        n = torch.where(live[:, None, None], n_new, n)
+        m = torch.where(live[:, None], m_new, m)
+        outs.append(torch.where(live[:, None], y, torch.zeros_like(y)))
+    finals = {}
+    for j in heads:
+        finals |= {f"C_{j}": C[:, j - 1], f"n_{j}": n[:, j - 1], f"m_{j}": m[:, j - 1:j]}
+    return {"y": torch.stack(outs)}, finals
+
+
+def slstm(p, x, state0, lengths):
+    """Beck et al. 2024, the stabilised sLSTM with the heads as an array axis: each recurrent
+    matrix is its diagonal blocks R[j] (heads, head size, head size), h_prev split by head.
+    The parameters' off-diagonal entries are random (the test perturbs every entry), so a
+    match also shows that rnndsl uses the diagonal blocks alone."""
+    heads = 4
+    h, c, n, m = (state0[k] for k in "hcnm")
+    B, hidden = h.shape
+    size = hidden // heads
+    blocks = {g: torch.stack([p[f"R_{g}"][j * size:(j + 1) * size, j * size:(j + 1) * size]
+                              for j in range(heads)]) for g in "zifo"}
+    outs = []
+    for t in range(x.shape[0]):
+        by_head = h.reshape(B, heads, size)
+        pre = {g: x[t] @ p[f"W_{g}"].T + p[f"b_{g}"] +
+               torch.einsum("jab,Bjb->Bja", blocks[g], by_head).reshape(B, hidden)
+               for g in "zifo"}
+        log_f = torch.nn.functional.logsigmoid(pre["f"])
+        m_new = torch.maximum(log_f + m, pre["i"])
+        i = torch.exp(pre["i"] - m_new)
+        f = torch.exp(log_f + m - m_new)
+        c_new = f * c + i * torch.tanh(pre["z"])
+        n_new = f * n + i
+        h_new = torch.sigmoid(pre["o"]) * c_new / n_new
+        live = torch.as_tensor(t < lengths)[:, None]
+        h, c, n, m = (torch.where(live, new, old) for new, old in
+                      ((h_new, h), (c_new, c), (n_new, n), (m_new, m)))
+        outs.append(torch.where(live, h_new, torch.zeros_like(h_new)))
+    return {"h": torch.stack(outs)}, {"h": h, "c": c, "n": n, "m": m}
+
+
+def weightings(rng, shape):
+    """Previous weightings over the slots: nonnegative, summing to 1 (w ** gamma of a negative
+    weight is NaN)."""
+    e = np.exp(rng.standard_normal(shape))
+    return e / e.sum(-1, keepdims=True)
+
+
 CELLS = {"fast_weights": (fast_weights, {"input": 3, "hidden": 5}),
-         "delta_net": (delta_net, {"input": 3, "key": 4, "value": 5})}
+         "delta_net": (delta_net, {"input": 3, "key": 4, "value": 5}),
+         "ntm": (ntm, {"input": 3, "hidden": 5, "slots": 6, "width": 4}),
+         "mlstm": (mlstm, {"input": 3, "hidden": 5, "key": 4, "value": 6}),
+         "slstm": (slstm, {"input": 3, "hidden": 8})}
+NONNEGATIVE = {"ntm": ("w_read", "w_write")}
 
 
 def relative(a, b) -> float:
@@ -66,9 +163,11 @@ def test_cell_matches_pytorch_autograd(name, lengths):
     params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in
               cell.init_params(seed=3, dtype=np.float64, **sizes).items()}
     x = rng.standard_normal((T, B, sizes["input"]))
-    state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in shape)))
+    state0 = {s: 0.5 * rng.standard_normal((B, *(tuple(sizes[d] for d in shape) or (1,))))
               for s, shape in ((s, (n,) if isinstance(n, str) else n)
-                               for s, n in cell.states.items())}
+                               for s, n in cell.states.items())}  # a scalar state: (B, 1)
+    for s in NONNEGATIVE.get(name, ()):
+        state0[s] = weightings(rng, state0[s].shape)
     steps = np.full(B, T) if lengths is None else np.array(lengths)
 
     fwd = cell.forward(params, x, state0, lengths)
@@ -92,3 +191,21 @@ def test_cell_matches_pytorch_autograd(name, lengths):
     errors |= {f"d {s}0": relative(grads.state0[s], v.grad.numpy()) for s, v in ts.items()}
     assert max(errors.values()) < 1e-9, errors
     assert len(errors) == len(outs) + len(finals) + len(params) + 1 + len(state0)
+
+
+def test_eager_ntm_loads_the_specs_parameters():
+    """The eager module with the spec's parameters copied in (as a benchmark would) computes
+    what the built-in ntm computes, from zero states."""
+    from rnndsl.eager_ntm import EagerNTM
+
+    cell = rnndsl.compile("ntm", target="reference")
+    sizes = {"input": 3, "hidden": 5, "slots": 6, "width": 4}
+    params = cell.init_params(seed=1, dtype=np.float64, **sizes)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    want = cell.forward(params, x, sizes=sizes)
+    module = EagerNTM(*sizes.values(), dtype=torch.float64)
+    module.load_rnndsl(params)
+    with torch.no_grad():
+        y, final = module(torch.from_numpy(x))
+    assert relative(want.outputs["y"], y.numpy()) < 1e-12
+    assert relative(want.states["M"], final["M"].numpy()) < 1e-12

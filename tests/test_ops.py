@@ -21,7 +21,7 @@ from engines import differences
 DOMAIN = {"log": ["1.5 + tanh(a)"], "sqrt": ["1.5 + tanh(a)"],
           "clip": ["a", "-0.3 + 0.1 * tanh(b)", "0.4 + sigmoid(b)"]}
 DEFAULT_ARGS = ["a", "b", "0.2 * b"]
-MATRIX_KINDS = ("matrix", "axis")
+MATRIX_KINDS = ("matrix", "axis", "shift")  # reference target only: tests/test_matrix*.py
 
 
 def calls() -> dict[str, str]:

@@ -87,3 +87,86 @@ def test_cell_apply_and_torch_compile_on_the_device():
     compiled = torch.compile(module, fullgraph=True)
     got, _ = compiled(x)
     torch.testing.assert_close(got, want)
+
+
+# -- the per-step time loop as a CUDA graph (torch.cuda.graph) ---------------------------------
+@pytest.fixture
+def graphs():
+    """A fresh graph cache of the default size, emptied again after the test."""
+    from rnndsl.backend import cuda_graphs as cg
+
+    cg.clear_graph_cache()
+    cg.set_graph_cache_size(cg.DEFAULT_CACHE_SIZE)
+    yield cg
+    cg.clear_graph_cache()
+    cg.set_graph_cache_size(cg.DEFAULT_CACHE_SIZE)
+
+
+def _fwd_bwd(cell, params, x, lengths, seed):
+    fwd = cell.forward(params, x, lengths=lengths)
+    grads = cell.backward(params, fwd, seed)
+    return [fwd.output, *(grads.params[p] for p in sorted(grads.params)), grads.inputs["x"]]
+
+
+@pytest.mark.parametrize("spec", ["lstm", "gru", "layernorm_lstm"])
+def test_a_captured_time_loop_replays_the_uncaptured_results(spec, graphs):
+    import numpy as np
+
+    import rnndsl
+
+    assert graphs.why_not() is None
+    cell = rnndsl.compile(spec, target="cuda", persistent=False)
+    params = {p: torch.as_tensor(v, device=DEVICE)
+              for p, v in cell.init_params(5, 32, dtype=np.float64, seed=1).items()}
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 4, 5, generator=g, dtype=torch.float64).to(DEVICE)
+    seed = torch.randn(20, 4, 32, generator=g, dtype=torch.float64).to(DEVICE)
+    graphs.set_graph_cache_size(0)
+    want = {}
+    for lengths in ([20, 3, 11, 1], [2, 20, 20, 5]):
+        want[tuple(lengths)] = [cs.host(a) for a in _fwd_bwd(cell, params, x, lengths, seed)]
+    graphs.set_graph_cache_size(graphs.DEFAULT_CACHE_SIZE)
+    runs = []
+    for lengths in ([20, 3, 11, 1], [20, 3, 11, 1], [20, 3, 11, 1], [2, 20, 20, 5]):
+        got = [cs.host(a) for a in _fwd_bwd(cell, params, x, lengths, seed)]
+        runs.append(graphs.last_run())
+        for a, b in zip(got, want[tuple(lengths)]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    assert runs == ["uncaptured", "captured", "replayed", "replayed"]
+
+
+def test_the_bridge_replays_graphs_on_a_side_stream(graphs):
+    torch.manual_seed(6)
+    module = rt.RNN("lstm", 5, 16, num_layers=2).to(DEVICE)
+    x = torch.randn(20, 3, 5, device=DEVICE)
+    graphs.set_graph_cache_size(0)
+    want, _ = module(x)
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in module.parameters()]
+    graphs.set_graph_cache_size(graphs.DEFAULT_CACHE_SIZE)
+    stream = torch.cuda.Stream()
+    for _ in range(3):  # uncaptured, captured, replayed
+        module.zero_grad()
+        with torch.cuda.stream(stream):
+            got, _ = module(x * 1.0)
+            got.sum().backward()
+            got = got * 1.0  # work queued on the side stream after the op
+        stream.synchronize()
+        torch.testing.assert_close(got, want)
+        for p, w in zip(module.parameters(), want_grads):
+            torch.testing.assert_close(p.grad, w)
+    assert graphs.last_run() == "replayed" and len(graphs._CACHE.graphs) >= 2
+
+
+def test_info_says_the_time_loops_are_captured(graphs):
+    from rnndsl.environment import report
+
+    found = report()["cuda"]["graphs"]
+    assert found == {"captured": True, "why_not": None, "cache_size": graphs.DEFAULT_CACHE_SIZE}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over NCCL needs two GPUs")
+def test_ddp_over_nccl_on_two_gpus_matches_one_process(tmp_path):
+    from test_torch_ddp import two_ranks_match_one_process
+
+    two_ranks_match_one_process(tmp_path, "nccl")

@@ -21,14 +21,21 @@ def free_port() -> int:
 
 
 def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
+    two_ranks_match_one_process(tmp_path, "gloo")
+
+
+def two_ranks_match_one_process(tmp_path, backend: str):
+    """Two ranks of tests/ddp_worker.py on `backend` end with the parameters of one process
+    (on the CPU) trained on the whole batch."""
     root = str(HERE.parent)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([root, str(HERE), os.environ.get("PYTHONPATH", "")])}
     port, world = free_port(), 2
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(r), str(world),
-                               str(port), str(outs[r])], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+                               str(port), str(outs[r]), backend], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
     try:
         logs = [p.communicate(timeout=180)[0] for p in procs]
     finally:

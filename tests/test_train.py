@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from rnndsl.cli import app
 from rnndsl.training.optim import TrainingDiverged
-from rnndsl.training.train import TrainConfig, batch_at, make_model, train
+from rnndsl.training.train import (TrainConfig, batch_at, evaluate_lengths, make_model,
+                                   read_checkpoint, train)
 
 SMALL = dict(spec="lstm", task="adding", length=12, hidden=8, batch=8, log_every=5,
              eval_batch=32, dtype="float64")
@@ -174,3 +175,64 @@ def test_cli_plot_writes_a_png(tmp_path):
                                       "--batch", "2", "--plot", str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_size_sets_a_cell_size_and_the_checkpoint_keeps_it(tmp_path):
+    ckpt = tmp_path / "jordan.npz"
+    result = CliRunner().invoke(app, ["train", "jordan", "--task", "copy", "--length", "3",
+                                      "--hidden", "6", "--size", "output=5", "--steps", "2",
+                                      "--batch", "2", "--json", "--save", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[-1])["settings"]["sizes"] == {"output": 5}
+    config = read_checkpoint(ckpt)["config"]
+    shapes = make_model(config).network.param_shapes()
+    assert any(5 in shape for shape in shapes.values()), shapes
+    assert not any(5 in shape for shape in make_model(
+        TrainConfig(spec="jordan", task="copy", length=3, hidden=6)).network.param_shapes()
+        .values())
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(ckpt), "--steps", "3"])
+    assert resumed.exit_code == 0, resumed.output
+
+
+@pytest.mark.parametrize("spec, size, message", [
+    ("lstm", "slots=3", "lstm has no size slots"),
+    ("lstm", "hidden=3", "cannot be set"),
+    ("lstm", "slots=x", "expected NAME=N"),
+    ("lstm", "slots=0", "expected NAME=N"),
+])
+def test_cli_bad_size_exits_2_naming_it(spec, size, message):
+    result = CliRunner().invoke(app, ["train", spec, "--size", size, "--steps", "2"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_at_exact_lengths_beyond_training(tmp_path):
+    ckpt = tmp_path / "copy.npz"
+    train(TrainConfig(spec="gru", task="copy", length=4, hidden=8, batch=4, steps=3),
+          save=ckpt)
+    _, rows = evaluate_lengths(ckpt, [2, 9], batch=16)
+    assert [r["length"] for r in rows] == [2, 9]
+    for r in rows:  # every sequence has exactly `length` vectors of 8 bits to write back
+        assert r["bits_wrong_per_seq"] == pytest.approx((1 - r["accuracy"]) * 8 * r["length"])
+    assert 0 < rows[0]["bits_wrong_per_seq"] <= 16 and rows[1]["bits_wrong_per_seq"] > 16
+    out = tmp_path / "curves.png"
+    result = CliRunner().invoke(app, ["evaluate", str(ckpt), str(ckpt), "--length", "2",
+                                      "--length", "9", "--batch", "16", "--plot", str(out)])
+    assert result.exit_code == 0, result.output
+    table = [line.split() for line in result.output.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in table] == [("copy.npz", "2"), ("copy.npz", "9")] * 2
+    assert float(table[1][4]) == pytest.approx(rows[1]["bits_wrong_per_seq"], abs=1e-4)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_refuses_what_has_no_length_to_vary(tmp_path):
+    ckpt = tmp_path / "recall.npz"
+    train(TrainConfig(spec="gru", task="recall", length=3, hidden=4, batch=2, steps=1),
+          save=ckpt)
+    result = CliRunner().invoke(app, ["evaluate", str(ckpt), "--length", "1"])
+    assert result.exit_code == 2 and "min_items >= 2" in result.output, result.output
+    lm = tmp_path / "lm.npz"
+    train(TrainConfig(spec="gru", task="charlm", length=5, hidden=4, batch=2, steps=1), save=lm)
+    result = CliRunner().invoke(app, ["evaluate", str(lm), "--length", "5"])
+    assert result.exit_code == 2 and "'charlm'" in result.output, result.output
+    assert "Traceback" not in result.output

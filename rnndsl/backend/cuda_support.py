@@ -8,9 +8,14 @@ this module, never from Numba directly.
 
 Arrays are device arrays of any kind that has `__cuda_array_interface__` (Numba's, CuPy's,
 PyTorch's CUDA tensors): `device()` wraps them without a copy; host NumPy arrays are copied.
-GEMMs go to cuBLAS through CuPy when it is installed, else through PyTorch when it has CUDA,
-else to the tiled Numba kernel below (the only path in the simulator). Everything runs on the
-default stream.
+GEMMs go to cuBLAS through PyTorch when it has CUDA (its GEMMs can be captured in a CUDA
+graph, CuPy's cannot), else through CuPy when it is installed, else to the tiled Numba kernel
+below (the only path in the simulator).
+
+Streams: every launch, copy and GEMM goes to a stream the caller gives (a `Stream`, made from a
+cudaStream_t handle; 0 is the default stream). Generated code takes it as an argument; the
+helpers here that generated code does not call take the thread's current one (`on_stream`),
+which is how the PyTorch bridge puts the kernels on torch's current stream.
 
 With NUMBA_ENABLE_CUDASIM=1 (set before Numba is imported) the kernels run in Numba's CUDA
 simulator, on the CPU, one Python thread per GPU thread: that is how the CUDA target is
@@ -20,6 +25,8 @@ so a cooperative kernel (grid-wide sync) can only have one block there.
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 from numba import config
@@ -58,6 +65,72 @@ def versions() -> dict[str, str]:
     return out
 
 
+# -- streams --------------------------------------------------------------------------------
+class Stream:
+    """A CUDA stream by its handle (an int; 0: the default stream), as each library that
+    enqueues work on it spells it: `kernels` (Numba's) for launches and copies; torch's and
+    CuPy's views, for the GEMMs, made on first use."""
+
+    def __init__(self, handle: int = 0):
+        self.handle = int(handle)
+        # the simulator runs everything at once, in order: its launches take 0
+        self.kernels = cuda.external_stream(self.handle) if self.handle and not SIMULATOR else 0
+        self._torch = self._cupy = None
+
+    def torch(self):
+        if self._torch is None:
+            import torch
+
+            self._torch = torch.cuda.ExternalStream(self.handle) if self.handle else \
+                torch.cuda.default_stream()
+        return self._torch
+
+    def cupy(self):
+        if self._cupy is None:
+            import cupy
+
+            self._cupy = cupy.cuda.ExternalStream(self.handle)
+        return self._cupy
+
+    def synchronize(self):
+        """Wait on the host until the work enqueued so far is done."""
+        if self.kernels:
+            self.kernels.synchronize()
+        else:
+            cuda.synchronize()
+
+
+DEFAULT_STREAM = Stream(0)
+_current = threading.local()
+
+
+def current_stream() -> Stream:
+    """The stream of this thread's work outside generated code (`on_stream`; the default
+    stream unless set)."""
+    return getattr(_current, "stream", DEFAULT_STREAM)
+
+
+@contextmanager
+def on_stream(handle: int):
+    """Within the block, this thread's CUDA work goes to the stream of that handle."""
+    before = current_stream()
+    _current.stream = before if before.handle == int(handle) else Stream(handle)
+    try:
+        yield _current.stream
+    finally:
+        _current.stream = before
+
+
+@contextmanager
+def on_device(index: int):
+    """Within the block, Numba works on GPU `index` (torch's tensors may be on any)."""
+    if SIMULATOR:
+        yield
+        return
+    with cuda.gpus[index]:
+        yield
+
+
 # -- arrays ---------------------------------------------------------------------------------
 def is_device(a) -> bool:
     return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
@@ -69,43 +142,48 @@ def device(a, dtype=None):
         return a
     if hasattr(a, "__cuda_array_interface__"):
         return cuda.as_cuda_array(a)
-    return cuda.to_device(np.ascontiguousarray(a, dtype=dtype))
+    return cuda.to_device(np.ascontiguousarray(a, dtype=dtype), stream=current_stream().kernels)
 
 
 def host(a) -> np.ndarray:
-    return a.copy_to_host() if is_device(a) else np.asarray(a)
+    if not is_device(a):
+        return np.asarray(a)
+    stream = current_stream()
+    out = a.copy_to_host(stream=stream.kernels)
+    stream.synchronize()
+    return out
 
 
-def empty(shape, dtype):
+def empty(shape, dtype, stream: Stream | None = None):
     if scratch.fill_nan():  # the debug mode of rnndsl.backend.scratch
         if SIMULATOR:
             return cuda.to_device(np.full(shape, np.nan, dtype))
         out = cuda.device_array(shape, dtype)
-        fill(out, np.nan)
+        fill(out, np.nan, stream)
         return out
     return cuda.device_array(shape, dtype)
 
 
-def zeros(shape, dtype):
+def zeros(shape, dtype, stream: Stream | None = None):
     if SIMULATOR:  # a copy costs the simulator nothing, a kernel launch a thread per element
         return cuda.to_device(np.zeros(shape, dtype))
     out = cuda.device_array(shape, dtype)
-    fill(out, 0.0)
+    fill(out, 0.0, stream)
     return out
 
 
-def copy(dst, src):
+def copy(dst, src, stream: Stream):
     """dst[...] = src, device to device."""
-    dst.copy_to_device(src)
+    dst.copy_to_device(src, stream=stream.kernels)
 
 
-def stack(arrays, dtype):
+def stack(arrays, dtype, stream: Stream):
     """The arrays stacked by rows (like np.concatenate), as one new device array."""
     rows = sum(a.shape[0] for a in arrays)
     out = cuda.device_array((rows, *arrays[0].shape[1:]), dtype)
     r = 0
     for a in arrays:
-        out[r:r + a.shape[0]].copy_to_device(a)
+        out[r:r + a.shape[0]].copy_to_device(a, stream=stream.kernels)
         r += a.shape[0]
     return out
 
@@ -123,10 +201,11 @@ def _fill(a, value):
         a[i] = value
 
 
-def fill(a, value):
+def fill(a, value, stream: Stream | None = None):
     """a[...] = value, for a C-contiguous device array."""
     if a.size:
-        _fill[blocks(a.size), THREADS](a.reshape(a.size), value)
+        on = (stream or current_stream()).kernels
+        _fill[blocks(a.size), THREADS, on](a.reshape(a.size), value)
 
 
 @cuda.jit
@@ -140,9 +219,11 @@ def _copy_live_steps(x, lengths, out):
 def zero_padding(x, lengths: np.ndarray):
     """A copy of the (T, B, n) device array x with the steps past each sequence's length set
     to 0 (x itself, a caller's tensor maybe, is left as it is)."""
-    out = empty(x.shape, x.dtype)
+    stream = current_stream()
+    out = empty(x.shape, x.dtype, stream)
     grid = (blocks(x.shape[0], TILE), blocks(x.shape[1] * x.shape[2], TILE))
-    _copy_live_steps[grid, (TILE, TILE)](x, cuda.to_device(lengths), out)
+    _copy_live_steps[grid, (TILE, TILE), stream.kernels](
+        x, cuda.to_device(lengths, stream=stream.kernels), out)
     return out
 
 
@@ -153,11 +234,12 @@ def _add_into(dst, src):
         dst[i, j] += src[i, j]
 
 
-def add_into(dst, src):
+def add_into(dst, src, stream: Stream):
     """dst += src for 1-d or 2-d arrays of one shape."""
     d2 = dst.reshape(dst.shape[0], -1) if dst.ndim != 2 else dst
     s2 = src.reshape(src.shape[0], -1) if src.ndim != 2 else src
-    _add_into[(blocks(d2.shape[0], TILE), blocks(d2.shape[1], TILE)), (TILE, TILE)](d2, s2)
+    grid = (blocks(d2.shape[0], TILE), blocks(d2.shape[1], TILE))
+    _add_into[grid, (TILE, TILE), stream.kernels](d2, s2)
 
 
 @cuda.jit
@@ -170,10 +252,10 @@ def _column_sums(a, start, out):
         out[c] += acc
 
 
-def add_column_sums(out, a, start):
+def add_column_sums(out, a, start, stream: Stream):
     """out += a[:, start:start + out.size].sum(axis=0) for a 2-d a (bias gradients)."""
     flat_out = out.reshape(out.size)
-    _column_sums[blocks(out.size), THREADS](a, start, flat_out)
+    _column_sums[blocks(out.size), THREADS, stream.kernels](a, start, flat_out)
 
 
 def blocks(n: int, per: int = THREADS) -> int:
@@ -222,59 +304,94 @@ _GEMM_TILED = {np.dtype(np.float32): _tiled_gemm_kernel(np.float32),
 
 
 def backend() -> str:
-    """Who does the GEMMs: 'cupy' (cuBLAS), 'torch' (cuBLAS) or 'numba' (the tiled kernel)."""
+    """Who does the GEMMs: 'torch' (cuBLAS, through PyTorch when it has CUDA: its GEMMs can be
+    captured in a CUDA graph), 'cupy' (cuBLAS; CuPy's stream capture refuses cuBLAS calls) or
+    'numba' (the tiled kernel: the simulator's)."""
     global _BACKEND
     if _BACKEND is None:
         _BACKEND = "numba"
         if not SIMULATOR:
             try:
+                import torch
+
+                if torch.cuda.is_available():
+                    _BACKEND = "torch"
+            except ImportError:
+                pass
+        if _BACKEND == "numba" and not SIMULATOR:
+            try:
                 import cupy  # noqa: F401
 
                 _BACKEND = "cupy"
             except ImportError:
-                try:
-                    import torch
-
-                    if torch.cuda.is_available():
-                        _BACKEND = "torch"
-                except ImportError:
-                    pass
+                pass
     return _BACKEND
 
 
 _BACKEND: str | None = None
 
 
-def gemm(a, b, c, trans_a=False, trans_b=False, accumulate=False):
-    """c = op(a) @ op(b), or c += ... with `accumulate`; op transposes when asked. 2-d device
-    arrays; c must be C-contiguous."""
+def gemm_operand(a):
+    """The GEMM backend's view of a 2-d or 3-d device array, over the same memory: made once
+    before a time loop, so that each step only indexes it (wrapping costs 15-26 us a call)."""
+    kind = backend()
+    if kind == "torch":
+        import torch
+
+        return a if isinstance(a, torch.Tensor) else torch.as_tensor(a, device="cuda")
+    if kind == "cupy":
+        import cupy
+
+        return a if isinstance(a, cupy.ndarray) else cupy.asarray(a)
+    return a
+
+
+def gemm(a, b, c, stream: Stream, trans_a=False, trans_b=False, accumulate=False):
+    """c = op(a) @ op(b), or c += ... with `accumulate`, on `stream`; op transposes when
+    asked. 2-d device arrays or their `gemm_operand`s; c must be C-contiguous."""
     M, N = c.shape
     if M == 0 or N == 0:
         return
     K = a.shape[0] if trans_a else a.shape[1]
+    kind = backend()
     if K == 0:
         if not accumulate:
-            fill(c, 0.0)
+            c = c if kind == "numba" else cuda.as_cuda_array(c)
+            fill(c, 0.0, stream)
         return
-    kind = backend()
     if kind == "numba":
         grid = (blocks(M, TILE), blocks(N, TILE))
-        _GEMM_TILED[np.dtype(c.dtype)][grid, (TILE, TILE)](a, b, c, trans_a, trans_b, accumulate)
+        _GEMM_TILED[np.dtype(c.dtype)][grid, (TILE, TILE), stream.kernels](
+            a, b, c, trans_a, trans_b, accumulate)
         return
-    if kind == "cupy":
-        import cupy as xp
-
-        A, Bm, C = xp.asarray(a), xp.asarray(b), xp.asarray(c)
-    else:
-        import torch as xp
-
-        A, Bm, C = (xp.as_tensor(v, device="cuda") for v in (a, b, c))
+    A, Bm, C = gemm_operand(a), gemm_operand(b), gemm_operand(c)
     A = A.T if trans_a else A
     Bm = Bm.T if trans_b else Bm
+    if kind == "torch":
+        import torch
+
+        if torch.cuda.current_stream().cuda_stream == stream.handle:
+            _torch_mm(A, Bm, C, accumulate)
+        else:
+            with torch.cuda.stream(stream.torch()):
+                _torch_mm(A, Bm, C, accumulate)
+        return
+    import cupy
+
+    with stream.cupy():
+        if accumulate:
+            C += A @ Bm
+        else:
+            cupy.matmul(A, Bm, out=C)
+
+
+def _torch_mm(A, Bm, C, accumulate: bool):
+    import torch
+
     if accumulate:
-        C += A @ Bm
+        C.addmm_(A, Bm)
     else:
-        xp.matmul(A, Bm, out=C)
+        torch.mm(A, Bm, out=C)
 
 
 # -- persistent kernels ----------------------------------------------------------------------
@@ -441,8 +558,8 @@ def shared_limit() -> int:
     return most - STATIC_RESERVE
 
 
-def launch_persistent(kernel, blocks: int, nbytes: int, *args):
-    """kernel[blocks, THREADS, 0, nbytes](*args), first raising the kernel's limit of dynamic
+def launch_persistent(kernel, blocks: int, nbytes: int, stream: Stream, *args):
+    """kernel[blocks, THREADS, stream.kernels, nbytes](*args), first raising the kernel's limit of dynamic
     shared memory when it and the static shared memory pass 48 KiB (numba-cuda 0.30 has no
     launch option for it: the attribute is set on the compiled function)."""
     if nbytes + STATIC_RESERVE > STATIC_SHARED_BYTES and not SIMULATOR:
@@ -452,4 +569,4 @@ def launch_persistent(kernel, blocks: int, nbytes: int, *args):
         function = compiled._codelibrary.get_cufunc()
         attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         driver.cuKernelSetAttribute(attribute, nbytes, function.handle, function.device.id)
-    kernel[blocks, THREADS, 0, nbytes](*args)
+    kernel[blocks, THREADS, stream.kernels, nbytes](*args)

@@ -10,9 +10,14 @@ from contextlib import contextmanager
 import numpy as np
 
 from rnndsl.language.errors import SpecError
+from rnndsl.language.spec import state_shape
 from rnndsl.symbolic.ir import Node
 from rnndsl.symbolic.ops import OPS
+from rnndsl.backend.kernel_lib import kernel_functions
 from rnndsl.backend.schedule import Plan, Program, ReadKind, Store, StoreKind
+
+
+FASTMATH = '{"nsz", "arcp", "contract", "afn"}'
 
 
 class Code:
@@ -93,7 +98,7 @@ def legend(plan: Plan) -> list[str]:
     for title, table, shapes in (
             ("sizes", names.size, {s: () for s in step.sizes}),
             ("inputs", names.input, {x: (n,) for x, n in step.inputs.items()}),
-            ("states", names.state, {s: (n,) for s, n in step.states.items()}),
+            ("states", names.state, {s: state_shape(n) for s, n in step.states.items()}),
             ("outputs", names.output, {o: step.shape_of(o) for o in step.outputs}),
             ("params", names.param, {p: i.shape for p, i in step.params.items()})):
         items = ", ".join(f"{code}={name}{'(' + ','.join(shapes[name]) + ')' if shapes[name] else ''}"
@@ -187,24 +192,14 @@ class KernelWriter:
     def seed(self, n: Node) -> str:
         """The adjoint arriving at this step: from step t+1 and from the loss, zero when
         padding."""
-        names, name = self.names, n.attr
         idx = "j" if n.shape else "0"
-        terms = []
-        if name in names.state:
-            terms.append(f"{self.use('d' + names.state[name])}[t + 1, b, {idx}]")
-        if name in names.output:
-            terms.append(f"{self.use('d' + names.output[name])}[t, b, {idx}]")
+        terms = seed_terms(self.names, self.use, n.attr, f"t + 1, b, {idx}", f"t, b, {idx}")
         return f"(({' + '.join(terms)}) if live else C0)"
 
     def expr(self, n: Node, here) -> str:
         if n.op == "bcast":
             return self.ref(n.args[0], here)
-        args = [self.ref(a, here) for a in n.args]
-        if n.op == "pow" and n.args[1].is_const(2.0):
-            return f"({args[0]} * {args[0]})"
-        if n.op == "pow" and n.args[1].is_const(0.5):
-            return f"math.sqrt({args[0]})"
-        return OPS[n.op].code(n.op).format(*args)
+        return element_code(n, [self.ref(a, here) for a in n.args])
 
     # -- stores -------------------------------------------------------------------------------
     def store(self, s: Store, value: str) -> str:
@@ -230,6 +225,36 @@ class KernelWriter:
         if sp is None:
             return []
         return [f"{self.use(sp)}[b{', j' if n.shape else ''}] = {value or self.var(n)}"]
+
+
+def seed_terms(names: Names, use, name: str, from_next: str, from_loss: str) -> list[str]:
+    """The parts of the adjoint of `name` arriving at a step: the gradient array of a state
+    (from step t+1) indexed by `from_next`, the loss's of an output by `from_loss`; `use`
+    records each array a kernel reads."""
+    terms = []
+    if name in names.state:
+        terms.append(f"{use('d' + names.state[name])}[{from_next}]")
+    if name in names.output:
+        terms.append(f"{use('d' + names.output[name])}[{from_loss}]")
+    return terms
+
+
+def cpu_module_head(header: str, names: Names, dtype: str, imports: str,
+                    fastmath: str = FASTMATH) -> list[str]:
+    """The opening of a generated CPU module: imports (and the emitter's own `imports`), the
+    dtype, the fastmath flags, the constants and the kernel functions."""
+    return [header, "import math", "", "import numpy as np", "from numba import njit", "",
+            imports, "from rnndsl.backend.scratch import empty", "", f"DT = np.{dtype}",
+            f"FAST = {fastmath}", constant_lines(names, dtype), kernel_functions(dtype, "cpu")]
+
+
+def element_code(n: Node, args: list[str]) -> str:
+    """One element of an elementwise node, given its arguments' elements as code."""
+    if n.op == "pow" and n.args[1].is_const(2.0):
+        return f"({args[0]} * {args[0]})"
+    if n.op == "pow" and n.args[1].is_const(0.5):
+        return f"math.sqrt({args[0]})"
+    return OPS[n.op].code(n.op).format(*args)
 
 
 def stage_products(prog: Program, stage: int):

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from rnndsl.symbolic import ir
 from rnndsl.backend.emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
-                          constant_lines, function, stage_products, unpack)
+                          cpu_module_head, function, stage_products, unpack)
 from rnndsl.symbolic.ir import Node
-from rnndsl.backend.kernel_lib import kernel_functions
 from rnndsl.backend.schedule import REDUCTIONS, Loop, Plan, Program, Role, Scalar
 
 MAX_SIZE = 4096  # the largest size a fused loop's row buffer holds
 ROW = MAX_SIZE + 64  # the row buffer's block stride (padded off the same cache sets)
-FASTMATH = '{"nsz", "arcp", "contract", "afn"}'
 
 
 def emit_module(plan: Plan, dtype: str, header: str) -> str:
@@ -33,21 +31,8 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
     kernels += [fwd.text(), inf.text(), bwd.text()]
     glue = [_forward_glue(plan, names, fwd, save=True), _forward_glue(plan, names, inf, save=False),
             _backward_glue(plan, names, bwd)]
-    consts = constant_lines(names, dtype)
     return "\n".join([
-        header,
-        "import math",
-        "",
-        "import numpy as np",
-        "from numba import njit",
-        "",
-        "from rnndsl.backend.blas import gemm",
-        "from rnndsl.backend.scratch import empty",
-        "",
-        f"DT = np.{dtype}",
-        f"FAST = {FASTMATH}",
-        consts,
-        kernel_functions(dtype, "cpu"),
+        *cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import gemm"),
         *kernels,
         *glue,
     ])

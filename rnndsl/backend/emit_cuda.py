@@ -9,14 +9,18 @@ The same plan as the CPU target (schedule.py), emitted for a GPU:
   row: threads stride over the features, each reduction is a tree in shared memory
   (`block_sum`, `block_max`) and every thread then holds the row's value.
 * the GEMMs the plan names (hoisted input GEMMs, per-step stacked GEMMs, deferred input
-  gradients, weight gradients) are calls of `cs.gemm` (cuBLAS through CuPy or PyTorch, or the
+  gradients, weight gradients) are calls of `cs.gemm` (cuBLAS through PyTorch or CuPy, or the
   tiled Numba kernel in `cuda_support`); the time loop of the default mode is plain Python
-  in `forward`/`backward` that launches, per step, the GEMM of each stage and the phase kernel.
+  (`forward_steps`, `backward_steps`) that launches, per step, the GEMM of each stage and the
+  phase kernel, run through `cuda_graphs.time_loop`: captured once as a CUDA graph and
+  replayed where that can be done, else run as it is. Everything a pass enqueues (launches,
+  copies, GEMMs) goes to the stream the glue is given.
 * two persistent kernels per program (`forward_grid` and `forward_block`, `backward_grid`
   and `backward_block`), after Persistent RNNs (Diamos et al. 2016) and FlashRNN (Pöppel et
   al. 2024): one launch runs the whole time loop, on a cooperative grid or on one block (see
-  _PersistentKernel). The glue chooses per pass among them and the per-step launches by the
-  cost model of `cs.choose_time_loop`, or as asked (`persistent=...`).
+  _PersistentKernel), on the same stream and never captured. The glue chooses per pass among
+  them and the per-step launches by the cost model of `cs.choose_time_loop`, or as asked
+  (`persistent=...`).
 
 The index expressions (which array, which column block, padding) come from
 emit_common.KernelWriter, shared with the CPU target, so the two read and write the plan's
@@ -26,11 +30,11 @@ is made here; names from the spec appear only in the header's legend comment.
 from __future__ import annotations
 
 from rnndsl.symbolic import ir
-from rnndsl.backend.emit_common import (Code, KernelWriter, Names, backward_preamble, constant_lines,
-                          function, stage_products, unpack)
+from rnndsl.backend.emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
+                          constant_lines, function, stage_products, unpack)
 from rnndsl.symbolic.ir import Node
 from rnndsl.backend.kernel_lib import kernel_functions
-from rnndsl.backend.schedule import REDUCTIONS, Loop, Phase, Plan, Program, Role, Scalar
+from rnndsl.backend.schedule import REDUCTIONS, Loop, Phase, Plan, Program, Role, Scalar, StoreKind
 
 DEVICE_FUNCTIONS = '''
 @cuda.jit(device=True)
@@ -74,7 +78,9 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
                   for kind, prog in progs if kind != "pre"}
     kernels = [k.text() for kind, _ in progs for k in phases[kind]]
     kernels += [k.text() for kind in ("forward", "backward") for k in persistent[kind]]
-    glue = [_forward_glue(plan, names, phases, persistent["forward"]),
+    glue = [_loop(plan, names, phases["forward"], plan.forward, "forward"),
+            _loop(plan, names, phases["backward"], plan.back, "backward"),
+            _forward_glue(plan, names, phases, persistent["forward"]),
             _backward_glue(plan, names, phases["backward"], persistent["backward"])]
     consts = constant_lines(names, dtype)
     return "\n".join([
@@ -83,6 +89,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         "",
         "import numpy as np",
         "",
+        "from rnndsl.backend import cuda_graphs as cg",
         "from rnndsl.backend import cuda_support as cs",
         "from rnndsl.backend.cuda_support import cuda, lane_sum",
         "",
@@ -457,7 +464,7 @@ def persistent_grids(plan: Plan, sizes: dict[str, int], batch: int, itemsize: in
 
 # -- glue -----------------------------------------------------------------------------------
 def _stack(names: Names, weights) -> str:
-    return f"cs.stack(({', '.join(names.param[w] for w in weights)},), DT)"
+    return f"cs.stack(({', '.join(names.param[w] for w in weights)},), DT, stream)"
 
 
 def _vector(plan: Plan, names: Names, v: Node) -> str:
@@ -478,20 +485,70 @@ def _spill_allocs(code: Code, plan: Plan, names: Names, prog: Program):
         code(f"{sp} = cs.empty({shape}, DT)")
 
 
-def _time_loop(code: Code, phases: list[_PhaseKernel], prog: Program, plan: Plan, names: Names):
-    """The default mode: per step, the GEMM of each stage (cuBLAS) and each phase's kernel."""
+def _products(plan: Plan, names: Names, prog: Program, stage: int) -> list[tuple[str, str, str]]:
+    """The per-step GEMMs before phase `stage`: (vector array, GEMM name, transposition)."""
+    gemms, gemm_ts = stage_products(prog, stage)
+    return [(_vector(plan, names, g.vector), g.name, ", trans_b=True") for g in gemms] + \
+        [(g.buffer.name, g.name, "") for g in gemm_ts]
+
+
+def _loop_arrays(plan: Plan, names: Names, phases: list[_PhaseKernel], prog: Program):
+    """Every array of a time loop (sorted), and those its GEMMs take (in order of use)."""
+    gemm_arrays: list[str] = []
+    for ph in prog.phases:
+        for vec, g, _ in _products(plan, names, prog, ph.index):
+            gemm_arrays += [a for a in (vec, f"w_{g}", f"g_{g}") if a not in gemm_arrays]
+    arrays = set(gemm_arrays).union(*(p.arrays for p in phases))
+    return sorted(arrays), gemm_arrays
+
+
+def _loop(plan: Plan, names: Names, phases: list[_PhaseKernel], prog: Program, kind: str) -> str:
+    """The default mode's time loop as its own function, `{kind}_steps`: per step, the GEMM of
+    each stage and each phase's kernel, on `stream`. With it, `{KIND}_LOOP`: which arrays it
+    takes, which of them the GEMMs take, and which it writes (cuda_graphs.Loop)."""
     launches = {p.ph.index: p for p in phases}
+    arrays, gemm_arrays = _loop_arrays(plan, names, phases, prog)
+    code = function(f"def {kind}_steps(stream, T, B, sizes, lengths, arrays, mats):")
+    code(f'"""The {kind} time loop, one launch per step and phase: `arrays` in the order of',
+         f'{kind.upper()}_LOOP.arrays, `mats` the GEMMs\' views of its `gemm` arrays."""',
+         unpack(list(names.size.values()), "sizes"),
+         unpack(arrays, "arrays"),
+         unpack([f"m_{a}" for a in gemm_arrays], "mats"))
     with code.block(f"for t in {'range(T - 1, -1, -1)' if prog.reverse else 'range(T)'}:"):
         for ph in prog.phases:
-            gemms, gemm_ts = stage_products(prog, ph.index)
-            for g in gemms:
-                code(f"cs.gemm({_vector(plan, names, g.vector)}[t], w_{g.name}, "
-                     f"g_{g.name}, trans_b=True)")
-            for g in gemm_ts:
-                code(f"cs.gemm({g.buffer.name}[t], w_{g.name}, g_{g.name})")
+            for vec, g, trans in _products(plan, names, prog, ph.index):
+                code(f"cs.gemm(m_{vec}[t], m_w_{g}, m_g_{g}, stream{trans})")
             if ph.index in launches:
                 p = launches[ph.index]
-                code(f"{p.name}[{p.launch()}]({', '.join(p.args())})")
+                code(f"{p.name}[{p.launch()}, stream.kernels]({', '.join(p.args())})")
+    written = {_stored(names, st): st.kind for st in prog.stores}
+    fresh = [a for a, k in written.items() if k not in (StoreKind.STATE, StoreKind.DPREV)]
+    loop = (f"{kind.upper()}_LOOP = cg.Loop(arrays={as_tuple(map(repr, arrays))},\n"
+            f"    gemm={as_tuple(map(repr, gemm_arrays))},\n"
+            f"    fresh={as_tuple(map(repr, sorted(fresh)))},\n"
+            f"    results={as_tuple(map(repr, sorted(written)))})")
+    return code.text() + "\n\n\n" + loop + "\n"
+
+
+def _stored(names: Names, st) -> str:
+    """The array a store of the plan writes (as emit_common.KernelWriter.store names it)."""
+    if st.kind is StoreKind.STATE:
+        return names.state[st.target]
+    if st.kind is StoreKind.OUTPUT:
+        return names.output[st.target]
+    if st.kind is StoreKind.DPREV:
+        return "d" + names.state[st.target]
+    if st.kind is StoreKind.INPUT_GRAD:
+        return "d" + names.input[st.target]
+    return st.target.name
+
+
+def _run_loop(code: Code, kind: str, phases: list[_PhaseKernel], prog: Program, plan: Plan,
+              names: Names):
+    """The glue's call of the time loop, with the arrays in its Loop's order."""
+    arrays, _ = _loop_arrays(plan, names, phases, prog)
+    code(f"cg.time_loop({kind}_steps, {kind.upper()}_LOOP, stream, T, B, sizes, lengths, "
+         f"{as_tuple(arrays)})")
 
 
 def _persistent_choice(code: Code, kernels: list[_PersistentKernel], prog: Program):
@@ -512,12 +569,13 @@ def _persistent_launch(code: Code, kernels: list[_PersistentKernel]):
     for k in kernels:
         with code.block(f"{'if' if k.grid else 'elif'} variant == "
                         f"'{'multi-block' if k.grid else 'single-block'}':"):
-            code(f"cs.launch_persistent({k.name}, blocks, nbytes, {', '.join(k.args())})")
+            code(f"cs.launch_persistent({k.name}, blocks, nbytes, stream, "
+                 f"{', '.join(k.args())})")
 
 
 def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKernel]) -> str:
     step = plan.step
-    L = function("def forward(params, xs, state0, lengths, sizes, persistent=None):")
+    L = function("def forward(params, xs, state0, lengths, sizes, stream, persistent=None):")
     L("# arrays are device arrays; scalar parameters come as one-element arrays",
       unpack(list(names.param.values()), "params"),
       unpack(list(names.input.values()), "xs"),
@@ -533,16 +591,16 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKer
                 L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
         _spill_allocs(L, plan, names, plan.pre)
         for p in phases["pre"]:
-            L(f"{p.name}[{p.launch()}]({', '.join(p.args())})")
+            L(f"{p.name}[{p.launch()}, stream.kernels]({', '.join(p.args())})")
     for g in plan.hoisted:
         src = _vector(plan, names, g.vector)
         L(f"{g.name} = cs.empty((T, B, {names.sizes([p.shape[0] for p in g.products])})"
           f", DT)")
         L(f"cs.gemm(cs.flat({src}), {_stack(names, g.weights)}, cs.flat({g.name}), "
-          f"trans_b=True)")
+          f"stream, trans_b=True)")
     for s, code in names.state.items():
         L(f"{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
-        L(f"cs.copy({code}[0], state0[{list(names.state).index(s)}])")
+        L(f"cs.copy({code}[0], state0[{list(names.state).index(s)}], stream)")
     for o, code in names.output.items():
         shape = step.shape_of(o)
         L(f"{code} = cs.empty((T, B, {names.size[shape[0]] if shape else '1'}), DT)")
@@ -553,7 +611,7 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKer
     _spill_allocs(L, plan, names, plan.forward)
     _persistent_launch(L, k)
     with L.block("else:"):
-        _time_loop(L, phases["forward"], plan.forward, plan, names)
+        _run_loop(L, "forward", phases["forward"], plan.forward, plan, names)
     outs = ", ".join(names.output.values())
     finals = ", ".join(f"{c}[T]" for c in names.state.values())
     saved = ", ".join([*names.state.values(), *(g.name for g in plan.hoisted), "tape",
@@ -564,27 +622,27 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKer
 
 def _backward_glue(plan: Plan, names: Names, phases: list, k: list[_PersistentKernel]) -> str:
     step = plan.step
-    L = backward_preamble(plan, names, ", persistent=None")
+    L = backward_preamble(plan, names, ", stream, persistent=None")
     for g in plan.back.gemm_ts:
         L(f"w_{g.name} = {_stack(names, g.node.attr)}  # (K, N): g = G @ w")
         L(f"g_{g.name} = cs.empty((B, w_{g.name}.shape[1]), DT)")
     _persistent_choice(L, k, plan.back)
     for s, code in names.state.items():
         L(f"d{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
-        L(f"cs.copy(d{code}[T], d_final[{list(names.state).index(s)}])")
+        L(f"cs.copy(d{code}[T], d_final[{list(names.state).index(s)}], stream)")
     for x, code in names.input.items():
         make = "empty" if x in plan.input_rest else "zeros"
-        L(f"d{code} = cs.{make}((T, B, {names.size[step.inputs[x]]}), DT)")
+        L(f"d{code} = cs.{make}((T, B, {names.size[step.inputs[x]]}), DT, stream)")
     for buf in plan.grad_buffers:
         L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
     _spill_allocs(L, plan, names, plan.back)
     _persistent_launch(L, k)
     with L.block("else:"):
-        _time_loop(L, phases, plan.back, plan, names)
+        _run_loop(L, "backward", phases, plan.back, plan, names)
     L("# after the loop: input and weight gradients as GEMMs over all T*B rows")
     for x, g in plan.deferred:
         L(f"cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
-          f"cs.flat(d{names.input[x]}), accumulate=True)")
+          f"cs.flat(d{names.input[x]}), stream, accumulate=True)")
     grads = {p: f"d{code}" for p, code in names.param.items()}
     # a weight whose gradient comes from one stacked GEMM only is a row block of its result
     uses: dict[str, int] = {}
@@ -593,12 +651,12 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: list[_PersistentKe
             uses[wname] = uses.get(wname, 0) + 1
     for p, code in names.param.items():
         if uses.get(p, 0) != 1:
-            L(f"d{code} = cs.zeros({code}.shape, DT)")
+            L(f"d{code} = cs.zeros({code}.shape, DT, stream)")
     for k_w, w in enumerate(plan.weight_grads):
         v = w.vector
         src = f"{names.state[v.attr]}[:T]" if v.op == "prev" else _vector(plan, names, v)
         L(f"m{k_w} = cs.empty(({names.sizes(w.buffer.width())}, {src}.shape[2]), DT)")
-        L(f"cs.gemm(cs.flat({w.buffer.name}), cs.flat({src}), m{k_w}, trans_a=True)")
+        L(f"cs.gemm(cs.flat({w.buffer.name}), cs.flat({src}), m{k_w}, stream, trans_a=True)")
         for k_, wname in enumerate(w.weights):
             node = w.buffer.columns[k_][0]
             off = names.sizes(w.buffer.offset(k_))
@@ -606,10 +664,10 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: list[_PersistentKe
             if uses[wname] == 1:
                 L(f"{grads[wname]} = {block}")
             else:
-                L(f"cs.add_into({grads[wname]}, {block})")
+                L(f"cs.add_into({grads[wname]}, {block}, stream)")
     for p, (buf, block) in plan.param_grads.items():
         off = names.sizes(buf.offset(block))
-        L(f"cs.add_column_sums({grads[p]}, cs.flat({buf.name}), {off})")
+        L(f"cs.add_column_sums({grads[p]}, cs.flat({buf.name}), {off}, stream)")
     dparams = ", ".join(grads[p] for p in step.params)
     dxs = ", ".join(f"d{c}" for c in names.input.values())
     d0 = ", ".join(f"d{c}[0]" for c in names.state.values())

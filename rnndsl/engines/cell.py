@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rnndsl.backend import emit_rows as rows
+from rnndsl.backend.emit_rows import RowPlan
 from rnndsl.engines import reference
 from rnndsl.language.spec import SUM, state_shape
+from rnndsl.symbolic.ops import block_diagonal
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import StepIR
 
@@ -113,17 +116,31 @@ class GeneratedEngine:
 
 
 class CpuEngine(GeneratedEngine):
-    """The generated Numba kernels for the CPU."""
+    """The generated Numba kernels for the CPU: GEMMs over the batch and fused loops
+    (emit_cpu.py), or, for cells with matrix values, one batch row at a time (emit_rows.py),
+    whose forward pass keeps matrix states within `tape_budget` bytes (None: the default)."""
 
     name = "cpu"
 
+    def __init__(self, step: StepIR, bwd: Backward, plan, tape_budget: int | None = None):
+        super().__init__(step, bwd, plan)
+        self.rows = isinstance(plan, RowPlan)
+        if self.rows:
+            rows.tape_budget(tape_budget)  # a bad value is refused now, not at the first pass
+        self.tape_budget = tape_budget
+
     def emitter(self):
+        if self.rows:
+            return rows.emit_module
         from rnndsl.backend.emit_cpu import emit_module
         return emit_module
 
     def forward(self, params, xs, state0, lengths, sizes, dtype, save=True):
         m = self.module(dtype)
         run = m.forward if save else (lambda *a: (*m.infer(*a), None))
+        if save and self.rows:
+            budget = rows.tape_budget(self.tape_budget)
+            run = lambda *a: m.forward(*a, budget)  # noqa: E731
         outs, finals, saved = run(
             tuple(params[p] for p in self.step.params), tuple(xs[x] for x in self.step.inputs),
             tuple(state0[s] for s in self.step.states), lengths,
@@ -202,10 +219,12 @@ class Cell:
 
     # -- running --------------------------------------------------------------------------------
     def forward(self, params: dict, x, state0: dict | None = None, lengths=None,
-                save: bool = True) -> Forward:
+                save: bool = True, sizes: dict[str, int] | None = None) -> Forward:
         """Run the cell over `x` (T, B, n) (a dict when the cell has several inputs), from
         `state0` (zeros by default), with optional per-sequence `lengths` (B,). With
-        `save=False` nothing is kept for a backward pass (inference: faster, less memory)."""
+        `save=False` nothing is kept for a backward pass (inference: faster, less memory).
+        `sizes` gives sizes that no parameter or input shows (the NTM's slots, which only its
+        memory has) when `state0` does not."""
         xs = x if isinstance(x, dict) else {self._only_input(): x}
         dtype = _common_dtype(params, xs)
         params = {p: self._array(v, dtype) for p, v in params.items()}
@@ -213,8 +232,9 @@ class Cell:
         self._check_names(params, xs)
         _known("state0", state0 or {}, self.states)
         T, B = next(iter(xs.values())).shape[:2]
-        sizes = self._sizes(params, xs, state0)
-        shapes = {s: (B, *_dims(state_shape(size), sizes)) for s, size in self.states.items()}
+        sizes = self._sizes(params, xs, state0, sizes or {})
+        shapes = {s: (B, *(_dims(state_shape(size), sizes) or (1,)))  # a scalar: (B, 1)
+                  for s, size in self.states.items()}
         state0 = {s: (np.zeros(shapes[s], dtype) if not state0 or s not in state0
                       else self._array(state0[s], dtype))
                   for s in self.states}
@@ -295,8 +315,9 @@ class Cell:
             if v.ndim != 3:
                 raise ValueError(f"input '{k}' must be (T, B, n), got shape {v.shape}")
 
-    def _sizes(self, params, xs, state0) -> dict[str, int]:
-        """Size values read off the arrays; a disagreement is an error naming both places."""
+    def _sizes(self, params, xs, state0, given: dict[str, int]) -> dict[str, int]:
+        """Size values read off the arrays and `given`; a disagreement is an error naming both
+        places."""
         found: dict[str, tuple[int, str]] = {}
 
         def see(size: str, value: int, where: str):
@@ -305,6 +326,9 @@ class Cell:
                                  f"{value} from {where}")
             found.setdefault(size, (value, where))
 
+        _known("sizes", given, self.sizes)
+        for size, n in given.items():
+            see(size, int(n), "sizes")
         for x, v in xs.items():
             see(self.inputs[x], v.shape[2], f"input '{x}'")
         for p, info in self.params.items():
@@ -323,10 +347,12 @@ class Cell:
                      for s, n in zip(info.shape, np.shape(params[p])) if SUM in s], found)
         missing = [s for s in self.sizes if s not in found]
         if missing:
-            raise ValueError(f"cannot tell size(s) {missing} from the arrays given")
+            raise ValueError(f"cannot tell size(s) {missing} from the arrays given; pass "
+                             f"state0, or sizes={{{', '.join(repr(m) + ': N' for m in missing)}}}")
         known = {s: v for s, (v, _) in found.items()}
         for p, info in self.params.items():
             want = _dims(info.shape, known)
+            _divides(p, info, want)
             if params[p].shape != want:
                 raise ValueError(f"parameter '{p}' has shape {params[p].shape}; "
                                  f"({', '.join(info.shape)}) is {want} here")
@@ -357,8 +383,17 @@ def make_params(name: str, size_names, params: dict, sizes_in_order, seed: int, 
     out = {}
     for p, info in params.items():  # a concatenated matrix as a whole
         shape = _dims(info.shape, sizes)
-        out[p] = init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng, p)
+        _divides(p, info, shape)
+        out[p] = block_diagonal(init_array(info.init, info.value, shape, sizes.get(HIDDEN), rng,
+                                           p), info.blocks)
     return {p: v.astype(dtype) for p, v in out.items()}
+
+
+def _divides(name: str, info, shape: tuple[int, ...]) -> None:
+    """A block-diagonal parameter's blocks are of equal size."""
+    if info.blocks > 1 and shape[0] % info.blocks:
+        raise ValueError(f"parameter '{name}' has {info.blocks} diagonal blocks, so its size "
+                         f"({info.shape[0]} = {shape[0]}) must be a multiple of {info.blocks}")
 
 
 def _solve_sums(shapes: list[tuple[str, int, str]], found: dict) -> None:

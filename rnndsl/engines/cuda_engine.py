@@ -11,6 +11,10 @@ recurrent weights fit in shared memory), True the cheapest persistent kernel (an
 none fits), False the per-step launches, 'single-block' or 'multi-block' that persistent
 kernel. `last_variant` tells what each pass ran last ('per-step', 'single-block',
 'multi-block') and `last_blocks` its grid (0 for per-step launches).
+
+Every pass runs on the thread's current stream (`cuda_support.on_stream`; the default stream
+unless set), which the generated code is given: the per-step launches, the persistent
+kernels and every copy and GEMM.
 """
 from __future__ import annotations
 
@@ -72,7 +76,7 @@ class CudaEngine(GeneratedEngine):
             tuple(dev(_one_element(params[p])) for p in self.step.params),
             tuple(dev(xs[x]) for x in self.step.inputs),
             tuple(dev(state0[s]) for s in self.step.states), dev(np.asarray(lengths, np.int64)),
-            tuple(sizes[s] for s in self.step.sizes), self.persistent)
+            tuple(sizes[s] for s in self.step.sizes), cs.current_stream(), self.persistent)
         self.last_blocks["forward"], self.last_variant["forward"] = blocks, variant
         back = cs.host if on_host else (lambda a: a)
         return (dict(zip(self.step.outputs, map(back, outs))),
@@ -93,7 +97,7 @@ class CudaEngine(GeneratedEngine):
             tuple(dev(_one_element(params[p])) for p in self.step.params),
             tuple(dev(tape.xs[x]) for x in self.step.inputs), dev(np.asarray(tape.lengths, np.int64)),
             saved, douts, tuple(dev(d_final[s]) for s in self.step.states),
-            tuple(tape.sizes[s] for s in self.step.sizes), self.persistent)
+            tuple(tape.sizes[s] for s in self.step.sizes), cs.current_stream(), self.persistent)
         self.last_blocks["backward"], self.last_variant["backward"] = blocks, variant
         back = cs.host if on_host else (lambda a: a)
         dparams = {}

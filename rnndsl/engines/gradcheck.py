@@ -24,9 +24,10 @@ def gradcheck(cell: Cell, T: int = 4, B: int = 3, size: int = 3, seed: int = 0,
     """Compare `cell.backward` with central differences of the loss
     L = sum(R * outputs) + sum(S * final states), R and S random, in float64.
 
-    Parameters, inputs and initial states are random unless given (a cell whose equations
-    have a restricted domain, such as a sharpening exponent >= 1, needs chosen values); given
-    arrays fix the sizes, and T and B are read off the inputs."""
+    Parameters, inputs and initial states are random unless given (a cell whose states have
+    a restricted domain needs chosen values: the NTM's weightings are distributions, and a
+    negative weight sharpened by a power is NaN); given arrays fix the sizes, and T and B are
+    read off the inputs."""
     rng = np.random.default_rng(seed)
     sizes = {s: size + k for k, s in enumerate(cell.sizes)}  # distinct, so mixups show
     if params is None:
@@ -36,7 +37,8 @@ def gradcheck(cell: Cell, T: int = 4, B: int = 3, size: int = 3, seed: int = 0,
         xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
     if state0 is None:
         B = next(iter(xs.values())).shape[1]
-        state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in state_shape(n))))
+        state0 = {s: 0.5 * rng.standard_normal((B, *(tuple(sizes[d] for d in state_shape(n))
+                                                     or (1,))))  # a scalar state: (B, 1)
                   for s, n in cell.states.items()}
     # own float64 arrays (a 0-d parameter too, which arithmetic turns into a NumPy scalar):
     # the perturbations below write into them

@@ -18,7 +18,7 @@ from rnndsl.language.spec import state_shape
 from rnndsl.symbolic import ir
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import Node, StepIR
-from rnndsl.symbolic.ops import OPS
+from rnndsl.symbolic.ops import OPS, block_diagonal
 
 
 class Evaluator:
@@ -136,8 +136,9 @@ def backward(bwd: Backward, params: dict, xs: dict, history: dict, lengths, d_ou
             d_params[p] += _collapse(_rows(vals[g.uid], live), params[p].shape)
         for w, terms in bwd.d_matrices.items():
             for g, v in terms:
-                d_params[w] += _rows(full(vals[g.uid], g.shape, sizes, B, dtype), live).T @ \
-                    full(vals[v.uid], v.shape, sizes, B, dtype)
+                d_params[w] += block_diagonal(
+                    _rows(full(vals[g.uid], g.shape, sizes, B, dtype), live).T @
+                    full(vals[v.uid], v.shape, sizes, B, dtype), step.params[w].blocks)
     return d_params, d_inputs, d_state
 
 

@@ -41,6 +41,9 @@ from rnndsl.language.spec import SUM, ParamDecl, Spec, state_shape
 FUNCTIONS: dict[str, dict[int, tuple[str, str]]] = user_functions()
 
 
+RANKS = ("scalar", "vector", "matrix")  # a Shape's kind by its number of sizes
+
+
 @dataclass
 class Shape:
     """A scalar, a vector of a size variable, or a matrix of two size variables."""
@@ -92,6 +95,7 @@ class ParamInfo:
     value: float
     declared: bool
     pos: SourcePos  # declaration, or first use when inferred
+    blocks: int = 1  # > 1: a square matrix with that many blocks on its diagonal, zeros elsewhere
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,8 @@ class _Checker(MatrixRules):
         return defs
 
     def classify(self, name: Name, defs) -> tuple[str, str]:
-        """('input'|'prev'|'value'|'const'|'param', base name) for a name in an expression."""
+        """('input'|'prev'|'value'|'const'|'size'|'param', base name) for a name in an
+        expression."""
         spec, n = self.spec, name.id
         if n in spec.inputs:
             return "input", n
@@ -281,8 +286,8 @@ class _Checker(MatrixRules):
                             "value", name.pos)
         if n in FUNCTIONS:
             raise SpecError(f"'{n}' is a function; call it as {n}(...)", name.pos)
-        if n in spec.sizes:
-            raise SpecError(f"'{n}' is a size, not a value", name.pos)
+        if n in spec.sizes:  # its number, the same for every sequence (1 / sqrt(key))
+            return "size", n
         # A parameter named after the value it feeds (W_gate, b_gate for gate) is normal
         # practice, not a typo: no suggestion when the part after the prefix is known.
         prefix, _, rest = n.partition("_")
@@ -368,12 +373,11 @@ class _Checker(MatrixRules):
             t = self.splits[id(a.expr)][k]
         if a.target in self.spec.states:
             shape = state_shape(self.spec.states[a.target])
-            want = Shape(("vector", "matrix")[len(shape) - 1],
-                         tuple(self.sizes.fresh(d) for d in shape))
+            want = Shape(RANKS[len(shape)], tuple(self.sizes.fresh(d) for d in shape))
             if t.kind != "scalar" and (len(t.dims) != len(shape) or
                                        not all(map(self.sizes.unify, want.dims, t.dims))):
-                declared = f"size ({shape[0]},)" if len(shape) == 1 else \
-                    f"shape ({', '.join(shape)})"
+                declared = "one number per sequence ([])" if not shape else \
+                    f"size ({shape[0]},)" if len(shape) == 1 else f"shape ({', '.join(shape)})"
                 raise SpecError(f"shape mismatch: state '{a.target}' has {declared} but the "
                                 f"right side has {self.describe(t)}", a.pos)
             t = want
@@ -410,6 +414,8 @@ class _Checker(MatrixRules):
                 return self.join_all(ts, e.pos, f"'{e.func}'")
             if kind in ("matrix", "axis"):
                 return self.matrix_call(e, op, kind, ts)
+            if kind == "shift":
+                return self.shift_call(e, ts)
             if ts[0].kind == "matrix":
                 raise self.whole_matrix(e)
             if ts[0].kind != "vector":
@@ -513,7 +519,8 @@ class _Checker(MatrixRules):
                 if t.kind == "scalar":
                     return [t] * n
                 return [Shape("vector", (v,)) for v in self.row_split(e, n)]
-            if kind == "const" or (kind == "value" and self.types[base].kind == "scalar"):
+            if kind in ("const", "size") or \
+                    (kind == "value" and self.types[base].kind == "scalar"):
                 return [Shape("scalar")] * n
         what = f"'{e.id}'" if isinstance(e, Name) else f"'{e.func}(...)'" \
             if isinstance(e, Call) else "this"
@@ -568,10 +575,10 @@ class _Checker(MatrixRules):
             return Shape("vector", (self.sizes.fresh(self.spec.inputs[base]),))
         if kind == "prev":
             dims = tuple(self.sizes.fresh(d) for d in state_shape(self.spec.states[base]))
-            return Shape(("vector", "matrix")[len(dims) - 1], dims)
+            return Shape(RANKS[len(dims)], dims)
         if kind == "value":
             return self.types[base]
-        if kind == "const":
+        if kind in ("const", "size"):
             return Shape("scalar")
         t = self.param_type(name, "vector")
         if t.kind != "matrix":
@@ -585,7 +592,7 @@ class _Checker(MatrixRules):
             self.param_pos[n] = decl.pos if decl else name.pos
             if decl is not None and decl.shape is not None:
                 dims = tuple(self.sizes.fresh(s) for s in decl.shape)
-                self.types[n] = Shape(("scalar", "vector", "matrix")[len(dims)], dims)
+                self.types[n] = Shape(RANKS[len(dims)], dims)
             else:
                 k = 2 if use == "matrix" else 1
                 self.types[n] = Shape(use, tuple(self.sizes.fresh() for _ in range(k)))
@@ -609,8 +616,10 @@ class _Checker(MatrixRules):
         if b.kind == "scalar":
             return a
         if not self.sizes.unify(a.dims[0], b.dims[0]):
+            hint = "; an exponent per sequence is a scalar, as in w ** gamma with gamma = " \
+                "1 + softplus(sum(w_gamma * h) + b_gamma)" if where == "'**'" else ""
             raise SpecError(f"shape mismatch at {where}: {self.describe(a)} and "
-                            f"{self.describe(b)}", pos)
+                            f"{self.describe(b)}{hint}", pos)
         return a
 
     def not_matrix(self, t: Shape, e):
@@ -642,6 +651,34 @@ class _Checker(MatrixRules):
                             f"{', '.join(self.spec.sizes)}", pos)
         return dims
 
+    def blocks_of(self, decl: ParamDecl, shape: tuple[str, ...], cut: bool) -> int:
+        """The number of diagonal blocks of a parameter declared with `blocks:` (1 without)."""
+        if not decl.blocks:
+            return 1
+        where = decl.blocks_pos
+        if decl.blocks.isdigit():
+            count = int(decl.blocks)
+        elif decl.blocks in self.spec.constants:
+            value = self.spec.constants[decl.blocks].value
+            if value != int(value) or value < 1:
+                raise SpecError(f"'blocks' of '{decl.name}' is the constant '{decl.blocks}' = "
+                                f"{value:g}; a number of blocks is a whole number of at least 1",
+                                where)
+            count = int(value)
+        else:
+            raise SpecError(f"'blocks' of '{decl.name}' names '{decl.blocks}', which is not a "
+                            f"constant{suggest(decl.blocks, self.spec.constants)}; write a "
+                            "number or declare it under 'constants'", where)
+        if len(shape) != 2 or shape[0] != shape[1] or SUM in shape[0] or shape[0].isdigit() or \
+                cut:
+            raise SpecError(f"'{decl.name}' has {count} blocks on its diagonal, so it is a "
+                            "square matrix of one size used whole, as in R @ h_prev with R: "
+                            f"{{shape: [hidden, hidden], blocks: {decl.blocks}}}; it is "
+                            + ("cut into parts" if cut else
+                               f"of shape ({', '.join(shape)}{',' if len(shape) == 1 else ''})"),
+                            where)
+        return count
+
     def param_infos(self) -> tuple[ParamLayout, dict[str, ParamInfo]]:
         """The parameters as the user sees them, and what the kernels take: the blocks of a
         parameter cut into row parts, column parts or single elements."""
@@ -668,7 +705,9 @@ class _Checker(MatrixRules):
                 raise SpecError(f"init 'orthogonal' needs a matrix; '{n}' has shape "
                                 f"({', '.join(shape)}{',' if len(shape) == 1 else ''})", decl.pos)
             out[n] = info = ParamInfo(n, shape, decl.init if decl else "uniform",
-                                      decl.value if decl else 0.0, decl is not None, pos)
+                                      decl.value if decl else 0.0, decl is not None, pos,
+                                      self.blocks_of(decl, shape, n in self.row_parts or
+                                                     n in self.blocks) if decl else 1)
             row_cut = _cut(names[0]) if names else ()
             col_cut = _cut(names[1]) if len(names) == 2 else ()
             if not row_cut and not col_cut:

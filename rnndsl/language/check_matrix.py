@@ -12,6 +12,9 @@ vectors of sizes a and b, and anything computed from those. The rules:
   1 when both sizes are the same); the result is a vector of the other size. `softmax(M, axis)`
   normalises over the axis and keeps the matrix's shape.
 * `outer(a, b)` takes two vectors.
+* `shift(w, s)`, the NTM's circular shift, takes a weighting w over named slots and a shift
+  distribution s whose size is an odd number (3: shifts -1, 0, +1), and gives w's shape. Both
+  sizes are checked at the end: s's is usually that of a declared parameter further down.
 """
 from __future__ import annotations
 
@@ -30,9 +33,12 @@ class MatrixRules:
         # (size variable, pos): the vectors of outer(a, b), where every matrix that does not come
         # from a state gets its sizes
         self.matrix_operands: list[tuple] = []
+        self.shifts: list[tuple] = []  # (w's size variable, s's, the call): shift(w, s)
 
     def check_matrix_uses(self):
         self.check_spreads()
+        for w, s, e in self.shifts:
+            self.check_shift(w, s, e)
         for var, pos in self.matrix_operands:
             size = self.sizes.name(var)
             if size is not None and size.isdigit():
@@ -99,6 +105,32 @@ class MatrixRules:
         else:
             result = m.dims[1 - over]
         return m if op == "axis_softmax" else Shape("vector", (result,))
+
+    def shift_call(self, e: Call, ts: list):
+        """shift(w, s): w shifted circularly over its slots by the distribution s."""
+        from rnndsl.language.check import Shape
+
+        for t, arg, what in zip(ts, e.args, ("a weighting over slots", "a shift distribution")):
+            if t.kind != "vector":
+                raise SpecError(f"shift(w, s) takes {what} here, a vector; this is "
+                                f"{self.describe(t)}", arg.pos)
+        self.shifts.append((ts[0].dims[0], ts[1].dims[0], e))
+        return ts[0]
+
+    def check_shift(self, w: int, s: int, e: Call):
+        slots, shifts = self.sizes.name(w), self.sizes.name(s)
+        if slots is None or slots.isdigit():
+            raise SpecError(f"shift(w, s) rotates w over the memory's slots, a named size; "
+                            f"this w has size ({slots or '?'},)", e.args[0].pos)
+        example = "s = softmax(W_shift @ h) with W_shift: {shape: [3, hidden]}"
+        if shifts is None or not shifts.isdigit():
+            raise SpecError(f"the shift distribution of shift(w, s) has one weight per shift, "
+                            f"so its size is a number (3: shifts -1, 0, +1), as in {example}; "
+                            f"this one has size ({shifts or '?'},)", e.args[1].pos)
+        if int(shifts) % 2 == 0:
+            raise SpecError(f"the shift distribution of shift(w, s) has {shifts} weights; it "
+                            "needs an odd number, centred on no shift (3: shifts -1, 0, +1; "
+                            "5: -2 to +2)", e.args[1].pos)
 
     def whole_matrix(self, e: Call) -> SpecError:
         """`sum(M)`: the functions of a vector's features need an axis of a matrix."""

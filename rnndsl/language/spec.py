@@ -32,7 +32,7 @@ TOP_KEYS = ("name", "summary", "structure", "arity", "sizes", "inputs", "states"
 STRUCTURES = ("sequence", "tree")
 MAX_ARITY = 16
 ANY_ARITY = "any"
-PARAM_KEYS = ("shape", "init")
+PARAM_KEYS = ("shape", "init", "blocks")
 INITS = ("uniform", "zeros", "ones", "orthogonal", "constant")
 # A matrix that multiplies a concatenation, W @ [h_prev, x], has as many columns as the parts
 # together: its shape is written [hidden, hidden + input], the sizes in the order of the parts;
@@ -42,9 +42,9 @@ SUM = " + "
 MAX_NUMBER_SIZE = 64
 
 
-def state_shape(size: str | tuple[str, str]) -> tuple[str, ...]:
+def state_shape(size: str | tuple[str, ...]) -> tuple[str, ...]:
     """A state's shape from its declaration: `h: hidden` is (hidden,), a matrix-valued state
-    `M: [key, value]` is (key, value)."""
+    `M: [key, value]` is (key, value), a per-sequence scalar `m: []` is ()."""
     return size if isinstance(size, tuple) else (size,)
 # The only YAML tags a spec may carry (those plain YAML resolves to); anything else, above all
 # `!!python/...`, is refused before any value is read.
@@ -59,6 +59,11 @@ class ParamDecl:
     init: str  # one of INITS
     value: float  # for init == "constant"
     pos: SourcePos
+    # `blocks: 4` or `blocks: heads` (a constant): a square matrix that is block-diagonal, that
+    # many blocks of equal size on its diagonal and zeros elsewhere (xLSTM's head-wise
+    # recurrent weights); "" for a full matrix
+    blocks: str = ""
+    blocks_pos: SourcePos | None = None
 
 
 @dataclass(frozen=True)
@@ -353,15 +358,16 @@ class _SpecReader:
         return names
 
     def sized_names(self, node, what: str, sizes: list[str], matrices: bool = False) -> dict:
-        """`{x: input}`; with `matrices`, also `{M: [key, value]}`, a matrix of two sizes."""
+        """`{x: input}`; with `matrices`, also `{M: [key, value]}`, a matrix of two sizes, and
+        `{m: []}`, one number per sequence (xLSTM's stabiliser)."""
         out = {}
         for n, (knode, vnode) in self.mapping(node, what).items():
             if matrices and isinstance(vnode, yaml.SequenceNode):
-                if len(vnode.value) != 2:
+                if len(vnode.value) not in (0, 2):
                     count = f"{len(vnode.value)} size{'' if len(vnode.value) == 1 else 's'}"
                     raise self.fail(f"'{n}' has {count}; a state is a vector "
-                                    f"({n}: hidden) or a matrix of two sizes ({n}: [key, value])",
-                                    vnode)
+                                    f"({n}: hidden), a matrix of two sizes ({n}: [key, value]) "
+                                    f"or one number per sequence ({n}: [])", vnode)
                 dims = tuple(self.known_size(item, n, what, sizes) for item in vnode.value)
             else:
                 dims = self.known_size(vnode, n, what, sizes)
@@ -394,7 +400,16 @@ class _SpecReader:
                 shape = self.shape(fields["shape"][1], n, sizes)
             if "init" in fields:
                 init, value = self.init(fields["init"][1], n)
-            out[n] = ParamDecl(n, shape, init, value, pos)
+            blocks, blocks_pos = "", None
+            if "blocks" in fields:
+                bnode = fields["blocks"][1]
+                blocks, blocks_pos = self.scalar_str(bnode, f"params.{n}.blocks"), \
+                    self.at(bnode.start_mark)
+                if not (NAME_RE.match(blocks) or (blocks.isdigit() and int(blocks) >= 1)):
+                    raise self.fail(f"'blocks' of '{n}' is the number of blocks on its "
+                                    "diagonal, a whole number or a constant's name, e.g. "
+                                    "blocks: 4", bnode)
+            out[n] = ParamDecl(n, shape, init, value, pos, blocks, blocks_pos)
         return out
 
     def shape(self, node, pname: str, sizes: list[str]) -> tuple[str, ...]:

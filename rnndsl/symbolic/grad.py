@@ -71,8 +71,8 @@ def grad(step: StepIR) -> Backward:
             d_params[n.attr] = g
         elif n.op == "matvec":
             w, v = n.args
-            d_matrices[w.attr].append((g, v))
-            contribs[v.uid].append(ir.matvec_t(w, g))
+            d_matrices[w.attr].append((g, v))  # of a block-diagonal W, its diagonal blocks
+            contribs[v.uid].append(ir.matvec_t(w, g, n.attr or 1))
         elif not n.is_leaf:
             for arg, c in zip(n.args, OPS[n.op].grad(n, g)):
                 if c is None or c.is_const(0.0) or arg.op in ("const", "size"):
@@ -144,7 +144,9 @@ def _print(b: Backward, previous: bool) -> str:
     for w, terms in b.d_matrices.items():
         outer = " + ".join(f"outer({ir.render(g, names, False)}, {ir.render(v, names, False)})"
                            for g, v in terms)
-        lines.append(f"d_{w} += {outer}")
+        blocks = fwd.params[w].blocks
+        lines.append(f"d_{w} += {outer}" + (f" (its {blocks} diagonal blocks)" if blocks > 1
+                                             else ""))
     for p, g in b.d_params.items():
         lines.append(f"d_{p} += {ir.render(g, names, False)}")
     return "\n".join(lines)

@@ -197,16 +197,17 @@ def bcast(x: Node, shape: tuple[str, ...]) -> Node:
     return node("bcast", (x,), None, shape)
 
 
-def matvec(w: Node, v: Node) -> Node:
-    """W @ v for a matrix parameter W of shape (rows, cols) and a vector v of size cols."""
+def matvec(w: Node, v: Node, blocks: int = 1) -> Node:
+    """W @ v for a matrix parameter W of shape (rows, cols) and a vector v of size cols. With
+    `blocks` > 1, W is square and block-diagonal (the attr): only its diagonal blocks count."""
     assert w.op == "param" and len(w.shape) == 2 and v.shape == (w.shape[1],), (w, v)
-    return node("matvec", (w, v), None, (w.shape[0],))
+    return node("matvec", (w, v), blocks if blocks > 1 else None, (w.shape[0],))
 
 
-def matvec_t(w: Node, v: Node) -> Node:
+def matvec_t(w: Node, v: Node, blocks: int = 1) -> Node:
     """W.T @ v: how an adjoint flows back through W @ x."""
     assert w.op == "param" and len(w.shape) == 2 and v.shape == (w.shape[0],), (w, v)
-    return node("matvec_t", (w, v), None, (w.shape[1],))
+    return node("matvec_t", (w, v), blocks if blocks > 1 else None, (w.shape[1],))
 
 
 def add_all(terms: list[Node]) -> Node:
@@ -293,6 +294,8 @@ def _render(n: Node, names: dict[int, str], top: bool) -> tuple[str, int]:
         rows, cols = n.args[0].shape
         axis = str(n.attr) if rows == cols else (rows, cols)[n.attr]
         return f"{_FUNC_NAMES[n.op]}({_render(n.args[0], names, False)[0]}, {axis})", 9
+    if n.op == "roll":
+        return f"roll({_render(n.args[0], names, False)[0]}, {n.attr})", 9
     if n.op == "neg":
         inner, p = _render(n.args[0], names, False)
         return f"-{inner if p >= 4 else f'({inner})'}", 4

@@ -40,6 +40,8 @@ def lower(checked: Checked) -> ir.StepIR:
             return env[n]
         if n in spec.constants:
             return ir.const(spec.constants[n].value)
+        if n in spec.sizes and n not in spec.params:
+            return ir.size(n)
         if n.endswith(PREV) and n[:-len(PREV)] in spec.states:
             s = n[:-len(PREV)]
             return ir.leaf("prev", s, state_shape(spec.states[s]))
@@ -76,6 +78,8 @@ def lower(checked: Checked) -> ir.StepIR:
             return softmax(args[0])
         if kind == "matrix":
             return rank2.outer(*args)
+        if kind == "shift":  # the distribution is a list of per-row scalars: its size is a number
+            return rank2.shift(args[0], as_list(args[1]))
         return each(lambda *a: elementwise(op, *a), *args)
 
     def product(matrix: str, v) -> ir.Node | list:
@@ -84,7 +88,7 @@ def lower(checked: Checked) -> ir.StepIR:
         parts = [p for item in items for p in as_list(expr(item))]
         cut = cuts.get(matrix)
         if cut is None:
-            return ir.matvec(param(matrix), parts[0])
+            return ir.matvec(param(matrix), parts[0], checked.params[matrix].blocks)
         blocks = iter(cut.names)
         rows = [ir.add_all([block_product(param(next(blocks)), c, part)
                             for c, part in zip(cut.cols or [None], parts)])

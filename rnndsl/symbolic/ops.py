@@ -84,6 +84,16 @@ def _axis_softmax_grad(y: Node, g: Node):
     return (mul(y, sub(g, rank2.spread(rank2.axis_sum(mul(g, y), over), y.shape, 1 - over))),)
 
 
+def block_diagonal(w: np.ndarray, blocks: int) -> np.ndarray:
+    """A square matrix with everything off its `blocks` diagonal blocks zero: what the
+    reference engine multiplies by, and keeps the gradient of (kernels that exploit the blocks
+    are to read the diagonal blocks alone)."""
+    if blocks == 1:
+        return w
+    size = w.shape[-1] // blocks
+    return w * np.kron(np.eye(blocks, dtype=w.dtype), np.ones((size, size), dtype=w.dtype))
+
+
 def _step(x):
     return (x > 0).astype(x.dtype) if isinstance(x, np.ndarray) else float(x > 0)
 
@@ -106,7 +116,24 @@ def _pow_grad(y: Node, g: Node):
     d_base = mul(g, mul(exponent, power(base, sub(exponent, ONE))))
     if exponent.op in ("const", "size"):
         return d_base, None
-    return d_base, mul(g, mul(ir.apply("log", base), y))
+    # d/de b**e = log(b) b**e. Where b is 0 (a weighting sharpened by w ** gamma whose small
+    # entries underflowed) b**e is 0 too for e > 0, and the term is 0, not 0 * -inf: log is
+    # taken of b + (b == 0), as PyTorch does.
+    safe_base = add(base, ir.apply("eq", base, const(0.0)))
+    return d_base, mul(g, mul(ir.apply("log", safe_base), y))
+
+
+def _shift(w, *s):
+    return sum(sk * np.roll(w, offset, axis=-1)
+               for sk, offset in zip(s, rank2.shift_offsets(len(s))))
+
+
+def _shift_grad(y: Node, g: Node):
+    """y = sum_k s_k roll(w, o_k): w's adjoint is g shifted the other way (the shift by the
+    reversed distribution), and s_k's the sum of g times w rolled by o_k."""
+    w, *s = y.args
+    return (rank2.shift(g, s[::-1]), *(ir.reduce("rsum", mul(g, rank2.roll(w, offset)))
+                                       for offset in rank2.shift_offsets(len(s))))
 
 
 def _unary(spelling: str, numpy, grad, body: str = "", library: bool = False,
@@ -166,10 +193,12 @@ OPS: dict[str, Op] = {
     "softmax": Op(_softmax, lambda y, g: (mul(y, sub(g, ir.reduce("rsum", mul(g, y)))),),
                   spelling="softmax", structural=True),
     "bcast": Op(lambda x: x, lambda y, g: (rank2.total(g),), structural=True),
-    # matrix times vector; the matrix's own gradient (an outer product) is kept by grad.py
-    "matvec": Op(lambda w, v: v @ w.T, lambda y, g: (None, ir.matvec_t(y.args[0], g)), arity=2,
-                 structural=True),
-    "matvec_t": Op(lambda w, v: v @ w, lambda y, g: (None, None), arity=2, structural=True),
+    # matrix times vector; the matrix's own gradient (an outer product) is kept by grad.py.
+    # The attr, when set, is the number of diagonal blocks of a block-diagonal W.
+    "matvec": Op(lambda w, v, blocks=1: v @ block_diagonal(w, blocks).T, lambda y, g: (
+        None, ir.matvec_t(y.args[0], g, y.attr or 1)), arity=2, structural=True),
+    "matvec_t": Op(lambda w, v, blocks=1: v @ block_diagonal(w, blocks), lambda y, g: (None, None),
+                   arity=2, structural=True),
     # values of rank 2 (rank2.py): a matrix computed in the step, one per batch row
     "mv": Op(lambda m, v: np.einsum("...ij,...j->...i", m, v), lambda y, g: (
         rank2.outer(g, y.args[1]), rank2.mtv(y.args[0], g)), arity=2, structural=True),
@@ -186,6 +215,11 @@ OPS: dict[str, Op] = {
         kind="axis"),
     "axis_softmax": Op(lambda m, over: _softmax(m, over - 2), _axis_softmax_grad,
                        spelling="softmax", arity=2, structural=True, kind="axis"),
+    # the NTM's location addressing (rank2.py): `shift(w, s)` takes a weighting over named
+    # slots and a shift distribution whose size is an odd number, lowered as its weights
+    "shift": Op(_shift, _shift_grad, spelling="shift", arity=2, structural=True, kind="shift"),
+    "roll": Op(lambda w, offset: np.roll(w, offset, axis=-1),
+               lambda y, g: (rank2.roll(g, -y.attr),), structural=True),
 }
 
 
@@ -218,7 +252,8 @@ def user_functions() -> dict[str, dict[int, tuple[str, str]]]:
     """What users may call: spelling -> {number of arguments: (op, kind)}; kinds: "map"
     elementwise (primitives and macros), "reduce" vector -> per-row scalar, "row" vector ->
     vector, "matrix" two vectors -> a matrix (outer), "axis" a matrix and the axis it is
-    reduced over -> a vector. `min` of one argument is lowered as -max(-x)."""
+    reduced over -> a vector, "shift" a weighting and a shift distribution -> the weighting
+    shifted. `min` of one argument is lowered as -max(-x)."""
     table: dict[str, dict[int, tuple[str, str]]] = {}
     for name, op in OPS.items():
         if op.spelling:

@@ -16,6 +16,14 @@ Ops (derivative rules in ops.py, beside their NumPy rules):
   result runs along the other axis
 * `axis_softmax(M, over)`  softmax over axis `over`: each column (0) or row (1) sums to 1
 Axes are numbers in the IR (attr), so a square matrix (hidden, hidden) is never ambiguous.
+
+The Neural Turing Machine's location addressing works on a weighting vector over the memory's
+slots, beside these:
+* `shift(w, s_0, ..., s_{n-1})`  the circular convolution of w by a distribution over the n
+  (odd) shifts -(n-1)/2 .. (n-1)/2, each s_k a per-row scalar (Graves et al. 2014, eq. 8):
+  the sum over k of s_k roll(w, k - (n-1)/2)
+* `roll(w, offset)`  w rotated by a fixed number of places: element i is w[i - offset], with
+  the index taken modulo the size (NumPy's np.roll); what shift's derivative is made of
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from rnndsl.symbolic import ir
 from rnndsl.symbolic.ir import Node, node
 
 # the primitives of this module (what the compiled targets do not run yet)
-OPS = ("mv", "mtv", "outer", "spread", "axis_sum", "axis_softmax")
+OPS = ("mv", "mtv", "outer", "spread", "axis_sum", "axis_softmax", "shift", "roll")
 
 
 def is_matrix(n: Node) -> bool:
@@ -62,6 +70,23 @@ def axis_softmax(m: Node, over: int) -> Node:
     return node("axis_softmax", (m,), over, m.shape)
 
 
+def shift(w: Node, s: list[Node]) -> Node:
+    assert len(w.shape) == 1 and len(s) % 2 == 1 and all(k.shape == () for k in s), (w, s)
+    return node("shift", (w, *s), None, w.shape)
+
+
+def roll(w: Node, offset: int) -> Node:
+    assert len(w.shape) == 1, w
+    if offset == 0 or w.is_const(0.0):
+        return w
+    return node("roll", (w,), offset, w.shape)
+
+
+def shift_offsets(n: int) -> range:
+    """The shifts that the n weights of a shift distribution stand for: -1, 0, 1 for n = 3."""
+    return range(-(n // 2), n // 2 + 1)
+
+
 def total(x: Node) -> Node:
     """The sum of all of a value's features: a per-row scalar."""
     if is_matrix(x):
@@ -79,10 +104,26 @@ def align(a: Node, b: Node) -> tuple[Node, Node]:
     return a, b
 
 
+def reference_only(step: ir.StepIR) -> str | None:
+    """What in a step the compiled targets (cpu, cuda) have no kernels for yet, described for
+    a message: a state that is one number per sequence, a block-diagonal parameter, or an
+    equation that uses the NTM's circular shift; None if nothing. (Matrix values, which the
+    cpu target runs, are `matrix_value`.)"""
+    for name, size in step.states.items():
+        if size == ():
+            return f"state '{name}' is one number per sequence"
+    for name, info in step.params.items():
+        if info.blocks > 1:
+            return f"parameter '{name}' is block-diagonal ({info.blocks} blocks)"
+    for name, n in step.values.items():
+        if any(m.op in ("shift", "roll") for m in ir.topo_order([n])):
+            return f"the equation of '{name}' uses shift(w, s), the circular shift"
+    return None
+
+
 def matrix_value(step: ir.StepIR) -> str | None:
     """The first value of rank 2 in a step, described for a message (a named one if there is
-    one); None if there is none. The compiled targets (cpu, cuda) have no kernels for such
-    values yet."""
+    one); None if there is none. The cuda target has no kernels for such values yet."""
     for name, n in step.values.items():
         if is_matrix(n):
             kind = "state" if name in step.states else "value"

@@ -85,11 +85,11 @@ def next_token(logp: np.ndarray, rng: np.random.Generator, temperature: float = 
 GENERATING = ("charlm", *SEQUENCE_TASKS)  # the tasks whose models write sequences
 
 
-def load_trained(path):
+def load_generator(path):
     """The training configuration, model and parameters of a checkpoint whose model writes
     sequences (GENERATING); any other (another task, a bidirectional language model, a changed
     text) is a UserError naming it."""
-    from rnndsl.training.train import load_checkpoint, make_model, optimizer_for, read_checkpoint
+    from rnndsl.training.train import load_trained, read_checkpoint
 
     where = printable(path)
     ckpt = read_checkpoint(path)
@@ -101,20 +101,7 @@ def load_trained(path):
     if config.task == "charlm" and config.bidirectional:
         raise UserError(f"{where} holds a bidirectional network ({config.bidirectional}), "
                         "which reads each line backwards too and cannot generate")
-    try:
-        model = make_model(config)
-    except UserError:
-        raise
-    except (OSError, ValueError) as exc:  # the text of the run, e.g. moved or unreadable
-        raise UserError(f"{where}: {printable(exc)}") from None
-    saved = ckpt["entries"].get("param/head.W")
-    if config.task == "charlm" and saved is not None and \
-            saved.shape[0] != model.task.output_size:
-        raise UserError(f"{where} was trained on a text of {saved.shape[0]} distinct "
-                        f"characters; {printable(config.text or 'the built-in text')} now has "
-                        f"{model.task.output_size}: the text changed since training")
-    params = model.init_params(config.seed, config.orthogonal)
-    load_checkpoint(path, config, params, optimizer_for(config))
+    model, params = load_trained(path, ckpt)
     return config, model, params
 
 

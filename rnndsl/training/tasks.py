@@ -42,6 +42,7 @@ class Task:
     solution (`baseline`, for reports; None if there is none worth quoting) and `sample`."""
     name: str
     LENGTH_OPTION: str  # the option that make_task's `length` sets
+    MIN_OPTION: str | None = None  # the lower end of a range of lengths, if the task draws one
     input_size: int
     output_size: int
     head: str
@@ -138,6 +139,7 @@ class Copy(_BitTask):
     steps the input is blank and the target is the sequence. Input bits + 1 channels, output
     bits; each sequence is 2L + 1 steps, the loss counts the last L."""
     name, LENGTH_OPTION = "copy", "max_len"
+    MIN_OPTION = "min_len"
 
     def __init__(self, max_len: int = 20, min_len: int = 1, bits: int = 8):
         self._check_range("min_len", min_len, "max_len", max_len)
@@ -164,6 +166,7 @@ class RepeatCopy(_BitTask):
     times, then an end marker on an extra output channel. Input bits + 2 channels, output
     bits + 1; the loss counts the n L + 1 steps after the delimiter."""
     name, LENGTH_OPTION = "repeat_copy", "max_len"
+    MIN_OPTION = "min_len"
 
     def __init__(self, max_len: int = 10, min_len: int = 1, max_repeats: int = 10,
                  min_repeats: int = 1, bits: int = 8):
@@ -204,6 +207,7 @@ class Recall(_BitTask):
     the second query flag. Input bits + 2 channels (item flag, query flag), output bits. Items
     are distinct, so the answer is unique."""
     name, LENGTH_OPTION = "recall", "max_items"
+    MIN_OPTION = "min_items"
 
     def __init__(self, max_items: int = 6, min_items: int = 2, item_size: int = 3,
                  bits: int = 6):
@@ -527,10 +531,12 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in
 SEQUENCE_TASKS = ("reverse", "dates", "expand")  # a decoder writes the target: rnndsl.training.seq2seq
 
 
-def make_task(name: str, length: int | None = None, **options) -> Task:
+def make_task(name: str, length: int | None = None, exact: bool = False, **options) -> Task:
     """The task `name` (one of TASKS) with its options; `length`, if given, sets the task's
     LENGTH_OPTION (adding, charlm: length; copy, repeat_copy: max_len; recall: max_items;
-    sort: in_count; reverse: the longest source; dates: years; expand: the largest count)."""
+    sort: in_count; reverse: the longest source; dates: years; expand: the largest count);
+    with `exact`, every sequence has that length (copy, repeat_copy, recall draw lengths from a
+    range, whose lower end MIN_OPTION is then set too)."""
     cls = TASKS.get(name)
     if cls is None:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
@@ -538,6 +544,8 @@ def make_task(name: str, length: int | None = None, **options) -> Task:
         if cls.LENGTH_OPTION in options:
             raise ValueError(f"{name}: give length or {cls.LENGTH_OPTION}, not both")
         options[cls.LENGTH_OPTION] = length
+        if exact and cls.MIN_OPTION is not None:
+            options[cls.MIN_OPTION] = length
     known = inspect.signature(cls).parameters
     unknown = sorted(set(options) - set(known))
     if unknown:

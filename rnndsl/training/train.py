@@ -60,6 +60,7 @@ class TrainConfig:
     length: int | None = None  # sequence length; the task's default when None
     text: str | None = None  # charlm: the text file to model (a shipped text when None)
     hidden: int = 64
+    sizes: dict | None = None  # the cell's other named sizes (an NTM's slots); hidden if absent
     layers: int = 1
     bidirectional: str | None = None  # concat, separate or alternate
     residual: bool = False
@@ -108,6 +109,11 @@ class TrainConfig:
             if not (value is None and name == "length") and \
                     not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise UserError(f"{name} must be a whole number of at least 1, got {value!r}")
+        for name, value in (self.sizes or {}).items():
+            if not (isinstance(name, str) and isinstance(value, int)
+                    and not isinstance(value, bool) and value >= 1):
+                raise UserError(f"sizes: {printable(name)} must be a whole number of at least 1, "
+                                f"got {printable(value)}")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise UserError(f"seed must be a whole number >= 0, got {self.seed!r}")
         _number("lr", self.lr, low=0, low_open=True, none_ok=True)
@@ -134,6 +140,7 @@ class TrainConfig:
 
     def describe(self) -> str:
         net = f"{self.layers}x{self.label} hidden {self.hidden}"
+        net += "".join(f", {name} {n}" for name, n in (self.sizes or {}).items())
         for flag, word in ((self.bidirectional, f"bidirectional {self.bidirectional}"),
                            (self.residual, "residual"), (self.dense, f"dense {self.dense}")):
             if flag:
@@ -175,9 +182,18 @@ def task_for(config: TrainConfig):
 
 
 def network_for(config: TrainConfig, cell, input_size: int, one_way: bool = False) -> Network:
-    """A Network of `cell` as the configuration says (every size but the input's is hidden);
-    `one_way` (a decoder's) ignores `bidirectional`."""
-    extra = {s: config.hidden for s in cell.sizes if s not in ("input", HIDDEN)}
+    """A Network of `cell` as the configuration says (every size but the input's is `sizes`'
+    or else hidden); `one_way` (a decoder's) ignores `bidirectional`."""
+    given = config.sizes or {}
+    unknown = sorted(set(given) - set(cell.sizes))
+    if unknown:
+        raise UserError(f"sizes: {cell.name} has no size {printable(unknown[0])}; its sizes are "
+                        f"{', '.join(cell.sizes)}")
+    fixed = sorted(set(given) & {*cell.inputs.values(), HIDDEN, cell.width_size})
+    if fixed:
+        raise UserError(f"sizes: {printable(fixed[0])} follows the task's input or --hidden "
+                        "and cannot be set")
+    extra = {s: given.get(s, config.hidden) for s in cell.sizes if s not in ("input", HIDDEN)}
     return Network(cell, input_size, config.hidden, layers=config.layers,
                    bidirectional=None if one_way else config.bidirectional,
                    residual=config.residual, dense=config.dense, sizes=extra)
@@ -312,6 +328,51 @@ def evaluate(model, params: dict, batch) -> dict:
     """The loss and the head's metrics on a batch, without gradients."""
     loss, metrics, _ = model.loss(params, batch, grads=False)
     return {"loss": float(loss), **_floats(metrics)}
+
+
+def load_trained(path, ckpt: dict | None = None):
+    """The model of a checkpoint and its parameters as trained: (model, params). `ckpt` is the
+    checkpoint if already read (read_checkpoint)."""
+    where = printable(path)
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    config = ckpt["config"]
+    try:
+        model = make_model(config)
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:  # the text of a charlm run, e.g. moved or unreadable
+        raise UserError(f"{where}: {printable(exc)}") from None
+    saved = ckpt["entries"].get("param/head.W")
+    if config.task == "charlm" and saved is not None and \
+            saved.shape[0] != model.task.output_size:
+        raise UserError(f"{where} was trained on a text of {saved.shape[0]} distinct "
+                        f"characters; {printable(config.text or 'the built-in text')} now has "
+                        f"{model.task.output_size}: the text changed since training")
+    params = model.init_params(config.seed, config.orthogonal)
+    load_checkpoint(path, config, params, optimizer_for(config))
+    return model, params
+
+
+def evaluate_lengths(path, lengths, batch: int = 256, seed: int = 0) -> tuple[dict, list[dict]]:
+    """A trained model's loss and metrics on batches whose sequences all have one length, per
+    length in `lengths` (how far a model trained on lengths up to 20 generalises to 60); and
+    the checkpoint (read_checkpoint) it read."""
+    ckpt = read_checkpoint(path)
+    config = ckpt["config"]
+    if config.task in SEQUENCE_TASKS or config.task == "charlm":
+        raise UserError(f"{printable(path)} holds a model of the task '{config.task}'; lengths "
+                        "are evaluated for the tasks with a head on the network (adding, copy, "
+                        "repeat_copy, recall, sort)")
+    model, params = load_trained(path, ckpt)
+    rows = []
+    for length in lengths:
+        try:
+            task = make_task(config.task, length, exact=True)
+        except ValueError as exc:
+            raise UserError(f"length {length}: {exc}") from None
+        data = task.sample(np.random.default_rng([EVAL_SEED, seed, length]), batch, model.dtype)
+        rows.append({"length": length, **evaluate(model, params, data)})
+    return ckpt, rows
 
 
 def _floats(metrics: dict) -> dict:

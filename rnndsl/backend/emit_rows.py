@@ -1,0 +1,555 @@
+"""Stages 6 and 7 for cells with values of rank 2 (target cpu): a plan, and the text of a
+Python module of Numba kernels that run one batch row at a time.
+
+A cell whose state is a matrix (fast weights, the delta rule's W) has no GEMM over the batch
+inside its step: every batch row has a matrix of its own. So the kernels loop over batch rows
+outside and over time inside; one row's whole sequence runs in compiled code, its matrices in
+scratch arrays of one row. A step computes its values in the IR's order:
+* a per-row scalar is a local variable (reductions are loops);
+* a vector or matrix read by exactly one consumer that reads each of its elements once (an
+  elementwise op, a sum, the matrix of `M @ v`) is computed in place inside that consumer's
+  loop, so elementwise chains fuse into one loop nest; outer products, spreads and broadcasts
+  (`INDEX_MAPS`) are index maps, computed where they are read and never stored;
+* any other vector or matrix is written to a scratch array by a loop nest: elementwise ones
+  generically, the others by their entry in `ROW_CODE` (one small function per operator).
+An operator with neither an entry nor elementwise code makes the cpu target refuse the cell
+by the operator's name (and tests/test_matrix_kernels.py fails until it has one).
+
+The tape and its memory budget. Backward recomputes each step's forward values from the
+states before the step and the step's inputs, so it needs every state's value before every
+step. Vector states keep all of them, (T + 1, B, n). A matrix state's are T x B x rows x
+cols: they are all kept when they fit the tape budget (`tape_budget`, in bytes: the argument
+of `rnndsl.compile`, else $RNNDSL_TAPE_BUDGET, else 1 GiB). Past it, they are kept every
+`every` steps, the interval that needs the least memory (about sqrt(T B): the kept copies of
+all rows plus one row's segment), and backward runs each segment of a row forward again from
+its kept copy (into a scratch of `every` matrices of one row): one extra forward pass in all.
+Both paths compute the same numbers in the same order, so they give identical gradients.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable
+
+from rnndsl.backend.emit_common import Code, Names, as_tuple, cpu_module_head, element_code, \
+    function, seed_terms, unpack
+from rnndsl.language.errors import SpecError, UserError
+from rnndsl.language.spec import state_shape
+from rnndsl.symbolic import ir
+from rnndsl.symbolic.grad import Backward
+from rnndsl.symbolic.ir import Node, StepIR
+from rnndsl.symbolic.ops import OPS
+
+TAPE_BUDGET_ENV = "RNNDSL_TAPE_BUDGET"
+DEFAULT_TAPE_BUDGET = 1 << 30  # bytes of kept matrix states
+# The row kernels' sums (M @ v along a row) vectorise only if they may be reassociated: the
+# rounding then differs from the reference's in the last bits, not from run to run.
+FASTMATH = '{"nsz", "arcp", "contract", "afn", "reassoc"}'
+
+
+# -- the memory budget ------------------------------------------------------------------------
+def tape_budget(given: int | None) -> int:
+    """The budget in bytes: `given`, else $RNNDSL_TAPE_BUDGET, else DEFAULT_TAPE_BUDGET."""
+    if given is None:
+        text = os.environ.get(TAPE_BUDGET_ENV)
+        if text is None:
+            return DEFAULT_TAPE_BUDGET
+        try:
+            given = int(text)
+        except ValueError:
+            raise UserError(f"${TAPE_BUDGET_ENV} must be a whole number of bytes, got "
+                            f"{text!r}") from None
+    if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+        raise UserError(f"the tape budget must be a whole number of bytes (0 or more), got "
+                        f"{given!r}")
+    return given
+
+
+def checkpoint_every(T: int, B: int, matrix_elements: int, itemsize: int, budget: int) -> int:
+    """Every how many steps the matrix states are kept: 1 (every step, no recomputation) when
+    that fits `budget`, else the interval that needs the least memory. Any interval above 1
+    costs one extra forward pass, so memory decides: the kept copies of all B rows plus
+    backward's scratch of one row's segment, least near sqrt(T B)."""
+    def needs(every: int) -> int:  # bytes
+        return (-(-T // every) * B + every) * matrix_elements * itemsize
+
+    if needs(1) <= budget:
+        return 1
+    return min(range(1, T + 1), key=needs)
+
+
+# -- the plan ---------------------------------------------------------------------------------
+@dataclass
+class RowPlan:
+    """What the row kernels compute: the forward step's roots, the backward step's, and which
+    values are computed in place where they are read (`inline`, decided once over both steps,
+    so that forward and the recomputation in backward run identical code)."""
+
+    step: StepIR
+    backward: Backward
+    d_prev: dict[str, Node]  # each state's previous value's adjoint, in the state's shape
+    d_inputs: dict[str, Node]  # the inputs with a gradient, in the input's shape
+    inline: frozenset[int]
+
+    @property
+    def matrix_states(self) -> list[str]:
+        return [s for s, size in self.step.states.items() if len(state_shape(size)) == 2]
+
+    def describe_groups(self) -> list[str]:
+        """The products, for `rnndsl compile`'s summary."""
+        out = ["per batch row: the whole time loop of one row in compiled code, no GEMM "
+               "over the batch"]
+        for n in ir.topo_order(self.step.roots()):
+            if n.op in ("matvec", "mv", "mtv"):
+                out.append(f"forward  {ir.render(n, self.step.names)}  loop nest per row")
+        for w in self.backward.d_matrices:
+            out.append(f"weights  d[{w}] += outer products, per row and step")
+        return out
+
+
+def row_plan(step: StepIR, bwd: Backward) -> RowPlan:
+    """The plan of a cell with matrix values; an operator with no row kernel code is refused
+    by name."""
+    d_prev = {s: ir.bcast(n, state_shape(step.states[s])) for s, n in bwd.d_prev.items()}
+    d_inputs = {x: ir.bcast(n, (step.inputs[x],)) for x, n in bwd.d_inputs.items()
+                if not n.is_const(0.0)}
+    for n in ir.topo_order(step.roots() + bwd.roots()):
+        if not n.is_leaf and n.op not in ROW_CODE and n.op not in INDEX_MAPS and \
+                OPS[n.op].structural:
+            raise SpecError(f"{step.file}: the cpu target has no kernel code for the operator "
+                            f"'{n.op}' in a cell with matrix values yet; use the reference "
+                            "target (target='reference', --target reference)")
+    # each read of a value: whether the reader reads each of its elements once
+    reads: dict[int, list[bool]] = defaultdict(list)
+    nodes = ir.topo_order(step.roots() + bwd.roots() + list(d_prev.values()) +
+                          list(d_inputs.values()))
+    for n in nodes:
+        for k, a in enumerate(n.args):
+            reads[a.uid].append(_reads_once(n, k))
+    for r in step.roots() + list(d_prev.values()) + list(d_inputs.values()) + \
+            list(bwd.d_params.values()):
+        reads[r.uid].append(True)  # a store
+    for terms in bwd.d_matrices.values():
+        for g, v in terms:  # dW += g v^T reads each element of g and of v many times
+            reads[g.uid].append(False)
+            reads[v.uid].append(False)
+    inline = {n.uid for n in nodes if n.shape and not n.is_leaf and (
+        n.op in INDEX_MAPS or (not OPS[n.op].structural and reads[n.uid] == [True]))}
+    return RowPlan(step, bwd, d_prev, d_inputs, frozenset(inline))
+
+
+def _reads_once(user: Node, position: int) -> bool:
+    """Whether `user` reads each element of its argument at `position` exactly once."""
+    if user.op in INDEX_MAPS:
+        return False
+    return not OPS[user.op].structural or (user.op, position) in READ_ONCE
+
+
+# -- per-operator kernel code -----------------------------------------------------------------
+# Index maps: an element of the node as an expression of its arguments' elements at `idx`.
+INDEX_MAPS: dict[str, Callable] = {
+    "bcast": lambda k, n, idx: k.elem(n.args[0], ()),
+    "spread": lambda k, n, idx: k.elem(n.args[0], (idx[n.attr],)),
+    "outer": lambda k, n, idx: f"({k.elem(n.args[0], idx[:1])} * {k.elem(n.args[1], idx[1:])})",
+}
+# (op, argument) pairs that read each element of the argument once: it may be computed there
+READ_ONCE = {("rsum", 0), ("rmean", 0), ("rmax", 0), ("axis_sum", 0), ("mv", 0), ("mtv", 0)}
+
+
+def _row_sum(k: "_RowKernel", n: Node, code: Code, mean: bool = False):
+    v, x = k.var(n), n.args[0]
+    code(f"{v} = C0")
+    with code.block(f"for j in range({k.size(x.shape[0])}):"):
+        code(f"{v} += {k.elem(x, ('j',))}")
+    if mean:
+        code(f"{v} = {v} / {k.size_float(x.shape[0])}")
+
+
+def _row_max(k: "_RowKernel", n: Node, code: Code):
+    v, x = k.var(n), n.args[0]
+    code(f"{v} = CNEG")
+    with code.block(f"for j in range({k.size(x.shape[0])}):"):
+        code(f"{v} = maximum({v}, {k.elem(x, ('j',))})")
+
+
+def _softmax(k: "_RowKernel", n: Node, code: Code, over: int | None = None):
+    """Softmax of a vector (over None), or of a matrix over axis `over`: per line, the max,
+    then the exponentials and their sum, then the division."""
+    out, x = k.var(n), n.args[0]
+    if over is None:
+        line, each, at = [], f"for j in range({k.size(x.shape[0])}):", ("j",)
+    else:  # the loop over the other axis is outside, the one along `over` inside
+        line = [f"for i in range({k.size(x.shape[1 - over])}):"]
+        each = f"for j in range({k.size(x.shape[over])}):"
+        at = ("i", "j") if over == 1 else ("j", "i")
+    index = ", ".join(at)
+    with _nest(code, line):
+        code(f"{out}_top = CNEG")
+        with code.block(each):
+            code(f"{out}_top = maximum({out}_top, {k.elem(x, at)})")
+        code(f"{out}_sum = C0")
+        with code.block(each):
+            code(f"{out}[{index}] = exp({k.elem(x, at)} - {out}_top)",
+                 f"{out}_sum += {out}[{index}]")
+        with code.block(each):
+            code(f"{out}[{index}] = {out}[{index}] / {out}_sum")
+
+
+def _matrix_sum(k: "_RowKernel", n: Node, code: Code, over: int, term: Callable[[], str]):
+    """n[i] = the sum over j of term at (i, j) (over 1: along each row), or n[j] = the sum
+    over i (over 0: down the rows, a row at a time, so the matrix is read in order); the
+    matrix is n's first argument, a parameter or a matrix value."""
+    out, m = k.var(n), n.args[0]
+    rows, cols = k.size(m.shape[0]), k.size(m.shape[1])
+    if over == 1:
+        with code.block(f"for i in range({rows}):"):
+            code(f"{out}_acc = C0")
+            with code.block(f"for j in range({cols}):"):
+                code(f"{out}_acc += {term()}")
+            code(f"{out}[i] = {out}_acc")
+        return
+    with code.block(f"for j in range({cols}):"):
+        code(f"{out}[j] = C0")
+    with code.block(f"for i in range({rows}):"):
+        with code.block(f"for j in range({cols}):"):
+            code(f"{out}[j] += {term()}")
+
+
+def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
+    """M @ v: the sum along each row of M times v; M.T @ u: down the rows, times u."""
+    m, v = n.args
+    along = ("i",) if transpose else ("j",)
+    _matrix_sum(k, n, code, 0 if transpose else 1,
+                lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}")
+
+
+ROW_CODE: dict[str, Callable] = {
+    "rsum": _row_sum,
+    "rmean": lambda k, n, code: _row_sum(k, n, code, mean=True),
+    "rmax": _row_max,
+    "softmax": _softmax,
+    "axis_softmax": lambda k, n, code: _softmax(k, n, code, over=n.attr),
+    "matvec": lambda k, n, code: _product(k, n, code, transpose=False),
+    "mv": lambda k, n, code: _product(k, n, code, transpose=False),
+    "matvec_t": lambda k, n, code: _product(k, n, code, transpose=True),
+    "mtv": lambda k, n, code: _product(k, n, code, transpose=True),
+    "axis_sum": lambda k, n, code: _matrix_sum(k, n, code, n.attr,
+                                               lambda: k.elem(n.args[0], ("i", "j"))),
+}
+
+
+def _nest(code: Code, heads: list[str]) -> ExitStack:
+    """Loops around a block (none: the block itself)."""
+    stack = ExitStack()
+    for head in heads:
+        stack.enter_context(code.block(head))
+    return stack
+
+
+# -- the kernels ------------------------------------------------------------------------------
+_LOOPS = ("i", "j")
+
+
+class _RowKernel:
+    """One @njit function over batch rows: `forward` (with the tape when `save`), `infer`, or
+    `backward` (which recomputes the matrix states between kept copies)."""
+
+    def __init__(self, plan: RowPlan, names: Names, kind: str, save: bool = False):
+        self.plan, self.names, self.kind, self.save = plan, names, kind, save
+        self.arrays: set[str] = set()
+        self.scratch: dict[str, str] = {}  # array -> its shape as code
+        self.sizes_used: set[str] = set()
+        self.matrix = {s: f"m{k}" for k, s in enumerate(plan.step.states)
+                       if s in plan.matrix_states}
+        self.slot = ""  # the working slot of the matrix states before this step
+        self.body = self._body()
+
+    # -- names ----------------------------------------------------------------------------------
+    def var(self, n: Node) -> str:
+        name = self.names.var(n)
+        if n.shape:
+            self.scratch[name] = self.shape(n.shape)
+            self.arrays.add(name)
+        return name
+
+    def use(self, array: str) -> str:
+        self.arrays.add(array)
+        return array
+
+    def size(self, s: str) -> str:
+        return self.names.size[s]
+
+    def size_float(self, s: str) -> str:
+        self.sizes_used.add(s)
+        return f"z_{self.names.size[s]}"
+
+    def shape(self, shape: tuple[str, ...]) -> str:
+        return as_tuple(self.names.size[s] for s in shape)
+
+    # -- elements -------------------------------------------------------------------------------
+    def elem(self, n: Node, idx: tuple[str, ...]) -> str:
+        """Code for the element of `n` at `idx` (one index per axis of n)."""
+        names = self.names
+        if n.op == "const":
+            return names.const(n.attr)
+        if n.op == "size":
+            return self.size_float(n.attr)
+        if n.op == "input":
+            return f"{self.use(names.input[n.attr])}[t, b, {idx[0]}]"
+        if n.op == "prev":
+            if n.attr in self.matrix:
+                return f"{self.use(self.matrix[n.attr])}[{self.slot}, {', '.join(idx)}]"
+            return f"{self.use(names.state[n.attr])}[t, b, {idx[0]}]"
+        if n.op == "param":
+            return f"{self.use(names.param[n.attr])}[{', '.join(idx) if idx else '0'}]"
+        if n.op == "adj":
+            return self.seed(n, idx)
+        if n.uid in self.plan.inline:
+            return self.compute(n, idx)
+        if not n.shape:
+            return self.names.var(n)
+        return f"{self.var(n)}[{', '.join(idx)}]"
+
+    def compute(self, n: Node, idx: tuple[str, ...]) -> str:
+        """The element of an index map or elementwise node, from its arguments'."""
+        if n.op in INDEX_MAPS:
+            return INDEX_MAPS[n.op](self, n, idx)
+        return element_code(n, [self.elem(a, idx if a.shape else ()) for a in n.args])
+
+    def seed(self, n: Node, idx: tuple[str, ...]) -> str:
+        """The adjoint arriving at this step: from step t+1 (`d` arrays of one row) and the
+        loss (the output's gradient); padded steps are never run."""
+        at = self.at(idx)
+        return f"({' + '.join(seed_terms(self.names, self.use, n.attr, at, f't, b, {at}'))})"
+
+    # -- a step -------------------------------------------------------------------------------
+    def step(self, code: Code, roots: list[Node]):
+        """Every node the roots need, in order; each stored or local unless computed in
+        place."""
+        for n in ir.topo_order(roots):
+            if n.is_leaf or n.uid in self.plan.inline:
+                continue
+            if n.op in ROW_CODE:
+                ROW_CODE[n.op](self, n, code)
+            elif not n.shape:
+                code(f"{self.names.var(n)} = {self.compute(n, ())}")
+            else:
+                self.store_loop(code, n.shape, lambda idx, n=n: (
+                    f"{self.var(n)}[{', '.join(idx)}] = {self.compute(n, idx)}"))
+
+    def store_loop(self, code: Code, shape: tuple[str, ...], line: Callable):
+        """A loop nest over `shape` around line(indices)."""
+        idx = _LOOPS[2 - len(shape):] if shape else ()
+        with _nest(code, [f"for {i} in range({self.size(s)}):" for i, s in zip(idx, shape)]):
+            code(line(idx))
+
+    def at(self, idx: tuple[str, ...]) -> str:
+        return ", ".join(idx) if idx else "0"
+
+    def whole(self, state: str) -> str:
+        """An index of every element of a state of one row."""
+        return ", ".join(":" for _ in state_shape(self.plan.step.states[state]))
+
+    # -- the kernels' bodies --------------------------------------------------------------------
+    def _body(self) -> list[str]:
+        return self._backward() if self.kind == "backward" else self._forward()
+
+    def _forward(self) -> list[str]:
+        step, names, code = self.plan.step, self.names, Code(level=1)
+        with code.block("for b in range(B):"):
+            code("L = lengths[b]")
+            for s, m in self.matrix.items():
+                code(f"{self.use(m)}[0] = {self.use('i' + names.state[s])}[b]")
+            self.slot = "t % 2"
+            with code.block("for t in range(L):"):
+                if self.save:
+                    with code.block("if t % every == 0:"):
+                        for s, m in self.matrix.items():
+                            code(f"{self.use('k' + names.state[s])}[t // every, b] = {m}[t % 2]")
+                self.step(code, step.roots())
+                for s in step.states:
+                    n = step.values[s]
+                    target = (f"{self.matrix[s]}[(t + 1) % 2, " if s in self.matrix else
+                              f"{self.use(names.state[s])}[t + 1, b, ")
+                    self.store_loop(code, n.shape, lambda idx, n=n, target=target: (
+                        f"{target}{self.at(idx)}] = {self.elem(n, idx)}"))
+                for o in step.outputs:
+                    n = step.values[o]
+                    self.store_loop(code, n.shape, lambda idx, n=n, o=o: (
+                        f"{self.use(names.output[o])}[t, b, {self.at(idx)}] = "
+                        f"{self.elem(n, idx)}"))
+            with code.block("for t in range(L, T):"):  # padding: states frozen, outputs zero
+                for s in step.states:
+                    if s not in self.matrix:
+                        c = self.use(names.state[s])
+                        code(f"{c}[t + 1, b] = {c}[t, b]")
+                for o in step.outputs:
+                    code(f"{self.use(names.output[o])}[t, b] = C0")
+            for s, m in self.matrix.items():
+                code(f"{self.use('f' + names.state[s])}[b] = {m}[L % 2]")
+        return code.lines
+
+    def _backward(self) -> list[str]:
+        plan, step, names, code = self.plan, self.plan.step, self.names, Code(level=1)
+        bwd = plan.backward
+        with code.block("for b in range(B):"):
+            code("L = lengths[b]")
+            for s, c in names.state.items():
+                code(f"{self.use('d' + c)}[{self.whole(s)}] = {self.use('e' + c)}[b]")
+            with code.block("for t0 in range((L - 1) // every * every, -1, -every):"):
+                code("t1 = min(t0 + every, L)")
+                self.slot = "t - t0"
+                for s, m in self.matrix.items():  # the segment's states, from its kept copy
+                    code(f"{self.use(m)}[0] = {self.use('k' + names.state[s])}[t0 // every, b]")
+                with code.block("for t in range(t0, t1 - 1):"):
+                    news = [step.values[s] for s in self.matrix]
+                    self.step(code, news)
+                    for s, n in zip(self.matrix, news):
+                        self.store_loop(code, n.shape, lambda idx, n=n, s=s: (
+                            f"{self.matrix[s]}[t - t0 + 1, {self.at(idx)}] = "
+                            f"{self.elem(n, idx)}"))
+                with code.block("for t in range(t1 - 1, t0 - 1, -1):"):
+                    self._backward_step(code, bwd)
+            for s, c in names.state.items():
+                code(f"{self.use('g' + c)}[b] = d{c}")
+        return code.lines
+
+    def _backward_step(self, code: Code, bwd: Backward):
+        plan, names = self.plan, self.names
+        roots = [*plan.d_prev.values(), *plan.d_inputs.values(), *bwd.d_params.values()] + \
+            [n for terms in bwd.d_matrices.values() for g, v in terms for n in (g, v)]
+        self.step(code, roots)
+        for s, n in plan.d_prev.items():
+            c = names.state[s]
+            self.store_loop(code, n.shape, lambda idx, n=n, c=c: (
+                f"{self.use('n' + c)}[{self.at(idx)}] = {self.elem(n, idx)}"))
+        for x, n in plan.d_inputs.items():
+            self.store_loop(code, n.shape, lambda idx, n=n, x=x: (
+                f"{self.use('d' + names.input[x])}[t, b, {idx[0]}] = {self.elem(n, idx)}"))
+        for p, n in bwd.d_params.items():
+            self.store_loop(code, n.shape, lambda idx, n=n, p=p: (
+                f"{self.use('d' + names.param[p])}[{self.at(idx)}] += {self.elem(n, idx)}"))
+        for w, terms in bwd.d_matrices.items():
+            dw = self.use("d" + names.param[w])
+            for g, v in terms:
+                rows, cols = g.shape[0], v.shape[0]
+                with code.block(f"for i in range({self.size(rows)}):"):
+                    code(f"d_row = {self.elem(g, ('i',))}")
+                    with code.block(f"for j in range({self.size(cols)}):"):
+                        code(f"{dw}[i, j] += d_row * {self.elem(v, ('j',))}")
+        for s, c in names.state.items():  # the previous state's adjoint is the next one's
+            code(f"d{c}[{self.whole(s)}] = n{c}")
+
+    # -- the function ---------------------------------------------------------------------------
+    def args(self) -> list[str]:
+        return ["T", "B", *self.names.size.values(), "lengths", "every", *sorted(self.arrays)]
+
+    def text(self) -> str:
+        head = ['@njit(cache=True, fastmath=FAST, error_model="numpy")',
+                f"def {self.kind}_rows({', '.join(self.args())}):"]
+        floats = [f"    z_{self.names.size[s]} = DT({self.names.size[s]})"
+                  for s in sorted(self.sizes_used)]
+        return "\n".join(head + floats + self.body) + "\n"
+
+
+# -- the module -------------------------------------------------------------------------------
+def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
+    names = Names(plan)
+    fwd = _RowKernel(plan, names, "forward", save=True)
+    inf = _RowKernel(plan, names, "infer")
+    bwd = _RowKernel(plan, names, "backward")
+    kernels = [fwd.text(), inf.text(), bwd.text()]
+    return "\n".join([
+        *cpu_module_head(header, names, dtype, "from rnndsl.backend.emit_rows import "
+                                               "checkpoint_every", FASTMATH),
+        *kernels,
+        _forward_glue(plan, names, fwd, save=True),
+        _forward_glue(plan, names, inf, save=False),
+        _backward_glue(plan, names, bwd),
+    ])
+
+
+def _opening(plan: RowPlan, names: Names, signature: str) -> Code:
+    L = function(signature)
+    L(unpack(list(names.param.values()), "params"),
+      unpack(list(names.input.values()), "xs"),
+      unpack(list(names.size.values()), "sizes"),
+      "T, B = xs[0].shape[0], xs[0].shape[1]")
+    for p, info in plan.step.params.items():  # kernels read scalar parameters as arrays
+        if not info.shape:
+            c = names.param[p]
+            L(f"{c}_shape = np.shape({c})", f"{c} = np.reshape({c}, 1)")
+    return L
+
+
+def _scratch(L: Code, k: _RowKernel):
+    for name, shape in sorted(k.scratch.items()):
+        L(f"{name} = empty({shape}, DT)")
+
+
+def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str:
+    step = plan.step
+    L = _opening(plan, names, f"def {'forward' if save else 'infer'}(params, xs, state0, "
+                              f"lengths, sizes{', budget' if save else ''}):")
+    matrices = [names.state[s] for s in plan.matrix_states]
+    elements = " + ".join(f"i{c}[0].size" for c in matrices) or "0"
+    for s, c in names.state.items():
+        shape = state_shape(step.states[s])
+        if s in plan.matrix_states:
+            L(f"i{c} = np.ascontiguousarray(state0[{list(names.state).index(s)}])")
+            L(f"f{c} = empty((B, {', '.join(names.size[d] for d in shape)}), DT)")
+            L(f"{k.matrix[s]} = empty((2, {', '.join(names.size[d] for d in shape)}), DT)")
+        else:
+            L(f"{c} = empty((T + 1, B, {names.size[shape[0]]}), DT)")
+            L(f"{c}[0] = state0[{list(names.state).index(s)}]")
+    if save:
+        L(f"every = checkpoint_every(T, B, {elements}, DT(0).itemsize, budget)")
+        for c in matrices:
+            L(f"k{c} = empty(((T - 1) // every + 1, *i{c}.shape), DT)")
+    else:
+        L("every = T")
+    for o, c in names.output.items():
+        shape = step.shape_of(o)
+        L(f"{c} = empty((T, B, {', '.join(names.size[d] for d in shape) or '1'}), DT)")
+    _scratch(L, k)
+    L(f"{k.kind}_rows({', '.join(k.args())})")
+    outs = as_tuple(names.output.values())
+    finals = as_tuple(f"f{c}" if s in plan.matrix_states else f"{c}[T]"
+                      for s, c in names.state.items())
+    if not save:
+        L(f"return {outs}, {finals}")
+        return L.text() + "\n"
+    saved = as_tuple([*(c for s, c in names.state.items() if s not in plan.matrix_states),
+                      *(f"k{c}" for c in matrices), "every"])
+    L(f"return {outs}, {finals}, {saved}")
+    return L.text() + "\n"
+
+
+def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
+    step = plan.step
+    L = _opening(plan, names, "def backward(params, xs, lengths, saved, d_outputs, d_final, "
+                              "sizes):")
+    L(unpack([*(c for s, c in names.state.items() if s not in plan.matrix_states),
+              *(f"k{names.state[s]}" for s in plan.matrix_states), "every"], "saved"),
+      unpack([f"d{c}" for c in names.output.values()], "d_outputs"))
+    for s, c in names.state.items():
+        dims = ", ".join(names.size[d] for d in state_shape(step.states[s]))
+        L(f"e{c} = np.ascontiguousarray(d_final[{list(names.state).index(s)}])")
+        L(f"g{c} = empty((B, {dims}), DT)")
+        L(f"d{c} = empty(({dims},), DT)")
+        L(f"n{c} = empty(({dims},), DT)")
+        if s in plan.matrix_states:
+            L(f"{k.matrix[s]} = empty((every, {dims}), DT)")
+    for x, c in names.input.items():
+        L(f"d{c} = np.zeros((T, B, {names.size[step.inputs[x]]}), DT)")
+    for c in names.param.values():
+        L(f"d{c} = np.zeros_like({c})")
+    _scratch(L, k)
+    L(f"{k.kind}_rows({', '.join(k.args())})")
+    dparams = as_tuple(f"d{names.param[p]}.reshape({names.param[p]}_shape)" if not i.shape
+                       else f"d{names.param[p]}" for p, i in step.params.items())
+    L(f"return {dparams}, {as_tuple('d' + c for c in names.input.values())}, "
+      f"{as_tuple('g' + c for c in names.state.values())}")
+    return L.text() + "\n"
