@@ -3,20 +3,25 @@ of the same cell on the GPU, float32, on the fixed workloads; one run, medians a
 (rnndsl time / peer time: below 1 means rnndsl is faster). Needs a GPU, PyTorch with CUDA and
 the `cuda` extra; benchmarks/device_check.py runs it with the GPU tests in one go.
 
-    python benchmarks/cuda_bench.py                          # lstm, gru, custom cells; S M L T1
+    python benchmarks/cuda_bench.py                          # lstm, gru, custom cells; T1 S M L
     python benchmarks/cuda_bench.py --specs lstm --sizes M T1 --json
 
-Each rnndsl cell runs three ways: `auto` (the persistent kernel where it fits), `steps`
-(persistent=False: one launch per step and phase, cuBLAS GEMMs) and, where it fits,
-`persistent` (persistent=True). Inputs are CUDA tensors handed to the cell without copies;
-parameters are uploaded once, outside the timed region. Goals (issue 6): LSTM within 1.5x of
-cuDNN at M, faster than cuDNN at T1 with the persistent kernel; custom cells at least 5x faster
-than the eager loop at S and T1. `bridge` is the same cell as a one-layer `rnndsl.torch.RNN`
-on CUDA tensors (autograd, the custom op), whose cost over the raw cell is the bridge's own.
+Each rnndsl cell runs four ways: `auto` (the time loop the cost model picks per pass), `steps`
+(persistent=False: one launch per step and phase, cuBLAS GEMMs) and, where they fit, the
+persistent kernels `single` (persistent='single-block') and `multi` (persistent='multi-block',
+one cooperative grid). Each row also gives, per mode, the forward time per time step in
+microseconds (`{mode}_step_us`), printed beside a grid sync's 1.4 us (../shared/GPU.md) and
+cuDNN's own time per step. Inputs are CUDA tensors handed to the cell without copies;
+parameters are uploaded once, outside the timed region. Goals (issue 15, fwd+bwd): LSTM and
+GRU at most 1.0x cuDNN's time at T1 and at S; a custom cell at T1 at least 20x faster than the
+eager loop of the same cell (earlier, issue 6: LSTM within 1.5x of cuDNN at M). `bridge` is
+the same cell as a one-layer `rnndsl.torch.RNN` on CUDA tensors (autograd, the custom op),
+whose cost over the raw cell is the bridge's own.
 
-The per-step loop (of `steps`, and of `auto` where the persistent kernel does not fit) is
-replayed from a CUDA graph once the warm-up calls have captured it; `nograph` times `steps`
-with graphs turned off (every step launched from Python), the difference being the graphs'.
+The per-step loop (of `steps`, and of `auto` where it picks per-step launches) is replayed
+from a CUDA graph once the warm-up calls have captured it; `nograph` times `steps` with graphs
+turned off (every step launched from Python), the difference being the graphs'. The
+persistent kernels are one launch per pass and never captured.
 """
 from __future__ import annotations
 
@@ -34,8 +39,9 @@ from rnndsl import peers
 from rnndsl.bench import WORKLOADS, problem
 
 SPECS = ["lstm", "gru", "peephole_lstm", "indrnn", "layernorm_lstm"]
-SIZES = ["S", "M", "L", "T1"]
-MODES = {"auto": None, "steps": False, "persistent": True}
+SIZES = ["T1", "S", "M", "L"]  # T1 first: the workload of the persistent kernels
+MODES = {"auto": None, "steps": False, "single": "single-block", "multi": "multi-block"}
+GRID_SYNC_US = 1.4  # one grid.sync() on an H200, measured (../shared/GPU.md)
 
 
 def sync():
@@ -69,7 +75,7 @@ def time_rnndsl(spec: str, size: str, persistent, repeats: int):
     txs = {k: torch.as_tensor(v, device="cuda") for k, v in xs.items()}
     try:
         fwd = cell.forward(dparams, txs)
-    except ValueError:  # persistent=True and it does not fit
+    except ValueError:  # a persistent kernel asked for that does not fit
         return None
     d_out = {o: torch.ones(tuple(v.shape), device="cuda") for o, v in fwd.outputs.items()}
 
@@ -80,8 +86,8 @@ def time_rnndsl(spec: str, size: str, persistent, repeats: int):
         f = cell.forward(dparams, txs)
         cell.backward(dparams, f, d_out)
 
-    blocks = dict(cell.engine.last_blocks)
-    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats), blocks
+    ran = {p: f"{v} ({cell.engine.last_blocks[p]})" for p, v in cell.engine.last_variant.items()}
+    return median_gpu(forward, repeats), median_gpu(forward_backward, repeats), ran
 
 
 @contextmanager
@@ -140,17 +146,21 @@ def main():
             continue
         for size in args.sizes:
             row = {"spec": spec, "size": size}
+            steps = WORKLOADS[size][0]
             for mode, flag in MODES.items():
                 got = time_rnndsl(spec, size, flag, args.repeats)
                 if got is not None:
-                    row[f"{mode}_fwd"], row[f"{mode}_fwdbwd"], row[f"{mode}_blocks"] = got
+                    row[f"{mode}_fwd"], row[f"{mode}_fwdbwd"], row[f"{mode}_ran"] = got
+                    row[f"{mode}_step_us"] = got[0] / steps * 1e6
             with graphs_off():
                 row["nograph_fwd"], row["nograph_fwdbwd"], _ = \
                     time_rnndsl(spec, size, False, args.repeats)
+            row["nograph_step_us"] = row["nograph_fwd"] / steps * 1e6
             lib = (peers.time_library(spec, size, args.repeats, "cuda", median_gpu)
                    if spec in ("lstm", "gru") else None)
             if lib:
                 row["cudnn_fwd"], row["cudnn_fwdbwd"] = lib
+                row["cudnn_step_us"] = lib[0] / steps * 1e6
             row["bridge_fwd"], row["bridge_fwdbwd"] = time_bridge(spec, size, args.repeats)
             row["eager_fwd"], row["eager_fwdbwd"] = time_eager(spec, size,
                                                                max(3, args.repeats // 2))
@@ -164,26 +174,38 @@ def main():
         return
     print(f"Device: {info['device']}; {info['date']}; torch {info['torch']}, cuDNN "
           f"{info['cudnn']}; GEMMs via {info['gemm']}. float32, medians of {args.repeats} runs, "
-          "ms; ratio = rnndsl (auto) / peer; blocks = persistent grid (0: per-step launches); "
+          "ms; ratio = rnndsl (auto) / peer; auto ran = each pass's time loop (grid); "
           "steps: the per-step loop from a CUDA graph, no graph: launched from Python.\n")
-    print("| cell | size | auto fwd | auto fwd+bwd | blocks | steps fwd+bwd | steps fwd+bwd, no "
-          "graph | persistent fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | ratio fwd | ratio fwd+bwd "
+    print("| cell | size | auto fwd | auto fwd+bwd | auto ran | steps fwd+bwd | steps fwd+bwd, no "
+          "graph | single fwd+bwd | multi fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | ratio fwd "
+          "| ratio fwd+bwd "
           "| eager fwd+bwd | ratio | bridge fwd+bwd | bridge / auto |")
-    print("|" + "---|" * 16)
+    print("|" + "---|" * 17)
     for r in rows:
         g = r.get
         print("| " + " | ".join([
             r["spec"], r["size"], _ms(g("auto_fwd")), _ms(g("auto_fwdbwd")),
-            str(g("auto_blocks", {}).get("forward", "")), _ms(g("steps_fwdbwd")),
-            _ms(g("nograph_fwdbwd")), _ms(g("persistent_fwdbwd")), _ms(g("cudnn_fwd")),
-            _ms(g("cudnn_fwdbwd")),
-            _ratio(g("auto_fwd"), g("cudnn_fwd")), _ratio(g("auto_fwdbwd"), g("cudnn_fwdbwd")),
-            _ms(g("eager_fwdbwd")), _ratio(g("auto_fwdbwd"), g("eager_fwdbwd")),
-            _ms(g("bridge_fwdbwd")), _ratio(g("bridge_fwdbwd"), g("auto_fwdbwd"))]) + " |")
+            ", ".join(g("auto_ran", {}).values()), _ms(g("steps_fwdbwd")),
+            _ms(g("nograph_fwdbwd")), _ms(g("single_fwdbwd")), _ms(g("multi_fwdbwd")),
+            _ms(g("cudnn_fwd")), _ms(g("cudnn_fwdbwd")), _ratio(g("auto_fwd"), g("cudnn_fwd")),
+            _ratio(g("auto_fwdbwd"), g("cudnn_fwdbwd")), _ms(g("eager_fwdbwd")),
+            _ratio(g("auto_fwdbwd"), g("eager_fwdbwd")), _ms(g("bridge_fwdbwd")),
+            _ratio(g("bridge_fwdbwd"), g("auto_fwdbwd"))]) + " |")
+    columns = [*MODES, "nograph", "cudnn"]
+    print(f"\nForward time per step, us (a grid sync: {GRID_SYNC_US} us):\n")
+    print("| cell | size | " + " | ".join(columns) + " |")
+    print("|" + "---|" * (len(columns) + 2))
+    for r in rows:
+        print("| " + " | ".join([r["spec"], r["size"]] + [
+            _us(r.get(f"{m}_step_us")) for m in columns]) + " |")
 
 
 def _ms(v):
     return "" if v is None else f"{v * 1e3:.2f}"
+
+
+def _us(v):
+    return "" if v is None else f"{v:.2f}"
 
 
 def _ratio(a, b):

@@ -5,21 +5,27 @@ go to OUT (default $OUT, else ./device_out): one file per part and summary.json.
     python benchmarks/device_check.py [--out DIR] [--quick]
 
 1. equality at real sizes: the CUDA target against the CPU target in float64 (forward outputs,
-   final states, every gradient; lstm, gru, peephole_lstm at M and T1, each time-loop mode),
-   the per-step time loop replayed from its CUDA graph against the same loop uncaptured
-   (float64, lstm and gru at M, fwd+bwd run three times: uncaptured, captured, replayed; the
-   key says how the last run went), and the PyTorch bridge on CUDA tensors against cuDNN in
-   float32 (2-layer bidirectional LSTM and GRU, packed lengths): `equality.json`;
+   final states, every gradient; lstm, gru, peephole_lstm at T1 and M, each time loop: auto,
+   per-step, single-block and multi-block persistent kernels, a forced kernel that does not fit
+   recorded as such), the per-step time loop replayed from its CUDA graph against the same
+   loop uncaptured (float64, lstm and gru at M, run between T1 and M, fwd+bwd run three times:
+   uncaptured, captured, replayed; the key says how the last run went), and the PyTorch bridge
+   on CUDA tensors against cuDNN in float32 (2-layer bidirectional LSTM and GRU, packed
+   lengths): `equality.json`;
 2. `tests/test_cuda.py` (with RNNDSL_TEST_GPU=1) and `tests/test_torch_cuda.py` on the GPU:
    `pytest.txt`;
-3. `benchmarks/cuda_bench.py --json`: `bench.json` (the README's GPU table).
+3. `benchmarks/cuda_bench.py --json` at T1 and M, medians of 3 (`--quick`: lstm and gru
+   only): `bench.txt` (the README's GPU table; rows as they come, so a part cut short keeps
+   them).
 
 `--simulate` runs part 1 at tiny sizes in Numba's CUDA simulator, on the CPU: a dry run of
-the script where there is no GPU.
+the script where there is no GPU (the multi-block kernel on a simulated device of 3
+multiprocessors whose blocks run concurrently, tests/cudasim_grid.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -28,39 +34,63 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMITS = {"equality": 90, "pytest": 120, "bench": 240}  # seconds per part
+LIMITS = {"equality": 90, "pytest": 90, "bench": 120}  # seconds per part: 5 minutes in all
 
 
-def equality(simulate: bool) -> dict:
-    """Max relative differences: CUDA vs CPU float64, and the bridge vs cuDNN float32."""
-    import numpy as np
-
-    import rnndsl
+def equality(simulate: bool, record) -> dict:
+    """Max relative differences: CUDA vs CPU float64, and the bridge vs cuDNN float32; each
+    handed to `record(results)` as it comes (T1 first), so a part cut short keeps them."""
     from rnndsl.bench import WORKLOADS
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from engines import differences
-
     out = {}
-    sizes = {"tiny": (3, 2, 3, 4)} if simulate else {w: WORKLOADS[w] for w in ("M", "T1")}
-    for spec in ("lstm", "gru", "peephole_lstm"):
-        cpu = rnndsl.compile(spec)
-        for mode, persistent in (("auto", None), ("steps", False)):
-            cuda = rnndsl.compile(spec, target="cuda", persistent=persistent)
-            for size, (T, B, I, H) in sizes.items():
-                lengths = [T] + [max(1, T - 7 * k) for k in range(1, B)]
-                diffs = differences(cuda, cpu, T, B, lengths, np.float64, seed=1,
-                                    problem_args=(I, H - I))
-                out[f"{spec} {size} {mode}"] = max(diffs.values())
-    out.update(_graphs_vs_uncaptured(sizes))
+    sizes = {"tiny": (3, 2, 3, 4)} if simulate else {w: WORKLOADS[w] for w in ("T1", "M")}
+    grid = contextlib.nullcontext()
+    if simulate:
+        from cudasim_grid import concurrent_blocks
+
+        grid = concurrent_blocks(3)
+    graphs_at = "tiny" if simulate else "M"
+    with grid:
+        for size, dims in sizes.items():
+            if size == graphs_at:  # after T1, the persistent kernels' case
+                out.update(_graphs_vs_uncaptured(size, dims))
+                record(out)
+            _time_loops_vs_cpu(size, dims, out, record)
     if not simulate:
         out.update(_bridge_vs_cudnn())
+    record(out)
     return out
 
 
-def _graphs_vs_uncaptured(sizes: dict) -> dict:
+def _time_loops_vs_cpu(size: str, dims: tuple, out: dict, record):
+    """Each spec in each time loop at one size against the CPU target, into `out`."""
+    import numpy as np
+
+    import rnndsl
+
+    from engines import differences
+
+    T, B, I, H = dims
+    lengths = [T] + [max(0, T - 7 * k) for k in range(1, B)]
+    for spec in ("lstm", "gru", "peephole_lstm"):
+        cpu = rnndsl.compile(spec)
+        for mode, persistent in (("auto", None), ("steps", False), ("single", "single-block"),
+                                 ("multi", "multi-block")):
+            cuda = rnndsl.compile(spec, target="cuda", persistent=persistent)
+            try:
+                diffs = differences(cuda, cpu, T, B, lengths, np.float64, seed=1,
+                                    problem_args=(I, H - I))
+            except ValueError as exc:  # a forced kernel that does not fit
+                out[f"{spec} {size} {mode}"] = str(exc)
+                continue
+            out[f"{spec} {size} {mode}"] = max(diffs.values())
+            record(out)
+
+
+def _graphs_vs_uncaptured(size: str, dims: tuple) -> dict:
     """Max relative difference of the third fwd+bwd (replayed from a CUDA graph where one can
-    be captured) from a run with graphs turned off, per spec and size."""
+    be captured) from a run with graphs turned off, per spec, at one size."""
     import numpy as np
 
     import rnndsl
@@ -70,30 +100,30 @@ def _graphs_vs_uncaptured(sizes: dict) -> dict:
     from engines import problem, relative
 
     out = {}
+    T, B, I, H = dims
+    lengths = [T] + [max(1, T - 7 * k) for k in range(1, B)]
     for spec in ("lstm", "gru"):
         cell = rnndsl.compile(spec, target="cuda", persistent=False)
-        for size, (T, B, I, H) in sizes.items():
-            params, xs, state0 = problem(cell, T, B, 2, I, H - I)
-            lengths = [T] + [max(1, T - 7 * k) for k in range(1, B)]
-            seed = np.random.default_rng(3).standard_normal((T, B, H))
+        params, xs, state0 = problem(cell, T, B, 2, I, H - I)
+        seed = np.random.default_rng(3).standard_normal((T, B, H))
 
-            def run():
-                fwd = cell.forward(params, xs, state0, lengths)
-                grads = cell.backward(params, fwd, seed)
-                return [cs.host(fwd.output), *map(cs.host, grads.params.values()),
-                        *map(cs.host, grads.inputs.values())]
+        def run():
+            fwd = cell.forward(params, xs, state0, lengths)
+            grads = cell.backward(params, fwd, seed)
+            return [cs.host(fwd.output), *map(cs.host, grads.params.values()),
+                    *map(cs.host, grads.inputs.values())]
 
-            before = cg.graph_cache_size()
-            cg.set_graph_cache_size(0)
-            want = run()
-            cg.set_graph_cache_size(before or cg.DEFAULT_CACHE_SIZE)
-            for _ in range(3):
-                got = run()
-            worst = max(relative(a, b, 1e-30) for a, b in zip(got, want))
-            why = cg.why_not()
-            out[f"{spec} {size} graph, last run {cg.last_run()}"
-                f"{f' ({why})' if why else ''}, vs uncaptured"] = worst
-            cg.set_graph_cache_size(before)
+        before = cg.graph_cache_size()
+        cg.set_graph_cache_size(0)
+        want = run()
+        cg.set_graph_cache_size(before or cg.DEFAULT_CACHE_SIZE)
+        for _ in range(3):
+            got = run()
+        worst = max(relative(a, b, 1e-30) for a, b in zip(got, want))
+        why = cg.why_not()
+        out[f"{spec} {size} graph, last run {cg.last_run()}"
+            f"{f' ({why})' if why else ''}, vs uncaptured"] = worst
+        cg.set_graph_cache_size(before)
     return out
 
 
@@ -141,7 +171,7 @@ def run_part(name: str, command: list[str], out: Path, env: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "device_out"))
-    ap.add_argument("--quick", action="store_true", help="the benchmark at M and T1 only")
+    ap.add_argument("--quick", action="store_true", help="the benchmark of lstm and gru only")
     ap.add_argument("--simulate", action="store_true",
                     help="a dry run of part 1 in Numba's CUDA simulator")
     ap.add_argument("--equality-only", action="store_true", help=argparse.SUPPRESS)
@@ -149,7 +179,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.equality_only:  # part 1, in its own process (see below)
-        (out / "equality.json").write_text(json.dumps(equality(args.simulate), indent=1))
+        equality(args.simulate,
+                 lambda found: (out / "equality.json").write_text(json.dumps(found, indent=1)))
         return
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.simulate:
@@ -162,9 +193,11 @@ def main():
         summary["pytest"] = run_part("pytest", [sys.executable, "-m", "pytest", "-q", "-x",
                                                 "tests/test_cuda.py", "tests/test_torch_cuda.py"],
                                      out, gpu)
-        bench = [sys.executable, "benchmarks/cuda_bench.py", "--json", "--repeats", "5"]
+        # T1 first: the persistent kernels' case; the other sizes do not fit the part's limit
+        bench = [sys.executable, "benchmarks/cuda_bench.py", "--json", "--repeats", "3",
+                 "--sizes", "T1", "M"]
         if args.quick:
-            bench += ["--sizes", "M", "T1"]
+            bench += ["--specs", "lstm", "gru"]
         summary["bench"] = run_part("bench", bench, out, env)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

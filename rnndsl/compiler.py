@@ -93,12 +93,13 @@ def _analyse(spec: Spec, constants: dict | None) -> tuple[StepIR, Backward]:
     return step, grad(step)
 
 
-def compile(source: str | Path, target: str = "cpu", persistent: bool | None = None,
+def compile(source: str | Path, target: str = "cpu", persistent: bool | str | None = None,
             constants: dict | None = None, tape_budget: int | None = None) -> Cell | TreeCell:
     """Compile a spec (a path, a built-in name such as 'lstm', or YAML text) into a Cell, or a
     TreeCell for a spec with `structure: tree`.
-    `persistent` (target "cuda" only): None uses the persistent kernel where it fits, True
-    insists on it, False never uses it. `constants` gives some of the spec's `constants:`
+    `persistent` (target "cuda" only): None picks each pass's time loop by a cost model, True
+    insists on a persistent kernel, False never uses one, 'single-block' or 'multi-block'
+    insists on that persistent kernel. `constants` gives some of the spec's `constants:`
     other values ({"lam": 0.9}); they are folded into the generated code. `tape_budget`
     (target "cpu", cells with matrix-valued states): the bytes of matrix states a forward pass
     may keep for backward, past which backward recomputes them from fewer kept copies
@@ -115,14 +116,14 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | None = N
         return _planned_cell(step, bwd, target, persistent, tape_budget)
 
 
-def _cell(checked: Checked, target: str, persistent: bool | None) -> Cell:
+def _cell(checked: Checked, target: str, persistent: bool | str | None) -> Cell:
     """A checked step (one of a tree cell's) made into a Cell."""
     with ir.scope():
         step = lower(checked)
         return _planned_cell(step, grad(step), target, persistent)
 
 
-def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | None,
+def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | str | None,
                   tape_budget: int | None = None) -> Cell:
     _refuse_what_has_no_kernels(step, target)
     if rank2.reference_only(step):
@@ -135,7 +136,7 @@ def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | N
     return Cell(step, bwd, engine, kernel_plan)
 
 
-def retarget(cell: Cell, target: str, persistent: bool | None = None) -> Cell:
+def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> Cell:
     """The same cell (its step, backward and kernel plan) on another target: what the
     PyTorch bridge runs when a module's tensors move to another device."""
     if target not in TARGETS:
@@ -165,7 +166,7 @@ def _refuse_what_has_no_kernels(step: StepIR, target: str):
                         "the reference target (target='cpu', --target cpu)")
 
 
-def _engine(step, bwd, kernel_plan, target: str, persistent: bool | None,
+def _engine(step, bwd, kernel_plan, target: str, persistent: bool | str | None,
             tape_budget: int | None = None):
     if target == "cuda":
         from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked

@@ -72,8 +72,9 @@ def _graphs() -> dict:
 
 
 def _time_loops(cs) -> dict:
-    """For the LSTM on each benchmark workload in float32, per pass: 'persistent (N blocks)'
-    or 'per-step' (one launch per step and phase, GEMMs in cuBLAS)."""
+    """For the LSTM on each benchmark workload in float32, per pass, the time loop that the
+    auto mode takes: 'single-block', 'multi-block (N blocks)' (persistent kernels) or
+    'per-step' (one launch per step and phase, GEMMs in cuBLAS)."""
     from rnndsl import compiler
     from rnndsl.bench import WORKLOADS, workload_sizes
     from rnndsl.backend.emit_cuda import persistent_grids
@@ -83,9 +84,9 @@ def _time_loops(cs) -> dict:
     out = {}
     for workload in WORKLOADS:
         _, batch, sizes = workload_sizes(cell, workload)
-        grids = persistent_grids(cell.engine.plan, sizes, batch, 4, limit)
-        out[f"lstm {workload}"] = {p: f"persistent ({n} blocks)" if n else "per-step"
-                                   for p, n in grids.items()}
+        grids = persistent_grids(cell.engine.plan, sizes, batch, 4, limit, cs.shared_limit())
+        out[f"lstm {workload}"] = {p: f"{v} ({n} blocks)" if v == "multi-block" else v
+                                   for p, (v, n) in grids.items()}
     return out
 
 

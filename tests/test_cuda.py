@@ -9,6 +9,7 @@ softmax, scalar parameters, two inputs, a hoisted computed vector), forward and 
 per-step launches and the persistent kernel (one block in the simulator), float64 to 1e-10,
 with per-sequence lengths. Sizes are tiny: the simulator runs one Python thread per GPU thread.
 """
+import contextlib
 import io
 import json
 import os
@@ -134,7 +135,28 @@ def test_generated_code_names_only_compiler_made_identifiers(name):
     phases = sum(1 for prog in (cell.plan.pre, cell.plan.forward, cell.plan.back)
                  if prog is not None for ph in prog.phases if ph.steps)
     assert len(re.findall(r"^def \w+_phase\d+\(", code, re.M)) == phases
-    assert "def forward_persistent(" in code and "def backward_persistent(" in code
+    for kind in ("forward", "backward"):
+        assert f"def {kind}_grid(" in code and f"def {kind}_block(" in code
+
+
+@pytest.mark.parametrize("name", sorted(SPECS) + ["fuzz0", "fuzz1"])
+def test_persistent_kernels_assign_none_of_their_arguments(name):
+    """A kernel's own variables (loop indices, offsets into shared memory) must not take the
+    name of an array it is given (x0 is both an input and a name a kernel might pick)."""
+    import ast
+
+    from test_differential import random_spec
+
+    text = random_spec(int(name[4:])) if name.startswith("fuzz") else SPECS[name]
+    code = rnndsl.compile(text, target="cuda").engine.source_code("float64")
+    kernels = [f for f in ast.parse(code).body if isinstance(f, ast.FunctionDef) and
+               f.name.endswith(("_grid", "_block"))]
+    assert len(kernels) == 4
+    for f in kernels:
+        given = {a.arg for a in f.args.args}
+        assigned = {n.id for n in ast.walk(f) if isinstance(n, ast.Name) and
+                    isinstance(n.ctx, ast.Store)}
+        assert not given & assigned, (f.name, given & assigned)
 
 
 def test_only_cuda_support_imports_numba_cuda():
@@ -204,36 +226,92 @@ def test_cuda_tree_cells_match_reference(name):
     np.testing.assert_allclose(grads[0].inputs["x"], grads[1].inputs["x"], rtol=0, atol=1e-10)
 
 
+def grid_of(mode):
+    """Where a mode runs: the multi-block kernel on a simulated device of 3 multiprocessors
+    whose blocks run concurrently (tests/cudasim_grid.py), the others as the simulator is."""
+    if mode == "multi-block" and SIMULATOR:
+        from cudasim_grid import concurrent_blocks
+
+        return concurrent_blocks(3)
+    return contextlib.nullcontext()
+
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+MODES = {"per-step": False, "single-block": "single-block", "multi-block": "multi-block"}
+
+
 @device
-@pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_cuda_matches_reference(name, persistent):
-    cell = rnndsl.compile(SPECS[name], target="cuda", persistent=persistent)
+def test_cuda_matches_reference(name, mode):
+    """Hidden size 3: the multi-block kernel gives each of its 3 blocks one hidden unit (or
+    a slice of the columns); lengths include 0."""
+    cell = rnndsl.compile(SPECS[name], target="cuda", persistent=MODES[mode])
     ref = rnndsl.compile(SPECS[name], target="reference")
-    T, B, lengths = (2, 3, [2, 1, 0]) if not persistent else (3, 2, [2, 3])
-    compare(cell, ref, T, B, lengths)
-    expect = (lambda blocks: blocks >= 1) if persistent else (lambda blocks: blocks == 0)
-    assert all(expect(b) for b in cell.engine.last_blocks.values()), cell.engine.last_blocks
+    with grid_of(mode):
+        compare(cell, ref, 3, 2, [3, 0])
+    assert cell.engine.last_variant == {"forward": mode, "backward": mode}
+    if mode == "multi-block" and SIMULATOR:  # (fewer where a product has fewer columns)
+        assert all(2 <= n <= 3 for n in cell.engine.last_blocks.values()), cell.engine.last_blocks
 
 
 @device
 def test_float32_and_auto_mode():
-    cell = rnndsl.compile("lstm", target="cuda")  # auto: tiny sizes fit, so persistent
+    cell = rnndsl.compile("lstm", target="cuda")  # auto: at tiny sizes one block is cheapest
     compare(cell, rnndsl.compile("lstm", target="reference"), 2, 2, None, np.float32, 1e-5)
-    assert cell.engine.last_blocks == {"forward": 1, "backward": 1}
+    assert cell.engine.last_variant == {"forward": "single-block", "backward": "single-block"}
 
 
 @device
-def test_persistent_refuses_what_does_not_fit():
+def test_time_loop_choice_follows_fit_and_cost():
+    """cs.choose_time_loop on made-up devices, so that the answers do not depend on the one
+    the tests run on: (K, N) = (64, 256) is an LSTM's recurrent product at H=64."""
     from rnndsl.backend import cuda_support as cs
 
-    words = cs.shared_words(8)
-    assert cs.persistent_blocks([(8, 32)], 4, 8, 1, 4 * 8) == 1
-    assert cs.persistent_blocks([(words, 2)], 4, 8, 1, 8) == 0  # weights too big for a block
-    assert cs.persistent_blocks([(words, 2)], 4, 8, 2, 8) == 2  # split over two blocks
-    assert cs.persistent_blocks([(8, 32)], cs.PERSISTENT_MAX_BATCH + 1, 8, 1, 8) == 0
-    cell = rnndsl.compile("lstm", target="cuda", persistent=True)
-    hidden = 64  # 4*64*64 float64 weights: 128 KiB
+    lstm = [(64, 256)]
+    facts = dict(syncs=1, barriers=2, launches=2, elements=64, limit=132)
+
+    def choose(mode, products=lstm, unit=64, batch=1, itemsize=4, shared=48 * 1024, **kw):
+        args = {**facts, **kw}
+        return cs.choose_time_loop(mode, products, unit, batch, itemsize, args["syncs"],
+                                   args["barriers"], args["launches"], args["elements"],
+                                   args["limit"], shared)
+
+    # float32: 64 KiB of weights, past 48 KiB for one block; a 64-block grid owns one unit
+    # of every gate per block (4 columns of 64 words, padded)
+    stride = cs.column_stride(64)
+    assert stride // cs.LANES % 2 == 1 and 64 <= stride < 64 + 2 * cs.LANES
+    assert choose("multi-block") == ("multi-block", 64, 1, (4 * stride + 64) * 4)
+    with pytest.raises(ValueError, match="single-block kernel needs more shared memory"):
+        choose("single-block")
+    assert choose("single-block", shared=227 * 1024)[:2] == ("single-block", 1)
+    # rows of the vector staged at once: as many as the room left holds, at most B
+    assert choose("single-block", batch=3, shared=227 * 1024)[2] == 3
+    assert choose("single-block", batch=1000, shared=(256 * stride + 24 * 64) * 4)[2] == 24
+    with pytest.raises(ValueError, match="needs two co-resident blocks"):
+        choose("multi-block", limit=1)
+    with pytest.raises(ValueError, match="persistent kernel does not fit"):
+        choose(True, products=[(4096, 16384)], unit=4096, limit=2)
+    assert choose(False) == ("per-step", 0, 0, 0)
+    # the auto mode takes the cheapest by the cost model, and the per-step path where no
+    # persistent kernel fits
+    assert choose(None)[0] == "multi-block"  # one grid sync (1.4 us) against two launches
+    assert choose(None, products=[(4096, 16384)], unit=4096, limit=2)[0] == "per-step"
+    saved = dict(cs.COST)
+    try:
+        cs.COST["launch_us"] = 0.0  # launches for free: the per-step path wins
+        assert choose(None)[0] == "per-step"
+    finally:
+        cs.COST.update(saved)
+
+
+@device
+def test_a_forced_kernel_that_does_not_fit_is_refused():
+    from rnndsl.backend import cuda_support as cs
+
+    cell = rnndsl.compile("lstm", target="cuda", persistent="single-block")
+    # float64 weights of 4*H*H words: past this device's shared memory per block
+    hidden = int((cs.shared_limit() / 8 / 4) ** 0.5) + 2
     params = cell.init_params(1, hidden, dtype=np.float64)
     with pytest.raises(ValueError, match="persistent kernel does not fit"):
         cell.forward(params, np.zeros((1, 1, 1)))
@@ -260,12 +338,12 @@ def test_device_arrays_in_device_arrays_out():
 
 
 @device
-@pytest.mark.parametrize("persistent", [False, True], ids=["per-step", "persistent"])
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("seed", range(4))
-def test_generated_specs_agree_with_the_reference(seed, persistent):
+def test_generated_specs_agree_with_the_reference(seed, mode):
     """The differential fuzzer's specs (tests/test_differential.py) on the CUDA kernels."""
-    T, lengths = (3, (3, 1, 0)) if not persistent else (2, (2, 1, 2))
-    problems = check_spec(seed, "cuda", T=T, B=3, lengths=lengths, persistent=persistent)
+    with grid_of(mode):
+        problems = check_spec(seed, "cuda", T=2, B=3, lengths=(2, 1, 0), persistent=MODES[mode])
     assert not problems, problems[0]
 
 
@@ -279,23 +357,44 @@ def test_every_operator_agrees_with_the_reference(call):
 
 
 @device
-@pytest.mark.parametrize("hidden, batch, persistent", [(2, 2, True), (40, 2, False),
-                                                       (2, 80, False)],
-                         ids=["fits", "weights-too-big", "batch-too-big"])
-def test_info_tells_the_time_loop_that_auto_mode_takes(hidden, batch, persistent):
+@pytest.mark.parametrize("hidden, shared, limit, free_launches, expected",
+                         [(2, None, None, False, ("single-block", 1)),
+                          (3, 300, None, False, ("multi-block", 3)),
+                          (40, 48 * 1024, 1, False, ("per-step", 0)),
+                          (2, None, None, True, ("per-step", 0))],
+                         ids=["one-block", "grid", "weights-too-big", "launches-free"])
+def test_info_tells_the_time_loop_that_auto_mode_takes(hidden, shared, limit, free_launches,
+                                                      expected):
+    """`rnndsl info`'s answer (emit_cuda.persistent_grids) is what the glue runs, on this
+    device or on one made up by replacing what cuda_support reads of it: one block at tiny
+    sizes; a grid of one block per hidden unit when a block has 300 bytes of shared memory
+    (float64, H=3: the weights take 288 bytes in one block, 96 in each of three); the per-step
+    path when no kernel fits (H=40: 51 KiB of weights, 48 KiB per block and one block), or
+    when the cost model makes launches free."""
     from rnndsl.backend import cuda_support as cs
 
     cell = rnndsl.compile("lstm", target="cuda")
     params = cell.init_params(3, hidden, dtype=np.float64)
-    x = np.zeros((2, batch, 3))
-    fwd = cell.forward(params, x)
-    cell.backward(params, fwd, np.ones(fwd.output.shape))
-    limit = cs.cooperative_blocks(None, cs.THREADS)
-    told = emit_cuda.persistent_grids(cell.engine.plan, {"input": 3, "hidden": hidden}, batch,
-                                      8, limit)
-    assert {p: n > 0 for p, n in told.items()} == \
-        {p: n > 0 for p, n in cell.engine.last_blocks.items()} == \
-        {"forward": persistent, "backward": persistent}
+    x = np.zeros((2, 2, 3))
+    saved = dict(cs.COST), cs.shared_limit, cs.cooperative_blocks
+    try:
+        if shared:
+            cs.shared_limit = lambda: shared
+        if limit:
+            cs.cooperative_blocks = lambda kernel, threads: limit
+        if free_launches:
+            cs.COST["launch_us"] = 0.0
+        with grid_of(expected[0]):
+            fwd = cell.forward(params, x)
+            cell.backward(params, fwd, np.ones(fwd.output.shape))
+            told = emit_cuda.persistent_grids(cell.engine.plan, {"input": 3, "hidden": hidden},
+                                              2, 8, cs.cooperative_blocks(None, cs.THREADS),
+                                              cs.shared_limit())
+    finally:
+        cs.COST.update(saved[0])
+        cs.shared_limit, cs.cooperative_blocks = saved[1:]
+    ran = {p: (cell.engine.last_variant[p], cell.engine.last_blocks[p]) for p in told}
+    assert told == ran == {"forward": expected, "backward": expected}
 
 
 # -- the PyTorch bridge on the CUDA target ---------------------------------------------------
@@ -344,7 +443,7 @@ def test_the_device_check_script_dry_runs_in_the_simulator(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["equality"]["status"] == "ok", (tmp_path / "equality.txt").read_text()
     found = json.loads((tmp_path / "equality.json").read_text())
-    assert len(found) == 8 and max(found.values()) < 1e-12
+    assert len(found) == 14 and all(v < 1e-12 for v in found.values()), found
     assert "lstm tiny graph, last run uncaptured (Numba's CUDA simulator), vs uncaptured" in found
 
 

@@ -1,6 +1,7 @@
 """`rnndsl info`: what the process runs on, as text and as JSON."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,8 @@ def test_info_in_the_simulator_names_each_pass_time_loop(tmp_path):
     assert set(cuda["time_loop"]) == {"lstm S", "lstm M", "lstm L", "lstm T1"}
     for passes in cuda["time_loop"].values():
         assert set(passes) == {"forward", "backward"}
-        assert all(m == "per-step" or m.startswith("persistent (") for m in passes.values())
+        assert all(re.fullmatch(r"per-step|single-block|multi-block \(\d+ blocks\)", m)
+                   for m in passes.values())
     assert cuda["graphs"] == {"captured": False, "why_not": "Numba's CUDA simulator",
                               "cache_size": 8}
     text = subprocess.run([sys.executable, "-m", "rnndsl.cli", "info"], env=env,

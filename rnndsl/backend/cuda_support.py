@@ -39,12 +39,6 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # Threads per block of every generated kernel: a power of two (the block reductions halve it).
 # The simulator spends one Python thread per GPU thread, so it gets small blocks.
 THREADS = 8 if SIMULATOR else 128
-# Shared memory a persistent kernel may fill with recurrent weights, per block (the static
-# limit is 48 KiB; a little is kept for the reduction buffer).
-SHARED_BYTES = 40 * 1024
-# Persistent kernels: one thread block per this many output columns of the recurrent GEMM at
-# least, and no more than this many batch rows (beyond, the per-step GEMMs do better in cuBLAS).
-PERSISTENT_MAX_BATCH = 64
 TILE = 16  # the fallback GEMM's tile edge
 
 
@@ -401,28 +395,178 @@ def _torch_mm(A, Bm, C, accumulate: bool):
 
 
 # -- persistent kernels ----------------------------------------------------------------------
+# A persistent kernel splits each recurrent dot product over LANES consecutive threads of a
+# warp, summed with warp shuffles (a power of two, at most 32, dividing THREADS).
+LANES = 4 if SIMULATOR else 8
+STATIC_SHARED_BYTES = 48 * 1024  # beyond this a kernel must opt in to more dynamic shared memory
+# The static shared memory a persistent kernel may have besides its dynamic shared memory: the
+# reduction buffer of block_sum (THREADS words of at most 8 bytes).
+STATIC_RESERVE = THREADS * 8
+FULL_MASK = 0xFFFFFFFF
+
+if SIMULATOR:
+    @cuda.jit(device=True)
+    def shfl_down(x, delta):
+        """What `cuda.shfl_down_sync(FULL_MASK, x, delta)` returns, for the simulator, which has
+        no warp shuffles: every thread of the block must call it, as every lane of a warp must
+        call the real one."""
+        exchange = cuda.shared.array(THREADS, np.float64)
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()  # the previous exchange has been read
+        exchange[tid] = x
+        cuda.syncthreads()
+        source = tid + delta
+        if source < THREADS and source // 32 == tid // 32:
+            return exchange[source]
+        return x
+else:
+    @cuda.jit(device=True)
+    def shfl_down(x, delta):
+        return cuda.shfl_down_sync(FULL_MASK, x, delta)
+
+
+@cuda.jit(device=True)
+def lane_sum(x):
+    """The sum of x over each group of LANES consecutive threads, in the group's first thread.
+    Every thread of the block calls it (a shuffle needs every lane of its warp)."""
+    width = LANES // 2
+    while width > 0:
+        x += shfl_down(x, width)
+        width //= 2
+    return x
+
+
+# The auto mode's cost model of one time step, in microseconds: the one place its parameters
+# live, to be fitted to GPU measurements (benchmarks/cuda_bench.py prints the per-step times
+# of each time loop). The first figures: launches and grid syncs as measured on an H200
+# (../shared/GPU.md), dot-product and pointwise rates of one block estimated from the
+# single-block probe there (an LSTM step at T1, 16K multiply-adds, in ~0.8 us).
+COST = {
+    "launch_us": 25.0,  # one kernel launch or cuBLAS call from Python (the per-step path)
+    "gemm_macs_per_us": 2.0e7,  # cuBLAS multiply-adds per microsecond, the whole GPU
+    "grid_sync_us": 1.4,  # one grid.sync()
+    "barrier_us": 0.02,  # one block barrier
+    "block_macs_per_us": 2.0e4,  # multiply-adds per microsecond of one block, from shared memory
+    "block_elements_per_us": 2.0e3,  # pointwise elements per microsecond of one block
+}
+
+
+def step_costs(products, batch: int, syncs: int, barriers: int, launches: int, elements: int,
+               blocks: int) -> dict[str, float]:
+    """The cost model (COST) of one time step of each time loop, in microseconds, for the
+    per-step products `products` ((K, N) each) at `batch` rows; the multi-block one on
+    `blocks` blocks, each owning about 1/blocks of the columns."""
+    macs = batch * sum(k * n for k, n in products)
+    block = macs / COST["block_macs_per_us"] + elements / COST["block_elements_per_us"] + \
+        barriers * COST["barrier_us"]
+    return {"per-step": launches * COST["launch_us"] + macs / COST["gemm_macs_per_us"],
+            "single-block": block + syncs * COST["barrier_us"],  # its grid syncs are barriers
+            "multi-block": syncs * COST["grid_sync_us"] + block / max(blocks, 1)}
+
+
+def column_stride(k: int) -> int:
+    """Words between two weight columns of a persistent kernel in shared memory: k rounded up
+    to an odd multiple of LANES, so that the groups of LANES threads of a warp, each reading
+    its own column at once, fall on different banks (as the kernels compute it)."""
+    groups = -(-k // LANES)
+    return (groups + 1 - groups % 2) * LANES
+
+
+def block_columns(products, unit: int, blocks: int) -> list[int]:
+    """Per product, the most output columns one block of a `blocks`-block grid owns: a slice
+    of `unit` hidden units in every gate block of width `unit` (0: a contiguous slice of the
+    columns)."""
+    out = []
+    for _, n in products:
+        width = unit or n
+        out.append((n // width) * math.ceil(width / blocks) if width else 0)
+    return out
+
+
+def choose_time_loop(mode, products, unit: int, batch: int, itemsize: int, syncs: int,
+                     barriers: int, launches: int, elements: int, limit: int, shared: int):
+    """The time loop of one pass: (variant, blocks, rows, nbytes). `mode`: None picks the
+    cheapest that fits by the cost model, True the cheapest persistent one, False the per-step
+    launches, 'single-block' or 'multi-block' that kernel. A persistent kernel fits when its
+    block's columns of every product's weights (column_stride words each) and one staged row
+    of the widest vector fit in `shared` bytes; `rows` vector rows are staged at once (`nbytes` of dynamic shared memory).
+    The multi-block kernel runs on at most `limit` co-resident blocks, at least two, each with
+    the same share of the units (or columns).
+    Raises ValueError when a forced kernel does not fit."""
+    widest = max((k for k, _ in products), default=0)
+    words = shared // itemsize
+    grids = {"single-block": 1}
+    # no more blocks than hidden units (or columns), and none left without any: 512 units on
+    # 132 blocks take 128 blocks of 4; the phases of a pass without products are strided over
+    # the grid, any size
+    most = unit or max((n for _, n in products), default=limit)
+    each = math.ceil(most / max(min(limit, most), 1))
+    if math.ceil(most / each) >= 2:
+        grids["multi-block"] = math.ceil(most / each)
+    fits = {}
+    for variant, blocks in grids.items():
+        weights = sum(column_stride(k) * c
+                      for (k, _), c in zip(products, block_columns(products, unit, blocks)))
+        if weights + max(widest, 1) <= words:
+            rows = max(1, min(batch, (words - weights) // widest)) if widest else 1
+            fits[variant] = (variant, blocks, rows, (weights + rows * widest) * itemsize)
+    costs = step_costs(products, batch, syncs, barriers, launches, elements,
+                       grids.get("multi-block", 1))
+    per_step = ("per-step", 0, 0, 0)
+    if mode is False:
+        return per_step
+    if mode in ("single-block", "multi-block"):
+        if mode not in grids:
+            raise ValueError("the persistent kernel does not fit: the multi-block kernel needs "
+                             "two co-resident blocks at least and one hidden unit (or output "
+                             "column) each")
+        if mode not in fits:
+            raise ValueError(f"the persistent kernel does not fit: the {mode} kernel needs "
+                             "more shared memory than a block has for its recurrent weights")
+        return fits[mode]
+    candidates = dict(fits)
+    if mode is None:
+        candidates["per-step"] = per_step
+    if not candidates:
+        raise ValueError("the persistent kernel does not fit: the recurrent weights need more "
+                         "shared memory than the resident blocks have")
+    return candidates[min(candidates, key=costs.__getitem__)]
+
+
 def cooperative_blocks(kernel, threads: int) -> int:
-    """How many blocks a cooperative launch may have: one per multiprocessor (a block of
-    `threads` threads with at most 48 KiB of static shared memory always fits one per SM)."""
+    """How many blocks a cooperative launch may have: one per multiprocessor (one block of
+    `threads` threads and up to `shared_limit()` bytes of shared memory fits on each)."""
     if SIMULATOR:
-        return 1  # the simulator runs blocks one after another: a grid sync needs one block
+        return SIMULATED_MULTIPROCESSORS
     return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
 
 
-def persistent_blocks(gemms, batch: int, itemsize: int, limit: int, elements: int) -> int:
-    """The grid of a persistent kernel, or 0 when it does not fit: the fewest blocks (at most
-    `limit`, the co-resident ones) whose shared memory holds their columns of every recurrent
-    weight matrix (`gemms`: (K, N) per per-step GEMM, split by output columns over the
-    blocks), raised towards one thread per element of the widest phase (`elements`) so the
-    elementwise work spreads too; 0 also when the batch is above PERSISTENT_MAX_BATCH."""
-    if batch > PERSISTENT_MAX_BATCH or limit < 1:
-        return 0
-    words = SHARED_BYTES // itemsize
-    for count in range(1, limit + 1):
-        if sum(k * math.ceil(n / count) for k, n in gemms) <= words:
-            return min(limit, max(count, blocks(elements)))
-    return 0
+# The simulator runs the blocks of a grid one after another, so a grid sync works there with
+# one block only; tests that run them concurrently (tests/cudasim_grid.py) raise this.
+SIMULATED_MULTIPROCESSORS = 1
 
 
-def shared_words(itemsize: int) -> int:
-    return SHARED_BYTES // itemsize
+def shared_limit() -> int:
+    """Bytes of dynamic shared memory a persistent kernel's block may have (opting in past
+    the static 48 KiB), its static shared memory kept aside."""
+    most = STATIC_SHARED_BYTES
+    if not SIMULATOR:
+        try:
+            most = int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        except AttributeError:  # a driver that does not name the attribute
+            pass
+    return most - STATIC_RESERVE
+
+
+def launch_persistent(kernel, blocks: int, nbytes: int, stream: Stream, *args):
+    """kernel[blocks, THREADS, stream.kernels, nbytes](*args), first raising the kernel's limit of dynamic
+    shared memory when it and the static shared memory pass 48 KiB (numba-cuda 0.30 has no
+    launch option for it: the attribute is set on the compiled function)."""
+    if nbytes + STATIC_RESERVE > STATIC_SHARED_BYTES and not SIMULATOR:
+        from numba.cuda.cudadrv.driver import binding, driver
+
+        compiled = kernel._compile_for_args(*args)
+        function = compiled._codelibrary.get_cufunc()
+        attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        driver.cuKernelSetAttribute(attribute, nbytes, function.handle, function.device.id)
+    kernel[blocks, THREADS, stream.kernels, nbytes](*args)

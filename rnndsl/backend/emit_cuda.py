@@ -15,12 +15,12 @@ The same plan as the CPU target (schedule.py), emitted for a GPU:
   phase kernel, run through `cuda_graphs.time_loop`: captured once as a CUDA graph and
   replayed where that can be done, else run as it is. Everything a pass enqueues (launches,
   copies, GEMMs) goes to the stream the glue is given.
-* a persistent kernel per program (`forward_persistent`, `backward_persistent`), after
-  Persistent RNNs (Diamos et al. 2016): one cooperative launch runs the whole time loop; each
-  block keeps its slice of the output columns of every recurrent weight matrix in shared
-  memory for the whole sequence, computes that slice of the per-step product itself, and the
-  grid synchronises between stages. The glue chooses it at run time when the weights fit
-  (`cs.persistent_blocks`) or when asked (`persistent=True`), and never with `False`.
+* two persistent kernels per program (`forward_grid` and `forward_block`, `backward_grid`
+  and `backward_block`), after Persistent RNNs (Diamos et al. 2016) and FlashRNN (Pöppel et
+  al. 2024): one launch runs the whole time loop, on a cooperative grid or on one block (see
+  _PersistentKernel), on the same stream and never captured. The glue chooses per pass among
+  them and the per-step launches by the cost model of `cs.choose_time_loop`, or as asked
+  (`persistent=...`).
 
 The index expressions (which array, which column block, padding) come from
 emit_common.KernelWriter, shared with the CPU target, so the two read and write the plan's
@@ -74,10 +74,10 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         [("forward", plan.forward), ("backward", plan.back)]
     phases = {kind: [_PhaseKernel(plan, names, prog, kind, ph) for ph in prog.phases if ph.steps]
               for kind, prog in progs}
-    persistent = {kind: _PersistentKernel(plan, names, prog, kind)
+    persistent = {kind: [_PersistentKernel(plan, names, prog, kind, grid) for grid in (True, False)]
                   for kind, prog in progs if kind != "pre"}
     kernels = [k.text() for kind, _ in progs for k in phases[kind]]
-    kernels += [persistent[kind].text() for kind in ("forward", "backward")]
+    kernels += [k.text() for kind in ("forward", "backward") for k in persistent[kind]]
     glue = [_loop(plan, names, phases["forward"], plan.forward, "forward"),
             _loop(plan, names, phases["backward"], plan.back, "backward"),
             _forward_glue(plan, names, phases, persistent["forward"]),
@@ -91,11 +91,13 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         "",
         "from rnndsl.backend import cuda_graphs as cg",
         "from rnndsl.backend import cuda_support as cs",
-        "from rnndsl.backend.cuda_support import cuda",
+        "from rnndsl.backend.cuda_support import cuda, lane_sum",
         "",
         f"DT = np.{dtype}",
+        "DTYPE = np.dtype(DT)  # (the simulator's dynamic shared arrays want an instance)",
         "TPB = cs.THREADS  # threads per block (a power of two)",
-        "SHARED = cs.shared_words(np.dtype(DT).itemsize)  # shared words for recurrent weights",
+        "LANES = cs.LANES  # threads that share one dot product of a persistent kernel",
+        "GROUPS = TPB // LANES",
         consts,
         kernel_functions(dtype, "cuda"),
         DEVICE_FUNCTIONS,
@@ -222,22 +224,42 @@ class _PhaseKernel(_CudaKernel):
 
 
 class _PersistentKernel(_CudaKernel):
-    """The whole time loop of a program in one cooperative kernel. Block k of the grid owns
-    columns [k*c, (k+1)*c) of each per-step GEMM's output (c = ceil(N / blocks)) and keeps
-    those columns of the weights in shared memory; each stage computes its slice of the
-    products, then the grid syncs; each phase runs grid-strided over (b, j) elements (or over
-    batch rows, one block each, when it has reductions), then the grid syncs."""
+    """The whole time loop of a program in one kernel: `grid` (cooperative, synchronised with
+    grid.sync()) or one block (block barriers only). Each dot product of the per-step products
+    is split over LANES threads and summed with warp shuffles (`lane_sum`); the block's columns
+    of the recurrent weights live in dynamic shared memory for the whole sequence (a column
+    every cs.column_stride words, against bank conflicts), and the product's vector is staged
+    there, `rows` batch rows at a time.
 
-    def __init__(self, plan: Plan, names: Names, prog: Program, kind: str):
+    Which columns a block owns: when every loop and every product of the program runs over one
+    size (the hidden units: `unit_size`), block k owns hidden units [k*q, (k+1)*q) and every
+    gate's column of those units, so it runs the pointwise math of its units right after its
+    slice of the product, behind a block barrier: the grid synchronises only to publish a
+    product's vector (the new state, which the (T + 1, B, n) state arrays keep per step, so
+    that no block overwrites what another still reads), once per step for an LSTM, forward or
+    backward (there the vector is the gates' gradients and the product the transposed one).
+    Otherwise the block owns a contiguous slice of each product's columns, and every product
+    and phase ends with a grid sync (the phases grid-strided over (b, j), or one block per
+    batch row with reductions)."""
+
+    def __init__(self, plan: Plan, names: Names, prog: Program, kind: str, grid: bool):
+        self.grid = grid
         self.needs_red = False
+        self.unit = unit_size(prog)
+        self.grid_syncs = 0  # per time step
+        self.barriers = 0  # block barriers per time step, besides the grid syncs
+        self._synced = False
         super().__init__(plan, names, prog, kind)
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_persistent"
+        return f"{self.kind}_{'grid' if self.grid else 'block'}"
+
+    def args(self) -> list[str]:
+        return [*super().args(), "rows"]
 
     def products(self):
-        """Per-step GEMMs: (name, vector array as code at [t, b, k], transposed weights?)."""
+        """Per-step products: (GEMM name, stage, vector array (at [t, b, k]), weights (N, K)?)."""
         out = []
         for g in self.prog.gemms:
             v = g.vector
@@ -247,45 +269,73 @@ class _PersistentKernel(_CudaKernel):
             out.append((g.name, g.stage, self.use(g.buffer.name), False))
         return out
 
+    def sync_grid(self, code: Code):
+        """Everything every block wrote is visible to every block (skipped when nothing was
+        written since the last one)."""
+        if not self._synced:
+            code("grid.sync()" if self.grid else "cuda.syncthreads()")
+            self.grid_syncs += 1
+            self._synced = True
+
     def _body(self) -> list[str]:
         prods = self.products()
-        head = Code(level=1)("grid = cuda.cg.this_grid()", "tid = cuda.threadIdx.x",
-                             "blk = cuda.blockIdx.x", "nblk = cuda.gridDim.x")
+        head = Code(level=1)
+        if self.grid:
+            head("grid = cuda.cg.this_grid()", "blk = cuda.blockIdx.x", "nblk = cuda.gridDim.x")
+        else:
+            head("blk = 0", "nblk = 1")
+        head("tid = cuda.threadIdx.x", "lane = tid % LANES", "grp = tid // LANES",
+             "smem = cuda.shared.array(0, DTYPE)  # dynamic: the weights, then the staged rows")
         code = Code(level=1)
-        if prods:
-            code("sw = cuda.shared.array(SHARED, DT)",
-                 "# this block's columns of the recurrent weights, kept for the whole sequence")
-            base = "0"
-            for k, (g, _, _, trans) in enumerate(prods):
-                w = self.use("w_" + g)
-                self.use("g_" + g)
-                kk, nn = (f"{w}.shape[1]", f"{w}.shape[0]") if trans else \
-                    (f"{w}.shape[0]", f"{w}.shape[1]")
-                code(f"k{k} = {kk}", f"m{k} = {nn}", f"c{k} = (m{k} + nblk - 1) // nblk",
-                     f"a{k} = {base}")
-                with code.block(f"for e in range(tid, k{k} * c{k}, TPB):"):
-                    code(f"col = blk * c{k} + e % c{k}")
-                    with code.block(f"if col < m{k}:"):
-                        code(f"sw[a{k} + e] = {w}[col, e // c{k}]" if trans else
-                             f"sw[a{k} + e] = {w}[e // c{k}, col]")
-                base = f"a{k} + k{k} * c{k}"
-            code("cuda.syncthreads()")
+        if self.unit is not None:
+            code(f"q = ({self.names.size[self.unit]} + nblk - 1) // nblk  # hidden units per block",
+                 "u0 = blk * q", f"nu = max(0, min(q, {self.names.size[self.unit]} - u0))")
+        base = "0"
+        for k, (g, _, _, trans) in enumerate(prods):
+            w = self.use("w_" + g)
+            self.use("g_" + g)
+            kk, mm = (f"{w}.shape[1]", f"{w}.shape[0]") if trans else \
+                (f"{w}.shape[0]", f"{w}.shape[1]")
+            code(f"k{k} = {kk}", f"m{k} = {mm}",
+                 f"kp{k} = ((k{k} + LANES - 1) // LANES) | 1  # odd groups of LANES words",
+                 f"kp{k} *= LANES  # a column's stride (cs.column_stride)")
+            if self.unit is not None:
+                code(f"U{k} = {self.names.size[self.unit]}", f"u0{k} = u0", f"nu{k} = nu")
+            else:
+                code(f"U{k} = m{k}", f"q{k} = (U{k} + nblk - 1) // nblk", f"u0{k} = blk * q{k}",
+                     f"nu{k} = max(0, min(q{k}, U{k} - u0{k}))")
+            code(f"nc{k} = (m{k} // U{k}) * nu{k}  # this block's columns",
+                 f"a{k} = {base}  # where they start in smem, kp{k} words each")
+            with code.block(f"for f in range(tid, nc{k} * k{k}, TPB):"):
+                code(f"e = f // k{k}", f"i = f % k{k}",
+                     f"col = (e // nu{k}) * U{k} + u0{k} + e % nu{k}",
+                     f"smem[a{k} + e * kp{k} + i] = {w}[col, i]" if trans else
+                     f"smem[a{k} + e * kp{k} + i] = {w}[i, col]")
+            base = f"a{k} + nc{k} * kp{k}"
+        code(f"sv = {base}  # the staged rows of a product's vector")
+        code("cuda.syncthreads()")
+        end_sync = self._step_ends_with_sync()
         with code.block(f"for t in {'range(T - 1, -1, -1)' if self.prog.reverse else 'range(T)'}:"):
+            self.grid_syncs = self.barriers = 0
+            # as the previous step left it: the split layout ends every phase with a sync
+            self._synced = end_sync or self.unit is None
             for ph in self.prog.phases:
                 staged = [(k, p) for k, p in enumerate(prods) if p[1] == ph.index]
-                for k, (g, _, vec, _) in staged:
-                    with code.block(f"for e in range(tid, B * c{k}, TPB):  # g_{g} = {vec}[t] @ W, "
-                                    "this block's columns"):
-                        code(f"b = e // c{k}", f"col = blk * c{k} + e % c{k}")
-                        with code.block(f"if col < m{k}:"):
-                            code("acc = C0")
-                            with code.block(f"for i in range(k{k}):"):
-                                code(f"acc += {vec}[t, b, i] * sw[a{k} + i * c{k} + e % c{k}]")
-                            code(f"g_{g}[b, col] = acc")
                 if staged:
-                    code("grid.sync()")
+                    self.sync_grid(code)  # the vectors are complete
+                    for k, (g, _, vec, _) in staged:
+                        self.product_lines(code, k, g, vec)
+                    if self.unit is None:
+                        self.sync_grid(code)
                 if not ph.steps:
                     continue
+                if self.unit is not None:
+                    with code.block("for e in range(tid, B * nu, TPB):  # this block's units"):
+                        code("b = e // nu", "j = u0 + e % nu")
+                        self.phase_lines(code, ph, False)
+                    self._synced = False
+                    continue
+                self.sync_grid(code)
                 if _has_reduction(ph):
                     with code.block("for b in range(blk, B, nblk):  # one block per batch row"):
                         self.phase_lines(code, ph, True)
@@ -294,44 +344,122 @@ class _PersistentKernel(_CudaKernel):
                     with code.block(f"for e in range(blk * TPB + tid, B * {w}, nblk * TPB):"):
                         code(f"b = e // {w}", f"j = e % {w}")
                         self.phase_lines(code, ph, False)
-                code("grid.sync()")
+                self._synced = False
+                self.sync_grid(code)
+            if end_sync:
+                self.sync_grid(code)
         if self.needs_red:
             head("red = cuda.shared.array(TPB, DT)")
         self.prologue = head.lines
         return code.lines
 
+    def _step_ends_with_sync(self) -> bool:
+        """In the units layout, whether a step must end with a grid sync: when the next step's
+        first phase (before any product's sync) may read a row's scalar, which one thread
+        wrote. (The split layout ends every phase with a sync anyway.)"""
+        if self.unit is None or not self.prog.phases[0].steps:
+            return False
+        return any(not s.node.shape for s in self.prog.stores) or \
+            any(not n.shape for n in _spilled(self.prog))
+
+    def product_lines(self, code: Code, k: int, g: str, vec: str):
+        """g_{g}[b, this block's columns] = {vec}[t] @ W, rows of the vector staged in shared
+        memory, each dot product summed over a group of LANES threads."""
+        with code.block(f"for b0 in range(0, B, rows):  # g_{g} = {vec}[t] @ W"):
+            code("nb = min(rows, B - b0)")
+            with code.block(f"for f in range(tid, nb * k{k}, TPB):"):
+                code(f"smem[sv + f] = {vec}[t, b0 + f // k{k}, f % k{k}]")
+            code("cuda.syncthreads()")
+            with code.block(f"for first in range(0, nb * nc{k}, GROUPS):  # all threads go round"):
+                code("item = first + grp", "acc = C0")
+                with code.block(f"if item < nb * nc{k}:"):
+                    code(f"vrow = sv + (item // nc{k}) * k{k}",
+                         f"wcol = a{k} + (item % nc{k}) * kp{k}")
+                    with code.block(f"for i in range(lane, k{k}, LANES):"):
+                        code("acc += smem[vrow + i] * smem[wcol + i]")
+                code("acc = lane_sum(acc)")
+                with code.block(f"if lane == 0 and item < nb * nc{k}:"):
+                    code(f"e = item % nc{k}", f"col = (e // nu{k}) * U{k} + u0{k} + e % nu{k}",
+                         f"g_{g}[b0 + item // nc{k}, col] = acc")
+            code("cuda.syncthreads()")
+        self.barriers += 2
+        self._synced = False
+
+
+def _spilled(prog: Program) -> list[Node]:
+    nodes = {n.uid: n for n in ir.topo_order([s.node for s in prog.stores] +
+                                            [g.vector for g in prog.gemms] +
+                                            [a for g in prog.gemm_ts for a in g.node.args])}
+    return [nodes[uid] for uid in prog.spills]
+
+
+def unit_size(prog: Program) -> str | None:
+    """The one size (in the spec's names) over which every loop of the program's phases and
+    every per-step product's gate blocks run, when there is one and no phase has row
+    reductions: then a block can own hidden units across all gates. None otherwise."""
+    sizes = {step.size for ph in prog.phases for step in ph.steps if isinstance(step, Loop)}
+    sizes |= {p.shape[0] if p.shape else None for g in prog.gemms for p in g.products}
+    sizes |= {g.node.shape[0] if g.node.shape else None for g in prog.gemm_ts}
+    if len(sizes) != 1 or None in sizes or any(_has_reduction(ph) for ph in prog.phases):
+        return None
+    return next(iter(sizes))
+
 
 def persistent_rule(plan: Plan) -> str:
     """When the persistent kernels run, in words (the compile summary prints it)."""
-    from rnndsl.backend.cuda_support import PERSISTENT_MAX_BATCH, SHARED_BYTES
-
     def mats(gemms):
         return " + ".join(f"[{', '.join(ws)}]" for ws in gemms) or "none"
 
     fwd = mats(g.weights for g in plan.forward.gemms)
     bwd = mats(g.node.attr for g in plan.back.gemm_ts)
-    return (f"one cooperative kernel per pass when B <= {PERSISTENT_MAX_BATCH} and the "
-            f"recurrent weights (forward {fwd}; backward {bwd}) fit in "
-            f"{SHARED_BYTES // 1024} KiB of shared memory per co-resident block; otherwise one "
-            f"launch per step and phase with cuBLAS GEMMs")
+    layout = {kind: "units across gates" if unit_size(prog) else "column slices"
+              for kind, prog in (("forward", plan.forward), ("backward", plan.back))}
+    return (f"per pass, the cheapest time loop by the cost model of cuda_support.COST among "
+            f"per-step launches (cuBLAS GEMMs), a single-block kernel and a multi-block "
+            f"cooperative kernel (blocks own {layout['forward']} forward, "
+            f"{layout['backward']} backward), the kernels where their block's share of the "
+            f"recurrent weights (forward {fwd}; backward {bwd}) fits in shared memory")
+
+
+def _pass_facts(k: _PersistentKernel) -> tuple[list[int], list[str]]:
+    """What the plan fixes of a pass's cost (cs.choose_time_loop): grid syncs and block
+    barriers per step, launches per step of the per-step path, phases with work; and the
+    sizes (spec names) of those phases' loops, the widest of which times B times the phases
+    is the pointwise work of a step."""
+    prog = k.prog
+    phases = sum(1 for ph in prog.phases if ph.steps)
+    launches = len(prog.gemms) + len(prog.gemm_ts) + phases
+    sizes = sorted({step.size for ph in prog.phases for step in ph.steps
+                    if isinstance(step, Loop)})
+    return [k.grid_syncs, k.barriers, launches, phases], sizes
 
 
 def persistent_grids(plan: Plan, sizes: dict[str, int], batch: int, itemsize: int,
-                     limit: int) -> dict[str, int]:
-    """Per pass, the grid that the auto mode gives the persistent kernel at these sizes on a
-    device of `limit` co-resident blocks (0: the per-step launches), by the rule that the
-    generated code applies at run time to its stacked weights' shapes."""
-    from rnndsl.backend.cuda_support import persistent_blocks
+                     limit: int, shared: int) -> dict[str, tuple[str, int]]:
+    """Per pass, the time loop that the auto mode takes at these sizes on a device of `limit`
+    co-resident blocks and `shared` bytes of shared memory per block: (variant, blocks), by
+    the rule (cs.choose_time_loop) that the generated code applies at run time."""
+    from rnndsl.backend.cuda_support import choose_time_loop
     from rnndsl.engines.cell import _dims
+
+    names = Names(plan)
 
     def stack(weights) -> tuple[int, int]:  # (rows of all, columns)
         shapes = [_dims(plan.step.params[w].shape, sizes) for w in weights]
         return sum(s[0] for s in shapes), shapes[0][1]
 
-    forward = [stack(g.weights)[::-1] for g in plan.forward.gemms]  # (K, N) of v @ w.T
-    backward = [stack(g.node.attr) for g in plan.back.gemm_ts]  # (K, N) of G @ w
-    return {"forward": persistent_blocks(forward, batch, itemsize, limit, 0),
-            "backward": persistent_blocks(backward, batch, itemsize, limit, 0)}
+    out = {}
+    for kind, prog in (("forward", plan.forward), ("backward", plan.back)):
+        k = _PersistentKernel(plan, names, prog, kind, grid=True)
+        products = [stack(g.weights)[::-1] for g in prog.gemms] + \
+            [stack(g.node.attr) for g in prog.gemm_ts]  # (K, N) each
+        (syncs, barriers, launches, phases), loops = _pass_facts(k)
+        elements = phases * batch * max([sizes[s] for s in loops] + [1])
+        variant, blocks, _, _ = choose_time_loop(
+            None, products, sizes[k.unit] if k.unit else 0, batch, itemsize, syncs, barriers,
+            launches, elements, limit, shared)
+        out[kind] = (variant, blocks)
+    return out
 
 
 # -- glue -----------------------------------------------------------------------------------
@@ -423,29 +551,29 @@ def _run_loop(code: Code, kind: str, phases: list[_PhaseKernel], prog: Program, 
          f"{as_tuple(arrays)})")
 
 
-def _persistent_choice(code: Code, k: _PersistentKernel, prog: Program):
-    """`blocks`: the persistent kernel's grid, or 0 for the per-step launches."""
+def _persistent_choice(code: Code, kernels: list[_PersistentKernel], prog: Program):
+    """`variant, blocks, rows, nbytes`: the time loop of this pass (cs.choose_time_loop)."""
+    grid = kernels[0]
     shapes = [f"(w_{g.name}.shape[1], w_{g.name}.shape[0])" for g in prog.gemms] + \
         [f"w_{g.name}.shape" for g in prog.gemm_ts]
-    code("blocks = 0")
-    with code.block("if persistent is not False:"):
-        code(f"limit = cs.cooperative_blocks({k.name}, TPB)",
-             f"blocks = cs.persistent_blocks([{', '.join(shapes)}], B, "
-             f"np.dtype(DT).itemsize, limit, {_widest(k)})")
-        with code.block("if persistent and not blocks:"):
-            code("raise ValueError('the persistent kernel does not fit: the recurrent weights '",
-                 "                 'need more shared memory than the resident blocks have, '",
-                 "                 f'or the batch is above {cs.PERSISTENT_MAX_BATCH}')")
+    unit = grid.names.size[grid.unit] if grid.unit else "0"
+    (syncs, barriers, launches, phases), loops = _pass_facts(grid)
+    widest = f"max({', '.join(grid.names.size[s] for s in loops)}, 1)" if loops else "1"
+    code(f"limit = cs.cooperative_blocks({grid.name}, TPB)",
+         f"variant, blocks, rows, nbytes = cs.choose_time_loop(",
+         f"    persistent, [{', '.join(shapes)}], {unit}, B, np.dtype(DT).itemsize, {syncs}, "
+         f"{barriers}, {launches}, {phases} * B * {widest}, limit, cs.shared_limit())")
 
 
-def _widest(k: _PersistentKernel) -> str:
-    """Elements per step of the widest phase (B times a size), to spread over the blocks."""
-    sizes = sorted({k.names.size[step.size] for ph in k.prog.phases for step in ph.steps
-                    if isinstance(step, Loop)})
-    return f"B * max({', '.join(sizes)}, 1)" if sizes else "B"
+def _persistent_launch(code: Code, kernels: list[_PersistentKernel]):
+    for k in kernels:
+        with code.block(f"{'if' if k.grid else 'elif'} variant == "
+                        f"'{'multi-block' if k.grid else 'single-block'}':"):
+            code(f"cs.launch_persistent({k.name}, blocks, nbytes, stream, "
+                 f"{', '.join(k.args())})")
 
 
-def _forward_glue(plan: Plan, names: Names, phases: dict, k: _PersistentKernel) -> str:
+def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKernel]) -> str:
     step = plan.step
     L = function("def forward(params, xs, state0, lengths, sizes, stream, persistent=None):")
     L("# arrays are device arrays; scalar parameters come as one-element arrays",
@@ -481,19 +609,18 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: _PersistentKernel) 
         if buf.role is not Role.PRE_VECTOR:
             L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
     _spill_allocs(L, plan, names, plan.forward)
-    with L.block("if blocks:"):
-        L(f"{k.name}[blocks, TPB, stream.kernels]({', '.join(k.args())})")
+    _persistent_launch(L, k)
     with L.block("else:"):
         _run_loop(L, "forward", phases["forward"], plan.forward, plan, names)
     outs = ", ".join(names.output.values())
     finals = ", ".join(f"{c}[T]" for c in names.state.values())
     saved = ", ".join([*names.state.values(), *(g.name for g in plan.hoisted), "tape",
                        *(b.name for b in plan.vectors.values())])
-    L(f"return ({outs},), ({finals},), ({saved},), blocks")
+    L(f"return ({outs},), ({finals},), ({saved},), (variant, blocks)")
     return L.text() + "\n"
 
 
-def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel) -> str:
+def _backward_glue(plan: Plan, names: Names, phases: list, k: list[_PersistentKernel]) -> str:
     step = plan.step
     L = backward_preamble(plan, names, ", stream, persistent=None")
     for g in plan.back.gemm_ts:
@@ -509,8 +636,7 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel)
     for buf in plan.grad_buffers:
         L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
     _spill_allocs(L, plan, names, plan.back)
-    with L.block("if blocks:"):
-        L(f"{k.name}[blocks, TPB, stream.kernels]({', '.join(k.args())})")
+    _persistent_launch(L, k)
     with L.block("else:"):
         _run_loop(L, "backward", phases, plan.back, plan, names)
     L("# after the loop: input and weight gradients as GEMMs over all T*B rows")
@@ -545,5 +671,5 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: _PersistentKernel)
     dparams = ", ".join(grads[p] for p in step.params)
     dxs = ", ".join(f"d{c}" for c in names.input.values())
     d0 = ", ".join(f"d{c}[0]" for c in names.state.values())
-    L(f"return ({dparams},), ({dxs},), ({d0},), blocks")
+    L(f"return ({dparams},), ({dxs},), ({d0},), (variant, blocks)")
     return L.text() + "\n"

@@ -5,13 +5,16 @@ Arrays may be host NumPy arrays (copied to the device, results copied back) or d
 (anything with `__cuda_array_interface__`: Numba device arrays, CuPy arrays, PyTorch CUDA
 tensors), which are used without copies and give device arrays back (Numba's).
 
-`persistent`: None picks the persistent kernel (one cooperative launch per pass, recurrent
-weights in shared memory) whenever it fits, True insists on it (an error when it does not
-fit), False never uses it. `last_blocks` tells what the last pass ran: 0 for per-step
-launches, else the persistent kernel's grid.
+`persistent` chooses each pass's time loop: None the cheapest by the cost model of
+cuda_support.COST (per-step launches, or a persistent kernel, one launch per pass, where its
+recurrent weights fit in shared memory), True the cheapest persistent kernel (an error when
+none fits), False the per-step launches, 'single-block' or 'multi-block' that persistent
+kernel. `last_variant` tells what each pass ran last ('per-step', 'single-block',
+'multi-block') and `last_blocks` its grid (0 for per-step launches).
 
 Every pass runs on the thread's current stream (`cuda_support.on_stream`; the default stream
-unless set), which the generated code is given.
+unless set), which the generated code is given: the per-step launches, the persistent
+kernels and every copy and GEMM.
 """
 from __future__ import annotations
 
@@ -22,13 +25,21 @@ from rnndsl.symbolic.ir import StepIR
 from rnndsl.engines.cell import GeneratedEngine
 
 
+MODES = {None: "auto", True: "forced", False: "disabled", "single-block": "single-block",
+         "multi-block": "multi-block"}  # `persistent`, as the compile summary names it
+
+
 class CudaEngine(GeneratedEngine):
     name = "cuda"
 
-    def __init__(self, step: StepIR, bwd: Backward, plan, persistent: bool | None = None):
+    def __init__(self, step: StepIR, bwd: Backward, plan, persistent: bool | str | None = None):
+        if persistent not in MODES:
+            raise ValueError(f"persistent={persistent!r}: choose one of "
+                             f"{', '.join(map(repr, MODES))}")
         super().__init__(step, bwd, plan)
         self.persistent = persistent
         self.last_blocks = {"forward": None, "backward": None}
+        self.last_variant = {"forward": None, "backward": None}
 
     def emitter(self):
         from rnndsl.backend.emit_cuda import emit_module
@@ -38,7 +49,7 @@ class CudaEngine(GeneratedEngine):
         """Summary lines: how the time loop runs on the GPU."""
         from rnndsl.backend.emit_cuda import persistent_rule
 
-        mode = {None: "auto", True: "forced", False: "disabled"}[self.persistent]
+        mode = MODES[self.persistent]
         return [f"  CUDA     persistent kernel {mode}: {persistent_rule(self.plan)}"]
 
     def array(self, v, dtype):
@@ -61,12 +72,12 @@ class CudaEngine(GeneratedEngine):
         m = self.module(dtype)
         on_host = not any(cs.is_device(a) for a in [*params.values(), *xs.values()])
         dev = lambda a: cs.device(a, dtype)  # noqa: E731
-        outs, finals, saved, blocks = m.forward(
+        outs, finals, saved, (variant, blocks) = m.forward(
             tuple(dev(_one_element(params[p])) for p in self.step.params),
             tuple(dev(xs[x]) for x in self.step.inputs),
             tuple(dev(state0[s]) for s in self.step.states), dev(np.asarray(lengths, np.int64)),
             tuple(sizes[s] for s in self.step.sizes), cs.current_stream(), self.persistent)
-        self.last_blocks["forward"] = blocks
+        self.last_blocks["forward"], self.last_variant["forward"] = blocks, variant
         back = cs.host if on_host else (lambda a: a)
         return (dict(zip(self.step.outputs, map(back, outs))),
                 dict(zip(self.step.states, map(back, finals))), (saved, on_host))
@@ -82,12 +93,12 @@ class CudaEngine(GeneratedEngine):
         douts = tuple(dev(d_outputs[o]) if o in d_outputs else
                       cs.zeros((T, B, *(tape.sizes[s] for s in self.step.shape_of(o))) or (T, B, 1),
                                dtype) for o in self.step.outputs)
-        dp, dx, d0, blocks = m.backward(
+        dp, dx, d0, (variant, blocks) = m.backward(
             tuple(dev(_one_element(params[p])) for p in self.step.params),
             tuple(dev(tape.xs[x]) for x in self.step.inputs), dev(np.asarray(tape.lengths, np.int64)),
             saved, douts, tuple(dev(d_final[s]) for s in self.step.states),
             tuple(tape.sizes[s] for s in self.step.sizes), cs.current_stream(), self.persistent)
-        self.last_blocks["backward"] = blocks
+        self.last_blocks["backward"], self.last_variant["backward"] = blocks, variant
         back = cs.host if on_host else (lambda a: a)
         dparams = {}
         for p, g in zip(self.step.params, dp):
