@@ -2,10 +2,14 @@
 register-blocked micro-kernel in explicit SIMD vectors.
 
 A time loop multiplies the same weight matrix W (K, N) by a small block of rows h (B, K) at
-every step. OpenBLAS re-packs W on every call and spreads a product this small over threads
-that cost more than they give; measured on this project's 2-core AVX-512 machine (float32,
-per step): 16x128 @ 128x512 in 19 us against 35 us through `np.dot`, 8x256 @ 256x1024 in
-40-100 us against 140 us, 1x64 @ 64x256 in 0.6 us against 0.7 us.
+every step. OpenBLAS re-packs W on every call and, above a size, splits the product over its
+threads, which costs more than it gives at these sizes and collapses when the cores are busy.
+Measured on this project's 2-core AVX-512 machine, float32, per step, the two alternated in
+one process (medians of 21; load average 4-5, other jobs running): 16x128 @ 128x512 (LSTM S)
+20 us against 231 us through `np.dot` (its best run 30 us; at load 1.8, 19 us against 35 us);
+8x256 @ 256x1024 (LSTM L) 239 us against 2415 us (best runs 139-219 against 370); but
+16x128 @ 128x384 (GRU S, where OpenBLAS stays on one thread) 15 us for both, and 1x64 @ 64x256
+(T1) 0.72 against 0.74 us: single-threaded OpenBLAS is as fast as this micro-kernel.
 
 The layout (`pack`): W's columns cut into panels of PANEL columns, each panel stored as one
 contiguous (K, PANEL) block, the last one padded with zero columns. The product (`packed_dot`)
@@ -15,10 +19,14 @@ vector loads of the panel, four broadcasts of h, eight fused multiply-adds. Rows
 multiple of 4 go one at a time. A vector is as wide as the machine's widest (512 bits with
 AVX-512, 256 with AVX, else 128), written as LLVM vector values through the intrinsics below,
 since neither Numba nor LLVM's vectorisers keep a loop's accumulators in registers on their
-own (the scalar form compiled to scalar code, 6 GFLOP/s).
+own (written as scalars, LLVM vectorised the K loop with gathers or not at all: 5-12 GFLOP/s).
 
-The rule, `use_micro_kernel`: rows up to MICRO_MAX_ROWS go to the micro-kernel; larger blocks
-stay with BLAS, one panel as wide as W (then `pack` is W itself and `packed_dot` calls np.dot).
+The rule, `use_micro_kernel`: up to MICRO_MAX_ROWS rows the micro-kernel (single-threaded);
+larger blocks stay with BLAS and its threads, one panel as wide as W (`pack` returns W itself
+and `packed_dot` calls np.dot). At 64 rows (LSTM M) the micro-kernel runs at 105-112 GFLOP/s,
+one core's worth, while threaded BLAS on a quiet machine runs the whole LSTM forward at M at
+140 GFLOP/s; the bound of 32 lies between that and 16 rows, where the micro-kernel wins by
+almost 2x; 32 itself was not measured quietly.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from numba import njit, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
 
-MICRO_MAX_ROWS = 64
+MICRO_MAX_ROWS = 32
 
 
 def _vector_bits() -> int:
