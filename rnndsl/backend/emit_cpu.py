@@ -2,8 +2,15 @@
 
 The module has two plain-Python entry points, `forward` and `backward`, that allocate arrays,
 stack weights and run the big GEMMs with NumPy, and `@njit` kernels that run the whole time
-loop in compiled code: per step, the stacked GEMMs of each stage (np.dot into preallocated
-buffers) and one fused loop nest per elementwise phase. What it shares with the CUDA target
+loop in compiled code: per step, the stacked GEMMs of each stage and one fused loop nest per
+elementwise phase.
+
+The per-step products (h_prev @ the stacked recurrent weights forward, the stacked W.T @ g
+backward) are small and multiply the same matrix T times, so the glue packs each stacked matrix
+once per pass (`pack`: contiguous panels of a few columns) and the kernel calls `packed_dot`, a
+register-blocked micro-kernel, into an output buffer as wide as the padded panels; the fused
+loops read only its first columns. Blocks of more than `packed.MICRO_MAX_ROWS` rows go to BLAS
+instead (the rule and its measurements: packed.py). What it shares with the CUDA target
 (names, reads and stores, the code writer) is in emit_common.py. Every identifier in the text
 is made by the compiler (p0, s1, x0, ...); the spec's names appear only in the header's legend
 comment.
@@ -32,7 +39,8 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
     glue = [_forward_glue(plan, names, fwd, save=True), _forward_glue(plan, names, inf, save=False),
             _backward_glue(plan, names, bwd)]
     return "\n".join([
-        *cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import gemm"),
+        *cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import gemm\n"
+                         "from rnndsl.backend.packed import pack, packed_dot, packed_width"),
         *kernels,
         *glue,
     ])
@@ -61,11 +69,11 @@ class _LoopKernel(KernelWriter):
             for ph in prog.phases:
                 gemms, gemm_ts = stage_products(prog, ph.index)
                 for g in gemms:
-                    code(f"np.dot({self._gemm_vector(g.vector)}, {self.use('w_' + g.name)}, "
+                    code(f"packed_dot({self._gemm_vector(g.vector)}, {self.use('w_' + g.name)}, "
                          f"{self.use('g_' + g.name)})")
                 for g in gemm_ts:
-                    code(f"np.dot({self.use(g.buffer.name)}[t], {self.use('w_' + g.name)}, "
-                         f"{self.use('g_' + g.name)})")
+                    code(f"packed_dot({self.use(g.buffer.name)}[t], "
+                         f"{self.use('w_' + g.name)}, {self.use('g_' + g.name)})")
                 if ph.steps:
                     with code.block("for b in range(B):"):
                         code("live = t < lengths[b]")
@@ -124,10 +132,15 @@ class _LoopKernel(KernelWriter):
 
 
 # -- glue -----------------------------------------------------------------------------------
-def _stack(plan_names: Names, weights, transpose: bool = False) -> str:
+def _stack(plan_names: Names, weights) -> str:
     parts = ", ".join(plan_names.param[w] for w in weights)
-    stacked = f"np.concatenate(({parts},))"
-    return f"np.ascontiguousarray({stacked}.T)" if transpose else stacked
+    return f"np.concatenate(({parts},))"
+
+
+def _packed_product(code: Code, name: str, stacked: str):
+    """The weights of a per-step product, packed once per pass, and its output buffer."""
+    code(f"w_{name} = pack({stacked}, B)",
+         f"g_{name} = empty((B, packed_width(w_{name})), DT)")
 
 
 def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
@@ -152,8 +165,7 @@ def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
         L(f"{g.name} = gemm({src}.reshape(T * B, -1), {_stack(names, g.weights)}.T)"
           f".reshape(T, B, -1)")
     for g in plan.forward.gemms:
-        L(f"w_{g.name} = {_stack(names, g.weights, transpose=True)}")
-        L(f"g_{g.name} = empty((B, w_{g.name}.shape[1]), DT)")
+        _packed_product(L, g.name, f"{_stack(names, g.weights)}.T")
     for s, code in names.state.items():
         L(f"{code} = empty((T + 1, B, {names.size[step.states[s]]}), DT)")
         L(f"{code}[0] = state0[{list(names.state).index(s)}]")
@@ -190,8 +202,7 @@ def _backward_glue(plan: Plan, names: Names, k: _LoopKernel) -> str:
     for buf in plan.grad_buffers:
         L(f"{buf.name} = empty((T, B, {names.sizes(buf.width())}), DT)")
     for g in plan.back.gemm_ts:
-        L(f"w_{g.name} = {_stack(names, g.node.attr)}")
-        L(f"g_{g.name} = empty((B, w_{g.name}.shape[1]), DT)")
+        _packed_product(L, g.name, _stack(names, g.node.attr))
     _spill_allocs(L, plan, names, k)
     L(f"backward_loop({', '.join(k.args())})")
     L("# after the loop: input and weight gradients as GEMMs over all T*B rows")

@@ -1,0 +1,54 @@
+"""The per-step product of the CPU kernels (rnndsl.backend.packed): packed weights and the
+register-blocked micro-kernel against NumPy in float64, on every path it has (blocks of four
+rows, single rows, a last panel padded with zeros, BLAS above the rows rule), and whole cells
+at batch sizes that take each path."""
+import numpy as np
+import pytest
+
+import rnndsl
+from rnndsl.backend.packed import (MICRO_MAX_ROWS, pack, packed_dot, packed_width,
+                                   panel_width, use_micro_kernel)
+from rnndsl.backend.scratch import nan_scratch
+
+from engines import differences
+
+SHAPES = [(1, 64, 256), (4, 8, 16), (6, 7, 13), (9, 33, 70), (3, 1, 1), (0, 4, 8),
+          (MICRO_MAX_ROWS + 3, 20, 30)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+@pytest.mark.parametrize("rows, k, n", SHAPES)
+def test_packed_dot_is_the_product(dtype, tol, rows, k, n):
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    h = rng.standard_normal((rows, k)).astype(dtype)
+    w = rng.standard_normal((k, n)).astype(dtype)
+    packed = pack(w, rows)
+    out = np.full((rows, packed_width(packed)), np.nan, dtype)
+    packed_dot(h, packed, out)
+    want = h.astype(np.float64) @ w.astype(np.float64)
+    scale = np.abs(h).astype(np.float64) @ np.abs(w).astype(np.float64)  # the sum's magnitude
+    assert np.all(np.abs(out[:, :n] - want) <= tol * (scale + 1e-30))
+    assert np.all(out[:, n:] == 0)  # the padding columns: zero weights, written
+
+
+def test_pack_layout():
+    w = np.arange(5 * 19, dtype=np.float32).reshape(5, 19)
+    width = panel_width(np.float32)
+    packed = pack(w, 2)
+    assert packed.shape == (-(-19 // width), 5, width) and packed.flags.c_contiguous
+    assert np.array_equal(packed.transpose(1, 0, 2).reshape(5, -1)[:, :19], w)
+    assert not packed.transpose(1, 0, 2).reshape(5, -1)[:, 19:].any()
+    big = MICRO_MAX_ROWS + 1
+    assert not use_micro_kernel(big) and np.array_equal(pack(w, big)[0], w)
+
+
+@pytest.mark.parametrize("spec", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 1e-5)])
+@pytest.mark.parametrize("B, lengths", [(6, [6, 2, 0, 5, 1, 3]), (MICRO_MAX_ROWS + 2, None)])
+def test_cells_on_every_path(spec, dtype, tol, B, lengths):
+    """Blocks of four rows and a remainder (B = 6), and BLAS (B above the rule)."""
+    cpu, ref = rnndsl.compile(spec), rnndsl.compile(spec, target="reference")
+    with nan_scratch():
+        diffs = differences(cpu, ref, 6, B, lengths, dtype, seed=B)
+    bad = {k: v for k, v in diffs.items() if not v < tol}
+    assert not bad, bad
