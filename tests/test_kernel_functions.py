@@ -46,3 +46,28 @@ def test_saturation_gives_limits_not_nans(functions):
         out = np.empty_like(x)
         module.apply(kind, x, out)
         np.testing.assert_allclose(out, want, rtol=TOLERANCE[dtype], atol=1e-30)
+
+
+def test_a_change_to_the_back_end_changes_every_module_key(monkeypatch):
+    """Numba's cache of a generated kernel keeps the code of the compiled functions it calls
+    (the micro-kernel, the kernel library) as they were, so an edit there must give the
+    generated modules new keys, and so fresh compiles."""
+    from pathlib import Path
+
+    from rnndsl.backend import loader
+
+    before = loader.content_hash("def f(): pass")
+    real = Path.read_bytes
+
+    def edited(path):
+        data = real(path)
+        return data + b"\n# edited\n" if path.name == "packed.py" else data
+
+    loader._backend_hash.cache_clear()
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    try:
+        assert loader.content_hash("def f(): pass") != before
+    finally:
+        monkeypatch.undo()
+        loader._backend_hash.cache_clear()
+    assert loader.content_hash("def f(): pass") == before

@@ -1,7 +1,7 @@
 """Generated modules on disk: written once per content hash, atomically, then imported.
 
-A module is keyed by the hash of its text (which holds the IR, dtype and rnndsl version) and
-Numba's version, so Numba's own `cache=True` can reuse compiled kernels across processes.
+A module is keyed by the hash of its text (which holds the IR, dtype and rnndsl version),
+Numba's version and the back end's source (`_backend_hash`), so Numba's own `cache=True` can reuse compiled kernels across processes.
 The directory is $RNNDSL_CACHE_DIR, else $XDG_CACHE_HOME/rnndsl, else ~/.cache/rnndsl.
 
 The cache is a copy of what the compiler can always make again, so damage is repaired, not
@@ -13,6 +13,7 @@ written or deleted, so pointing the cache at a shared folder cannot lose anythin
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -73,7 +74,20 @@ def clear_cache() -> int:
 
 
 def content_hash(source: str) -> str:
-    return hashlib.sha256(f"{numba.__version__}\n{source}".encode()).hexdigest()[:20]
+    return hashlib.sha256(f"{numba.__version__}\n{_backend_hash()}\n{source}".encode()) \
+        .hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1)
+def _backend_hash() -> str:
+    """The hash of the back end's own source. Generated kernels call compiled functions of
+    these modules (the micro-kernel, the BLAS wrapper, the kernel library), and Numba's cache
+    of a caller keeps the callee's code as it was when compiled, even after the callee's source
+    changes; so a change there must change every module's key."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def load_module(source: str, stem: str):
