@@ -28,8 +28,9 @@ Both paths compute the same numbers in the same order, so they give identical gr
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,7 +38,7 @@ from rnndsl.backend.emit_common import Code, Names, as_tuple, cpu_module_head, e
     function, seed_terms, unpack
 from rnndsl.language.errors import SpecError, UserError
 from rnndsl.language.spec import state_shape
-from rnndsl.symbolic import ir
+from rnndsl.symbolic import ir, rank2
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import Node, StepIR
 from rnndsl.symbolic.ops import OPS
@@ -47,6 +48,22 @@ DEFAULT_TAPE_BUDGET = 1 << 30  # bytes of kept matrix states
 # The row kernels' sums (M @ v along a row) vectorise only if they may be reassociated: the
 # rounding then differs from the reference's in the last bits, not from run to run.
 FASTMATH = '{"nsz", "arcp", "contract", "afn", "reassoc"}'
+
+
+# Numba's SSA pass recurses once per basic block along the dominator tree; a long cell (the
+# NTM: hundreds of loops in backward) needs far more than Python's default depth to compile.
+COMPILE_RECURSION = 30000
+
+
+@contextmanager
+def deep_recursion():
+    """Room for Numba to compile a long row kernel (at its first call)."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, COMPILE_RECURSION))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
 
 
 # -- the memory budget ------------------------------------------------------------------------
@@ -153,6 +170,7 @@ INDEX_MAPS: dict[str, Callable] = {
     "bcast": lambda k, n, idx: k.elem(n.args[0], ()),
     "spread": lambda k, n, idx: k.elem(n.args[0], (idx[n.attr],)),
     "outer": lambda k, n, idx: f"({k.elem(n.args[0], idx[:1])} * {k.elem(n.args[1], idx[1:])})",
+    "roll": lambda k, n, idx: k.elem(n.args[0], (_rolled(k, n.shape[0], idx[0], n.attr),)),
 }
 # (op, argument) pairs that read each element of the argument once: it may be computed there
 READ_ONCE = {("rsum", 0), ("rmean", 0), ("rmax", 0), ("axis_sum", 0), ("mv", 0), ("mtv", 0)}
@@ -225,7 +243,24 @@ def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
                 lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}")
 
 
+def _rolled(k: "_RowKernel", size: str, i: str, offset: int) -> str:
+    """The index that element i of a vector rolled by `offset` reads (np.roll: i - offset,
+    modulo the size; Numba's % of integers is Python's, never negative)."""
+    return f"(({i}) - ({offset})) % {k.size(size)}"
+
+
+def _shift(k: "_RowKernel", n: Node, code: Code):
+    """The circular convolution of w by the shift distribution (rank2.shift): out[i] is the
+    sum over k of s_k w[i - o_k], o_k the k-th shift."""
+    out, (w, *s) = k.var(n), n.args
+    terms = [f"{k.elem(sk, ())} * {k.elem(w, (_rolled(k, w.shape[0], 'i', o),))}"
+             for sk, o in zip(s, rank2.shift_offsets(len(s)))]
+    with code.block(f"for i in range({k.size(w.shape[0])}):"):
+        code(f"{out}[i] = {' + '.join(terms)}")
+
+
 ROW_CODE: dict[str, Callable] = {
+    "shift": _shift,
     "rsum": _row_sum,
     "rmean": lambda k, n, code: _row_sum(k, n, code, mean=True),
     "rmax": _row_max,
@@ -463,7 +498,7 @@ def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
     kernels = [fwd.text(), inf.text(), bwd.text()]
     return "\n".join([
         *cpu_module_head(header, names, dtype, "from rnndsl.backend.emit_rows import "
-                                               "checkpoint_every", FASTMATH),
+                                               "checkpoint_every, deep_recursion", FASTMATH),
         *kernels,
         _forward_glue(plan, names, fwd, save=True),
         _forward_glue(plan, names, inf, save=False),
@@ -514,7 +549,8 @@ def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str
         shape = step.shape_of(o)
         L(f"{c} = empty((T, B, {', '.join(names.size[d] for d in shape) or '1'}), DT)")
     _scratch(L, k)
-    L(f"{k.kind}_rows({', '.join(k.args())})")
+    with L.block("with deep_recursion():"):
+        L(f"{k.kind}_rows({', '.join(k.args())})")
     outs = as_tuple(names.output.values())
     finals = as_tuple(f"f{c}" if s in plan.matrix_states else f"{c}[T]"
                       for s, c in names.state.items())
@@ -547,7 +583,8 @@ def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
     for c in names.param.values():
         L(f"d{c} = np.zeros_like({c})")
     _scratch(L, k)
-    L(f"{k.kind}_rows({', '.join(k.args())})")
+    with L.block("with deep_recursion():"):
+        L(f"{k.kind}_rows({', '.join(k.args())})")
     dparams = as_tuple(f"d{names.param[p]}.reshape({names.param[p]}_shape)" if not i.shape
                        else f"d{names.param[p]}" for p, i in step.params.items())
     L(f"return {dparams}, {as_tuple('d' + c for c in names.input.values())}, "
