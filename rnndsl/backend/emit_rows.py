@@ -122,7 +122,8 @@ class RowPlan:
             if n.op in ("matvec", "mv", "mtv"):
                 out.append(f"forward  {ir.render(n, self.step.names)}  loop nest per row")
         for w in self.backward.d_matrices:
-            out.append(f"weights  d[{w}] += outer products, per row and step")
+            out.append(f"weights  d[{w}] += G^T V, one GEMM of the outer products' sides kept "
+                       "over all steps and rows")
         return out
 
 
@@ -285,6 +286,16 @@ def _nest(code: Code, heads: list[str]) -> ExitStack:
 
 # -- the kernels ------------------------------------------------------------------------------
 _LOOPS = ("i", "j")
+# A weight matrix's gradient is a sum over steps and rows of outer products g v^T. Adding each
+# to dW in the row loop reads and writes all of dW per step and row (memory-bound); instead
+# backward keeps every step's g and v, (T, B, n) each, and the glue adds G^T V as one GEMM
+# (blas.weight_grad).
+_OUTER_SIDES = ("g", "v")
+
+
+def _outer_side(names: Names, weight: str, term: int, side: str) -> str:
+    """The array of one side of one term of a weight matrix's gradient."""
+    return f"w{side}{names.param[weight]}_{term}"
 
 
 class _RowKernel:
@@ -466,14 +477,12 @@ class _RowKernel:
         for p, n in bwd.d_params.items():
             self.store_loop(code, n.shape, lambda idx, n=n, p=p: (
                 f"{self.use('d' + names.param[p])}[{self.at(idx)}] += {self.elem(n, idx)}"))
-        for w, terms in bwd.d_matrices.items():
-            dw = self.use("d" + names.param[w])
-            for g, v in terms:
-                rows, cols = g.shape[0], v.shape[0]
-                with code.block(f"for i in range({self.size(rows)}):"):
-                    code(f"d_row = {self.elem(g, ('i',))}")
-                    with code.block(f"for j in range({self.size(cols)}):"):
-                        code(f"{dw}[i, j] += d_row * {self.elem(v, ('j',))}")
+        for w, terms in bwd.d_matrices.items():  # dW += g v^T: g and v kept for one GEMM
+            for k, (g, v) in enumerate(terms):
+                for side, n in zip(_OUTER_SIDES, (g, v)):
+                    kept = self.use(_outer_side(names, w, k, side))
+                    self.store_loop(code, n.shape, lambda idx, n=n, kept=kept: (
+                        f"{kept}[t, b, {idx[0]}] = {self.elem(n, idx)}"))
         for s, c in names.state.items():  # the previous state's adjoint is the next one's
             code(f"d{c}[{self.whole(s)}] = n{c}")
 
@@ -497,7 +506,8 @@ def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
     bwd = _RowKernel(plan, names, "backward")
     kernels = [fwd.text(), inf.text(), bwd.text()]
     return "\n".join([
-        *cpu_module_head(header, names, dtype, "from rnndsl.backend.emit_rows import "
+        *cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import weight_grad\n"
+                                               "from rnndsl.backend.emit_rows import "
                                                "checkpoint_every, deep_recursion", FASTMATH),
         *kernels,
         _forward_glue(plan, names, fwd, save=True),
@@ -582,9 +592,16 @@ def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
         L(f"d{c} = np.zeros((T, B, {names.size[step.inputs[x]]}), DT)")
     for c in names.param.values():
         L(f"d{c} = np.zeros_like({c})")
+    kept = [(names.param[w], g, v, *(_outer_side(names, w, t, side) for side in _OUTER_SIDES))
+            for w, terms in plan.backward.d_matrices.items() for t, (g, v) in enumerate(terms)]
+    for _, g, v, g_kept, v_kept in kept:  # zeros at padded steps
+        L(f"{g_kept} = np.zeros((T, B, {names.size[g.shape[0]]}), DT)",
+          f"{v_kept} = np.zeros((T, B, {names.size[v.shape[0]]}), DT)")
     _scratch(L, k)
     with L.block("with deep_recursion():"):
         L(f"{k.kind}_rows({', '.join(k.args())})")
+    for c, _, _, g_kept, v_kept in kept:
+        L(f"d{c} += weight_grad({g_kept}, {v_kept})")
     dparams = as_tuple(f"d{names.param[p]}.reshape({names.param[p]}_shape)" if not i.shape
                        else f"d{names.param[p]}" for p, i in step.params.items())
     L(f"return {dparams}, {as_tuple('d' + c for c in names.input.values())}, "
