@@ -34,7 +34,7 @@ def builtin_tree_specs() -> dict[str, Path]:
 @lru_cache(maxsize=2)
 def kernel_specs(target: str = "cpu") -> tuple[str, ...]:
     """The built-in specs a compiled target runs: on "cpu" all but those using what only the
-    reference engine runs (`rank2.reference_only`: scalar states, block-diagonal parameters); on "cuda" also
+    reference engine runs (`rank2.reference_only`: block-diagonal parameters); on "cuda" also
     not those with values of rank 2 (`matrix_specs`)."""
     matrices = matrix_specs() if target == "cuda" else ()
     return tuple(name for name, path in builtin_specs().items()
@@ -150,9 +150,9 @@ def retarget(cell: Cell, target: str, persistent: bool | None = None) -> Cell:
 
 
 def _refuse_what_has_no_kernels(step: StepIR, target: str):
-    """Values of rank 2 run on the cpu target (one batch row at a time) and the reference
-    engine, scalar states and block-diagonal parameters (`rank2.reference_only`) on the
-    reference engine only."""
+    """Values of rank 2, the shift and scalar states (`rank2.row_value`) run on the cpu target
+    (one batch row at a time) and the reference engine, block-diagonal parameters
+    (`rank2.reference_only`) on the reference engine only."""
     found = rank2.reference_only(step)
     if found and target != "reference":
         raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
@@ -161,9 +161,9 @@ def _refuse_what_has_no_kernels(step: StepIR, target: str):
     found = rank2.row_value(step)
     if found and target == "cuda":
         raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
-                        "and CUDA kernels for matrix values and the shift are not generated; "
-                        "use the cpu or "
-                        "the reference target (target='cpu', --target cpu)")
+                        "and CUDA kernels for matrix values, the shift and scalar states are not "
+                        "generated; use the cpu or the reference target (target='cpu', "
+                        "--target cpu)")
 
 
 def _engine(step, bwd, kernel_plan, target: str, persistent: bool | None,

@@ -41,8 +41,9 @@ def problem(cell, T: int, B: int, seed: int, first_size: int = 3, step: int = 2)
     params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
     params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
     xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
-    state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in state_shape(n))))
+    shapes = {s: tuple(sizes[d] for d in state_shape(n)) or (1,)  # a scalar state: (B, 1)
               for s, n in cell.states.items()}
+    state0 = {s: 0.5 * rng.standard_normal((B, *shape)) for s, shape in shapes.items()}
     return params, xs, as_distributions(cell, state0)
 
 

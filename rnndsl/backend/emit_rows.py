@@ -347,7 +347,7 @@ class _RowKernel:
         if n.op == "prev":
             if n.attr in self.matrix:
                 return f"{self.use(self.matrix[n.attr])}[{self.slot}, {', '.join(idx)}]"
-            return f"{self.use(names.state[n.attr])}[t, b, {idx[0]}]"
+            return f"{self.use(names.state[n.attr])}[t, b, {self.at(idx)}]"
         if n.op == "param":
             return f"{self.use(names.param[n.attr])}[{', '.join(idx) if idx else '0'}]"
         if n.op == "adj":
@@ -395,8 +395,8 @@ class _RowKernel:
         return ", ".join(idx) if idx else "0"
 
     def whole(self, state: str) -> str:
-        """An index of every element of a state of one row."""
-        return ", ".join(":" for _ in state_shape(self.plan.step.states[state]))
+        """An index of every element of a state of one row (a scalar state's one)."""
+        return ", ".join(":" for _ in state_shape(self.plan.step.states[state])) or ":"
 
     # -- the kernels' bodies --------------------------------------------------------------------
     def _body(self) -> list[str]:
@@ -546,8 +546,8 @@ def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str
             L(f"i{c} = np.ascontiguousarray(state0[{list(names.state).index(s)}])")
             L(f"f{c} = empty((B, {', '.join(names.size[d] for d in shape)}), DT)")
             L(f"{k.matrix[s]} = empty((2, {', '.join(names.size[d] for d in shape)}), DT)")
-        else:
-            L(f"{c} = empty((T + 1, B, {names.size[shape[0]]}), DT)")
+        else:  # a per-sequence scalar state is (B, 1), as the reference engine's
+            L(f"{c} = empty((T + 1, B, {names.size[shape[0]] if shape else 1}), DT)")
             L(f"{c}[0] = state0[{list(names.state).index(s)}]")
     if save:
         L(f"every = checkpoint_every(T, B, {elements}, DT(0).itemsize, budget)")
@@ -581,7 +581,7 @@ def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
               *(f"k{names.state[s]}" for s in plan.matrix_states), "every"], "saved"),
       unpack([f"d{c}" for c in names.output.values()], "d_outputs"))
     for s, c in names.state.items():
-        dims = ", ".join(names.size[d] for d in state_shape(step.states[s]))
+        dims = ", ".join(names.size[d] for d in state_shape(step.states[s])) or "1"
         L(f"e{c} = np.ascontiguousarray(d_final[{list(names.state).index(s)}])")
         L(f"g{c} = empty((B, {dims}), DT)")
         L(f"d{c} = empty(({dims},), DT)")

@@ -107,12 +107,8 @@ def align(a: Node, b: Node) -> tuple[Node, Node]:
 
 def reference_only(step: ir.StepIR) -> str | None:
     """What in a step the compiled targets (cpu, cuda) have no kernels for yet, described for
-    a message: a state that is one number per sequence or a block-diagonal parameter; None
-    if nothing. (Matrix values, which the
-    cpu target runs, are `row_value`.)"""
-    for name, size in step.states.items():
-        if size == ():
-            return f"state '{name}' is one number per sequence"
+    a message: a block-diagonal parameter; None if nothing. (What the cpu target runs one
+    batch row at a time and the cuda target not yet is `row_value`.)"""
     for name, info in step.params.items():
         if info.blocks > 1:
             return f"parameter '{name}' is block-diagonal ({info.blocks} blocks)"
@@ -143,8 +139,15 @@ def circular_shift(step: ir.StepIR) -> str | None:
     return None
 
 
+def scalar_state(step: ir.StepIR) -> str | None:
+    """The first state that is one number per sequence (`m: []`), described for a message."""
+    return next((f"state '{name}' is one number per sequence"
+                 for name, size in step.states.items() if size == ()), None)
+
+
 def row_value(step: ir.StepIR) -> str | None:
     """What makes the cpu target run a step one batch row at a time (emit_rows.py), and the
-    cuda target refuse it: a value of rank 2 (`matrix_value`), or the circular shift, which
-    the batched vector kernels have no code for; None if neither."""
-    return matrix_value(step) or circular_shift(step)
+    cuda target refuse it: a value of rank 2 (`matrix_value`), the circular shift or a
+    per-sequence scalar state, which the batched vector kernels have no code for; None if
+    none of these."""
+    return matrix_value(step) or circular_shift(step) or scalar_state(step)
