@@ -34,7 +34,7 @@ def builtin_tree_specs() -> dict[str, Path]:
 @lru_cache(maxsize=2)
 def kernel_specs(target: str = "cpu") -> tuple[str, ...]:
     """The built-in specs a compiled target runs: on "cpu" all but those using what only the
-    reference engine runs (`rank2.reference_only`: the circular shift, ...); on "cuda" also
+    reference engine runs (`rank2.reference_only`: block-diagonal parameters); on "cuda" also
     not those with values of rank 2 (`matrix_specs`)."""
     matrices = matrix_specs() if target == "cuda" else ()
     return tuple(name for name, path in builtin_specs().items()
@@ -128,7 +128,7 @@ def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | s
     _refuse_what_has_no_kernels(step, target)
     if rank2.reference_only(step):
         kernel_plan = None
-    elif rank2.matrix_value(step):  # one kernel per batch row (or the reference only)
+    elif rank2.row_value(step):  # one kernel per batch row (or the reference only)
         kernel_plan = row_plan(step, bwd) if target == "cpu" else None
     else:
         kernel_plan = plan(step, bwd)
@@ -143,7 +143,7 @@ def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> C
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     _refuse_what_has_no_kernels(cell.step, target)
     kernel_plan = cell.plan
-    if kernel_plan is None and target == "cpu" and rank2.matrix_value(cell.step):
+    if kernel_plan is None and target == "cpu" and rank2.row_value(cell.step):
         kernel_plan = row_plan(cell.step, cell.backward_ir)
     engine = _engine(cell.step, cell.backward_ir, kernel_plan, target, persistent,
                      getattr(cell.engine, "tape_budget", None))
@@ -151,19 +151,20 @@ def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> C
 
 
 def _refuse_what_has_no_kernels(step: StepIR, target: str):
-    """Values of rank 2 run on the cpu target (one batch row at a time) and the reference
-    engine, the circular shift (and the rest of `rank2.reference_only`) on the reference
-    engine only."""
+    """Values of rank 2, the shift and scalar states (`rank2.row_value`) run on the cpu target
+    (one batch row at a time) and the reference engine, block-diagonal parameters
+    (`rank2.reference_only`) on the reference engine only."""
     found = rank2.reference_only(step)
     if found and target != "reference":
         raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
                         "and kernels for it are not generated; use the reference "
                         "target (target='reference', --target reference)")
-    found = rank2.matrix_value(step)
+    found = rank2.row_value(step)
     if found and target == "cuda":
         raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
-                        "and CUDA kernels for matrix values are not generated; use the cpu or "
-                        "the reference target (target='cpu', --target cpu)")
+                        "and CUDA kernels for matrix values, the shift and scalar states are not "
+                        "generated; use the cpu or the reference target (target='cpu', "
+                        "--target cpu)")
 
 
 def _engine(step, bwd, kernel_plan, target: str, persistent: bool | str | None,

@@ -20,16 +20,31 @@ def relative(a, b, floor: float = 1e-30) -> float:
     return float(np.abs(a - b).max(initial=0.0) / scale)
 
 
+# States that are weightings over memory slots (nonnegative, summing to 1), by cell: the NTM
+# sharpens them with a power, w ** gamma, which is NaN for a negative weight.
+WEIGHTINGS = {"ntm": ("w_read", "w_write")}
+
+
+def as_distributions(cell, state0: dict) -> dict:
+    """`state0` with the cell's weightings (WEIGHTINGS) made distributions by a softmax."""
+    for s in WEIGHTINGS.get(cell.name, ()):
+        e = np.exp(state0[s])
+        state0[s] = e / e.sum(-1, keepdims=True)
+    return state0
+
+
 def problem(cell, T: int, B: int, seed: int, first_size: int = 3, step: int = 2):
-    """Parameters, inputs and initial states in float64; sizes differ so mixups show."""
+    """Parameters, inputs and initial states in float64; sizes differ so mixups show. The
+    initial weightings of a cell with some (WEIGHTINGS) are distributions."""
     rng = np.random.default_rng(seed)
     sizes = {s: first_size + step * k for k, s in enumerate(cell.sizes)}
     params = cell.init_params(seed=seed, dtype=np.float64, **sizes)
     params = {p: v + 0.1 * rng.standard_normal(v.shape) for p, v in params.items()}
     xs = {x: rng.standard_normal((T, B, sizes[n])) for x, n in cell.inputs.items()}
-    state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in state_shape(n))))
+    shapes = {s: tuple(sizes[d] for d in state_shape(n)) or (1,)  # a scalar state: (B, 1)
               for s, n in cell.states.items()}
-    return params, xs, state0
+    state0 = {s: 0.5 * rng.standard_normal((B, *shape)) for s, shape in shapes.items()}
+    return params, xs, as_distributions(cell, state0)
 
 
 def differences(cell, ref, T: int, B: int, lengths=None, dtype=np.float64, seed: int = 0,

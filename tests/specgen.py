@@ -177,14 +177,23 @@ OTHER_AXIS = {"key": "value", "value": "key"}
 class MatrixGen(Gen):
     """Expressions over a state M: [key, value] as well as vectors: products with M and its
     transpose, outer products, elementwise matrix arithmetic, broadcasts of vectors and
-    per-row scalars, and sums, means, norms and softmax over an axis."""
+    per-row scalars, sums, means, norms and softmax over an axis, and the circular shift."""
 
     matrices: list[str]  # matrix names that an expression may read
 
     def vector(self, size: str, depth: int) -> str:
-        if depth > 0 and size in OTHER_AXIS and self.rng.random() < 0.3:
+        r = self.rng.random()
+        if depth > 0 and size in OTHER_AXIS and r < 0.3:
             return self.from_matrix(size, depth - 1)
+        if depth > 0 and r < 0.4:
+            return self.shifted(size, depth - 1)
         return super().vector(size, depth)
+
+    def shifted(self, size: str, depth: int) -> str:
+        """The NTM's circular shift of a vector by a distribution over the shifts -1, 0, 1."""
+        src = self.rng.choice(self.sizes)
+        w = self.fresh("W", ["3", src])
+        return f"shift({self.vector(size, depth)}, softmax({w} @ ({self.leaf(src)})))"
 
     def from_matrix(self, size: str, depth: int) -> str:
         """A vector of `size` computed from a matrix: a product or a reduction."""

@@ -59,7 +59,7 @@ def test_generated_specs_agree_with_the_reference(request, generate, share):
 def test_the_matrix_generator_covers_the_matrix_language():
     texts = "\n".join(random_matrix_spec(seed) for seed in range(40))
     for construct in ["outer(", ").T @ (", ") @ (", "sum(", "mean(", "norm(", "softmax(",
-                      ", key)", ", value)", "tanh(M", "M_prev", "M, value", "[h, M"]:
+                      ", key)", ", value)", "tanh(M", "M_prev", "M, value", "[h, M", "shift("]:
         assert construct in texts, construct
 
 

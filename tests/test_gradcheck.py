@@ -5,6 +5,8 @@ import pytest
 import rnndsl
 from rnndsl.engines.gradcheck import gradcheck
 
+from engines import WEIGHTINGS, as_distributions
+
 BUILTINS = sorted(rnndsl.builtin_specs())
 
 
@@ -16,9 +18,6 @@ def test_all_builtins_present():
 
 # gradcheck's hidden size is 3: slstm's heads must divide it
 CONSTANTS = {"slstm": {"heads": 3}}
-# States that are weightings over memory slots (nonnegative, summing to 1): the NTM sharpens
-# them with a power, w ** gamma, which is NaN for a negative weight.
-WEIGHTINGS = {"ntm": ("w_read", "w_write")}
 
 
 def weighting_states(cell, spec: str, B: int, size: int) -> dict | None:
@@ -31,16 +30,13 @@ def weighting_states(cell, spec: str, B: int, size: int) -> dict | None:
     state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in (n if isinstance(n, tuple)
                                                                      else (n,)))))
               for s, n in cell.states.items()}
-    for s in WEIGHTINGS[spec]:
-        e = np.exp(state0[s])
-        state0[s] = e / e.sum(-1, keepdims=True)
-    return state0
+    return as_distributions(cell, state0)
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("spec", BUILTINS)
 def test_gradcheck(spec, with_lengths):
-    kernels = spec in rnndsl.compiler.kernel_specs()  # matrix cells included; not the shift
+    kernels = spec in rnndsl.compiler.kernel_specs()  # matrix cells included
     cell = rnndsl.compile(spec, target="cpu" if kernels else "reference",
                           constants=CONSTANTS.get(spec))
     # B=3: one full sequence, one shorter, one empty (its initial state passes straight out)

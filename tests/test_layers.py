@@ -35,6 +35,16 @@ def padding(lengths, T=T):
     return np.arange(T)[:, None] >= np.asarray(lengths)
 
 
+def test_the_network_tells_the_cell_a_size_no_array_shows(cells):
+    """The NTM's slots are the size of its memory and weightings alone (no parameter has it,
+    and the states start at zero): the network passes its sizes to the cell."""
+    net = Network(cells("ntm"), I, H, 1, None, False, None, {"slots": 5, "width": 3})
+    params, x = data(net)
+    y, tape = net.forward(params, x, LENGTHS)
+    assert y.shape == (T, B, net.output_size) and not y[padding(LENGTHS)].any()
+    assert np.isfinite(y).all()
+
+
 # -- finite differences -------------------------------------------------------------------------
 CONFIGS = [  # spec, layers, bidirectional, residual, dense, extra sizes
     ("lstm", 2, None, True, None, None),

@@ -209,3 +209,35 @@ def test_eager_ntm_loads_the_specs_parameters():
         y, final = module(torch.from_numpy(x))
     assert relative(want.outputs["y"], y.numpy()) < 1e-12
     assert relative(want.states["M"], final["M"].numpy()) < 1e-12
+
+
+def test_the_ntm_benchmark_runs_at_a_tiny_size(capsys):
+    """benchmarks/ntm_bench.py: its agreement check passes and it prints the machine and the
+    ratio (the figures themselves are in the README)."""
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                               "ntm_bench.py"))
+    mine, theirs = bench["main"](["-B", "3", "-T", "4", "--slots", "5", "--width", "3",
+                                  "--hidden", "4", "--input", "2", "--repeats", "1"])
+    assert mine > 0 and theirs > 0
+    shown = capsys.readouterr().out
+    assert "load average" in shown and "loss and every gradient agree to" in shown
+    assert "ratio" in shown
+
+
+def test_the_ntm_benchmark_fails_when_the_two_disagree(monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                               "ntm_bench.py"))
+    problem = bench["Problem"]({"input": 2, "hidden": 4, "slots": 5, "width": 3}, 3, 2)
+    spec = rnndsl.compiler.builtin_specs()["ntm"].read_text()
+    assert "h = sigmoid(o) * tanh(c)" in spec
+    problem.cell = rnndsl.compile(spec.replace("h = sigmoid(o) * tanh(c)",
+                                               "h = sigmoid(o) * tanh(0.9 * c)"),
+                                  target="reference")
+    with pytest.raises(SystemExit, match="rnndsl and the eager NTM disagree"):
+        bench["check"](problem, 1e-3)

@@ -28,8 +28,9 @@ Both paths compute the same numbers in the same order, so they give identical gr
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,7 +38,7 @@ from rnndsl.backend.emit_common import Code, Names, as_tuple, cpu_module_head, e
     function, seed_terms, unpack
 from rnndsl.language.errors import SpecError, UserError
 from rnndsl.language.spec import state_shape
-from rnndsl.symbolic import ir
+from rnndsl.symbolic import ir, rank2
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import Node, StepIR
 from rnndsl.symbolic.ops import OPS
@@ -47,6 +48,22 @@ DEFAULT_TAPE_BUDGET = 1 << 30  # bytes of kept matrix states
 # The row kernels' sums (M @ v along a row) vectorise only if they may be reassociated: the
 # rounding then differs from the reference's in the last bits, not from run to run.
 FASTMATH = '{"nsz", "arcp", "contract", "afn", "reassoc"}'
+
+
+# Numba's SSA pass recurses once per basic block along the dominator tree; a long cell (the
+# NTM: hundreds of loops in backward) needs far more than Python's default depth to compile.
+COMPILE_RECURSION = 30000
+
+
+@contextmanager
+def deep_recursion():
+    """Room for Numba to compile a long row kernel (at its first call)."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, COMPILE_RECURSION))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
 
 
 # -- the memory budget ------------------------------------------------------------------------
@@ -105,7 +122,8 @@ class RowPlan:
             if n.op in ("matvec", "mv", "mtv"):
                 out.append(f"forward  {ir.render(n, self.step.names)}  loop nest per row")
         for w in self.backward.d_matrices:
-            out.append(f"weights  d[{w}] += outer products, per row and step")
+            out.append(f"weights  d[{w}] += G^T V, one GEMM of the outer products' sides kept "
+                       "over all steps and rows")
         return out
 
 
@@ -153,6 +171,7 @@ INDEX_MAPS: dict[str, Callable] = {
     "bcast": lambda k, n, idx: k.elem(n.args[0], ()),
     "spread": lambda k, n, idx: k.elem(n.args[0], (idx[n.attr],)),
     "outer": lambda k, n, idx: f"({k.elem(n.args[0], idx[:1])} * {k.elem(n.args[1], idx[1:])})",
+    "roll": lambda k, n, idx: k.elem(n.args[0], (_rolled(k, n.shape[0], idx[0], n.attr),)),
 }
 # (op, argument) pairs that read each element of the argument once: it may be computed there
 READ_ONCE = {("rsum", 0), ("rmean", 0), ("rmax", 0), ("axis_sum", 0), ("mv", 0), ("mtv", 0)}
@@ -225,7 +244,24 @@ def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
                 lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}")
 
 
+def _rolled(k: "_RowKernel", size: str, i: str, offset: int) -> str:
+    """The index that element i of a vector rolled by `offset` reads (np.roll: i - offset,
+    modulo the size; Numba's % of integers is Python's, never negative)."""
+    return f"(({i}) - ({offset})) % {k.size(size)}"
+
+
+def _shift(k: "_RowKernel", n: Node, code: Code):
+    """The circular convolution of w by the shift distribution (rank2.shift): out[i] is the
+    sum over k of s_k w[i - o_k], o_k the k-th shift."""
+    out, (w, *s) = k.var(n), n.args
+    terms = [f"{k.elem(sk, ())} * {k.elem(w, (_rolled(k, w.shape[0], 'i', o),))}"
+             for sk, o in zip(s, rank2.shift_offsets(len(s)))]
+    with code.block(f"for i in range({k.size(w.shape[0])}):"):
+        code(f"{out}[i] = {' + '.join(terms)}")
+
+
 ROW_CODE: dict[str, Callable] = {
+    "shift": _shift,
     "rsum": _row_sum,
     "rmean": lambda k, n, code: _row_sum(k, n, code, mean=True),
     "rmax": _row_max,
@@ -250,6 +286,16 @@ def _nest(code: Code, heads: list[str]) -> ExitStack:
 
 # -- the kernels ------------------------------------------------------------------------------
 _LOOPS = ("i", "j")
+# A weight matrix's gradient is a sum over steps and rows of outer products g v^T. Adding each
+# to dW in the row loop reads and writes all of dW per step and row (memory-bound); instead
+# backward keeps every step's g and v, (T, B, n) each, and the glue adds G^T V as one GEMM
+# (blas.weight_grad).
+_OUTER_SIDES = ("g", "v")
+
+
+def _outer_side(names: Names, weight: str, term: int, side: str) -> str:
+    """The array of one side of one term of a weight matrix's gradient."""
+    return f"w{side}{names.param[weight]}_{term}"
 
 
 class _RowKernel:
@@ -301,7 +347,7 @@ class _RowKernel:
         if n.op == "prev":
             if n.attr in self.matrix:
                 return f"{self.use(self.matrix[n.attr])}[{self.slot}, {', '.join(idx)}]"
-            return f"{self.use(names.state[n.attr])}[t, b, {idx[0]}]"
+            return f"{self.use(names.state[n.attr])}[t, b, {self.at(idx)}]"
         if n.op == "param":
             return f"{self.use(names.param[n.attr])}[{', '.join(idx) if idx else '0'}]"
         if n.op == "adj":
@@ -349,8 +395,8 @@ class _RowKernel:
         return ", ".join(idx) if idx else "0"
 
     def whole(self, state: str) -> str:
-        """An index of every element of a state of one row."""
-        return ", ".join(":" for _ in state_shape(self.plan.step.states[state]))
+        """An index of every element of a state of one row (a scalar state's one)."""
+        return ", ".join(":" for _ in state_shape(self.plan.step.states[state])) or ":"
 
     # -- the kernels' bodies --------------------------------------------------------------------
     def _body(self) -> list[str]:
@@ -431,14 +477,12 @@ class _RowKernel:
         for p, n in bwd.d_params.items():
             self.store_loop(code, n.shape, lambda idx, n=n, p=p: (
                 f"{self.use('d' + names.param[p])}[{self.at(idx)}] += {self.elem(n, idx)}"))
-        for w, terms in bwd.d_matrices.items():
-            dw = self.use("d" + names.param[w])
-            for g, v in terms:
-                rows, cols = g.shape[0], v.shape[0]
-                with code.block(f"for i in range({self.size(rows)}):"):
-                    code(f"d_row = {self.elem(g, ('i',))}")
-                    with code.block(f"for j in range({self.size(cols)}):"):
-                        code(f"{dw}[i, j] += d_row * {self.elem(v, ('j',))}")
+        for w, terms in bwd.d_matrices.items():  # dW += g v^T: g and v kept for one GEMM
+            for k, (g, v) in enumerate(terms):
+                for side, n in zip(_OUTER_SIDES, (g, v)):
+                    kept = self.use(_outer_side(names, w, k, side))
+                    self.store_loop(code, n.shape, lambda idx, n=n, kept=kept: (
+                        f"{kept}[t, b, {idx[0]}] = {self.elem(n, idx)}"))
         for s, c in names.state.items():  # the previous state's adjoint is the next one's
             code(f"d{c}[{self.whole(s)}] = n{c}")
 
@@ -462,8 +506,9 @@ def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
     bwd = _RowKernel(plan, names, "backward")
     kernels = [fwd.text(), inf.text(), bwd.text()]
     return "\n".join([
-        *cpu_module_head(header, names, dtype, "from rnndsl.backend.emit_rows import "
-                                               "checkpoint_every", FASTMATH),
+        *cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import weight_grad\n"
+                                               "from rnndsl.backend.emit_rows import "
+                                               "checkpoint_every, deep_recursion", FASTMATH),
         *kernels,
         _forward_glue(plan, names, fwd, save=True),
         _forward_glue(plan, names, inf, save=False),
@@ -501,8 +546,8 @@ def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str
             L(f"i{c} = np.ascontiguousarray(state0[{list(names.state).index(s)}])")
             L(f"f{c} = empty((B, {', '.join(names.size[d] for d in shape)}), DT)")
             L(f"{k.matrix[s]} = empty((2, {', '.join(names.size[d] for d in shape)}), DT)")
-        else:
-            L(f"{c} = empty((T + 1, B, {names.size[shape[0]]}), DT)")
+        else:  # a per-sequence scalar state is (B, 1), as the reference engine's
+            L(f"{c} = empty((T + 1, B, {names.size[shape[0]] if shape else 1}), DT)")
             L(f"{c}[0] = state0[{list(names.state).index(s)}]")
     if save:
         L(f"every = checkpoint_every(T, B, {elements}, DT(0).itemsize, budget)")
@@ -514,7 +559,8 @@ def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str
         shape = step.shape_of(o)
         L(f"{c} = empty((T, B, {', '.join(names.size[d] for d in shape) or '1'}), DT)")
     _scratch(L, k)
-    L(f"{k.kind}_rows({', '.join(k.args())})")
+    with L.block("with deep_recursion():"):
+        L(f"{k.kind}_rows({', '.join(k.args())})")
     outs = as_tuple(names.output.values())
     finals = as_tuple(f"f{c}" if s in plan.matrix_states else f"{c}[T]"
                       for s, c in names.state.items())
@@ -535,7 +581,7 @@ def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
               *(f"k{names.state[s]}" for s in plan.matrix_states), "every"], "saved"),
       unpack([f"d{c}" for c in names.output.values()], "d_outputs"))
     for s, c in names.state.items():
-        dims = ", ".join(names.size[d] for d in state_shape(step.states[s]))
+        dims = ", ".join(names.size[d] for d in state_shape(step.states[s])) or "1"
         L(f"e{c} = np.ascontiguousarray(d_final[{list(names.state).index(s)}])")
         L(f"g{c} = empty((B, {dims}), DT)")
         L(f"d{c} = empty(({dims},), DT)")
@@ -546,8 +592,16 @@ def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
         L(f"d{c} = np.zeros((T, B, {names.size[step.inputs[x]]}), DT)")
     for c in names.param.values():
         L(f"d{c} = np.zeros_like({c})")
+    kept = [(names.param[w], g, v, *(_outer_side(names, w, t, side) for side in _OUTER_SIDES))
+            for w, terms in plan.backward.d_matrices.items() for t, (g, v) in enumerate(terms)]
+    for _, g, v, g_kept, v_kept in kept:  # zeros at padded steps
+        L(f"{g_kept} = np.zeros((T, B, {names.size[g.shape[0]]}), DT)",
+          f"{v_kept} = np.zeros((T, B, {names.size[v.shape[0]]}), DT)")
     _scratch(L, k)
-    L(f"{k.kind}_rows({', '.join(k.args())})")
+    with L.block("with deep_recursion():"):
+        L(f"{k.kind}_rows({', '.join(k.args())})")
+    for c, _, _, g_kept, v_kept in kept:
+        L(f"d{c} += weight_grad({g_kept}, {v_kept})")
     dparams = as_tuple(f"d{names.param[p]}.reshape({names.param[p]}_shape)" if not i.shape
                        else f"d{names.param[p]}" for p, i in step.params.items())
     L(f"return {dparams}, {as_tuple('d' + c for c in names.input.values())}, "

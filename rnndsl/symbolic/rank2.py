@@ -30,7 +30,8 @@ from __future__ import annotations
 from rnndsl.symbolic import ir
 from rnndsl.symbolic.ir import Node, node
 
-# the primitives of this module (what the compiled targets do not run yet)
+# the primitives of this module (the cpu target runs them one batch row at a time, the cuda
+# target not yet)
 OPS = ("mv", "mtv", "outer", "spread", "axis_sum", "axis_softmax", "shift", "roll")
 
 
@@ -106,18 +107,11 @@ def align(a: Node, b: Node) -> tuple[Node, Node]:
 
 def reference_only(step: ir.StepIR) -> str | None:
     """What in a step the compiled targets (cpu, cuda) have no kernels for yet, described for
-    a message: a state that is one number per sequence, a block-diagonal parameter, or an
-    equation that uses the NTM's circular shift; None if nothing. (Matrix values, which the
-    cpu target runs, are `matrix_value`.)"""
-    for name, size in step.states.items():
-        if size == ():
-            return f"state '{name}' is one number per sequence"
+    a message: a block-diagonal parameter; None if nothing. (What the cpu target runs one
+    batch row at a time and the cuda target not yet is `row_value`.)"""
     for name, info in step.params.items():
         if info.blocks > 1:
             return f"parameter '{name}' is block-diagonal ({info.blocks} blocks)"
-    for name, n in step.values.items():
-        if any(m.op in ("shift", "roll") for m in ir.topo_order([n])):
-            return f"the equation of '{name}' uses shift(w, s), the circular shift"
     return None
 
 
@@ -135,3 +129,25 @@ def matrix_value(step: ir.StepIR) -> str | None:
             return f"the equation of '{name}' computes a matrix of shape " \
                    f"({', '.join(inner.shape)})"
     return None
+
+
+def circular_shift(step: ir.StepIR) -> str | None:
+    """The first equation that uses the NTM's circular shift, described for a message."""
+    for name, n in step.values.items():
+        if any(m.op in ("shift", "roll") for m in ir.topo_order([n])):
+            return f"the equation of '{name}' uses shift(w, s), the circular shift"
+    return None
+
+
+def scalar_state(step: ir.StepIR) -> str | None:
+    """The first state that is one number per sequence (`m: []`), described for a message."""
+    return next((f"state '{name}' is one number per sequence"
+                 for name, size in step.states.items() if size == ()), None)
+
+
+def row_value(step: ir.StepIR) -> str | None:
+    """What makes the cpu target run a step one batch row at a time (emit_rows.py), and the
+    cuda target refuse it: a value of rank 2 (`matrix_value`), the circular shift or a
+    per-sequence scalar state, which the batched vector kernels have no code for; None if
+    none of these."""
+    return matrix_value(step) or circular_shift(step) or scalar_state(step)

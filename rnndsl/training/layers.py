@@ -281,7 +281,7 @@ class Network:
                 fwd = self.cell.forward(self._cell_params(params, layer, d),
                                         self._orient(u, d, lengths), state0.get((layer, d)),
                                         lengths=lengths, save=save,
-                                        sizes=self._layer_sizes(layer))  # e.g. an NTM's slots
+                                        sizes=self._layer_sizes(layer))  # the NTM's slots
                 outs.append(self._orient(fwd.output, d, lengths))
                 cells[(layer, d)], finals[(layer, d)] = fwd, fwd.states
             y = _joined(outs)
