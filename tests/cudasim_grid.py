@@ -102,7 +102,9 @@ class _LockedShared(kernelapi.FakeCUDAShared):
 
     def array(self, shape, dtype, alignment=None):
         if shape == 0:  # the dynamic shared memory, made with the allocator
-            return super().array(shape, dtype, alignment)
+            # (Numba's built-in simulator takes no alignment; numba-cuda's does)
+            extra = () if alignment is None else (alignment,)
+            return super().array(shape, dtype, *extra)
         caller = traceback.extract_stack(sys._getframe(1), limit=1)[0][0:2]
         with _shared_lock:
             if caller not in self._allocations:
