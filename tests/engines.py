@@ -25,6 +25,21 @@ def relative(a, b, floor: float = 1e-30) -> float:
 WEIGHTINGS = {"ntm": ("w_read", "w_write")}
 
 
+# A memory whose number of slots only its states show (the built-in ntm's start weightings have
+# it), starting at zero: forward must be told the slots.
+SLOTS_SHOWN_BY_STATES_ONLY = """name: slotted
+sizes: [input, hidden, slots]
+inputs: {x: input}
+states: {M: [slots, hidden], w: slots}
+outputs: [y]
+equations: |
+  v = tanh(W @ x)
+  M = M_prev + outer(w_prev, v)
+  w = softmax(M @ v)
+  y = M.T @ w + v
+"""
+
+
 def as_distributions(cell, state0: dict) -> dict:
     """`state0` with the cell's weightings (WEIGHTINGS) made distributions by a softmax."""
     for s in WEIGHTINGS.get(cell.name, ()):
