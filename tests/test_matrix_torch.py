@@ -9,6 +9,8 @@ import pytest
 
 import rnndsl
 
+from engines import WEIGHTINGS, as_weightings
+
 torch = pytest.importorskip("torch")
 
 
@@ -134,21 +136,11 @@ def slstm(p, x, state0, lengths):
     return {"h": torch.stack(outs)}, {"h": h, "c": c, "n": n, "m": m}
 
 
-def weightings(rng, shape):
-    """Previous weightings over the slots: nonnegative (w ** gamma of a negative weight is NaN),
-    summing to 3/4, so that the NTM's learned start weighting makes up the last quarter. At a
-    sum of exactly 1 its share relu(1 - sum) sits on the kink, where rounding of the sum would
-    decide the derivative, and its gradient would be rounding noise."""
-    e = np.exp(rng.standard_normal(shape))
-    return 0.75 * e / e.sum(-1, keepdims=True)
-
-
 CELLS = {"fast_weights": (fast_weights, {"input": 3, "hidden": 5}),
          "delta_net": (delta_net, {"input": 3, "key": 4, "value": 5}),
          "ntm": (ntm, {"input": 3, "hidden": 5, "slots": 6, "width": 4}),
          "mlstm": (mlstm, {"input": 3, "hidden": 5, "key": 4, "value": 6}),
          "slstm": (slstm, {"input": 3, "hidden": 8})}
-NONNEGATIVE = {"ntm": ("w_read", "w_write")}
 
 
 def relative(a, b) -> float:
@@ -176,7 +168,7 @@ def test_ntm_from_zero_weightings_matches_pytorch_autograd(lengths):
 
 def assert_matches_pytorch(name, lengths, zero_weightings=False):
     """Outputs, final states and every gradient of rnndsl's reference and the PyTorch model
-    agree to 1e-9, from random initial states (weightings where NONNEGATIVE says, or zero)."""
+    agree to 1e-9, from random initial states (engines.as_weightings's, or zero weightings)."""
     model, sizes = CELLS[name]
     cell = rnndsl.compile(name, target="reference")
     rng = np.random.default_rng(7)
@@ -187,8 +179,9 @@ def assert_matches_pytorch(name, lengths, zero_weightings=False):
     state0 = {s: 0.5 * rng.standard_normal((B, *(tuple(sizes[d] for d in shape) or (1,))))
               for s, shape in ((s, (n,) if isinstance(n, str) else n)
                                for s, n in cell.states.items())}  # a scalar state: (B, 1)
-    for s in NONNEGATIVE.get(name, ()):
-        state0[s] = 0 * state0[s] if zero_weightings else weightings(rng, state0[s].shape)
+    state0 = as_weightings(cell, state0)
+    for s in WEIGHTINGS.get(name, ()) if zero_weightings else ():
+        state0[s] = np.zeros_like(state0[s])
     steps = np.full(B, T) if lengths is None else np.array(lengths)
 
     fwd = cell.forward(params, x, state0, lengths)
