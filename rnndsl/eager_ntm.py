@@ -5,7 +5,10 @@ head's parameters at once, and a Python loop over time. It is the peer that the 
 
 It computes what specs/ntm.yaml computes, written independently: the write head addresses the
 previous memory, erases and adds; the read head addresses the memory just written and reads
-from it; the output is a linear map of the controller's output and the read vector.
+from it; the output is a linear map of the controller's output and the read vector. Each head
+has a learned start weighting (softmax of a parameter per slot) that it interpolates with in
+place of a zero previous weighting, as the spec does: from zero weightings and a zero memory
+the addressing would otherwise stay uniform over the slots.
 `load_rnndsl` copies an rnndsl parameter dict of that spec into the module; `stacked` builds
 the module's parameters from rnndsl's tensors for torch.func.functional_call.
 
@@ -41,6 +44,10 @@ class EagerNTM(nn.Module):
         self.read_head = nn.Linear(hidden, width + 3 + SHIFTS, dtype=dtype)
         self.write_head = nn.Linear(hidden, 3 * width + 3 + SHIFTS, dtype=dtype)
         self.output = nn.Linear(hidden + width, hidden, dtype=dtype)
+        bound = hidden ** -0.5  # nn.Linear's init on the controller's output, as rnndsl's
+        self.read_start, self.write_start = (
+            nn.Parameter(torch.empty(slots, dtype=dtype).uniform_(-bound, bound))
+            for _ in range(2))
 
     def initial_state(self, batch: int) -> dict:
         p = self.output.weight
@@ -59,11 +66,11 @@ class EagerNTM(nn.Module):
             h, c = self.controller(torch.cat([x[t], state["r"]], -1), (state["h"], state["c"]))
             *addressing, erase, add = self.write_head(h).split(
                 [width, 1, 1, SHIFTS, 1, width, width], -1)
-            w_write = self.address(state["M"], state["w_write"], *addressing)
+            w_write = self.address(state["M"], state["w_write"], self.write_start, *addressing)
             erase = torch.sigmoid(erase)
             M = state["M"] * (1 - w_write[:, :, None] * erase[:, None, :]) + \
                 w_write[:, :, None] * add[:, None, :]
-            w_read = self.address(M, state["w_read"],
+            w_read = self.address(M, state["w_read"], self.read_start,
                                   *self.read_head(h).split([width, 1, 1, SHIFTS, 1], -1))
             r = torch.einsum("bs,bsw->bw", w_read, M)
             y = self.output(torch.cat([h, r], -1))
@@ -79,12 +86,15 @@ class EagerNTM(nn.Module):
         return torch.stack(outputs), state
 
     @staticmethod
-    def address(M, w_prev, key, strength, gate, shift, sharpening):
-        """Section 3.3: content, interpolation, circular shift, sharpening."""
+    def address(M, w_prev, start, key, strength, gate, shift, sharpening):
+        """Section 3.3: content, interpolation, circular shift, sharpening. The interpolation
+        takes the learned start weighting softmax(start) for what w_prev lacks of summing to 1
+        (all of it at a zero w_prev, none once w_prev is a weighting)."""
         similarity = F.cosine_similarity(M, key[:, None, :], dim=-1, eps=1e-8)
         content = torch.softmax(F.softplus(strength) * similarity, -1)
         gate = torch.sigmoid(gate)
-        gated = gate * content + (1 - gate) * w_prev
+        missing = torch.relu(1 - w_prev.sum(-1, keepdim=True))
+        gated = gate * content + (1 - gate) * (w_prev + missing * torch.softmax(start, -1))
         shift = torch.softmax(shift, -1)
         shifted = sum(shift[:, k, None] * torch.roll(gated, k - SHIFTS // 2, dims=-1)
                       for k in range(SHIFTS))
@@ -103,6 +113,7 @@ class EagerNTM(nn.Module):
             out[f"{head}.weight"] = torch.cat([tensor(w).reshape(-1, hidden) for w, _ in layout])
             out[f"{head}.bias"] = torch.cat([tensor(b).reshape(-1) for _, b in layout])
         out["output.weight"], out["output.bias"] = tensor("W_output"), tensor("b_output")
+        out["read_start"], out["write_start"] = tensor("w_read_start"), tensor("w_write_start")
         split = self.sizes["input"] + self.sizes["width"]  # W_controller multiplies [x, r, h]
         W = tensor("W_controller")
         out["controller.weight_ih"], out["controller.weight_hh"] = W[:, :split], W[:, split:]

@@ -5,7 +5,7 @@ import pytest
 import rnndsl
 from rnndsl.engines.gradcheck import gradcheck
 
-from engines import WEIGHTINGS, as_distributions
+from engines import WEIGHTINGS, as_weightings
 
 BUILTINS = sorted(rnndsl.builtin_specs())
 
@@ -21,7 +21,7 @@ CONSTANTS = {"slstm": {"heads": 3}}
 
 
 def weighting_states(cell, spec: str, B: int, size: int) -> dict | None:
-    """Random initial states as gradcheck draws them, with the weightings made distributions;
+    """Random initial states as gradcheck draws them, the weightings as_weightings's;
     None (gradcheck's own) for a cell without such states."""
     if spec not in WEIGHTINGS:
         return None
@@ -30,7 +30,7 @@ def weighting_states(cell, spec: str, B: int, size: int) -> dict | None:
     state0 = {s: 0.5 * rng.standard_normal((B, *(sizes[d] for d in (n if isinstance(n, tuple)
                                                                      else (n,)))))
               for s, n in cell.states.items()}
-    return as_distributions(cell, state0)
+    return as_weightings(cell, state0)
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])

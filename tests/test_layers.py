@@ -7,6 +7,8 @@ import pytest
 import rnndsl
 from rnndsl.training.layers import Network
 
+from engines import SLOTS_SHOWN_BY_STATES_ONLY
+
 T, B, I, H = 5, 3, 3, 4
 LENGTHS = [5, 2, 0]  # full, short, and empty
 
@@ -36,9 +38,10 @@ def padding(lengths, T=T):
 
 
 def test_the_network_tells_the_cell_a_size_no_array_shows(cells):
-    """The NTM's slots are the size of its memory and weightings alone (no parameter has it,
-    and the states start at zero): the network passes its sizes to the cell."""
-    net = Network(cells("ntm"), I, H, 1, None, False, None, {"slots": 5, "width": 3})
+    """A memory's slots that no parameter shows (and the states start at zero): the network
+    passes its sizes to the cell."""
+    net = Network(rnndsl.compile(SLOTS_SHOWN_BY_STATES_ONLY), I, H, 1, None, False, None,
+                  {"slots": 5})
     params, x = data(net)
     y, tape = net.forward(params, x, LENGTHS)
     assert y.shape == (T, B, net.output_size) and not y[padding(LENGTHS)].any()

@@ -13,7 +13,7 @@ from rnndsl.engines.gradcheck import gradcheck
 from rnndsl.language.errors import SpecError
 from rnndsl.symbolic import ir, rank2
 
-from engines import differences
+from engines import SLOTS_SHOWN_BY_STATES_ONLY, differences
 
 HEAD = """name: m
 sizes: [input, key, value]
@@ -332,18 +332,18 @@ def test_mutated_matrix_specs_fail_only_with_spec_errors(base):
 
 
 def test_a_size_that_only_a_state_has_is_given_by_name():
-    """The NTM's slots are the size of its memory and weightings only: no parameter shows it."""
-    c = rnndsl.compile("ntm", target="reference")
-    sizes = {"input": 3, "hidden": 4, "slots": 5, "width": 2}
+    """A memory's slots that no parameter shows."""
+    c = rnndsl.compile(SLOTS_SHOWN_BY_STATES_ONLY, target="reference")
+    sizes = {"input": 3, "hidden": 2, "slots": 5}
     params = c.init_params(seed=0, dtype=np.float64, **sizes)
     x = np.ones((2, 1, 3))
     with pytest.raises(ValueError, match=r"cannot tell size\(s\) \['slots'\] from the arrays "
                                          r"given; pass state0, or sizes=\{'slots': N\}"):
         c.forward(params, x)
     f = c.forward(params, x, sizes={"slots": 5})
-    assert f.states["M"].shape == (1, 5, 2) and f.states["w_read"].shape == (1, 5)
-    with pytest.raises(ValueError, match="size 'width' is 3 from sizes but 2 from parameter"):
-        c.forward(params, x, sizes={"slots": 5, "width": 3})
+    assert f.states["M"].shape == (1, 5, 2) and f.states["w"].shape == (1, 5)
+    with pytest.raises(ValueError, match="size 'hidden' is 3 from sizes but 2 from parameter"):
+        c.forward(params, x, sizes={"slots": 5, "hidden": 3})
     with pytest.raises(ValueError, match="sizes: unknown name"):
         c.forward(params, x, sizes={"slot": 5})
 
@@ -654,7 +654,9 @@ def test_gradcheck_command_fails_on_nan_and_says_why():
 
 @pytest.mark.parametrize("name, lines", [
     ("ntm", ["d_read_gated = shift(d_read_shifted, read_shift[2], read_shift[1], read_shift[0])",
-             "d_add = d_M.T @ w_write", "d_w_write_prev = d_write_gated * (1 - write_gate)"]),
+             "d_add = d_M.T @ w_write", "d_write_from = d_write_gated * (1 - write_gate)",
+             "d_w_write_prev = d_write_from - sum(d_write_from * softmax(w_write_start)) * "
+             "step(1 - sum(w_write_prev))"]),
     ("mlstm", ["d_C_1 = d_C_1_next + outer(d_h_1_8, q_1)", "d_k_1_2 = d_k_1 / sqrt(key)"]),
     ("slstm", ["d_R_z += outer(d_z_pre, h_prev) (its 4 diagonal blocks)", "d_c_prev = d_c * f"]),
 ])
