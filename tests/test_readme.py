@@ -42,6 +42,8 @@ EXCEPTED = [  # (pattern, why the command is not run here)
     (r"^python -m pytest", "the suite that runs this test"),
     (r"^python benchmarks/", "a benchmark of minutes: its figures are in the README, with the "
                              "machine and the date"),
+    (r"^sh examples/ntm/experiment\.sh", "an hour of training: tests/test_train.py trains and "
+                                        "evaluates the ntm with the same commands, at toy size"),
     (r"^ray start", "starts a node of a Ray cluster: tests/test_sweep.py starts a cluster of two "
                     "nodes on a loopback address"),
     (r"^rnndsl sweep .*--address", "needs a running Ray cluster: tests/test_sweep.py runs one"),

@@ -236,3 +236,18 @@ def test_evaluate_refuses_what_has_no_length_to_vary(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(lm), "--length", "5"])
     assert result.exit_code == 2 and "'charlm'" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_trains_and_evaluates_the_ntm_as_the_experiment_does(tmp_path):
+    """examples/ntm/experiment.sh at toy size: the NTM's memory sizes by --size, then the
+    checkpoint evaluated on longer sequences than it was trained on."""
+    ckpt = tmp_path / "ntm_copy.npz"
+    result = CliRunner().invoke(app, ["train", "ntm", "--task", "copy", "--length", "3",
+                                      "--hidden", "8", "--size", "slots=6", "--size", "width=4",
+                                      "--steps", "3", "--batch", "2", "--lr", "1e-3",
+                                      "--save", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["evaluate", str(ckpt), "--length", "5", "--batch", "4"])
+    assert result.exit_code == 0, result.output
+    length, bits = result.output.splitlines()[1].split()[1:5:3]
+    assert length == "5" and 0 <= float(bits) <= 40
