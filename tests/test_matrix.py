@@ -643,10 +643,14 @@ def test_a_fractional_number_of_blocks_is_refused():
                    "a whole number of at least 1", "half}", first_line=6)
 
 
-def test_gradcheck_command_fails_on_nan_and_says_why():
-    """Random initial weightings of the NTM may be negative: w ** gamma is NaN, which fails."""
-    result = CliRunner().invoke(app, ["gradcheck", "ntm", "--steps", "2", "--batch", "1",
-                                      "--size", "2"])
+def test_gradcheck_command_fails_on_nan_and_says_why(tmp_path):
+    """Random initial states may be negative: h_prev ** gamma is then NaN, which fails."""
+    spec = tmp_path / "power.yaml"
+    spec.write_text("name: power\nsizes: [input, hidden]\ninputs: {x: input}\n"
+                    "states: {h: hidden}\noutputs: [h]\nequations: |\n"
+                    "  h = h_prev ** 1.5 + W @ x\n")
+    result = CliRunner().invoke(app, ["gradcheck", str(spec), "--steps", "2", "--batch", "3",
+                                      "--size", "3"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "worst relative error nan" in result.output
     assert "the random initial states may lie outside the cell's domain" in result.output

@@ -12,7 +12,7 @@ pytest.importorskip("onnxscript")
 import rnndsl  # noqa: E402
 import rnndsl.torch as rt  # noqa: E402
 
-BUILTINS = sorted(set(rnndsl.compiler.builtin_specs()) - set(rnndsl.compiler.matrix_specs()))
+BUILTINS = sorted(set(rnndsl.compiler.kernel_specs()) - set(rnndsl.compiler.matrix_specs()))
 
 
 class Tagger(torch.nn.Module):
