@@ -63,7 +63,7 @@ def panel_width(dtype) -> int:
 
 @njit(cache=True)
 def use_micro_kernel(rows: int) -> bool:
-    """The rule, the same in `pack` and in `packed_dot`: they see the same rows."""
+    """The rule `pack` applies; `packed_dot` follows the layout `pack` chose."""
     return rows <= MICRO_MAX_ROWS
 
 
@@ -164,13 +164,14 @@ def _vadd(typingctx, a, b):
 # -- the product ------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", boundscheck=False)
 def packed_dot(h, w, out):
-    """out[:, :P * PANEL] = h (B, K) @ w, the weights as `pack` made them for these rows;
-    h and out C-contiguous."""
+    """out[:, :P * PANEL] = h (B, K) @ w, the weights as `pack` made them for at least these
+    rows (panels: the micro-kernel; one panel as wide as W: BLAS); h and out C-contiguous.
+    W packed as one panel exactly PANEL wide is the same array either way."""
     rows, k_size = h.shape
-    if not use_micro_kernel(rows):
+    count, _, width = w.shape
+    if width * 8 * h.itemsize != 2 * VECTOR_BITS:
         np.dot(h, w[0], out)
         return
-    count, _, width = w.shape
     flat_w, flat_h, flat_out = w.reshape(-1), h.reshape(-1), out.reshape(-1)
     n = out.shape[1]
     step = width // 2  # the lanes of one vector
