@@ -45,9 +45,22 @@ def test_loop_threads_follow_the_setting_then_blas(threads, monkeypatch):
     assert row_threads.loop_threads() == 5
     threads(2)
     assert row_threads.loop_threads() == 2
-    monkeypatch.setattr(row_threads, "blas_threads", lambda: None)
+    monkeypatch.setattr(row_threads, "blas_threads", lambda: None)  # a BLAS it cannot ask
+    monkeypatch.setattr(row_threads, "_cores", lambda: 7)
     set_loop_threads(None)
-    assert row_threads.loop_threads() == 1
+    assert row_threads.loop_threads() == 7
+
+
+def test_training_sets_the_loop_threads_and_restores_them():
+    from rnndsl.training.train import kernel_threads
+
+    set_loop_threads(3)
+    try:
+        with kernel_threads(1):
+            assert row_threads.loop_threads() == 1
+        assert row_threads.loop_setting() == 3
+    finally:
+        set_loop_threads(None)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])

@@ -10,8 +10,8 @@ project's 2-core machine that collapses whenever the cores are busy.)
 The kernels release the GIL (`nogil=True`); the caller runs the first chunk itself and the
 other chunks go to a small pool of threads. How many threads: `set_loop_threads(n)`, else the
 kernels' BLAS threads (`blas.blas_threads`, which follows OPENBLAS_NUM_THREADS and which
-training and the PyTorch bridge lower to one while they run), and never fewer than MIN_ROWS
-rows a thread.
+the PyTorch bridge lowers to one while torch holds a pool of its own), else the cores; never
+fewer than MIN_ROWS rows a thread.
 """
 from __future__ import annotations
 
@@ -38,9 +38,20 @@ def set_loop_threads(n: int | None) -> None:
     _SETTING[0] = n
 
 
+def loop_setting() -> int | None:
+    """What `set_loop_threads` last set."""
+    return _SETTING[0]
+
+
 def loop_threads() -> int:
-    """The threads a time loop may use now."""
-    return _SETTING[0] or blas_threads() or 1
+    """The threads a time loop may use now: the setting, else the BLAS's, else the cores."""
+    return _SETTING[0] or blas_threads() or _cores()
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (Linux)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def row_chunks(B: int) -> list[tuple[int, int]]:
