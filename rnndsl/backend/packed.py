@@ -21,12 +21,13 @@ AVX-512, 256 with AVX, else 128), written as LLVM vector values through the intr
 since neither Numba nor LLVM's vectorisers keep a loop's accumulators in registers on their
 own (written as scalars, LLVM vectorised the K loop with gathers or not at all: 5-12 GFLOP/s).
 
-The rule, `use_micro_kernel`: up to MICRO_MAX_ROWS rows the micro-kernel (single-threaded);
-larger blocks stay with BLAS and its threads, one panel as wide as W (`pack` returns W itself
-and `packed_dot` calls np.dot). At 64 rows (LSTM M) the micro-kernel runs at 105-112 GFLOP/s,
-one core's worth, while threaded BLAS on a quiet machine runs the whole LSTM forward at M at
-140 GFLOP/s; the bound of 32 lies between that and 16 rows, where the micro-kernel wins by
-almost 2x; 32 itself was not measured quietly.
+The rule, `use_micro_kernel`: up to MICRO_MAX_ROWS rows the micro-kernel (one core); larger
+blocks stay with BLAS, one panel as wide as W (`pack` returns W itself and `packed_dot` calls
+np.dot). The rows are a time loop's chunk of the batch (row_threads.py), so on 2 cores LSTM M's
+64 rows run as two chunks of 32, each through the micro-kernel on its own core. Before the
+chunks, at 64 rows on one core the micro-kernel ran at 105-112 GFLOP/s while threaded BLAS on
+a quiet machine ran the whole LSTM forward at M at 140 GFLOP/s; the bound of 32 lies between
+that and 16 rows, where the micro-kernel won by almost 2x; 32 itself was not measured quietly.
 """
 from __future__ import annotations
 
