@@ -173,7 +173,7 @@ def main():
     default_threads = torch.get_num_threads()
     print(f"time to train (steps/s), float32, Adam, global-norm clip 1.0; torch "
           f"{torch.__version__} on its default {default_threads} threads and on 1; rnndsl as "
-          "`rnndsl train` runs (its kernels' BLAS on 1 thread); ratio: rnndsl / the faster torch")
+          "`rnndsl train` runs (its kernels on every core); ratio: rnndsl / the faster torch")
     print(f"  {'case':<30} {'cell':<14} {'rnndsl':>7} {f'torch {default_threads}t':>8} "
           f"{'torch 1t':>8} {'ratio':>6} {'dloss 10':>9} {'dloss all':>9}")
     failed = []
