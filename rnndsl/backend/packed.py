@@ -83,7 +83,7 @@ def pack(w: np.ndarray, rows: int) -> np.ndarray:
 def packed_width(w) -> int:
     """The columns `packed_dot` (or `block_dot`, for `pack_blocks`'s tuple) writes."""
     if isinstance(w, tuple):
-        return int(w[3][-1]) + w[0].shape[2]
+        return int(w[3].max()) + w[0].shape[2]
     return w.shape[0] * w.shape[2]
 
 
