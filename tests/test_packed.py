@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import rnndsl
-from rnndsl.backend.blas import stacked_weight_grads
 from rnndsl.backend.packed import (MICRO_MAX_ROWS, block_dot, pack, pack_blocks, packed_dot,
-                                   packed_width, panel_width, use_micro_kernel)
+                                   packed_width, panel_width, stacked_weight_grads,
+                                   use_micro_kernel)
 from rnndsl.backend.scratch import nan_scratch
 from rnndsl.symbolic.ops import block_diagonal
 

@@ -31,34 +31,6 @@ def weight_grad(d: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 
 
-def stacked_weight_grads(g: np.ndarray, v: np.ndarray, parts) -> list[np.ndarray]:
-    """The gradients of a stack's weights W_k in y = v @ stack.T, from g = dL/dy (rows, N),
-    each weight's columns side by side, and v (rows, C); `parts` the (rows, diagonal blocks)
-    of each weight. Dense weights: one GEMM for all of them. A block-diagonal weight's
-    gradient has its diagonal blocks alone, zero elsewhere (as the reference engine's): one
-    GEMM per block, for all the weights with blocks of that size at once."""
-    offsets = np.cumsum([0] + [rows for rows, _ in parts])
-    out: list = [None] * len(parts)
-    dense = [k for k, (_, blocks) in enumerate(parts) if blocks == 1]
-    if dense:
-        cols = np.concatenate([offsets[k] + np.arange(parts[k][0]) for k in dense])
-        m = gemm((g if len(dense) == len(parts) else np.ascontiguousarray(g[:, cols])).T, v)
-        for k, first in zip(dense, np.cumsum([0] + [parts[k][0] for k in dense])):
-            out[k] = m[first:first + parts[k][0]]
-    by_size: dict[int, list[int]] = {}
-    for k, (rows, blocks) in enumerate(parts):
-        if blocks > 1:
-            by_size.setdefault(rows // blocks, []).append(k)
-            out[k] = np.zeros((rows, rows), g.dtype)
-    for size, members in by_size.items():
-        for first in range(0, v.shape[1], size):
-            cols = np.concatenate([offsets[k] + first + np.arange(size) for k in members])
-            m = gemm(np.ascontiguousarray(g[:, cols]).T,
-                     np.ascontiguousarray(v[:, first:first + size]))
-            for i, k in enumerate(members):
-                out[k][first:first + size, first:first + size] = m[i * size:(i + 1) * size]
-    return out
-
 # -- the kernels' BLAS thread pool ------------------------------------------------------------
 def _openblas_thread_setters():
     """(set, get) of the OpenBLAS that SciPy bundles (the one Numba's np.dot calls), or None

@@ -40,9 +40,9 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
             _backward_glue(plan, names, bwd)]
     return "\n".join([
         *cpu_module_head(header, names, dtype,
-                         "from rnndsl.backend.blas import gemm, stacked_weight_grads\n"
+                         "from rnndsl.backend.blas import gemm\n"
                          "from rnndsl.backend.packed import (block_dot, block_product, pack, "
-                         "pack_blocks,\n    packed_dot, packed_width)"),
+                         "pack_blocks,\n    packed_dot, packed_width, stacked_weight_grads)"),
         *kernels,
         *glue,
     ])
