@@ -1,7 +1,8 @@
 """The differential fuzzer: random valid specs (tests/specgen.py) run by the CPU kernels and by
 the NumPy reference, float64, forward and backward, at B = 3 with per-sequence lengths (one of
-them 0), with every scratch buffer of the kernels filled with NaN (rnndsl.backend.scratch) so that a
-read before a write cannot pass by luck. (The CUDA kernels get the same in tests/test_cuda.py,
+them 0), half of the specs with the time loop cut into one-row chunks on threads, with every
+scratch buffer of the kernels filled with NaN (rnndsl.backend.scratch) so that a read before a
+write cannot pass by luck. (The CUDA kernels get the same in tests/test_cuda.py,
 in the simulator.)
 
 By default a small batch with fixed seeds runs (12 specs, about a minute); thousands run with
@@ -13,11 +14,13 @@ compiles longer), and cells whose square matrices are mostly block-diagonal
 """
 import re
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 import rnndsl
+from rnndsl.backend import row_threads
 from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences
@@ -25,6 +28,23 @@ from specgen import BLOCK_SIZES, random_matrix_spec, random_spec
 
 TOLERANCE = 1e-9
 FLOOR = 1e-3  # values are O(1): below this, differences are rounding in a cancellation
+
+
+@contextmanager
+def one_row_chunks(on: bool):
+    """The CPU time loops on one thread per batch row (rnndsl.backend.row_threads), for half
+    of the specs; the other half run all rows in one chunk."""
+    if not on:
+        yield
+        return
+    before = row_threads.MIN_ROWS
+    row_threads.MIN_ROWS = 1
+    row_threads.set_loop_threads(8)
+    try:
+        yield
+    finally:
+        row_threads.MIN_ROWS = before
+        row_threads.set_loop_threads(None)
 
 
 def check_spec(seed: int, target: str = "cpu", T: int = 4, B: int = 3, lengths=(4, 2, 0),
@@ -35,7 +55,7 @@ def check_spec(seed: int, target: str = "cpu", T: int = 4, B: int = 3, lengths=(
         cell = rnndsl.compile(text, target=target, **compile_args)
         ref = rnndsl.compile(text, target="reference")
         blocks = any(info.blocks > 1 for info in ref.params.values())
-        with np.errstate(all="ignore"), nan_scratch():
+        with np.errstate(all="ignore"), nan_scratch(), one_row_chunks(seed % 2 == 0):
             diffs = differences(cell, ref, T, B, list(lengths), floor=FLOOR,
                                 problem_args=BLOCK_SIZES if blocks else ())
     except Exception as exc:  # a valid spec must compile and run

@@ -9,6 +9,7 @@ import rnndsl
 from rnndsl.backend.packed import (MICRO_MAX_ROWS, block_dot, pack, pack_blocks, packed_dot,
                                    packed_width, panel_width, stacked_weight_grads,
                                    use_micro_kernel)
+from rnndsl.backend.row_threads import set_loop_threads
 from rnndsl.backend.scratch import nan_scratch
 from rnndsl.symbolic.ops import block_diagonal
 
@@ -48,10 +49,15 @@ def test_pack_layout():
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 1e-5)])
 @pytest.mark.parametrize("B, lengths", [(6, [6, 2, 0, 5, 1, 3]), (MICRO_MAX_ROWS + 2, None)])
 def test_cells_on_every_path(spec, dtype, tol, B, lengths):
-    """Blocks of four rows and a remainder (B = 6), and BLAS (B above the rule)."""
+    """Blocks of four rows and a remainder (B = 6), and BLAS (B above the rule, on one loop
+    thread: rnndsl.backend.row_threads would otherwise cut the rows into smaller chunks)."""
     cpu, ref = rnndsl.compile(spec), rnndsl.compile(spec, target="reference")
-    with nan_scratch():
-        diffs = differences(cpu, ref, 6, B, lengths, dtype, seed=B)
+    set_loop_threads(1)
+    try:
+        with nan_scratch():
+            diffs = differences(cpu, ref, 6, B, lengths, dtype, seed=B)
+    finally:
+        set_loop_threads(None)
     bad = {k: v for k, v in diffs.items() if not v < tol}
     assert not bad, bad
 

@@ -10,7 +10,9 @@ backward) are small and multiply the same matrix T times, so the glue packs each
 once per pass (`pack`: contiguous panels of a few columns) and the kernel calls `packed_dot`, a
 register-blocked micro-kernel, into an output buffer as wide as the padded panels; the fused
 loops read only its first columns. Blocks of more than `packed.MICRO_MAX_ROWS` rows go to BLAS
-instead (the rule and its measurements: packed.py). What it shares with the CUDA target
+instead (the rule and its measurements: packed.py). Each loop kernel runs a chunk of the batch
+rows, [b0, b1), and releases the GIL: the glue hands the chunks to row_threads.run_rows, one
+thread each (rows never meet inside a time loop). What it shares with the CUDA target
 (names, reads and stores, the code writer) is in emit_common.py. Every identifier in the text
 is made by the compiler (p0, s1, x0, ...); the spec's names appear only in the header's legend
 comment.
@@ -42,7 +44,8 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         *cpu_module_head(header, names, dtype,
                          "from rnndsl.backend.blas import gemm\n"
                          "from rnndsl.backend.packed import (block_dot, block_product, pack, "
-                         "pack_blocks,\n    packed_dot, packed_width, stacked_weight_grads)"),
+                         "pack_blocks,\n    packed_dot, packed_width, stacked_weight_grads)\n"
+                         "from rnndsl.backend.row_threads import chunk_rows, run_rows"),
         *kernels,
         *glue,
     ])
@@ -61,9 +64,20 @@ class _LoopKernel(KernelWriter):
         return f"{self.kind}_loop"
 
     def text(self) -> str:
-        head = [f"@njit(cache=True, fastmath=FAST, error_model=\"numpy\")",
+        head = [f"@njit(cache=True, fastmath=FAST, error_model=\"numpy\", nogil=True)",
                 f"def {self.name}({', '.join(self.args())}):"]
         return "\n".join(head + self.size_floats() + self.body) + "\n"
+
+    def args(self) -> list[str]:
+        """The loop runs batch rows [b0, b1) (row_threads.run_rows), with its own `row`."""
+        return ["T", "b0", "b1", "row", *self.names.size.values(), "lengths",
+                *sorted(self.arrays - {"row"})]
+
+    def call(self) -> str:
+        """The glue's call: every chunk of the rows, each on a thread."""
+        rest = self.args()[4:]
+        return (f"run_rows({self.name}, T, B, {self.row_width * ROW}, DT, "
+                f"{', '.join(rest)})")
 
     def _body(self) -> list[str]:
         prog, code = self.prog, Code(level=1)
@@ -72,12 +86,12 @@ class _LoopKernel(KernelWriter):
                 gemms, gemm_ts = stage_products(prog, ph.index)
                 for g in gemms:
                     code(f"{self._dot(g.weights)}({self._gemm_vector(g.vector)}, "
-                         f"{self.use('w_' + g.name)}, {self.use('g_' + g.name)})")
+                         f"{self.use('w_' + g.name)}, {self.use('g_' + g.name)}[b0:b1])")
                 for g in gemm_ts:
-                    code(f"{self._dot(g.node.attr)}({self.use(g.buffer.name)}[t], "
-                         f"{self.use('w_' + g.name)}, {self.use('g_' + g.name)})")
+                    code(f"{self._dot(g.node.attr)}({self.use(g.buffer.name)}[t, b0:b1], "
+                         f"{self.use('w_' + g.name)}, {self.use('g_' + g.name)}[b0:b1])")
                 if ph.steps:
-                    with code.block("for b in range(B):"):
+                    with code.block("for b in range(b0, b1):"):
                         code("live = t < lengths[b]")
                         for k, step in enumerate(ph.steps):
                             self._step(code, step, (ph.index, k))
@@ -132,9 +146,9 @@ class _LoopKernel(KernelWriter):
 
     def _gemm_vector(self, v: Node) -> str:
         if v.op == "prev":
-            return f"{self.use(self.names.state[v.attr])}[t]"
+            return f"{self.use(self.names.state[v.attr])}[t, b0:b1]"
         buf = self.plan.vectors[v.uid]
-        return f"{self.use(buf.name)}[t]"
+        return f"{self.use(buf.name)}[t, b0:b1]"
 
 
 # -- glue -----------------------------------------------------------------------------------
@@ -167,7 +181,7 @@ def _packed_product(code: Code, plan: Plan, names: Names, name: str, weights,
     """The weights of a per-step product, packed once per pass, and its output buffer."""
     parts = _parts(plan, names, weights)
     stacked = _stack(names, weights) + ("" if transposed else ".T")
-    code(f"w_{name} = pack({stacked}, B)" if parts is None else
+    code(f"w_{name} = pack({stacked}, chunk_rows(B))" if parts is None else
          f"w_{name} = pack_blocks({stacked}, {parts}, {transposed})",
          f"g_{name} = empty((B, packed_width(w_{name})), DT)")
 
@@ -187,7 +201,7 @@ def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
             if buf.role is Role.PRE_VECTOR:
                 L(f"{buf.name} = empty((T, B, {names.sizes(buf.width())}), DT)")
         _spill_allocs(L, plan, names, pre)
-        L(f"pre_loop({', '.join(pre.args())})")
+        L(pre.call())
     for g in plan.hoisted:
         v = g.vector
         src = names.input[v.attr] if v.op == "input" else plan.vectors[v.uid].name
@@ -206,7 +220,7 @@ def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
         if buf.role is not Role.PRE_VECTOR:
             L(f"{buf.name} = empty((T, B, {names.sizes(buf.width())}), DT)")
     _spill_allocs(L, plan, names, k)
-    L(f"{k.name}({', '.join(k.args())})")
+    L(k.call())
     outs = ", ".join(names.output.values())
     finals = ", ".join(f"{c}[T]" for c in names.state.values())
     if not save:
@@ -233,7 +247,7 @@ def _backward_glue(plan: Plan, names: Names, k: _LoopKernel) -> str:
     for g in plan.back.gemm_ts:
         _packed_product(L, plan, names, g.name, g.node.attr, True)
     _spill_allocs(L, plan, names, k)
-    L(f"backward_loop({', '.join(k.args())})")
+    L(k.call())
     L("# after the loop: input and weight gradients as GEMMs over all T*B rows")
     for x, g in plan.deferred:
         code = names.input[x]
@@ -281,11 +295,10 @@ def _scalar_params(plan: Plan, names: Names) -> list[str]:
 
 
 def _spill_allocs(code: Code, plan: Plan, names: Names, k: _LoopKernel):
-    """Scratch arrays: spilled values, and the row buffer of the fused loops."""
+    """Scratch arrays: spilled values (run_rows makes the fused loops' row buffers)."""
     if k.row_width:
         with code.block(f"if max(sizes) > {MAX_SIZE}:"):
             code(f"raise ValueError('sizes above {MAX_SIZE} are not supported')")
-        code(f"row = empty({k.row_width * ROW}, DT)")
     nodes = {n.uid: n for n in ir.topo_order([s.node for s in k.prog.stores] +
                                             [g.vector for g in k.prog.gemms] +
                                             [a for g in k.prog.gemm_ts for a in g.node.args])}

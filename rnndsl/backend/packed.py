@@ -65,7 +65,7 @@ def panel_width(dtype) -> int:
 
 @njit(cache=True)
 def use_micro_kernel(rows: int) -> bool:
-    """The rule, the same in `pack` and in `packed_dot`: they see the same rows."""
+    """The rule `pack` applies; `packed_dot` follows the layout `pack` chose."""
     return rows <= MICRO_MAX_ROWS
 
 
@@ -273,13 +273,14 @@ def _vadd(typingctx, a, b):
 # -- the product ------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", boundscheck=False)
 def packed_dot(h, w, out):
-    """out[:, :P * PANEL] = h (B, K) @ w, the weights as `pack` made them for these rows;
-    h and out C-contiguous."""
+    """out[:, :P * PANEL] = h (B, K) @ w, the weights as `pack` made them for at least these
+    rows (panels: the micro-kernel; one panel as wide as W: BLAS); h and out C-contiguous.
+    W packed as one panel exactly PANEL wide is the same array either way."""
     rows, k_size = h.shape
-    if not use_micro_kernel(rows):
+    count, _, width = w.shape
+    if width * 8 * h.itemsize != 2 * VECTOR_BITS:
         np.dot(h, w[0], out)
         return
-    count, _, width = w.shape
     flat_w, flat_h, flat_out = w.reshape(-1), h.reshape(-1), out.reshape(-1)
     for p in range(count):
         _panel_product(flat_h, k_size, rows, flat_w, p * k_size * width, width, k_size, None,
