@@ -8,9 +8,8 @@ parameters, float32.
 Both start from zero states (the eager module's default) and take the loss sum(y * d_y) for a
 fixed random d_y; a pass is forward plus the gradients of every parameter and of the input.
 The first pass of each compiles or warms up; then --repeats passes of each, alternated, and
-the medians. Both run on --threads threads (1 by default: rnndsl's row kernels use one core,
-and on a machine shared with other work multithreaded calls that wait for a busy core vary
-from run to run). Before timing, both compute the loss and every gradient of one pass
+the medians. Both run on --threads threads (1 by default; with more, rnndsl's row kernels
+split the batch rows between that many threads and torch runs each operation on them). Before timing, both compute the loss and every gradient of one pass
 (by rnndsl's parameter names, through torch.func.functional_call) and must agree to
 --tolerance, relative to each array's largest element or 1e-3 if that is smaller (some
 gradients, such as the read gate's at the first steps from zero weightings, are rounding

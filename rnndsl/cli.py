@@ -297,8 +297,9 @@ WEIGHT_DECAY = typer.Option(None, help="adamw: decoupled weight decay >= 0 (defa
 SCHEDULE = typer.Option("constant", help="The learning rate over the run: constant, a linear "
                                          "warm-up, or a warm-up then a cosine decay to 0.")
 WARMUP = typer.Option(0, min=0, help="Steps of linear warm-up (warmup and cosine schedules).")
-THREADS = typer.Option(KERNEL_THREADS, min=1, help="Threads of the kernels' BLAS during "
-                                                   "training.")
+THREADS = typer.Option(KERNEL_THREADS, min=1, help="Threads of the kernels (time loops and "
+                                                   "BLAS) during training; default: the "
+                                                   "BLAS's own setting, the cores.")
 MOMENTUM = typer.Option(0.0, help="SGD momentum, in [0, 1).")
 CLIP = typer.Option(1.0, help="Clip gradients by global norm at this threshold (0: off).")
 CLIP_VALUE = typer.Option(None, help="Also clip every gradient element to [-v, v] (v > 0).")

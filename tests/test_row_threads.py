@@ -37,7 +37,7 @@ def test_chunks_cover_the_rows(threads, B, n):
     sizes = [b1 - b0 for b0, b1 in chunks]
     assert max(sizes) - min(sizes) <= 1
     assert len(chunks) == max(1, min(n, B // row_threads.MIN_ROWS))
-    assert chunk_rows(B) == max(sizes)
+    assert chunk_rows(chunks) == max(sizes)
 
 
 def test_loop_threads_follow_the_setting_then_blas(threads, monkeypatch):
@@ -45,9 +45,22 @@ def test_loop_threads_follow_the_setting_then_blas(threads, monkeypatch):
     assert row_threads.loop_threads() == 5
     threads(2)
     assert row_threads.loop_threads() == 2
-    monkeypatch.setattr(row_threads, "blas_threads", lambda: None)
+    monkeypatch.setattr(row_threads, "blas_threads", lambda: None)  # a BLAS it cannot ask
+    monkeypatch.setattr(row_threads, "_cores", lambda: 7)
     set_loop_threads(None)
-    assert row_threads.loop_threads() == 1
+    assert row_threads.loop_threads() == 7
+
+
+def test_training_sets_the_loop_threads_and_restores_them():
+    from rnndsl.training.train import kernel_threads
+
+    set_loop_threads(3)
+    try:
+        with kernel_threads(1):
+            assert row_threads.loop_threads() == 1
+        assert row_threads.loop_setting() == 3
+    finally:
+        set_loop_threads(None)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
@@ -57,11 +70,14 @@ def test_bad_thread_counts_are_refused(bad):
 
 
 # lstm, gru (two phases: a product of a value computed in the step), layernorm_lstm (row
-# reductions), jordan (a state fed back through the output) and a cell with an input-side
-# pre-loop; B and the thread counts give one-row chunks, uneven chunks and even ones.
+# reductions), jordan (a state fed back through the output), and cells with matrix states,
+# which run as row kernels (emit_rows.py: per-chunk scratch and matrix states, gradients of
+# vector parameters summed over the chunks); B and the thread counts give one-row chunks,
+# uneven chunks and even ones.
 CASES = [("lstm", 13, 3, 1), ("lstm", 9, 2, 4), ("gru", 7, 7, 1), ("gru", 10, 3, 2),
          ("layernorm_lstm", 11, 2, 1), ("jordan", 5, 4, 1), ("mgu", 12, 5, 2),
-         ("peephole_lstm", 8, 2, 4)]
+         ("peephole_lstm", 8, 2, 4), ("fast_weights", 5, 2, 1), ("delta_net", 7, 3, 1),
+         ("mlstm", 4, 4, 1), ("ntm", 5, 2, 1)]
 
 
 @pytest.mark.parametrize("spec, B, n, min_rows", CASES)
@@ -82,7 +98,7 @@ def test_chunks_above_the_micro_kernel_take_blas_on_one_thread(threads, monkeypa
     BLAS on one thread during the loop and its setting back afterwards."""
     threads(2)
     B = 2 * MICRO_MAX_ROWS + 6
-    assert chunk_rows(B) > MICRO_MAX_ROWS
+    assert chunk_rows(row_chunks(B)) > MICRO_MAX_ROWS
     seen, setting = [], [3]
 
     def fake_blas_threads(n=None):
@@ -101,9 +117,10 @@ def test_chunks_above_the_micro_kernel_take_blas_on_one_thread(threads, monkeypa
 def test_a_chunk_left_out_is_caught(threads, monkeypatch):
     """The check above fails if the runner skips a chunk (its rows stay NaN)."""
     threads(3, 1)
-    real = row_threads.row_chunks
-    monkeypatch.setattr(row_threads, "row_chunks", lambda B: real(B)[:-1])
     cpu, ref = rnndsl.compile("gru"), rnndsl.compile("gru", target="reference")
+    module = cpu.engine.module(np.dtype(np.float64))
+    monkeypatch.setattr(module, "run_rows", lambda kernel, T, chunks, *rest: (
+        row_threads.run_rows(kernel, T, chunks[:-1], *rest)))
     with nan_scratch(), np.errstate(all="ignore"):
         diffs = differences(cpu, ref, 4, 6, None, seed=2)
     assert not max(diffs.values()) < 1e-10

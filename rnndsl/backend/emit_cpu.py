@@ -45,7 +45,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
                          "from rnndsl.backend.blas import gemm\n"
                          "from rnndsl.backend.packed import (block_dot, block_product, pack, "
                          "pack_blocks,\n    packed_dot, packed_width, stacked_weight_grads)\n"
-                         "from rnndsl.backend.row_threads import chunk_rows, run_rows"),
+                         "from rnndsl.backend.row_threads import chunk_rows, row_chunks, run_rows"),
         *kernels,
         *glue,
     ])
@@ -74,10 +74,10 @@ class _LoopKernel(KernelWriter):
                 *sorted(self.arrays - {"row"})]
 
     def call(self) -> str:
-        """The glue's call: every chunk of the rows, each on a thread."""
-        rest = self.args()[4:]
-        return (f"run_rows({self.name}, T, B, {self.row_width * ROW}, DT, "
-                f"{', '.join(rest)})")
+        """The glue's call: every chunk of the rows, each on a thread with its own `row`."""
+        return (f"run_rows({self.name}, T, chunks, "
+                f"(empty((len(chunks), {max(self.row_width * ROW, 1)}), DT),), "
+                f"{', '.join(self.args()[4:])})")
 
     def _body(self) -> list[str]:
         prog, code = self.prog, Code(level=1)
@@ -181,7 +181,7 @@ def _packed_product(code: Code, plan: Plan, names: Names, name: str, weights,
     """The weights of a per-step product, packed once per pass, and its output buffer."""
     parts = _parts(plan, names, weights)
     stacked = _stack(names, weights) + ("" if transposed else ".T")
-    code(f"w_{name} = pack({stacked}, chunk_rows(B))" if parts is None else
+    code(f"w_{name} = pack({stacked}, chunk_rows(chunks))" if parts is None else
          f"w_{name} = pack_blocks({stacked}, {parts}, {transposed})",
          f"g_{name} = empty((B, packed_width(w_{name})), DT)")
 
@@ -193,7 +193,7 @@ def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
     L(unpack(list(names.param.values()), "params"),
       unpack(list(names.input.values()), "xs"),
       unpack(list(names.size.values()), "sizes"),
-      "T, B = xs[0].shape[0], xs[0].shape[1]")
+      "T, B = xs[0].shape[0], xs[0].shape[1]", "chunks = row_chunks(B)")
     L(*_scalar_params(plan, names))
     if plan.pre is not None:
         pre = _LoopKernel(plan, names, plan.pre, "pre")
@@ -235,6 +235,7 @@ def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
 def _backward_glue(plan: Plan, names: Names, k: _LoopKernel) -> str:
     step = plan.step
     L = backward_preamble(plan, names)
+    L("chunks = row_chunks(B)")
     L(*_scalar_params(plan, names))
     for s, code in names.state.items():
         L(f"d{code} = empty((T + 1, B, {names.size[step.states[s]]}), DT)")

@@ -305,7 +305,7 @@ class _RowKernel:
     def __init__(self, plan: RowPlan, names: Names, kind: str, save: bool = False):
         self.plan, self.names, self.kind, self.save = plan, names, kind, save
         self.arrays: set[str] = set()
-        self.scratch: dict[str, str] = {}  # array -> its shape as code
+        self.scratch: dict[str, str] = {}  # array -> its sizes as code, "n0, n1"
         self.sizes_used: set[str] = set()
         self.matrix = {s: f"m{k}" for k, s in enumerate(plan.step.states)
                        if s in plan.matrix_states}
@@ -316,7 +316,7 @@ class _RowKernel:
     def var(self, n: Node) -> str:
         name = self.names.var(n)
         if n.shape:
-            self.scratch[name] = self.shape(n.shape)
+            self.scratch[name] = ", ".join(self.size(d) for d in n.shape)
             self.arrays.add(name)
         return name
 
@@ -330,9 +330,6 @@ class _RowKernel:
     def size_float(self, s: str) -> str:
         self.sizes_used.add(s)
         return f"z_{self.names.size[s]}"
-
-    def shape(self, shape: tuple[str, ...]) -> str:
-        return as_tuple(self.names.size[s] for s in shape)
 
     # -- elements -------------------------------------------------------------------------------
     def elem(self, n: Node, idx: tuple[str, ...]) -> str:
@@ -404,7 +401,7 @@ class _RowKernel:
 
     def _forward(self) -> list[str]:
         step, names, code = self.plan.step, self.names, Code(level=1)
-        with code.block("for b in range(B):"):
+        with code.block("for b in range(b0, b1):"):
             code("L = lengths[b]")
             for s, m in self.matrix.items():
                 code(f"{self.use(m)}[0] = {self.use('i' + names.state[s])}[b]")
@@ -440,7 +437,7 @@ class _RowKernel:
     def _backward(self) -> list[str]:
         plan, step, names, code = self.plan, self.plan.step, self.names, Code(level=1)
         bwd = plan.backward
-        with code.block("for b in range(B):"):
+        with code.block("for b in range(b0, b1):"):
             code("L = lengths[b]")
             for s, c in names.state.items():
                 code(f"{self.use('d' + c)}[{self.whole(s)}] = {self.use('e' + c)}[b]")
@@ -487,11 +484,28 @@ class _RowKernel:
             code(f"d{c}[{self.whole(s)}] = n{c}")
 
     # -- the function ---------------------------------------------------------------------------
+    def private(self) -> list[str]:
+        """The arrays each chunk of rows has its own of (row_threads.run_rows): one row's
+        values and matrix states, the adjoints carried between steps, and the sums over the
+        chunk's rows of the gradients of vector parameters."""
+        own = {*self.scratch, *self.matrix.values()}
+        if self.kind == "backward":
+            own |= {f"{p}{c}" for c in self.names.state.values() for p in ("d", "n")}
+            own |= {"d" + self.names.param[p] for p in self.plan.backward.d_params}
+        return sorted(own & self.arrays)
+
     def args(self) -> list[str]:
-        return ["T", "B", *self.names.size.values(), "lengths", "every", *sorted(self.arrays)]
+        private = self.private()
+        return ["T", "b0", "b1", *private, *self.names.size.values(), "lengths", "every",
+                *sorted(self.arrays - set(private))]
+
+    def call(self) -> str:
+        private = self.private()
+        return (f"run_rows({self.kind}_rows, T, chunks, {as_tuple(private)}, "
+                f"{', '.join(self.args()[3 + len(private):])})")
 
     def text(self) -> str:
-        head = ['@njit(cache=True, fastmath=FAST, error_model="numpy")',
+        head = ['@njit(cache=True, fastmath=FAST, error_model="numpy", nogil=True)',
                 f"def {self.kind}_rows({', '.join(self.args())}):"]
         floats = [f"    z_{self.names.size[s]} = DT({self.names.size[s]})"
                   for s in sorted(self.sizes_used)]
@@ -508,7 +522,9 @@ def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
     return "\n".join([
         *cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import weight_grad\n"
                                                "from rnndsl.backend.emit_rows import "
-                                               "checkpoint_every, deep_recursion", FASTMATH),
+                                               "checkpoint_every, deep_recursion\n"
+                                               "from rnndsl.backend.row_threads import "
+                                               "row_chunks, run_rows", FASTMATH),
         *kernels,
         _forward_glue(plan, names, fwd, save=True),
         _forward_glue(plan, names, inf, save=False),
@@ -521,7 +537,7 @@ def _opening(plan: RowPlan, names: Names, signature: str) -> Code:
     L(unpack(list(names.param.values()), "params"),
       unpack(list(names.input.values()), "xs"),
       unpack(list(names.size.values()), "sizes"),
-      "T, B = xs[0].shape[0], xs[0].shape[1]")
+      "T, B = xs[0].shape[0], xs[0].shape[1]", "chunks = row_chunks(B)")
     for p, info in plan.step.params.items():  # kernels read scalar parameters as arrays
         if not info.shape:
             c = names.param[p]
@@ -531,7 +547,7 @@ def _opening(plan: RowPlan, names: Names, signature: str) -> Code:
 
 def _scratch(L: Code, k: _RowKernel):
     for name, shape in sorted(k.scratch.items()):
-        L(f"{name} = empty({shape}, DT)")
+        L(f"{name} = empty((len(chunks), {shape}), DT)")
 
 
 def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str:
@@ -545,7 +561,8 @@ def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str
         if s in plan.matrix_states:
             L(f"i{c} = np.ascontiguousarray(state0[{list(names.state).index(s)}])")
             L(f"f{c} = empty((B, {', '.join(names.size[d] for d in shape)}), DT)")
-            L(f"{k.matrix[s]} = empty((2, {', '.join(names.size[d] for d in shape)}), DT)")
+            L(f"{k.matrix[s]} = empty((len(chunks), 2, "
+              f"{', '.join(names.size[d] for d in shape)}), DT)")
         else:  # a per-sequence scalar state is (B, 1), as the reference engine's
             L(f"{c} = empty((T + 1, B, {names.size[shape[0]] if shape else 1}), DT)")
             L(f"{c}[0] = state0[{list(names.state).index(s)}]")
@@ -560,7 +577,7 @@ def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str
         L(f"{c} = empty((T, B, {', '.join(names.size[d] for d in shape) or '1'}), DT)")
     _scratch(L, k)
     with L.block("with deep_recursion():"):
-        L(f"{k.kind}_rows({', '.join(k.args())})")
+        L(k.call())
     outs = as_tuple(names.output.values())
     finals = as_tuple(f"f{c}" if s in plan.matrix_states else f"{c}[T]"
                       for s, c in names.state.items())
@@ -584,14 +601,16 @@ def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
         dims = ", ".join(names.size[d] for d in state_shape(step.states[s])) or "1"
         L(f"e{c} = np.ascontiguousarray(d_final[{list(names.state).index(s)}])")
         L(f"g{c} = empty((B, {dims}), DT)")
-        L(f"d{c} = empty(({dims},), DT)")
-        L(f"n{c} = empty(({dims},), DT)")
+        L(f"d{c} = empty((len(chunks), {dims}), DT)")
+        L(f"n{c} = empty((len(chunks), {dims}), DT)")
         if s in plan.matrix_states:
-            L(f"{k.matrix[s]} = empty((every, {dims}), DT)")
+            L(f"{k.matrix[s]} = empty((len(chunks), every, {dims}), DT)")
     for x, c in names.input.items():
         L(f"d{c} = np.zeros((T, B, {names.size[step.inputs[x]]}), DT)")
+    summed = {names.param[p] for p in plan.backward.d_params}  # per chunk, added up after
     for c in names.param.values():
-        L(f"d{c} = np.zeros_like({c})")
+        L(f"d{c} = np.zeros((len(chunks), *np.shape({c})), DT)" if c in summed else
+          f"d{c} = np.zeros_like({c})")
     kept = [(names.param[w], g, v, *(_outer_side(names, w, t, side) for side in _OUTER_SIDES))
             for w, terms in plan.backward.d_matrices.items() for t, (g, v) in enumerate(terms)]
     for _, g, v, g_kept, v_kept in kept:  # zeros at padded steps
@@ -599,7 +618,9 @@ def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
           f"{v_kept} = np.zeros((T, B, {names.size[v.shape[0]]}), DT)")
     _scratch(L, k)
     with L.block("with deep_recursion():"):
-        L(f"{k.kind}_rows({', '.join(k.args())})")
+        L(k.call())
+    for c in sorted(summed):
+        L(f"d{c} = d{c}.sum(axis=0)")
     for c, _, _, g_kept, v_kept in kept:
         L(f"d{c} += weight_grad({g_kept}, {v_kept})")
     dparams = as_tuple(f"d{names.param[p]}.reshape({names.param[p]}_shape)" if not i.shape

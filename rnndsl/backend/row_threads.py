@@ -10,8 +10,8 @@ project's 2-core machine that collapses whenever the cores are busy.)
 The kernels release the GIL (`nogil=True`); the caller runs the first chunk itself and the
 other chunks go to a small pool of threads. How many threads: `set_loop_threads(n)`, else the
 kernels' BLAS threads (`blas.blas_threads`, which follows OPENBLAS_NUM_THREADS and which
-training and the PyTorch bridge lower to one while they run), and never fewer than MIN_ROWS
-rows a thread.
+the PyTorch bridge lowers to one while torch holds a pool of its own), else the cores; never
+fewer than MIN_ROWS rows a thread.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from rnndsl.backend.blas import blas_threads
 from rnndsl.backend.packed import MICRO_MAX_ROWS
-from rnndsl.backend.scratch import empty
 
 MIN_ROWS = 4  # the micro-kernel's tile of rows: fewer a thread leave its registers idle
 
@@ -38,9 +37,20 @@ def set_loop_threads(n: int | None) -> None:
     _SETTING[0] = n
 
 
+def loop_setting() -> int | None:
+    """What `set_loop_threads` last set."""
+    return _SETTING[0]
+
+
 def loop_threads() -> int:
-    """The threads a time loop may use now."""
-    return _SETTING[0] or blas_threads() or 1
+    """The threads a time loop may use now: the setting, else the BLAS's, else the cores."""
+    return _SETTING[0] or blas_threads() or _cores()
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (Linux)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def row_chunks(B: int) -> list[tuple[int, int]]:
@@ -49,9 +59,9 @@ def row_chunks(B: int) -> list[tuple[int, int]]:
     return [(B * k // n, B * (k + 1) // n) for k in range(n)]
 
 
-def chunk_rows(B: int) -> int:
+def chunk_rows(chunks: list[tuple[int, int]]) -> int:
     """The most rows one chunk has: what the per-step products are packed for."""
-    return max(b1 - b0 for b0, b1 in row_chunks(B))
+    return max(b1 - b0 for b0, b1 in chunks)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -72,25 +82,29 @@ def _forget_pool():
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def run_rows(kernel, T: int, B: int, row_width: int, dtype, *args) -> None:
-    """kernel(T, b0, b1, row, *args) for every chunk of the B rows, `row` a scratch array of
-    `row_width` elements per chunk; returns when all chunks are done."""
-    chunks = row_chunks(B)
-    rows = empty((len(chunks), max(row_width, 1)), dtype)
-    if len(chunks) == 1:
-        kernel(T, 0, B, rows[0], *args)
+def run_rows(kernel, T: int, chunks: list[tuple[int, int]], private: tuple, *shared) -> None:
+    """kernel(T, b0, b1, *(p[k] for p in private), *shared) for every chunk k of the rows:
+    each array in `private` has one slice per chunk (scratch, and sums over the chunk's rows
+    that the caller adds up). Returns when all chunks are done."""
+    def run(k):
+        b0, b1 = chunks[k]
+        kernel(T, b0, b1, *(p[k] for p in private), *shared)
+
+    first = 0
+    if len(chunks) == 1 or not kernel.signatures:  # compile (or load) it on this thread, once
+        run(0)
+        first = 1
+    if first == len(chunks):
         return
     # Chunks of more rows than the micro-kernel takes multiply through BLAS: one BLAS thread
     # per chunk, or the chunks' BLAS pools would fight for the same cores.
-    before = blas_threads() if max(b1 - b0 for b0, b1 in chunks) > MICRO_MAX_ROWS else None
+    before = blas_threads() if chunk_rows(chunks) > MICRO_MAX_ROWS else None
     if before is not None:
         blas_threads(1)
     try:
-        pool = _pool(len(chunks) - 1)
-        others = [pool.submit(kernel, T, b0, b1, rows[k], *args)
-                  for k, (b0, b1) in enumerate(chunks[1:], start=1)]
+        others = [_pool(len(chunks) - 1).submit(run, k) for k in range(first + 1, len(chunks))]
         try:
-            kernel(T, chunks[0][0], chunks[0][1], rows[0], *args)
+            run(first)
         finally:
             for f in others:
                 f.result()

@@ -36,6 +36,7 @@ from rnndsl.training.heads import Head
 from rnndsl.training.layers import Network
 from rnndsl.engines.cell import HIDDEN
 from rnndsl.language.errors import UserError, printable
+from rnndsl.backend import row_threads
 from rnndsl.backend.blas import blas_threads
 from rnndsl.training.optim import (OPTIMIZERS, SCHEDULES, Schedule, TrainingDiverged,
                                    check_finite, flatten, load_passes, make_optimizer)
@@ -47,10 +48,11 @@ BIDIRECTIONAL = ("concat", "separate", "alternate")
 DENSE = ("add", "concat")
 CONDITIONS = ("state", "input", "both")  # how expand's decoder reads its vector
 SAVE_EVERY = 100  # steps between checkpoints
-# The kernels' BLAS threads during training. Its products at training sizes are small (one per
-# time step inside the loops); on this project's 2-core machine under load from other
-# processes, a second thread waiting for a core made them 3-15x slower, the whole step 5x.
-KERNEL_THREADS = 1
+# The kernels' threads during training (None: as many as their BLAS has, the cores). The time
+# loops split the batch rows between them with no waiting inside a loop (row_threads.py), and
+# idle BLAS threads sleep rather than spin, so a second core now pays: the adding task's LSTM
+# trained at 99 steps/s on 2 threads against 72 on one (this 2-core machine, 2026-11-30).
+KERNEL_THREADS = None
 
 
 @dataclass
@@ -239,16 +241,20 @@ def optimizer_for(config: TrainConfig):
 
 @contextmanager
 def kernel_threads(n: int | None):
-    """Run the block with the kernels' BLAS on `n` threads (None: as it is), then restore."""
-    before = blas_threads()
-    if n is None or before is None:
+    """Run the block with the kernels (BLAS and the time loops) on `n` threads (None: as they
+    are), then restore."""
+    if n is None:
         yield
         return
+    before, loops = blas_threads(), row_threads.loop_setting()
     blas_threads(n)
+    row_threads.set_loop_threads(n)
     try:
         yield
     finally:
-        blas_threads(before)
+        row_threads.set_loop_threads(loops)
+        if before is not None:
+            blas_threads(before)
 
 
 def batch_at(task, seed: int, step: int, size: int, dtype) -> Batch:
@@ -267,7 +273,7 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
     """Train as `config` says. `progress(step, record)` is called after every step (record is
     a log record on logging steps, else None). `save` writes a checkpoint every `save_every`
     steps (0: only at the end) and at the end; `resume` continues from one. `threads`: the
-    kernels' BLAS threads during the run (None: leave them as they are). `held_out_log` also
+    kernels' threads during the run, for BLAS and the time loops (None: leave them as they are). `held_out_log` also
     evaluates the held-out batch at every log record (`record["held_out"]`), so runs can be
     compared along the way (rnndsl sweep); its time counts in steps/s."""
     if save is not None:
