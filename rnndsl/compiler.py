@@ -33,12 +33,10 @@ def builtin_tree_specs() -> dict[str, Path]:
 
 @lru_cache(maxsize=2)
 def kernel_specs(target: str = "cpu") -> tuple[str, ...]:
-    """The built-in specs a compiled target runs: on "cpu" all but those using what only the
-    reference engine runs (`rank2.reference_only`: block-diagonal parameters); on "cuda" also
-    not those with values of rank 2 (`matrix_specs`)."""
-    matrices = matrix_specs() if target == "cuda" else ()
+    """The built-in specs a compiled target ("cpu", "cuda") runs: those it does not refuse
+    (`refusal`)."""
     return tuple(name for name, path in builtin_specs().items()
-                 if name not in matrices and not rank2.reference_only(analyse(path)[0]))
+                 if refusal(analyse(path)[0], target) is None)
 
 
 @lru_cache(maxsize=1)
@@ -126,9 +124,7 @@ def _cell(checked: Checked, target: str, persistent: bool | str | None) -> Cell:
 def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | str | None,
                   tape_budget: int | None = None) -> Cell:
     _refuse_what_has_no_kernels(step, target)
-    if rank2.reference_only(step):
-        kernel_plan = None
-    elif rank2.row_value(step):  # one kernel per batch row (or the reference only)
+    if rank2.row_value(step):  # one kernel per batch row (or the reference only)
         kernel_plan = row_plan(step, bwd) if target == "cpu" else None
     else:
         kernel_plan = plan(step, bwd)
@@ -150,21 +146,31 @@ def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> C
     return Cell(cell.step, cell.backward_ir, engine, kernel_plan)
 
 
+def refusal(step: StepIR, target: str) -> str | None:
+    """Why `target` cannot run a step, for a message; None if it can. Values of rank 2, the
+    shift and scalar states (`rank2.row_value`) run on the cpu target (one batch row at a
+    time) and the reference engine; block-diagonal parameters on the cpu target's vector
+    kernels and the reference engine, not yet in a cell that runs one batch row at a time."""
+    if target == "reference":
+        return None
+    rows, blocks = rank2.row_value(step), rank2.block_diagonal(step)
+    if target == "cuda" and (rows or blocks):
+        what = ("matrix values, the shift and scalar states" if rows else
+                "block-diagonal parameters")
+        return (f"the cuda target cannot run this cell yet: {rows or blocks}, and CUDA kernels "
+                f"for {what} are not generated; use the cpu or the reference target "
+                "(target='cpu', --target cpu)")
+    if rows and blocks:
+        return (f"the cpu target cannot run this cell yet: {blocks} and {rows}; the kernels "
+                "that run a cell one batch row at a time take no block-diagonal parameters; "
+                "use the reference target (target='reference', --target reference)")
+    return None
+
+
 def _refuse_what_has_no_kernels(step: StepIR, target: str):
-    """Values of rank 2, the shift and scalar states (`rank2.row_value`) run on the cpu target
-    (one batch row at a time) and the reference engine, block-diagonal parameters
-    (`rank2.reference_only`) on the reference engine only."""
-    found = rank2.reference_only(step)
-    if found and target != "reference":
-        raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
-                        "and kernels for it are not generated; use the reference "
-                        "target (target='reference', --target reference)")
-    found = rank2.row_value(step)
-    if found and target == "cuda":
-        raise SpecError(f"{step.file}: the {target} target cannot run this cell yet: {found}, "
-                        "and CUDA kernels for matrix values, the shift and scalar states are not "
-                        "generated; use the cpu or the reference target (target='cpu', "
-                        "--target cpu)")
+    found = refusal(step, target)
+    if found:
+        raise SpecError(f"{step.file}: {found}")
 
 
 def _engine(step, bwd, kernel_plan, target: str, persistent: bool | str | None,

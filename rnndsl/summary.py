@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from fractions import Fraction
 
 from rnndsl.symbolic import ir
 from rnndsl.language.errors import printable
@@ -15,13 +16,15 @@ _FREE = ("input", "prev", "param", "const", "size", "adj", "bcast", "spread")
 
 def flops_per_step(roots: list[Node]) -> Counter:
     """Floating-point operations per batch row and time step, as {monomial: coefficient}, a
-    monomial being a sorted tuple of size names (2 per multiply-add in matrix products, 1 per
-    element for everything else)."""
+    monomial being a sorted tuple of size names (2 per multiply-add in matrix products, of a
+    block-diagonal matrix its blocks' alone, 1 per element for everything else)."""
     cost: Counter = Counter()
     for n in ir.topo_order(roots):
         if n.op in _FREE:
             continue
-        if n.op in ("matvec", "matvec_t", "mv", "mtv"):
+        if n.op in ("matvec", "matvec_t"):  # attr: the number of diagonal blocks, if any
+            cost[tuple(sorted(n.args[0].shape))] += Fraction(2, n.attr or 1)
+        elif n.op in ("mv", "mtv"):
             cost[tuple(sorted(n.args[0].shape))] += 2
         elif n.op in ("rsum", "rmean", "rmax", "axis_sum"):
             cost[tuple(sorted(n.args[0].shape))] += 1
@@ -49,7 +52,7 @@ def evaluate_poly(poly: Counter, sizes: dict[str, int]) -> int:
         for s in mono:
             v *= sizes[s]
         total += v
-    return total
+    return int(total)
 
 
 def describe(cell: Cell | TreeCell) -> str:
@@ -73,9 +76,9 @@ def describe(cell: Cell | TreeCell) -> str:
     lines += getattr(cell.engine, "describe", lambda: [])()  # e.g. the CUDA persistent kernel
     fwd = flops_per_step(step.roots())
     bwd = flops_per_step(cell.backward_ir.roots())
-    for terms in cell.backward_ir.d_matrices.values():  # dW += g v^T, per row
-        for g, v in terms:
-            bwd[tuple(sorted(g.shape + v.shape))] += 2
+    for w, terms in cell.backward_ir.d_matrices.items():  # dW += g v^T, per row
+        for g, v in terms:  # (of a block-diagonal W, its blocks)
+            bwd[tuple(sorted(g.shape + v.shape))] += Fraction(2, step.params[w].blocks)
     lines.append(f"  FLOPs per step and batch row: forward {format_poly(fwd)}")
     lines.append(f"                                backward {format_poly(bwd)}")
     return "\n".join(lines)

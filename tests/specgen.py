@@ -30,6 +30,10 @@ class Gen:
     pool: dict[str, list[str]]  # size -> names of vectors available (inputs, prev, earlier values)
     params: dict[str, list[str]] = field(default_factory=dict)  # name -> shape
     count: int = 0
+    # with `block_rng`, most square products are block-diagonal (`blocks`: name -> count), an
+    # rng of their own so that the rest of the spec is the one of the same seed without
+    block_rng: random.Random | None = None
+    blocks: dict[str, int] = field(default_factory=dict)
 
     def fresh(self, prefix: str, shape: list[str]) -> str:
         self.count += 1
@@ -71,6 +75,8 @@ class Gen:
     def product(self, size: str, depth: int) -> str:
         src = self.rng.choice(self.sizes)
         w = self.fresh("W", [size, src])
+        if src == size and self.block_rng is not None and self.block_rng.random() < 0.85:
+            self.blocks[w] = self.block_rng.choice(BLOCK_COUNTS)
         vec = self.vector(src, depth - 1) if self.rng.random() < 0.5 else self.leaf(src)
         return f"{w} @ ({vec})"
 
@@ -115,8 +121,9 @@ class Gen:
         return f"({a}) {op} ({b})"
 
 
-def random_spec(seed: int) -> str:
-    """The YAML text of a random valid cell."""
+def random_spec(seed: int, blocks: bool = False) -> str:
+    """The YAML text of a random valid cell; with `blocks`, most of its square matrices are
+    block-diagonal, with BLOCK_COUNTS blocks (sizes as BLOCK_SIZES makes them)."""
     rng = random.Random(seed)
     sizes = ["input", "hidden"] + (["output"] if rng.random() < 0.4 else [])
     inputs = {"x": "input"}
@@ -130,7 +137,7 @@ def random_spec(seed: int) -> str:
         pool[s].append(x)
     for st, s in states.items():
         pool[s].append(f"{st}_prev")
-    g = Gen(rng, sizes, pool)
+    g = Gen(rng, sizes, pool, block_rng=random.Random(-1 - seed) if blocks else None)
     depth = rng.randint(1, 3)
     lines = g.intermediates(depth, 3)
     for st, s in states.items():
@@ -150,12 +157,21 @@ def random_spec(seed: int) -> str:
     rng.shuffle(lines)  # order does not matter in a spec
     used = {*inputs.values(), *states.values(), *(s for shape in g.params.values() for s in shape)}
     sizes = [s for s in sizes if s in used]  # a size no array has cannot be read off
-    return _spec_text(f"fuzz{seed}", sizes, inputs, states, outputs, g.params, lines)
+    return _spec_text(f"fuzz{seed}", sizes, inputs, states, outputs, g.params, lines, g.blocks)
+
+
+# Block-diagonal matrices: the number of blocks, which divides every size that the problems of
+# tests/engines.py have with these arguments (4, 8, 12), down to blocks 1 wide.
+BLOCK_COUNTS = (2, 4)
+BLOCK_SIZES = (4, 4)
 
 
 def _spec_text(name: str, sizes: list[str], inputs: dict, states: dict, outputs: list[str],
-               params: dict[str, list[str]], lines: list[str]) -> str:
-    declared = "\n".join(f"  {p}: {{shape: [{', '.join(shape)}]}}" for p, shape in params.items())
+               params: dict[str, list[str]], lines: list[str],
+               blocks: dict[str, int] | None = None) -> str:
+    declared = "\n".join(f"  {p}: {{shape: [{', '.join(shape)}]"
+                         f"{f', blocks: {blocks[p]}' if p in (blocks or {}) else ''}}}"
+                         for p, shape in params.items())
     return "\n".join([
         f"name: {name}",
         f"sizes: [{', '.join(sizes)}]",

@@ -9,8 +9,10 @@ By default a small batch with fixed seeds runs (12 specs, about a minute); thous
 `python -m pytest tests/test_differential.py --fuzz-specs 2000 -s`, which prints a report
 (`--fuzz-seconds` puts a time box on it, `--fuzz-seed` moves the first seed). Cells with a
 matrix-valued state (specgen.random_matrix_spec) run the same way, a quarter as many (each
-compiles longer).
+compiles longer), and cells whose square matrices are mostly block-diagonal
+(`random_spec(seed, blocks=True)`), half as many.
 """
+import re
 import time
 from contextlib import contextmanager
 
@@ -22,7 +24,7 @@ from rnndsl.backend import row_threads
 from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences
-from specgen import random_matrix_spec, random_spec
+from specgen import BLOCK_SIZES, random_matrix_spec, random_spec
 
 TOLERANCE = 1e-9
 FLOOR = 1e-3  # values are O(1): below this, differences are rounding in a cancellation
@@ -52,16 +54,23 @@ def check_spec(seed: int, target: str = "cpu", T: int = 4, B: int = 3, lengths=(
     try:
         cell = rnndsl.compile(text, target=target, **compile_args)
         ref = rnndsl.compile(text, target="reference")
+        blocks = any(info.blocks > 1 for info in ref.params.values())
         with np.errstate(all="ignore"), nan_scratch(), one_row_chunks(seed % 2 == 0):
-            diffs = differences(cell, ref, T, B, list(lengths), floor=FLOOR)
+            diffs = differences(cell, ref, T, B, list(lengths), floor=FLOOR,
+                                problem_args=BLOCK_SIZES if blocks else ())
     except Exception as exc:  # a valid spec must compile and run
         return [f"seed {seed}: {type(exc).__name__}: {exc}\n{text}"]
     bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
     return [f"seed {seed}: {k} differs by {v:.3g}\n{text}" for k, v in bad.items()][:1]
 
 
-@pytest.mark.parametrize("generate, share", [(random_spec, 1), (random_matrix_spec, 4)],
-                         ids=["vectors", "matrices"])
+def random_block_spec(seed: int) -> str:
+    return random_spec(seed, blocks=True)
+
+
+@pytest.mark.parametrize("generate, share", [(random_spec, 1), (random_matrix_spec, 4),
+                                             (random_block_spec, 2)],
+                         ids=["vectors", "matrices", "blocks"])
 def test_generated_specs_agree_with_the_reference(request, generate, share):
     first = request.config.getoption("--fuzz-seed")
     count = max(1, request.config.getoption("--fuzz-specs") // share)
@@ -81,6 +90,14 @@ def test_the_matrix_generator_covers_the_matrix_language():
     for construct in ["outer(", ").T @ (", ") @ (", "sum(", "mean(", "norm(", "softmax(",
                       ", key)", ", value)", "tanh(M", "M_prev", "M, value", "[h, M", "shift("]:
         assert construct in texts, construct
+
+
+def test_the_block_generator_makes_block_diagonal_matrices_and_keeps_the_rest():
+    texts = [random_block_spec(seed) for seed in range(40)]
+    assert "blocks: 2}" in "".join(texts) and "blocks: 4}" in "".join(texts)
+    assert sum("blocks:" in t for t in texts) >= 15
+    for seed, text in enumerate(texts):  # the same spec, but for the blocks
+        assert re.sub(r", blocks: \d", "", text) == random_spec(seed)
 
 
 def test_generator_covers_the_language():

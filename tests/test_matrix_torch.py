@@ -157,6 +157,13 @@ def test_cell_matches_pytorch_autograd(name, lengths):
 
 
 @LENGTHS
+def test_slstm_on_the_cpu_target_matches_pytorch_autograd(lengths):
+    """The kernels that multiply by the diagonal blocks alone (the model's parameters are
+    random off the blocks)."""
+    assert_matches_pytorch("slstm", lengths, target="cpu")
+
+
+@LENGTHS
 def test_ntm_from_zero_weightings_matches_pytorch_autograd(lengths):
     """Zero initial weightings, as in the default state0: the learned start weightings are all
     that the heads interpolate with at the first step. The memory stays random: at a zero
@@ -166,11 +173,12 @@ def test_ntm_from_zero_weightings_matches_pytorch_autograd(lengths):
     assert_matches_pytorch("ntm", lengths, zero_weightings=True)
 
 
-def assert_matches_pytorch(name, lengths, zero_weightings=False):
-    """Outputs, final states and every gradient of rnndsl's reference and the PyTorch model
-    agree to 1e-9, from random initial states (engines.as_weightings's, or zero weightings)."""
+def assert_matches_pytorch(name, lengths, zero_weightings=False, target="reference"):
+    """Outputs, final states and every gradient of rnndsl (its reference, or `target`) and the
+    PyTorch model agree to 1e-9, from random initial states (engines.as_weightings's, or zero
+    weightings)."""
     model, sizes = CELLS[name]
-    cell = rnndsl.compile(name, target="reference")
+    cell = rnndsl.compile(name, target=target)
     rng = np.random.default_rng(7)
     T, B = 6, 4
     params = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in

@@ -32,10 +32,15 @@ def close(got, want, dtype, what):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=what)
 
 
-def check_cell(cell, dtype, sizes, seed=0, steps=T):
-    """Export the cell with random parameters; run it on ONNX Runtime and on the reference
-    from random states, with LENGTHS; compare every output and final state."""
+def check_cell(cell, dtype, sizes, seed=0, steps=T, perturb=0.0):
+    """Export the cell with random parameters (its initial ones, plus `perturb` times noise
+    everywhere); run it on ONNX Runtime and on the reference from random states, with LENGTHS;
+    compare every output and final state."""
     params = cell.init_params(seed=seed, dtype=dtype, **sizes)
+    if perturb:
+        noise = np.random.default_rng(seed + 2)
+        params = {p: (v + perturb * noise.standard_normal(v.shape)).astype(dtype)
+                  for p, v in params.items()}
     model = export_onnx(cell, params, sizes=sizes)
     rng = np.random.default_rng(seed + 1)
     xs = {x: rng.standard_normal((steps, B, sizes[s])).astype(dtype)
@@ -133,6 +138,13 @@ def test_a_cell_with_matrix_values_is_refused_by_its_operators():
 def test_builtin_specs_match_the_reference(name, dtype):
     cell = rnndsl.compile(name, target="reference")
     check_cell(cell, dtype, own_sizes(cell))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_diagonal_matrices_are_exported_by_their_blocks(dtype):
+    """slstm's recurrent matrices hold noise off their blocks, which no engine reads."""
+    cell = rnndsl.compile("slstm", target="reference", constants={"heads": 2})
+    check_cell(cell, dtype, {"input": 3, "hidden": 6}, perturb=0.5)
 
 
 @pytest.mark.parametrize("seed", range(10))

@@ -30,6 +30,7 @@ def weight_grad(d: np.ndarray, a: np.ndarray) -> np.ndarray:
     return gemm(d2.T, a2)
 
 
+
 # -- the kernels' BLAS thread pool ------------------------------------------------------------
 def _openblas_thread_setters():
     """(set, get) of the OpenBLAS that SciPy bundles (the one Numba's np.dot calls), or None

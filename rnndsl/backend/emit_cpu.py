@@ -41,8 +41,10 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
     glue = [_forward_glue(plan, names, fwd, save=True), _forward_glue(plan, names, inf, save=False),
             _backward_glue(plan, names, bwd)]
     return "\n".join([
-        *cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import gemm\n"
-                         "from rnndsl.backend.packed import pack, packed_dot, packed_width\n"
+        *cpu_module_head(header, names, dtype,
+                         "from rnndsl.backend.blas import gemm\n"
+                         "from rnndsl.backend.packed import (block_dot, block_product, pack, "
+                         "pack_blocks,\n    packed_dot, packed_width, stacked_weight_grads)\n"
                          "from rnndsl.backend.row_threads import chunk_rows, row_chunks, run_rows"),
         *kernels,
         *glue,
@@ -83,10 +85,10 @@ class _LoopKernel(KernelWriter):
             for ph in prog.phases:
                 gemms, gemm_ts = stage_products(prog, ph.index)
                 for g in gemms:
-                    code(f"packed_dot({self._gemm_vector(g.vector)}, {self.use('w_' + g.name)}, "
-                         f"{self.use('g_' + g.name)}[b0:b1])")
+                    code(f"{self._dot(g.weights)}({self._gemm_vector(g.vector)}, "
+                         f"{self.use('w_' + g.name)}, {self.use('g_' + g.name)}[b0:b1])")
                 for g in gemm_ts:
-                    code(f"packed_dot({self.use(g.buffer.name)}[t, b0:b1], "
+                    code(f"{self._dot(g.node.attr)}({self.use(g.buffer.name)}[t, b0:b1], "
                          f"{self.use('w_' + g.name)}, {self.use('g_' + g.name)}[b0:b1])")
                 if ph.steps:
                     with code.block("for b in range(b0, b1):"):
@@ -138,6 +140,10 @@ class _LoopKernel(KernelWriter):
                     code(write(f"row[{k * ROW} + j]"))
         code(*after)
 
+    def _dot(self, weights) -> str:
+        """The per-step product of a stack: by its diagonal blocks if it has any."""
+        return "block_dot" if _parts(self.plan, self.names, weights) else "packed_dot"
+
     def _gemm_vector(self, v: Node) -> str:
         if v.op == "prev":
             return f"{self.use(self.names.state[v.attr])}[t, b0:b1]"
@@ -151,9 +157,32 @@ def _stack(plan_names: Names, weights) -> str:
     return f"np.concatenate(({parts},))"
 
 
-def _packed_product(code: Code, name: str, stacked: str):
+def _parts(plan: Plan, names: Names, weights) -> str | None:
+    """The rows and diagonal blocks of each weight of a stack, as code for packed.py, if any
+    weight is block-diagonal; else None (the dense products)."""
+    blocks = [plan.step.params[w].blocks for w in weights]
+    if all(b == 1 for b in blocks):
+        return None
+    return as_tuple(f"({names.param[w]}.shape[0], {b})" for w, b in zip(weights, blocks))
+
+
+def _product(plan: Plan, names: Names, weights, rows: str, transposed: bool) -> str:
+    """`rows` (2-D) times the stack of `weights` as code: transposed, rows @ stack (the sum
+    of W.T @ g), else rows @ stack.T; a stack with block-diagonal weights by its blocks."""
+    parts = _parts(plan, names, weights)
+    stacked = _stack(names, weights) + ("" if transposed else ".T")
+    if parts is None:
+        return f"gemm({rows}, {stacked})"
+    return f"block_product({rows}, pack_blocks({stacked}, {parts}, {transposed}))"
+
+
+def _packed_product(code: Code, plan: Plan, names: Names, name: str, weights,
+                    transposed: bool):
     """The weights of a per-step product, packed once per pass, and its output buffer."""
-    code(f"w_{name} = pack({stacked}, chunk_rows(chunks))",
+    parts = _parts(plan, names, weights)
+    stacked = _stack(names, weights) + ("" if transposed else ".T")
+    code(f"w_{name} = pack({stacked}, chunk_rows(chunks))" if parts is None else
+         f"w_{name} = pack_blocks({stacked}, {parts}, {transposed})",
          f"g_{name} = empty((B, packed_width(w_{name})), DT)")
 
 
@@ -176,10 +205,10 @@ def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
     for g in plan.hoisted:
         v = g.vector
         src = names.input[v.attr] if v.op == "input" else plan.vectors[v.uid].name
-        L(f"{g.name} = gemm({src}.reshape(T * B, -1), {_stack(names, g.weights)}.T)"
+        L(f"{g.name} = {_product(plan, names, g.weights, f'{src}.reshape(T * B, -1)', False)}"
           f".reshape(T, B, -1)")
     for g in plan.forward.gemms:
-        _packed_product(L, g.name, f"{_stack(names, g.weights)}.T")
+        _packed_product(L, plan, names, g.name, g.weights, False)
     for s, code in names.state.items():
         L(f"{code} = empty((T + 1, B, {names.size[step.states[s]]}), DT)")
         L(f"{code}[0] = state0[{list(names.state).index(s)}]")
@@ -217,13 +246,14 @@ def _backward_glue(plan: Plan, names: Names, k: _LoopKernel) -> str:
     for buf in plan.grad_buffers:
         L(f"{buf.name} = empty((T, B, {names.sizes(buf.width())}), DT)")
     for g in plan.back.gemm_ts:
-        _packed_product(L, g.name, _stack(names, g.node.attr))
+        _packed_product(L, plan, names, g.name, g.node.attr, True)
     _spill_allocs(L, plan, names, k)
     L(k.call())
     L("# after the loop: input and weight gradients as GEMMs over all T*B rows")
     for x, g in plan.deferred:
-        L(f"d{names.input[x]} += gemm({g.buffer.name}.reshape(T * B, -1), "
-          f"{_stack(names, g.node.attr)}).reshape(T, B, -1)")
+        code = names.input[x]
+        product = _product(plan, names, g.node.attr, f"{g.buffer.name}.reshape(T * B, -1)", True)
+        L(f"d{code} += {product}[:, :{names.size[step.inputs[x]]}].reshape(T, B, -1)")
     grads = {p: f"d{code}" for p, code in names.param.items()}
     for p, code in names.param.items():
         L(f"d{code} = np.zeros_like({code})")
@@ -231,11 +261,12 @@ def _backward_glue(plan: Plan, names: Names, k: _LoopKernel) -> str:
         v = w.vector
         src = (f"{names.state[v.attr]}[:T]" if v.op == "prev" else
                names.input[v.attr] if v.op == "input" else plan.vectors[v.uid].name)
-        L(f"m = gemm({w.buffer.name}.reshape(T * B, -1).T, {src}.reshape(T * B, -1))")
+        parts = as_tuple(f"({names.param[p]}.shape[0], {step.params[p].blocks})"
+                         for p in w.weights)
+        L(f"m = stacked_weight_grads({w.buffer.name}.reshape(T * B, -1), "
+          f"{src}.reshape(T * B, -1), {parts})")
         for k_, wname in enumerate(w.weights):
-            node = w.buffer.columns[k_][0]
-            off = names.sizes(w.buffer.offset(k_))
-            L(f"{grads[wname]} += m[{off}:{off} + {names.size[node.shape[0]]}]")
+            L(f"{grads[wname]} += m[{k_}]")
     summed = set()  # vector and scalar parameters: column sums of a gradient buffer
     for p, (buf, block) in plan.param_grads.items():
         if buf.name not in summed:

@@ -37,6 +37,7 @@ import numpy as np
 from rnndsl.language.errors import UserError, printable
 from rnndsl.symbolic import ir
 from rnndsl.symbolic.ir import Node, StepIR
+from rnndsl.symbolic.ops import block_diagonal
 
 OPSET = 18  # ReduceSum/Mean/Max take their axes as an input; ONNX Runtime >= 1.14
 
@@ -142,9 +143,12 @@ class Weights:
     def get(self, name: str) -> str:
         return self.g.weight(self.prefix + name, self.arrays[name])
 
-    def stacked(self, names: list[str]) -> str:
-        """The matrices one above the other, as one (transposed) matrix."""
-        whole = np.concatenate([self.arrays[n] for n in names], axis=0)
+    def stacked(self, names: list[str], blocks: list[int] | None = None) -> str:
+        """The matrices one above the other, as one (transposed) matrix; of a block-diagonal
+        one (`blocks` > 1) its diagonal blocks alone, zeros elsewhere, as every engine reads
+        it."""
+        whole = np.concatenate([block_diagonal(np.asarray(self.arrays[n]), b) for n, b in
+                                zip(names, blocks or [1] * len(names))], axis=0)
         return self.g.weight(self.prefix + "+".join(names), whole)
 
 
@@ -164,10 +168,13 @@ class TensorWeights(Weights):
             return self.tensors[name]
         return self.stacked([name])
 
-    def stacked(self, names: list[str]) -> str:
+    def stacked(self, names: list[str], blocks: list[int] | None = None) -> str:
         key = "+".join(names)
         if key not in self._made:
-            parts = [self.tensors[n] for n in names]
+            parts = [self.tensors[n] if b == 1 else  # zeros off a block-diagonal one's blocks
+                     self.g.top_op("Mul", self.tensors[n],
+                                   self.g.const(block_diagonal(np.ones(self.shapes[n]), b)))
+                     for n, b in zip(names, blocks or [1] * len(names))]
             whole = parts[0] if len(parts) == 1 else self.g.top_op("Concat", *parts, axis=0)
             self._made[key] = self.g.top_op("Transpose", whole)
         return self._made[key]
@@ -284,7 +291,7 @@ def _emit(g: Graph, order: list[Node], memo: dict[int, str], weights: Weights) -
             memo[n.uid] = g.const(float(g.sizes[n.attr]))
         elif n.op == "matvec":
             group = by_vector[n.args[1].uid]
-            w = weights.stacked([m.args[0].attr for m in group])
+            w = weights.stacked([m.args[0].attr for m in group], [m.attr or 1 for m in group])
             product = LOWERINGS["matvec"](g, n, w, value(n.args[1]))
             if len(group) == 1:
                 memo[n.uid] = product

@@ -232,19 +232,26 @@ class Plan:
         out = []
         for g in self.hoisted:
             out.append(f"forward  {_vec(g.vector)} @ [{', '.join(g.weights)}].T  hoisted: one "
-                       f"GEMM over all T*B rows")
+                       f"GEMM over all T*B rows{self._by_blocks(g.weights)}")
         for g in self.forward.gemms:
             out.append(f"forward  {_vec(g.vector)} @ [{', '.join(g.weights)}].T  per step, "
-                       f"stage {g.stage}")
+                       f"stage {g.stage}{self._by_blocks(g.weights)}")
         for g in self.back.gemm_ts:
-            out.append(f"backward [{', '.join(g.node.attr)}].T-sum  per step, stage {g.stage}")
+            out.append(f"backward [{', '.join(g.node.attr)}].T-sum  per step, stage {g.stage}"
+                       f"{self._by_blocks(g.node.attr)}")
         for x, g in self.deferred:
             out.append(f"backward d_{x} = [{', '.join(g.node.attr)}] stacked  after the loop, "
-                       f"over all T*B rows")
+                       f"over all T*B rows{self._by_blocks(g.node.attr)}")
         for w in self.weight_grads:
             out.append(f"weights  d[{', '.join(w.weights)}] = G.T @ {_vec(w.vector)}  after "
-                       f"the loop, over all T*B rows")
+                       f"the loop, over all T*B rows{self._by_blocks(w.weights)}")
         return out
+
+    def _by_blocks(self, weights) -> str:
+        """How a stack with block-diagonal weights is multiplied, for describe_groups."""
+        if all(self.step.params[w].blocks == 1 for w in weights):
+            return ""
+        return ", by the diagonal blocks alone"
 
 
 def _vec(n: Node) -> str:

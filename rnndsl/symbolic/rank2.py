@@ -105,10 +105,10 @@ def align(a: Node, b: Node) -> tuple[Node, Node]:
     return a, b
 
 
-def reference_only(step: ir.StepIR) -> str | None:
-    """What in a step the compiled targets (cpu, cuda) have no kernels for yet, described for
-    a message: a block-diagonal parameter; None if nothing. (What the cpu target runs one
-    batch row at a time and the cuda target not yet is `row_value`.)"""
+def block_diagonal(step: ir.StepIR) -> str | None:
+    """The first block-diagonal parameter of a step, described for a message; None if there is
+    none. The cpu target's vector kernels multiply by its diagonal blocks alone; the row
+    kernels (`row_value`) and the cuda target have no code for it yet."""
     for name, info in step.params.items():
         if info.blocks > 1:
             return f"parameter '{name}' is block-diagonal ({info.blocks} blocks)"
