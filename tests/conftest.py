@@ -1,9 +1,12 @@
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+LONG_CHECKS = "RNNDSL_LONG_CHECKS"
 
 
 def pytest_addoption(parser):
@@ -13,3 +16,13 @@ def pytest_addoption(parser):
     group.addoption("--fuzz-seconds", type=float, default=0.0,
                     help="differential fuzzer: stop after this long (default: no limit)")
     group.addoption("--fuzz-seed", type=int, default=0, help="differential fuzzer: first seed")
+    group.addoption("--long", action="store_true",
+                    help="the long checks too: every spec in every CUDA time-loop mode and "
+                         "graph test in the simulator, the float32 kernels of the matrix-memory "
+                         "cells (minutes of compiling each), more front-end fuzzing")
+
+
+def pytest_configure(config):
+    # An environment variable, so the simulator's subprocess (tests/test_cuda.py) sees it too.
+    if config.getoption("--long"):
+        os.environ[LONG_CHECKS] = "1"

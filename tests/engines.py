@@ -2,9 +2,16 @@
 return: outputs, final states, and the gradients of parameters, inputs and initial states."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from rnndsl.language.spec import state_shape
+
+
+def long_checks() -> bool:
+    """Whether the long checks run too (pytest --long; tests/conftest.py)."""
+    return os.environ.get("RNNDSL_LONG_CHECKS") == "1"
 
 
 def relative(a, b, floor: float = 1e-30) -> float:

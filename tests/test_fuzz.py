@@ -8,6 +8,8 @@ import pytest
 import rnndsl
 from rnndsl.language.errors import SpecError
 
+from engines import long_checks
+
 LSTM = (rnndsl.builtin_specs()["lstm"]).read_text()
 HEAD, EQUATIONS = LSTM.split("equations: |\n")
 TOKENS = [
@@ -60,7 +62,7 @@ def _run_tiny(cell):
         cell.backward(params, fwd, {o: np.ones_like(v) for o, v in fwd.outputs.items()})
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3] if long_checks() else [0])
 def test_fuzz_only_spec_errors(seed):
     compiled = failed = 0
     for text in cases(200, seed):

@@ -7,7 +7,7 @@ import pytest
 import rnndsl
 from rnndsl.backend.scratch import nan_scratch
 
-from engines import differences, problem
+from engines import differences, long_checks, problem
 
 SPECS = sorted(rnndsl.compiler.kernel_specs())  # matrix values too: test_matrix_kernels.py
 
@@ -15,6 +15,9 @@ SPECS = sorted(rnndsl.compiler.kernel_specs())  # matrix values too: test_matrix
 # the problems' hidden size is 5: slstm's heads must divide it (its blocks are then 1 wide;
 # wider ones: test_block_kernels.py)
 CONSTANTS = {"slstm": {"heads": 5}}
+# Their float32 kernels take minutes each to compile (their float64 ones run here and in
+# test_matrix_kernels.py, test_row_threads.py and test_gradcheck.py): pytest --long.
+LONG_FLOAT32 = {"ntm", "mlstm"}
 
 
 @pytest.fixture(scope="module", params=SPECS)
@@ -30,6 +33,8 @@ def test_kernels_match_reference(cells, dtype, tol, T, B, lengths):
     """The reference runs in float64 on exactly the values the kernel sees; the kernels'
     scratch buffers start as NaN."""
     cpu, ref = cells
+    if dtype == np.float32 and cpu.name in LONG_FLOAT32 and not long_checks():
+        pytest.skip("float32 kernels of a matrix-memory cell: minutes to compile; run with --long")
     with nan_scratch():
         diffs = differences(cpu, ref, T, B, lengths, dtype, seed=T + B)
     bad = {k: v for k, v in diffs.items() if not v < tol}

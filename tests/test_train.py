@@ -245,6 +245,7 @@ def test_cli_trains_and_evaluates_the_ntm_as_the_experiment_does(tmp_path):
     result = CliRunner().invoke(app, ["train", "ntm", "--task", "copy", "--length", "3",
                                       "--hidden", "8", "--size", "slots=6", "--size", "width=4",
                                       "--steps", "3", "--batch", "2", "--lr", "1e-3",
+                                      "--dtype", "float64",  # the kernels other tests compile
                                       "--save", str(ckpt)])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["evaluate", str(ckpt), "--length", "5", "--batch", "4"])
