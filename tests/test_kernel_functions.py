@@ -18,7 +18,8 @@ def functions(request):
         "@njit(fastmath=FAST, error_model='numpy')",
         "def apply(kind, x, out):",
         "    for i in range(x.size):",
-        "        out[i] = exp(x[i]) if kind == 0 else (tanh(x[i]) if kind == 1 else sigmoid(x[i]))",
+        "        out[i] = (exp(x[i]) if kind == 0 else tanh(x[i]) if kind == 1 else",
+        "                  sigmoid(x[i]) if kind == 2 else softplus(x[i]))",
     ])
     return dtype, load_module(source, f"test_functions_{dtype}")
 
@@ -28,7 +29,8 @@ def relative_error(got, want):
 
 
 @pytest.mark.parametrize("kind, reference, lo, hi", [
-    (0, np.exp, -80.0, 80.0), (1, np.tanh, -20.0, 20.0), (2, lambda x: 1 / (1 + np.exp(-x)), -80.0, 40.0)])
+    (0, np.exp, -80.0, 80.0), (1, np.tanh, -20.0, 20.0), (2, lambda x: 1 / (1 + np.exp(-x)), -80.0, 40.0),
+    (3, lambda x: np.logaddexp(0.0, x), -80.0, 80.0)])
 def test_functions_are_accurate(functions, kind, reference, lo, hi):
     dtype, module = functions
     x = np.concatenate([np.linspace(lo, hi, 400_001), np.linspace(-1e-3, 1e-3, 2001),

@@ -14,8 +14,9 @@ Speed (CPU): LLVM vectorises a fused loop only if every call in it is vectorisab
 exp and tanh are not (16 ns per float32 tanh here, against 0.3 ns for the rational form
 below). So exp builds 2**k from integer bits (Cody-Waite reduction, Taylor polynomial; 2**k as
 two factors so that subnormal and near-overflow results come out right), tanh is a rational
-form in float32 and exp-based in float64, and sigmoid is 1/(1+exp(-x)); branches are written
-as selects. The other functions' bodies are the operators' own, from ops.py. Measured against
+form in float32 and exp-based in float64, sigmoid is 1/(1+exp(-x)), and softplus's log1p of a
+number in [0, 1] is an atanh series (`log1p_unit`); branches are written as selects. The other
+functions' bodies are the operators' own, from ops.py. Measured against
 float64 NumPy (tests/test_kernel_functions.py): float32 relative error below 1e-6, float64
 below 1e-14. Kernels also use `error_model="numpy"`: Numba's default
 puts a division-by-zero check in every division, which blocks vectorisation as well. On CUDA,
@@ -91,7 +92,24 @@ def tanh(x):
     p = x2 * (x2 * (x2 * (x2 * (x2 * (x2 * TA13 + TA11) + TA9) + TA7) + TA5) + TA3) + TA1
     q = x2 * (x2 * (x2 * TB6 + TB4) + TB2) + TB0
     return x * p / q
+
+
+# log(1 + u) for 0 <= u <= 1 (softplus's), vectorisable where libm's log1p is not:
+# 2 atanh(s) with s = u / (2 + u) <= 1/3, its series in s^2 up to the term below 1e-8.
+L3, L5, L7, L9, L11, L13 = (DT(1.0 / k) for k in (3, 5, 7, 9, 11, 13))
+
+
+@KERNEL_FUNCTION
+def log1p_unit(u):
+    s = u / (C1 + C1 + u)
+    z = s * s
+    return (s + s) * (C1 + z * (L3 + z * (L5 + z * (L7 + z * (L9 + z * (L11 + z * L13))))))
 '''
+
+# float64's log1p_unit: 1 + z/3 + z^2/5 + ... + z^16/33 in Horner's form, constants L3..L33
+_LOG1P_CONSTANTS = ", ".join(f"L{2 * k + 1}" for k in range(1, 17)) + " = " + ", ".join(
+    f"DT(1.0 / {2 * k + 1})" for k in range(1, 17))
+_LOG1P_HORNER = "C1 + z * (" + " + z * (".join(f"L{2 * k + 1}" for k in range(1, 17)) + ")" * 16
 
 FLOAT64 = '''
 from rnndsl.backend.kernel_intrinsics import float64_from_bits as from_bits
@@ -128,6 +146,18 @@ def tanh(x):
     z = x * x
     small = x + x * z * (((TP2 * z + TP1) * z + TP0) / (((z + TQ2) * z + TQ1) * z + TQ0))
     return small if a < TANH_SMALL else math.copysign(big, x)
+
+
+# log(1 + u) for 0 <= u <= 1 (softplus's), vectorisable where libm's log1p is not:
+# 2 atanh(s) with s = u / (2 + u) <= 1/3, its series in s^2 up to the term below 1e-17.
+''' + _LOG1P_CONSTANTS + '''
+
+
+@KERNEL_FUNCTION
+def log1p_unit(u):
+    s = u / (C2 + u)
+    z = s * s
+    return (s + s) * (''' + _LOG1P_HORNER + ''')
 '''
 
 CUDA = '''
@@ -139,6 +169,11 @@ def exp(x):
 @KERNEL_FUNCTION
 def tanh(x):
     return math.tanh(x)
+
+
+@KERNEL_FUNCTION
+def log1p_unit(u):
+    return math.log1p(u)
 '''
 
 

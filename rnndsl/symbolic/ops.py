@@ -162,7 +162,7 @@ OPS: dict[str, Op] = {
                    lambda y, g: (mul(g, ir.apply("step", _x(y))),), body="C0 if x < C0 else x"),
     "softplus": _unary("softplus", _softplus,
                        lambda y, g: (mul(g, ir.apply("sigmoid", _x(y))),),
-                       body="maximum(x, C0) + math.log1p(exp(-abs(x)))"),
+                       body="maximum(x, C0) + log1p_unit(exp(-abs(x)))"),
     "hard_sigmoid": _unary("hard_sigmoid", _hard_sigmoid, lambda y, g: (mul(g, mul(
         const(HARD_SLOPE), ir.apply("step", sub(const(HARD_EDGE), ir.apply("abs", _x(y)))))),),
         body="minimum(maximum(HARD_SLOPE * x + C05, C0), C1)"),
