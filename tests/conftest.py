@@ -19,7 +19,8 @@ def pytest_addoption(parser):
     group.addoption("--long", action="store_true",
                     help="the long checks too: every spec in every CUDA time-loop mode and "
                          "graph test in the simulator, the float32 kernels of the matrix-memory "
-                         "cells (minutes of compiling each), more front-end fuzzing")
+                         "cells (minutes of compiling each: their tests and the NTM benchmark's), "
+                         "more front-end fuzzing")
 
 
 def pytest_configure(config):

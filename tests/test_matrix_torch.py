@@ -9,7 +9,7 @@ import pytest
 
 import rnndsl
 
-from engines import WEIGHTINGS, as_weightings
+from engines import WEIGHTINGS, as_weightings, long_checks
 
 torch = pytest.importorskip("torch")
 
@@ -233,6 +233,8 @@ def test_eager_ntm_loads_the_specs_parameters():
     assert relative(want.states["M"], final["M"].numpy()) < 1e-12
 
 
+@pytest.mark.skipif(not long_checks(), reason="compiles the NTM's float32 kernels (minutes): "
+                                              "run with --long")
 def test_the_ntm_benchmark_runs_at_a_tiny_size(capsys):
     """benchmarks/ntm_bench.py: its agreement check passes and it prints the machine and the
     ratio (the figures themselves are in the README)."""
