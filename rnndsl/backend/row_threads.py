@@ -25,7 +25,7 @@ from rnndsl.backend.packed import MICRO_MAX_ROWS
 MIN_ROWS = 4  # the micro-kernel's tile of rows: fewer a thread leave its registers idle
 
 _SETTING: list[int | None] = [None]
-_POOL: list[ThreadPoolExecutor | None] = [None]
+_POOL: list[tuple[int, ThreadPoolExecutor] | None] = [None]  # (its workers, the pool)
 _POOL_LOCK = threading.Lock()
 
 
@@ -66,12 +66,11 @@ def chunk_rows(chunks: list[tuple[int, int]]) -> int:
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _POOL_LOCK:
-        pool = _POOL[0]
-        if pool is None or pool._max_workers < workers:
-            if pool is not None:
-                pool.shutdown(wait=False)
-            pool = _POOL[0] = ThreadPoolExecutor(workers, thread_name_prefix="rnndsl-rows")
-        return pool
+        if _POOL[0] is None or _POOL[0][0] < workers:
+            if _POOL[0] is not None:
+                _POOL[0][1].shutdown(wait=False)  # its queued chunks still run
+            _POOL[0] = (workers, ThreadPoolExecutor(workers, thread_name_prefix="rnndsl-rows"))
+        return _POOL[0][1]
 
 
 def _forget_pool():

@@ -273,9 +273,10 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
     """Train as `config` says. `progress(step, record)` is called after every step (record is
     a log record on logging steps, else None). `save` writes a checkpoint every `save_every`
     steps (0: only at the end) and at the end; `resume` continues from one. `threads`: the
-    kernels' threads during the run, for BLAS and the time loops (None: leave them as they are). `held_out_log` also
-    evaluates the held-out batch at every log record (`record["held_out"]`), so runs can be
-    compared along the way (rnndsl sweep); its time counts in steps/s."""
+    kernels' threads during the run, for BLAS and the time loops (None: leave them as they
+    are). `held_out_log` also evaluates the held-out batch at every log record
+    (`record["held_out"]`), so runs can be compared along the way (rnndsl sweep); its time
+    counts in steps/s."""
     if save is not None:
         check_writable(save, "checkpoint")
     if not (isinstance(save_every, int) and save_every >= 0):
