@@ -182,8 +182,8 @@ if not ON_DEVICE:
     def test_cuda_kernels_in_simulator():
         """Runs this file again with NUMBA_ENABLE_CUDASIM=1 in a fresh interpreter."""
         env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                               __file__], env=env, capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p",
+                               "no:cacheprovider", __file__], env=env, capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
         assert re.search(r"\d+ passed", proc.stdout), proc.stdout[-2000:]
 

@@ -240,12 +240,14 @@ def seed_terms(names: Names, use, name: str, from_next: str, from_loss: str) -> 
 
 
 def cpu_module_head(header: str, names: Names, dtype: str, imports: str,
-                    fastmath: str = FASTMATH) -> list[str]:
+                    fastmath: str = FASTMATH, inline: bool = True) -> list[str]:
     """The opening of a generated CPU module: imports (and the emitter's own `imports`), the
-    dtype, the fastmath flags, the constants and the kernel functions."""
+    dtype, the fastmath flags, the constants and the kernel functions (`inline`: see
+    kernel_lib.kernel_functions)."""
     return [header, "import math", "", "import numpy as np", "from numba import njit", "",
             imports, "from rnndsl.backend.scratch import empty", "", f"DT = np.{dtype}",
-            f"FAST = {fastmath}", constant_lines(names, dtype), kernel_functions(dtype, "cpu")]
+            f"FAST = {fastmath}", constant_lines(names, dtype),
+            kernel_functions(dtype, "cpu", inline)]
 
 
 def element_code(n: Node, args: list[str]) -> str:

@@ -524,7 +524,8 @@ def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
                                                "from rnndsl.backend.emit_rows import "
                                                "checkpoint_every, deep_recursion\n"
                                                "from rnndsl.backend.row_threads import "
-                                               "row_chunks, run_rows", FASTMATH),
+                                               "row_chunks, run_rows", FASTMATH,
+                         inline=False),  # hundreds of call sites: see kernel_functions
         *kernels,
         _forward_glue(plan, names, fwd, save=True),
         _forward_glue(plan, names, inf, save=False),

@@ -2,7 +2,7 @@
 
 One library for both targets: the module that includes it defines the decorator
 `KERNEL_FUNCTION` first (`njit(inline="always", ...)` on the CPU, `cuda.jit(device=True)` on
-CUDA), and `C0`, `C1`, `C05`, `DT` (and `FAST` on the CPU). They are written into each
+CUDA; the row kernels of matrix-memory cells call the functions instead, see `kernel_functions`), and `C0`, `C1`, `C05`, `DT` (and `FAST` on the CPU). They are written into each
 generated module (not imported) so that their constants are of the module's dtype: a float32
 kernel must never promote to float64 through a literal.
 
@@ -26,15 +26,23 @@ from rnndsl.symbolic.ops import HARD_SLOPE, OPS
 
 DECORATORS = {
     "cpu": 'KERNEL_FUNCTION = njit(inline="always", fastmath=FAST, error_model="numpy")',
+    "cpu-called": 'KERNEL_FUNCTION = njit(fastmath=FAST, error_model="numpy")',
     "cuda": "KERNEL_FUNCTION = cuda.jit(device=True)",
 }
 TARGETS = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
 
 
-def kernel_functions(dtype: str, target: str = "cpu") -> str:
-    """The library's text for a module of `dtype` ("float32" | "float64") and `target`."""
-    return "\n".join([DECORATORS[target], f"HARD_SLOPE = DT({HARD_SLOPE})",
+def kernel_functions(dtype: str, target: str = "cpu", inline: bool = True) -> str:
+    """The library's text for a module of `dtype` ("float32" | "float64") and `target`.
+
+    `inline=False` (CPU only) leaves inlining to LLVM. Numba's own inlining analyses the whole
+    caller again at each call site, which grows with the caller's length: the NTM's float64
+    row kernels took 150 s to compile with it and 92 s without, and ran as fast (LLVM inlines
+    these functions all the same). The short fused loops of emit_cpu keep Numba's inlining,
+    which their vectorisation needs (without it the GRU's backward at S was 35% slower)."""
+    decorator = DECORATORS["cpu-called" if target == "cpu" and not inline else target]
+    return "\n".join([decorator, f"HARD_SLOPE = DT({HARD_SLOPE})",
                       _transcendental(dtype, target), _bodies()])
 
 
