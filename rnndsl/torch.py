@@ -38,7 +38,7 @@ import json
 import numbers
 import re
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnndsl import compiler
-from rnndsl.backend.blas import blas_threads
+from rnndsl.backend.blas import blas_threads, gemm_through
 from rnndsl.engines.cell import Cell
 from rnndsl.engines.tree import TreeBatch, TreeCell
 
@@ -118,17 +118,21 @@ def set_kernel_threads(n: int | None) -> None:
 @contextmanager
 def _kernel_threads():
     wanted = _KERNEL_THREADS[0]
-    if wanted is None and torch.get_num_threads() > 1:
+    to_torch = wanted is None and torch.get_num_threads() > 1
+    if to_torch:
         wanted = 1
     before = blas_threads() if wanted is not None else None
-    if before is None or before == wanted:
+    with ExitStack() as stack:
+        if to_torch:  # the GEMMs outside the time loops on torch's pool, already running
+            stack.enter_context(gemm_through(_torch_gemm))
+        if before is not None and before != wanted:
+            blas_threads(wanted)
+            stack.callback(blas_threads, before)
         yield
-        return
-    blas_threads(wanted)
-    try:
-        yield
-    finally:
-        blas_threads(before)
+
+
+def _torch_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 # -- tensors <-> the engines' arrays ------------------------------------------------------------

@@ -159,29 +159,58 @@ def test_meta_device_is_refused_clearly():
         RNN("lstm", I, H, device="meta")(torch.zeros(T, B, I))
 
 
-def test_kernels_use_one_blas_thread_while_torch_has_a_pool(monkeypatch):
+def test_kernels_use_one_blas_thread_and_torch_s_gemm_while_torch_has_a_pool(monkeypatch):
+    """While torch has a pool, the op's GEMMs outside the time loop go to torch.mm (its pool is
+    the one already running) and the kernels' own BLAS has one thread; set_kernel_threads(n)
+    gives the kernels' BLAS n threads and all the GEMMs. Either way the results are the same."""
     if blas_threads() is None:
         pytest.skip("SciPy links a BLAS whose threads cannot be told")
     mine = RNN("elman", I, H)
     cell = rt._cell(mine.key)  # the instance the op runs
-    seen = []
-    real = cell.forward
+    seen, products = [], []
+    real, real_gemm = cell.forward, rt._torch_gemm
 
     def spy(*args, **kwargs):
         seen.append(blas_threads())
         return real(*args, **kwargs)
 
+    def counted(a, b):
+        products.append(a.shape)
+        return real_gemm(a, b)
+
     monkeypatch.setattr(cell, "forward", spy)
+    monkeypatch.setattr(rt, "_torch_gemm", counted)
+    x = torch.randn(T, B, I)
     before, torch_threads = blas_threads(), torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        mine(torch.randn(T, B, I))
+        through_torch = mine(x)[0]
+        assert products and all(len(shape) == 2 for shape in products)
         rt.set_kernel_threads(3)
-        mine(torch.randn(T, B, I))
+        products.clear()
+        through_blas = mine(x)[0]
+        assert not products
     finally:
         rt.set_kernel_threads(None)
         torch.set_num_threads(torch_threads)
     assert seen == [1, 3] and blas_threads() == before
+    torch.testing.assert_close(through_torch, through_blas, rtol=1e-6, atol=1e-6)
+
+
+def test_gemm_through_is_per_thread_and_undone():
+    import threading
+
+    from rnndsl.backend.blas import gemm, gemm_through
+
+    a, b = np.arange(6.0).reshape(2, 3), np.arange(12.0).reshape(3, 4)
+    elsewhere = []
+    with gemm_through(lambda x, y: np.zeros((x.shape[0], y.shape[1]))):
+        assert not gemm(a, b).any()
+        worker = threading.Thread(target=lambda: elsewhere.append(gemm(a, b)))
+        worker.start()
+        worker.join()
+    np.testing.assert_array_equal(elsewhere[0], a @ b)
+    np.testing.assert_array_equal(gemm(a, b), a @ b)
 
 
 @pytest.fixture(scope="module")

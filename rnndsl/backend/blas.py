@@ -6,14 +6,38 @@ compete for the cores, and on this project's 2-core machine a NumPy GEMM right a
 ran 6x slower. So the generated glue, the layers and the heads multiply through `gemm`, and
 only one pool exists.
 """
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 from numba import njit
 
 
 @njit(cache=True)
-def gemm(a, b):
-    """a @ b for 2-D arrays of one dtype (C- or Fortran-contiguous, such as a transpose)."""
+def _blas_gemm(a, b):
     return np.dot(a, b)
+
+
+_ROUTE = threading.local()  # .gemm: a function that takes this thread's products, or absent
+
+
+def gemm(a, b):
+    """a @ b for 2-D arrays of one dtype (C- or Fortran-contiguous, such as a transpose), through
+    the BLAS, or through what `gemm_through` installed on this thread."""
+    route = getattr(_ROUTE, "gemm", None)
+    return _blas_gemm(a, b) if route is None else route(a, b)
+
+
+@contextmanager
+def gemm_through(product):
+    """Within the block, this thread's `gemm`s call `product(a, b)` instead (the PyTorch bridge
+    hands them to torch, whose thread pool is the one already running)."""
+    before = getattr(_ROUTE, "gemm", None)
+    _ROUTE.gemm = product
+    try:
+        yield
+    finally:
+        _ROUTE.gemm = before
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
