@@ -30,6 +30,20 @@ def test_every_rank2_operator_matches_the_reference(name):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("first_size, step", [(3, 2), (9, -2)], ids=["tall", "wide"])
+def test_parameter_products_either_way_match_the_reference(first_size, step):
+    """W @ v of a parameter runs down the columns of W's transpose where W has at least as
+    many rows as columns, and along W's rows where fewer (emit_rows._product): sizes input,
+    key, value ascending make every parameter tall, descending wide."""
+    name = "M @ v"
+    cpu, ref = rnndsl.compile(text(name)), rnndsl.compile(text(name), target="reference")
+    with nan_scratch():
+        diffs = differences(cpu, ref, 4, 3, [4, 1, 0], np.float64, seed=5,
+                            problem_args=(first_size, step))
+    bad = {k: v for k, v in diffs.items() if not v < 1e-10}
+    assert not bad, bad
+
+
 def test_every_structural_operator_has_row_kernel_code():
     """An operator added to ops.py needs its entry here (or elementwise kernel code)."""
     missing = [op for op, rec in OPS.items() if rec.structural and op not in emit_rows.ROW_CODE

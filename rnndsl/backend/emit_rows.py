@@ -240,8 +240,28 @@ def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
     """M @ v: the sum along each row of M times v; M.T @ u: down the rows, times u."""
     m, v = n.args
     along = ("i",) if transpose else ("j",)
-    _matrix_sum(k, n, code, 0 if transpose else 1,
-                lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}")
+    if transpose or m.op != "param":
+        _matrix_sum(k, n, code, 0 if transpose else 1,
+                    lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}")
+        return
+    # A parameter with more rows than columns (the NTM's controller: 100 x 9, 20, 100): each
+    # row's sum ends in a sum across the vector lanes, which costs more than the row's few
+    # products; so v's elements scale the rows of the parameter's transpose (made once a pass,
+    # by the glue) into the output, lanes along the output. Measured at 100 x 9, 20, 100,
+    # float32: 2.9x, 2.6x, 1.7x as fast; at 20 x 100 the sums along rows stay 2.6x faster.
+    out, rows, cols = k.var(n), k.size(m.shape[0]), k.size(m.shape[1])
+    square = rows == cols
+    with _nest(code, [] if square else [f"if {rows} >= {cols}:"]):
+        with code.block(f"for i in range({rows}):"):
+            code(f"{out}[i] = C0")
+        with code.block(f"for j in range({cols}):"):
+            code(f"{out}_v = {k.elem(v, ('j',))}")
+            with code.block(f"for i in range({rows}):"):
+                code(f"{out}[i] += {k.transposed(m)}[j, i] * {out}_v")
+    if not square:
+        with code.block("else:"):
+            _matrix_sum(k, n, code, 1,
+                        lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}")
 
 
 def _rolled(k: "_RowKernel", size: str, i: str, offset: int) -> str:
@@ -306,6 +326,7 @@ class _RowKernel:
         self.plan, self.names, self.kind, self.save = plan, names, kind, save
         self.arrays: set[str] = set()
         self.scratch: dict[str, str] = {}  # array -> its sizes as code, "n0, n1"
+        self.transposes: dict[str, str] = {}  # a parameter's transpose -> the parameter
         self.sizes_used: set[str] = set()
         self.matrix = {s: f"m{k}" for k, s in enumerate(plan.step.states)
                        if s in plan.matrix_states}
@@ -323,6 +344,12 @@ class _RowKernel:
     def use(self, array: str) -> str:
         self.arrays.add(array)
         return array
+
+    def transposed(self, param: Node) -> str:
+        """The C-contiguous transpose of a matrix parameter, which the glue makes."""
+        name = "t" + self.names.param[param.attr]
+        self.transposes[name] = self.names.param[param.attr]
+        return self.use(name)
 
     def size(self, s: str) -> str:
         return self.names.size[s]
@@ -547,8 +574,11 @@ def _opening(plan: RowPlan, names: Names, signature: str) -> Code:
 
 
 def _scratch(L: Code, k: _RowKernel):
+    """The kernel's arrays besides the pass's own: per-chunk scratch, parameters' transposes."""
     for name, shape in sorted(k.scratch.items()):
         L(f"{name} = empty((len(chunks), {shape}), DT)")
+    for name, param in sorted(k.transposes.items()):
+        L(f"{name} = np.ascontiguousarray({param}.T)")
 
 
 def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str:
