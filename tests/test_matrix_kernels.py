@@ -32,9 +32,10 @@ def test_every_rank2_operator_matches_the_reference(name):
 
 @pytest.mark.parametrize("first_size, step", [(3, 2), (9, -2)], ids=["tall", "wide"])
 def test_parameter_products_either_way_match_the_reference(first_size, step):
-    """W @ v of a parameter runs down the columns of W's transpose where W has at least as
-    many rows as columns, and along W's rows where fewer (emit_rows._product): sizes input,
-    key, value ascending make every parameter tall, descending wide."""
+    """A product with a parameter (W @ v forward, W.T @ g in backward) runs its lanes along
+    the output or along the sums, whichever is longer, one of the two on W's transpose
+    (emit_rows._product): sizes input, key, value ascending make every parameter tall,
+    descending wide, so that each product takes the other form in each pass."""
     name = "M @ v"
     cpu, ref = rnndsl.compile(text(name)), rnndsl.compile(text(name), target="reference")
     with nan_scratch():
