@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from rnndsl.backend.emit_common import FASTMATH
 from rnndsl.backend.kernel_lib import kernel_functions
 from rnndsl.backend.loader import load_module
 
@@ -13,7 +14,7 @@ def functions(request):
     dtype = request.param
     source = "\n".join([
         "import math", "import numpy as np", "from numba import njit", f"DT = np.{dtype}",
-        'FAST = {"nsz", "arcp", "contract", "afn"}', "C0, C1, C05 = DT(0), DT(1), DT(0.5)",
+        f"FAST = {FASTMATH}", "C0, C1, C05 = DT(0), DT(1), DT(0.5)",  # the kernels' flags
         kernel_functions(dtype, "cpu"),
         "@njit(fastmath=FAST, error_model='numpy')",
         "def apply(kind, x, out):",

@@ -97,8 +97,16 @@ SPECIAL = [np.nan, np.inf, -np.inf, 0.0, -2.0, 3.0, 705.0, 88.5, 89.0, -100.0, -
 @pytest.mark.parametrize("expr", ["relu(x)", "exp(x)", "max(x, 0.5)", "min(x, -0.5)",
                                   "hard_sigmoid(x)", "softplus(x)", "sigmoid(x)", "tanh(x)",
                                   "abs(x)", "x * max(x)", "softmax(x)"])
-def test_special_values_as_numpy(expr, dtype):
-    text = spec(inputs="x: n", states="h: n", sizes="n", equations=f"h = {expr} + 0 * h_prev")
+@pytest.mark.parametrize("kernels", ["vector", "row"])
+def test_special_values_as_numpy(expr, dtype, kernels):
+    """Both CPU emitters: a matrix state makes the cell run on the row kernels (emit_rows.py),
+    whose fastmath flags differ from the vector kernels' (they allow reassociation)."""
+    if kernels == "vector":
+        text = spec(inputs="x: n", states="h: n", sizes="n",
+                    equations=f"h = {expr} + 0 * h_prev")
+    else:
+        text = spec(inputs="x: n", states="h: n, M: [n, n]", sizes="n",
+                    equations=f"h = {expr} + 0 * h_prev\nM = M_prev")
     x = np.array(SPECIAL, dtype).reshape(1, 1, -1)
     with np.errstate(all="ignore"):
         got = rnndsl.compile(text).forward({}, x).states["h"]

@@ -26,7 +26,12 @@ from rnndsl.symbolic.ops import HARD_SLOPE, OPS
 
 DECORATORS = {
     "cpu": 'KERNEL_FUNCTION = njit(inline="always", fastmath=FAST, error_model="numpy")',
-    "cpu-called": 'KERNEL_FUNCTION = njit(fastmath=FAST, error_model="numpy")',
+    # The row kernels' own flags allow reassociation (for their sums); these functions are
+    # called, not inlined by Numba, so they keep flags without it (LLVM inlines them with their
+    # own flags): reassociated, exp's 2**k in two factors overflowed where NumPy's result does
+    # not (exp(88.5) in float32 gave inf, not 2.7e38).
+    "cpu-called": 'KERNEL_FUNCTION = njit(fastmath={"nsz", "arcp", "contract", "afn"}, '
+                  'error_model="numpy")',
     "cuda": "KERNEL_FUNCTION = cuda.jit(device=True)",
 }
 TARGETS = ("cpu", "cuda")
