@@ -2,9 +2,10 @@
 
 One library for both targets: the module that includes it defines the decorator
 `KERNEL_FUNCTION` first (`njit(inline="always", ...)` on the CPU, `cuda.jit(device=True)` on
-CUDA; the row kernels of matrix-memory cells call the functions instead, see `kernel_functions`), and `C0`, `C1`, `C05`, `DT` (and `FAST` on the CPU). They are written into each
-generated module (not imported) so that their constants are of the module's dtype: a float32
-kernel must never promote to float64 through a literal.
+CUDA; the row kernels of matrix-memory cells call the functions instead, see
+`kernel_functions`), and `C0`, `C1`, `C05`, `DT` (and `FAST` on the CPU). They are written
+into each generated module (not imported) so that their constants are of the module's dtype:
+a float32 kernel must never promote to float64 through a literal.
 
 Semantics are NumPy's, special values included (the reference engine is NumPy): NaN
 propagates through relu, min, max, sign, hard_sigmoid and row maxima; exp overflows to inf and
