@@ -13,11 +13,8 @@ from rnndsl.language.errors import SpecError
 from rnndsl.language.spec import state_shape
 from rnndsl.symbolic.ir import Node
 from rnndsl.symbolic.ops import OPS
-from rnndsl.backend.kernel_lib import kernel_functions
+from rnndsl.backend.kernel_lib import FASTMATH, kernel_functions
 from rnndsl.backend.schedule import Plan, Program, ReadKind, Store, StoreKind
-
-
-FASTMATH = '{"nsz", "arcp", "contract", "afn"}'
 
 
 class Code:

@@ -34,6 +34,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+from rnndsl.backend.kernel_lib import FASTMATH as BASE_FASTMATH
 from rnndsl.backend.emit_common import Code, Names, as_tuple, cpu_module_head, element_code, \
     function, seed_terms, unpack
 from rnndsl.language.errors import SpecError, UserError
@@ -47,7 +48,7 @@ TAPE_BUDGET_ENV = "RNNDSL_TAPE_BUDGET"
 DEFAULT_TAPE_BUDGET = 1 << 30  # bytes of kept matrix states
 # The row kernels' sums (M @ v along a row) vectorise only if they may be reassociated: the
 # rounding then differs from the reference's in the last bits, not from run to run.
-FASTMATH = '{"nsz", "arcp", "contract", "afn", "reassoc"}'
+FASTMATH = BASE_FASTMATH[:-1] + ', "reassoc"}'
 
 
 # Numba's SSA pass recurses once per basic block along the dominator tree; a long cell (the

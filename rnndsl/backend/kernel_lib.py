@@ -25,14 +25,16 @@ exp and tanh are the device's own.
 """
 from rnndsl.symbolic.ops import HARD_SLOPE, OPS
 
+# The CPU kernels' fastmath flags (emit_common; the row kernels add reassociation).
+FASTMATH = '{"nsz", "arcp", "contract", "afn"}'
+
 DECORATORS = {
     "cpu": 'KERNEL_FUNCTION = njit(inline="always", fastmath=FAST, error_model="numpy")',
     # The row kernels' own flags allow reassociation (for their sums); these functions are
     # called, not inlined by Numba, so they keep flags without it (LLVM inlines them with their
     # own flags): reassociated, exp's 2**k in two factors overflowed where NumPy's result does
     # not (exp(88.5) in float32 gave inf, not 2.7e38).
-    "cpu-called": 'KERNEL_FUNCTION = njit(fastmath={"nsz", "arcp", "contract", "afn"}, '
-                  'error_model="numpy")',
+    "cpu-called": f'KERNEL_FUNCTION = njit(fastmath={FASTMATH}, error_model="numpy")',
     "cuda": "KERNEL_FUNCTION = cuda.jit(device=True)",
 }
 TARGETS = ("cpu", "cuda")
