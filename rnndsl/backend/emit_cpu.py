@@ -45,7 +45,8 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
                          "from rnndsl.backend.blas import gemm\n"
                          "from rnndsl.backend.packed import (block_dot, block_product, pack, "
                          "pack_blocks,\n    packed_dot, packed_width, stacked_weight_grads)\n"
-                         "from rnndsl.backend.row_threads import chunk_rows, row_chunks, run_rows"),
+                         "from rnndsl.backend.row_threads import chunk_rows, row_chunks, run_rows\n"
+                         "from rnndsl.backend.simd import row_max, row_sum"),
         *kernels,
         *glue,
     ])
@@ -104,14 +105,12 @@ class _LoopKernel(KernelWriter):
                 code(f"{self.var(step.node)} = {self.expr(step.node, here)}", *self.spill(step.node))
             code(*(self.store(s, self.ref(s.node, here)) for s in stores))
             return
-        inits, body, after = [], [], []  # a reduction is final only after the loop
+        body, after = [], []
         writes = []  # (value, how to write a value) of every vector result
+        reductions = []  # row sums and maxima: final only after the loop
         for n in step.nodes:
             if n.op in REDUCTIONS:
-                inits.append(f"{self.var(n)} = {'C0' if n.op == 'rsum' else 'CNEG'}")
-                arg = self.ref(n.args[0], here)
-                body.append(f"{self.var(n)} += {arg}" if n.op == "rsum"
-                            else f"{self.var(n)} = maximum({self.var(n)}, {arg})")
+                reductions.append(n)
                 after += self.spill(n)
                 continue
             body.append(f"{self.var(n)} = {self.expr(n, here)}")
@@ -122,22 +121,29 @@ class _LoopKernel(KernelWriter):
                 writes.append((self.ref(s.node, here), lambda v, s=s: self.store(s, v)))
             else:
                 after.append(self.store(s, self.ref(s.node, here)))
-        loop = f"for j in range({self.names.size[step.size]}):"
-        code(*inits)
-        if len(writes) <= 1:
+        size = self.names.size[step.size]
+        loop = f"for j in range({size}):"
+        if len(writes) <= 1 and not reductions:
             with code.block(loop):
                 code(*body, *(write(value) for value, write in writes))
-        else:
-            # LLVM vectorises the fused loop only if it can prove its stores independent:
-            # so it fills one row buffer whose blocks lie a constant ROW apart, and simple
-            # loops copy the blocks to where they belong.
-            self.row_width = max(self.row_width, len(writes))
+            code(*after)
+            return
+        # LLVM vectorises the fused loop only if it can prove its stores independent and
+        # has no reduction to reorder: so it fills one row buffer whose blocks lie a constant
+        # ROW apart (its results, then the terms of its reductions), simple loops copy the
+        # results to where they belong, and simd.py sums the terms in a fixed order.
+        terms = [self.ref(n.args[0], here) for n in reductions]
+        blocks = [value for value, _ in writes] + terms
+        self.row_width = max(self.row_width, len(blocks))
+        with code.block(loop):
+            code(*body, *(f"{self.use('row')}[{k * ROW} + j] = {value}"
+                          for k, value in enumerate(blocks)))
+        for k, (_, write) in enumerate(writes):
             with code.block(loop):
-                code(*body, *(f"{self.use('row')}[{k * ROW} + j] = {value}"
-                              for k, (value, _) in enumerate(writes)))
-            for k, (_, write) in enumerate(writes):
-                with code.block(loop):
-                    code(write(f"row[{k * ROW} + j]"))
+                code(write(f"row[{k * ROW} + j]"))
+        for k, n in enumerate(reductions, len(writes)):
+            reduce, first = ("row_sum", "C0") if n.op == "rsum" else ("row_max", "CNEG")
+            code(f"{self.var(n)} = {reduce}(row, {k * ROW}, {size}, {first})")
         code(*after)
 
     def _dot(self, weights) -> str:

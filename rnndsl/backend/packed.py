@@ -17,7 +17,7 @@ writes all P * PANEL columns of `out`; callers read only the first N. The micro-
 tile of 4 rows by 2 vectors of accumulators in registers for the whole K loop: per k, two
 vector loads of the panel, four broadcasts of h, eight fused multiply-adds. Rows beyond a
 multiple of 4 go one at a time. A vector is as wide as the machine's widest (512 bits with
-AVX-512, 256 with AVX, else 128), written as LLVM vector values through the intrinsics below,
+AVX-512, 256 with AVX, else 128), written as LLVM vector values through simd.py's intrinsics,
 since neither Numba nor LLVM's vectorisers keep a loop's accumulators in registers on their
 own (written as scalars, LLVM vectorised the K loop with gathers or not at all: 5-12 GFLOP/s).
 
@@ -32,31 +32,12 @@ that and 16 rows, where the micro-kernel won by almost 2x; 32 itself was not mea
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import binding as llvm_binding
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils, config
-from numba.extending import intrinsic, models, register_model
+from numba import njit
 
 from rnndsl.backend.blas import gemm
+from rnndsl.backend.simd import VECTOR_BITS, lanes, vadd, vfma, vload, vsplat, vstore
 
 MICRO_MAX_ROWS = 32
-
-
-def _vector_bits() -> int:
-    """The width of the vectors Numba's target machine has (its features, as Numba sees them)."""
-    features = config.CPU_FEATURES
-    if features is None:
-        features = llvm_binding.get_host_cpu_features().flatten()
-    on = {f[1:] for f in features.split(",") if f.startswith("+")}
-    return 512 if "avx512f" in on else 256 if "avx" in on else 128
-
-
-VECTOR_BITS = _vector_bits()
-
-
-def lanes(dtype) -> int:
-    return VECTOR_BITS // (8 * np.dtype(dtype).itemsize)
 
 
 def panel_width(dtype) -> int:
@@ -195,82 +176,6 @@ def stacked_weight_grads(g: np.ndarray, v: np.ndarray, parts) -> list[np.ndarray
     return out
 
 
-# -- SIMD vectors in Numba --------------------------------------------------------------------
-class Vector(types.Type):
-    """An LLVM vector of VECTOR_BITS of one float dtype, a value kept in a register."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-        self.lanes = VECTOR_BITS // dtype.bitwidth
-        super().__init__(name=f"vector{self.lanes}x{dtype}")
-
-
-@register_model(Vector)
-class _VectorModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        element = ir.FloatType() if fe_type.dtype == types.float32 else ir.DoubleType()
-        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.lanes))
-
-
-def _element_pointer(context, builder, array_type, array, index, vector_type):
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
-
-
-@intrinsic
-def vload(typingctx, array, index):
-    """The vector at array.flat[index:index + lanes] (a C-contiguous array)."""
-    vector = Vector(array.dtype)
-
-    def codegen(context, builder, sig, args):
-        ty = context.get_value_type(vector)
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], ty)
-        return builder.load(ptr, align=array.dtype.bitwidth // 8)
-    return vector(array, index), codegen
-
-
-@intrinsic
-def vstore(typingctx, array, index, value):
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1], args[2].type)
-        builder.store(args[2], ptr, align=array.dtype.bitwidth // 8)
-        return context.get_dummy_value()
-    return types.none(array, index, value), codegen
-
-
-@intrinsic
-def vsplat(typingctx, x):
-    """A vector of x in every lane."""
-    vector = Vector(x)
-
-    def codegen(context, builder, sig, args):
-        ty = context.get_value_type(vector)
-        one = builder.insert_element(ir.Constant(ty, ir.Undefined), args[0],
-                                     ir.Constant(ir.IntType(32), 0))
-        zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector.lanes), [0] * vector.lanes)
-        return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined), zeros)
-    return vector(x), codegen
-
-
-@intrinsic
-def vfma(typingctx, a, b, c):
-    """a * b + c, one rounding (llvm.fma)."""
-    def codegen(context, builder, sig, args):
-        ty = args[0].type
-        bits = 32 if isinstance(ty.element, ir.FloatType) else 64
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3),
-                                             f"llvm.fma.v{ty.count}f{bits}")
-        return builder.call(fma, args)
-    return a(a, b, c), codegen
-
-
-@intrinsic
-def _vadd(typingctx, a, b):
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-    return a(a, b), codegen
-
-
 # -- the product ------------------------------------------------------------------------------
 @njit(cache=True, error_model="numpy", boundscheck=False)
 def packed_dot(h, w, out):
@@ -338,8 +243,8 @@ def _panel_product(flat_h, k_size, rows, flat_w, base, width, depth, index, flat
             x = vsplat(flat_h[b * k_size + col])
             a0 = vfma(x, vload(flat_w, base + k * width), a0)
             a1 = vfma(x, vload(flat_w, base + k * width + step), a1)
-        vstore(flat_out, b * n + at, _vadd(a0, c0))
-        vstore(flat_out, b * n + at + step, _vadd(a1, c1))
+        vstore(flat_out, b * n + at, vadd(a0, c0))
+        vstore(flat_out, b * n + at + step, vadd(a1, c1))
 
 
 @njit(cache=True, error_model="numpy", boundscheck=False)
