@@ -229,7 +229,7 @@ def test_the_cuda_target_runs_matrix_values_one_row_at_a_time():
     cell = rnndsl.compile("delta_net", target="cuda")
     assert isinstance(cell.plan, emit_rows.RowPlan) and cell.engine.rows
     code = cell.engine.source_code("float64")
-    assert "@cuda.jit\ndef forward_rows(T, B, " in code and "b = cuda.grid(1)" in code
+    assert "@cuda.jit(cache=True)\ndef forward_rows(T, B, " in code and "b = cuda.grid(1)" in code
 
 
 def test_a_matrix_inside_an_equation_runs_one_row_at_a_time_too():

@@ -344,7 +344,9 @@ class _RowKernel:
     `backward` (which recomputes the matrix states between kept copies). On the cpu target an
     @njit function over a chunk of rows [b0, b1); on cuda a `@cuda.jit` kernel of one thread
     per row b (`cuda.grid(1)`), whose private arrays (`private`) are (B, ...), the thread's
-    own row of each taken as a view. The step code is the same on both."""
+    own row of each taken as a view. The step code is the same on both. Both keep compiled
+    kernels in Numba's file cache: compiled for sm_90, mlstm's backward took 62 s and the
+    NTM's 419 s (its PTX 36 MB)."""
 
     def __init__(self, plan: RowPlan, names: Names, kind: str, save: bool = False,
                  target: str = "cpu"):
@@ -609,7 +611,7 @@ class _RowKernel:
             head = ['@njit(cache=True, fastmath=FAST, error_model="numpy", nogil=True)',
                     f"def {self.kind}_rows({', '.join(self.args())}):"]
             return "\n".join(head + floats + self.body) + "\n"
-        head = ["@cuda.jit", f"def {self.kind}_rows({', '.join(self.args())}):",
+        head = ["@cuda.jit(cache=True)", f"def {self.kind}_rows({', '.join(self.args())}):",
                 "    b = cuda.grid(1)", "    if b >= B:", "        return",
                 *(f"    {a} = {_ALL_ROWS}{a}[b]" for a in self.private())]
         return "\n".join(head + floats + self.body) + "\n"
