@@ -1,10 +1,13 @@
-"""Stages 6 and 7 for cells with values of rank 2 (target cpu): a plan, and the text of a
-Python module of Numba kernels that run one batch row at a time.
+"""Stages 6 and 7 for cells with values of rank 2 (targets cpu and cuda): a plan, and the
+text of a Python module of Numba kernels that run one batch row at a time.
 
 A cell whose state is a matrix (fast weights, the delta rule's W) has no GEMM over the batch
 inside its step: every batch row has a matrix of its own. So the kernels loop over batch rows
 outside and over time inside; one row's whole sequence runs in compiled code, its matrices in
-scratch arrays of one row. A step computes its values in the IR's order:
+scratch arrays of one row. On the cpu a kernel runs a chunk of rows, a thread per chunk
+(row_threads.run_rows); on cuda one GPU thread runs one row, with the same step code
+(`_RowKernel`) and the same glue on device arrays (`_DeviceArrays`). A step computes its values
+in the IR's order:
 * a per-row scalar is a local variable (reductions are loops);
 * a vector or matrix read by exactly one consumer that reads each of its elements once (an
   elementwise op, a sum, the matrix of `M @ v`) is computed in place inside that consumer's
@@ -344,9 +347,8 @@ class _RowKernel:
     `backward` (which recomputes the matrix states between kept copies). On the cpu target an
     @njit function over a chunk of rows [b0, b1); on cuda a `@cuda.jit` kernel of one thread
     per row b (`cuda.grid(1)`), whose private arrays (`private`) are (B, ...), the thread's
-    own row of each taken as a view. The step code is the same on both. Both keep compiled
-    kernels in Numba's file cache: compiled for sm_90, mlstm's backward took 62 s and the
-    NTM's 419 s (its PTX 36 MB)."""
+    own row of each taken as a view. The step code is the same on both. Both ask for Numba's
+    file cache: compiled for sm_90, mlstm's backward kernel took 62 s and the NTM's 419 s."""
 
     def __init__(self, plan: RowPlan, names: Names, kind: str, save: bool = False,
                  target: str = "cpu"):
