@@ -548,6 +548,14 @@ def test_cuda_row_kernels_recompute_matrix_states_to_the_same_gradients(name):
 
 
 @device
+def test_cuda_row_kernels_in_float32():
+    """The float32 module of a matrix cell (its constants, arrays and GEMMs in float32)."""
+    cell = rnndsl.compile("delta_net", target="cuda")
+    compare(cell, rnndsl.compile("delta_net", target="reference"), 3, 2, [3, 1], np.float32,
+            1e-5)
+
+
+@device
 def test_cuda_row_kernels_take_and_give_device_arrays():
     """Device arrays in give device arrays out, equal to a run on host arrays; and inference
     (save=False, the infer kernel) gives the same outputs."""
