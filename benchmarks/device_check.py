@@ -12,14 +12,22 @@ go to OUT (default $OUT, else ./device_out): one file per part and summary.json.
    uncaptured, captured, replayed; the key says how the last run went), and the PyTorch bridge
    on CUDA tensors against cuDNN in float32 (2-layer bidirectional LSTM and GRU, packed
    lengths): `equality.json`;
-2. `tests/test_cuda.py` (with RNNDSL_TEST_GPU=1) and `tests/test_torch_cuda.py` on the GPU:
+2. cells with matrix values (one GPU thread per batch row) against the CPU target in float64
+   at modest sizes (T=30, B=40: two blocks of rows; sizes 8 to 16), each with every matrix
+   state kept and with a tape budget of 0 (the least memory at these sizes keeps step 0's
+   alone, and backward recomputes the rest): `rows.json`. delta_net and fast_weights, whose
+   kernels compile in seconds (the CPU's meanwhile, in processes of their own); mlstm's and
+   the NTM's CUDA kernels take minutes to compile (their backward 62 s and 419 s for sm_90
+   here), past this part's limit: `pytest --long` with RNNDSL_TEST_GPU=1 runs them;
+3. `tests/test_cuda.py` (with RNNDSL_TEST_GPU=1) and `tests/test_torch_cuda.py` on the GPU:
    `pytest.txt`;
-3. `benchmarks/cuda_bench.py --json` at T1 and M, medians of 3 (`--quick`: lstm and gru
+4. `benchmarks/cuda_bench.py --json` at T1 and M, medians of 3 (`--quick`: lstm and gru
    only): `bench.txt` (the README's GPU table; rows as they come, so a part cut short keeps
    them).
 
-`--simulate` runs part 1 at tiny sizes in Numba's CUDA simulator, on the CPU: a dry run of
-the script where there is no GPU (the multi-block kernel on a simulated device of 3
+`--simulate` runs parts 1 and 2 at tiny sizes in Numba's CUDA simulator, on the CPU (part 2
+on delta_net alone): a dry run of the
+script where there is no GPU (the multi-block kernel on a simulated device of 3
 multiprocessors whose blocks run concurrently, tests/cudasim_grid.py).
 """
 from __future__ import annotations
@@ -28,13 +36,15 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMITS = {"equality": 90, "pytest": 90, "bench": 120}  # seconds per part: 5 minutes in all
+# seconds per part: 5 minutes in all
+LIMITS = {"equality": 90, "rows": 45, "pytest": 90, "bench": 75}
 
 
 def equality(simulate: bool, record) -> dict:
@@ -86,6 +96,54 @@ def _time_loops_vs_cpu(size: str, dims: tuple, out: dict, record):
                 continue
             out[f"{spec} {size} {mode}"] = max(diffs.values())
             record(out)
+
+
+def rows(simulate: bool, record) -> dict:
+    """Max relative differences of the matrix cells on CUDA from the CPU target, float64,
+    each handed to `record(results)` as it comes. The CPU kernels compile meanwhile in
+    processes of their own, into the kernel cache that the comparisons then load."""
+    import numpy as np
+
+    import rnndsl
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from engines import differences
+
+    specs = ("delta_net",) if simulate else ("delta_net", "fast_weights")
+    me = [sys.executable, str(Path(__file__).resolve())]
+    compiling = {spec: subprocess.Popen(me + ["--compile-cpu", spec], cwd=ROOT) for spec in specs}
+    T, B, first, step = (3, 2, 2, 1) if simulate else (30, 40, 8, 4)
+    lengths = [T] + [max(0, T - 3 * k) for k in range(1, B)]
+    out = {}
+    try:
+        for spec in specs:
+            cells = {budget: rnndsl.compile(spec, target="cuda", tape_budget=budget)
+                     for budget in (None, 0)}
+            run_once(cells[None])  # its kernels compile while the CPU's compile elsewhere
+            compiling[spec].wait()
+            cpu = rnndsl.compile(spec)
+            for budget, cuda in cells.items():
+                diffs = differences(cuda, cpu, T, B, lengths, np.float64, seed=1,
+                                    problem_args=(first, step))
+                kept = "every step kept" if budget is None else "recomputed (tape budget 0)"
+                out[f"{spec} T={T} B={B} {kept}"] = max(diffs.values())
+                record(out)
+    finally:
+        for process in compiling.values():
+            process.kill()
+    return out
+
+
+def run_once(cell):
+    """One forward and backward pass at the least sizes: the cell's kernels compile."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from engines import problem
+
+    params, xs, state0 = problem(cell, 1, 1, seed=0, first_size=2, step=1)
+    fwd = cell.forward(params, xs, state0)
+    cell.backward(params, fwd, {o: np.ones(v.shape) for o, v in fwd.outputs.items()})
 
 
 def _graphs_vs_uncaptured(size: str, dims: tuple) -> dict:
@@ -154,17 +212,19 @@ def _bridge_vs_cudnn() -> dict:
 
 
 def run_part(name: str, command: list[str], out: Path, env: dict) -> dict:
+    """Run one part in a session of its own: past its time limit, the part and every process
+    it started (part 2's CPU compiles) are killed, so none runs on into the next part."""
     start = time.time()
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=LIMITS[name])
-        status = "ok" if done.returncode == 0 else f"exit {done.returncode}"
-        text = done.stdout + done.stderr
-    except subprocess.TimeoutExpired as exc:
-        status = f"timed out after {LIMITS[name]} s"
-        text = (exc.stdout or b"").decode(errors="replace") + \
-            (exc.stderr or b"").decode(errors="replace")
-    (out / f"{name}.txt").write_text(text)
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as part:
+        try:
+            stdout, stderr = part.communicate(timeout=LIMITS[name])
+            status = "ok" if part.returncode == 0 else f"exit {part.returncode}"
+        except subprocess.TimeoutExpired:
+            os.killpg(part.pid, signal.SIGKILL)
+            stdout, stderr = part.communicate()
+            status = f"timed out after {LIMITS[name]} s"
+    (out / f"{name}.txt").write_text(stdout + stderr)
     return {"status": status, "seconds": round(time.time() - start, 1)}
 
 
@@ -175,19 +235,29 @@ def main():
     ap.add_argument("--simulate", action="store_true",
                     help="a dry run of part 1 in Numba's CUDA simulator")
     ap.add_argument("--equality-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compile-cpu", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compile_cpu:  # part 2's CPU kernels of one cell, into the kernel cache
+        import rnndsl
+
+        run_once(rnndsl.compile(args.compile_cpu))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.equality_only:  # part 1, in its own process (see below)
-        equality(args.simulate,
-                 lambda found: (out / "equality.json").write_text(json.dumps(found, indent=1)))
-        return
+    for only, part in ((args.equality_only, equality), (args.rows_only, rows)):
+        if only:  # part 1 or 2, in its own process (see below)
+            name = part.__name__
+            part(args.simulate,
+                 lambda found: (out / f"{name}.json").write_text(json.dumps(found, indent=1)))
+            return
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.simulate:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
     me = [sys.executable, str(Path(__file__).resolve()), "--out", str(out)]
-    summary = {"equality": run_part("equality", me + ["--equality-only"] +
-                                    (["--simulate"] if args.simulate else []), out, env)}
+    simulate = ["--simulate"] if args.simulate else []
+    summary = {"equality": run_part("equality", me + ["--equality-only"] + simulate, out, env),
+               "rows": run_part("rows", me + ["--rows-only"] + simulate, out, env)}
     if not args.simulate:
         gpu = dict(env, RNNDSL_TEST_GPU="1")
         summary["pytest"] = run_part("pytest", [sys.executable, "-m", "pytest", "-q", "-x",

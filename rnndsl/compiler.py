@@ -41,8 +41,8 @@ def kernel_specs(target: str = "cpu") -> tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def matrix_specs() -> tuple[str, ...]:
-    """The built-in specs with values of rank 2 (the cpu target runs them one batch row at a
-    time; the cuda target and ONNX export do not take them)."""
+    """The built-in specs with values of rank 2 (the cpu and cuda targets run them one batch
+    row at a time; ONNX export does not take them)."""
     return tuple(name for name, path in builtin_specs().items()
                  if rank2.matrix_value(analyse(path)[0]))
 
@@ -99,9 +99,9 @@ def compile(source: str | Path, target: str = "cpu", persistent: bool | str | No
     insists on a persistent kernel, False never uses one, 'single-block' or 'multi-block'
     insists on that persistent kernel. `constants` gives some of the spec's `constants:`
     other values ({"lam": 0.9}); they are folded into the generated code. `tape_budget`
-    (target "cpu", cells with matrix-valued states): the bytes of matrix states a forward pass
-    may keep for backward, past which backward recomputes them from fewer kept copies
-    (backend/emit_rows.py; default $RNNDSL_TAPE_BUDGET, else 1 GiB)."""
+    (targets "cpu" and "cuda", cells with matrix-valued states): the bytes of matrix states a
+    forward pass may keep for backward, past which backward recomputes them from fewer kept
+    copies (backend/emit_rows.py; default $RNNDSL_TAPE_BUDGET, else 1 GiB)."""
     if target not in TARGETS:
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     spec = load(source)
@@ -125,7 +125,7 @@ def _planned_cell(step: StepIR, bwd: Backward, target: str, persistent: bool | s
                   tape_budget: int | None = None) -> Cell:
     _refuse_what_has_no_kernels(step, target)
     if rank2.row_value(step):  # one kernel per batch row (or the reference only)
-        kernel_plan = row_plan(step, bwd) if target == "cpu" else None
+        kernel_plan = row_plan(step, bwd) if target in ("cpu", "cuda") else None
     else:
         kernel_plan = plan(step, bwd)
     engine = _engine(step, bwd, kernel_plan, target, persistent, tape_budget)
@@ -139,7 +139,7 @@ def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> C
         raise SpecError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     _refuse_what_has_no_kernels(cell.step, target)
     kernel_plan = cell.plan
-    if kernel_plan is None and target == "cpu" and rank2.row_value(cell.step):
+    if kernel_plan is None and target in ("cpu", "cuda") and rank2.row_value(cell.step):
         kernel_plan = row_plan(cell.step, cell.backward_ir)
     engine = _engine(cell.step, cell.backward_ir, kernel_plan, target, persistent,
                      getattr(cell.engine, "tape_budget", None))
@@ -148,22 +148,21 @@ def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> C
 
 def refusal(step: StepIR, target: str) -> str | None:
     """Why `target` cannot run a step, for a message; None if it can. Values of rank 2, the
-    shift and scalar states (`rank2.row_value`) run on the cpu target (one batch row at a
-    time) and the reference engine; block-diagonal parameters on the cpu target's vector
-    kernels and the reference engine, not yet in a cell that runs one batch row at a time."""
+    shift and scalar states (`rank2.row_value`) run on the cpu and cuda targets (one batch row
+    at a time) and the reference engine; block-diagonal parameters on the cpu target's vector
+    kernels and the reference engine, neither on cuda nor in a cell run one batch row at a
+    time."""
     if target == "reference":
         return None
     rows, blocks = rank2.row_value(step), rank2.block_diagonal(step)
-    if target == "cuda" and (rows or blocks):
-        what = ("matrix values, the shift and scalar states" if rows else
-                "block-diagonal parameters")
-        return (f"the cuda target cannot run this cell yet: {rows or blocks}, and CUDA kernels "
-                f"for {what} are not generated; use the cpu or the reference target "
-                "(target='cpu', --target cpu)")
     if rows and blocks:
-        return (f"the cpu target cannot run this cell yet: {blocks} and {rows}; the kernels "
-                "that run a cell one batch row at a time take no block-diagonal parameters; "
-                "use the reference target (target='reference', --target reference)")
+        return (f"the {target} target cannot run this cell yet: {blocks} and {rows}; the "
+                "kernels that run a cell one batch row at a time take no block-diagonal "
+                "parameters; use the reference target (target='reference', --target reference)")
+    if target == "cuda" and blocks:
+        return (f"the cuda target cannot run this cell yet: {blocks}, and CUDA kernels for "
+                "block-diagonal parameters are not generated; use the cpu or the reference "
+                "target (target='cpu', --target cpu)")
     return None
 
 
@@ -178,7 +177,7 @@ def _engine(step, bwd, kernel_plan, target: str, persistent: bool | str | None,
     if target == "cuda":
         from rnndsl.engines.cuda_engine import CudaEngine  # imports Numba's CUDA support only when asked
 
-        return CudaEngine(step, bwd, kernel_plan, persistent)
+        return CudaEngine(step, bwd, kernel_plan, persistent, tape_budget)
     if target == "cpu":
         return CpuEngine(step, bwd, kernel_plan, tape_budget)
     return ReferenceEngine(step, bwd)

@@ -131,9 +131,11 @@ equations: |
 """
 
 
-def test_blocks_in_a_cell_run_one_row_at_a_time_are_refused_by_name():
-    with pytest.raises(SpecError, match="the cpu target cannot run this cell yet: parameter 'R' "
-                                        r"is block-diagonal \(2 blocks\) and state 'M' is a "
-                                        "matrix"):
-        rnndsl.compile(ROWS_AND_BLOCKS)
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_blocks_in_a_cell_run_one_row_at_a_time_are_refused_by_name(target):
+    with pytest.raises(SpecError, match=f"the {target} target cannot run this cell yet: "
+                                        r"parameter 'R' is block-diagonal \(2 blocks\) and "
+                                        "state 'M' is a matrix") as info:
+        rnndsl.compile(ROWS_AND_BLOCKS, target=target)
+    assert "use the reference target" in info.value.message
     assert rnndsl.compile(ROWS_AND_BLOCKS, target="reference").engine.name == "reference"

@@ -110,7 +110,10 @@ equations: |
   h = sigmoid(o) * tanh(c) + V @ s
 """,
 }
-SPECS = {**{k: k for k in sorted(rnndsl.compiler.kernel_specs("cuda"))}, **EXTRA}
+# Cells with matrix values run one thread per batch row (their own tests, below)
+MATRIX_SPECS = sorted(rnndsl.compiler.matrix_specs())
+SPECS = {**{k: k for k in sorted(set(rnndsl.compiler.kernel_specs("cuda")) - set(MATRIX_SPECS))},
+         **EXTRA}
 
 
 def identifiers(code: str) -> set[str]:
@@ -157,6 +160,26 @@ def test_persistent_kernels_assign_none_of_their_arguments(name):
         assigned = {n.id for n in ast.walk(f) if isinstance(n, ast.Name) and
                     isinstance(n.ctx, ast.Store)}
         assert not given & assigned, (f.name, given & assigned)
+
+
+@pytest.mark.parametrize("name", MATRIX_SPECS)
+def test_row_kernels_name_only_compiler_made_identifiers_and_assign_no_slices(name):
+    """The row kernels of a cell with matrix values on cuda: compiler-made names only, and
+    element stores only (loops where the cpu's row kernels assign slices)."""
+    import ast
+
+    cell = rnndsl.compile(name, target="cuda")
+    code = cell.engine.source_code("float64")
+    user = set(cell.params) | set(cell.inputs) | set(cell.states) | set(cell.outputs) | \
+        set(cell.sizes)
+    fixed = identifiers(kernel_functions("float64", "cuda"))
+    assert not (identifiers(code) & user) - fixed, (identifiers(code) & user) - fixed
+    kernels = [f for f in ast.parse(code).body if isinstance(f, ast.FunctionDef) and
+               f.name.endswith("_rows")]
+    assert [f.name for f in kernels] == ["forward_rows", "infer_rows", "backward_rows"]
+    assert all(ast.unparse(f.decorator_list[0]) == "cuda.jit(cache=True)" for f in kernels)
+    slices = [ast.unparse(n) for f in kernels for n in ast.walk(f) if isinstance(n, ast.Slice)]
+    assert not slices, slices
 
 
 def test_only_cuda_support_imports_numba_cuda():
@@ -447,10 +470,125 @@ def test_a_cell_retargeted_to_cuda_matches_the_reference():
     compare(twin, rnndsl.compile("peephole_lstm", target="reference"), 3, 2, [3, 1])
 
 
+# -- cells with matrix values: one thread per batch row (emit_rows.py on cuda) ----------------
+@contextlib.contextmanager
+def stores_of_one_element():
+    """In the simulator: every store a kernel makes writes one element (the simulator would
+    run a slice or a whole-row assignment, which real CUDA may not lower)."""
+    if not SIMULATOR:
+        yield
+        return
+    from numba.cuda.simulator.cudadrv.devicearray import FakeWithinKernelCUDAArray as InKernel
+
+    plain = InKernel.__setitem__
+
+    def one_element(self, idx, value):
+        assert np.ndim(value) == 0 and np.ndim(self._item._ary[idx]) == 0, idx
+        plain(self, idx, value)
+
+    InKernel.__setitem__ = one_element
+    try:
+        yield
+    finally:
+        InKernel.__setitem__ = plain
+
+
+# Compiled for a GPU (Numba and NVVM, for sm_90), mlstm's backward row kernel took 62 s here
+# and the NTM's 419 s (the simulator compiles nothing): on a GPU their cases run with --long.
+SLOW_TO_COMPILE = {"mlstm", "ntm"}
+
+
+def skip_slow_compiles_on_a_gpu(name: str):
+    if name in SLOW_TO_COMPILE and not SIMULATOR and not long_checks():
+        pytest.skip(f"{name}'s CUDA kernels take minutes to compile: --long")
+
+
+@device
+@pytest.mark.parametrize("name", MATRIX_SPECS)
+def test_cuda_row_kernels_match_the_reference(name):
+    """Every built-in cell with matrix values: outputs, final states and every gradient within
+    1e-10 of the reference, float64, T=3, B=2 with lengths 3 and 1, sizes 2 to 5 (the NTM's
+    4 slots of width 5). Against the reference rather than the cpu target: compiling the
+    cpu's row kernels of the NTM alone takes minutes, and test_kernels.py holds the cpu target
+    to the same reference."""
+    skip_slow_compiles_on_a_gpu(name)
+    cell = rnndsl.compile(name, target="cuda")
+    with stores_of_one_element():
+        compare(cell, rnndsl.compile(name, target="reference"), 3, 2, [3, 1])
+    assert cell.engine.last_variant == {"forward": "per-row", "backward": "per-row"}
+
+
+@device
+@pytest.mark.parametrize("name", ["fast_weights", "mlstm"])
+def test_cuda_row_kernels_recompute_matrix_states_to_the_same_gradients(name):
+    """A tape budget of 0 keeps the matrix states (fast_weights' one beside a vector state,
+    mlstm's two) only at step 0 of 3 (every 3 steps, the least memory at T=3, B=2), so
+    backward recomputes them; the results are those of keeping every step."""
+    from engines import relative
+
+    skip_slow_compiles_on_a_gpu(name)
+    kept = rnndsl.compile(name, target="cuda")
+    recomputed = rnndsl.compile(name, target="cuda", tape_budget=0)
+    params, xs, state0 = problem(kept, 3, 2, seed=1, first_size=2, step=1)
+    rng = np.random.default_rng(2)
+    runs = []
+    for cell in (kept, recomputed):
+        fwd = cell.forward(params, xs, state0, lengths=[3, 1])
+        if not runs:
+            d_out = {o: rng.standard_normal(v.shape) for o, v in fwd.outputs.items()}
+            d_states = {s: rng.standard_normal(v.shape) for s, v in fwd.states.items()}
+        grads = cell.backward(params, fwd, d_out, d_states)
+        runs.append((fwd.tape.saved[0][-1], {**fwd.outputs, **fwd.states}, {
+            f"{group} {k}": v for group in ("params", "inputs", "state0")
+            for k, v in getattr(grads, group).items()}))
+    (every_kept, results_kept, grads_kept), (every, results, grads) = runs
+    assert (every_kept, every) == (1, 3)
+    for k, v in {**results, **grads}.items():
+        assert relative(v, {**results_kept, **grads_kept}[k]) < 1e-12, k
+
+
+@device
+def test_cuda_row_kernels_in_float32():
+    """The float32 module of a matrix cell (its constants, arrays and GEMMs in float32)."""
+    cell = rnndsl.compile("delta_net", target="cuda")
+    compare(cell, rnndsl.compile("delta_net", target="reference"), 3, 2, [3, 1], np.float32,
+            1e-5)
+
+
+@device
+def test_cuda_row_kernels_take_and_give_device_arrays():
+    """Device arrays in give device arrays out, equal to a run on host arrays; and inference
+    (save=False, the infer kernel) gives the same outputs."""
+    from rnndsl.backend import cuda_support as cs
+
+    cell = rnndsl.compile("fast_weights", target="cuda")
+    params, xs, state0 = problem(cell, 2, 2, seed=0, first_size=2, step=1)
+    on_device = [{k: cs.device(v) for k, v in d.items()} for d in (params, xs, state0)]
+    host = cell.forward(params, xs, state0, lengths=[2, 1])
+    dev = cell.forward(*on_device, lengths=[2, 1])
+    inferred = cell.forward(params, xs, state0, lengths=[2, 1], save=False)
+    assert inferred.tape is None
+    for k in host.outputs:
+        assert cs.is_device(dev.outputs[k])
+        np.testing.assert_allclose(cs.host(dev.outputs[k]), host.outputs[k], rtol=0, atol=1e-14)
+        np.testing.assert_array_equal(inferred.outputs[k], host.outputs[k])
+    for k in host.states:
+        assert cs.is_device(dev.states[k])
+        np.testing.assert_allclose(cs.host(dev.states[k]), host.states[k], rtol=0, atol=1e-14)
+    d_out = np.ones(host.output.shape)
+    g_host = cell.backward(params, host, d_out)
+    g_dev = cell.backward(on_device[0], dev, cs.device(d_out))
+    for group in ("params", "inputs", "state0"):
+        for k, v in getattr(g_host, group).items():
+            assert cs.is_device(getattr(g_dev, group)[k]), (group, k)
+            np.testing.assert_allclose(cs.host(getattr(g_dev, group)[k]), v, rtol=0, atol=1e-14,
+                                       err_msg=f"{group} {k}")
+
+
 @pytest.mark.skipif(ON_DEVICE, reason="runs once, outside the simulator subprocess")
 def test_the_device_check_script_dry_runs_in_the_simulator(tmp_path):
     """benchmarks/device_check.py, which a lent GPU runs once, must not fail on its first use:
-    its equality part runs here in the simulator at tiny sizes."""
+    its two equality parts run here in the simulator at tiny sizes."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_check.py"
     done = subprocess.run([sys.executable, str(script), "--simulate", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
@@ -460,6 +598,11 @@ def test_the_device_check_script_dry_runs_in_the_simulator(tmp_path):
     found = json.loads((tmp_path / "equality.json").read_text())
     assert len(found) == 14 and all(v < 1e-12 for v in found.values()), found
     assert "lstm tiny graph, last run uncaptured (Numba's CUDA simulator), vs uncaptured" in found
+    assert summary["rows"]["status"] == "ok", (tmp_path / "rows.txt").read_text()
+    found = json.loads((tmp_path / "rows.json").read_text())
+    assert sorted(found) == ["delta_net T=3 B=2 every step kept",
+                             "delta_net T=3 B=2 recomputed (tape budget 0)"], found
+    assert all(v < 1e-12 for v in found.values()), found
 
 
 @device

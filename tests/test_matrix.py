@@ -224,33 +224,40 @@ def test_cli_reports_a_matrix_error_with_a_caret_and_exit_2(tmp_path):
     assert result.output.splitlines()[-2:] == ["      h = a @ b", "          ^"]
 
 
-# -- the cuda target refuses, by name (the cpu target's kernels: test_matrix_kernels.py) ----------
-def test_the_cuda_target_refuses_matrix_values():
-    with pytest.raises(SpecError) as info:
-        rnndsl.compile("delta_net", target="cuda")
-    assert "the cuda target cannot run this cell yet: state 'W' is a matrix of shape " \
-           "(value, key)" in info.value.message
-    assert "use the cpu or the reference target" in info.value.message
+# -- the cuda target runs them one thread per batch row (in the simulator: test_cuda.py) -----------
+def test_the_cuda_target_runs_matrix_values_one_row_at_a_time():
+    cell = rnndsl.compile("delta_net", target="cuda")
+    assert isinstance(cell.plan, emit_rows.RowPlan) and cell.engine.rows
+    code = cell.engine.source_code("float64")
+    assert "@cuda.jit(cache=True)\ndef forward_rows(T, B, " in code and "b = cuda.grid(1)" in code
 
 
-def test_a_matrix_inside_an_equation_is_refused_too():
+def test_a_matrix_inside_an_equation_runs_one_row_at_a_time_too():
     text = "name: t\nsizes: [input, value]\ninputs: {x: input}\nstates: {h: value}\n" \
         "equations: |\n  h = tanh(sum(outer(x, h_prev), input))\n"
-    with pytest.raises(SpecError, match="the equation of 'h' computes a matrix of shape "
-                                        r"\(input, value\)"):
-        rnndsl.compile(text, target="cuda")
-    assert rnndsl.compile(text, target="reference").step.shape_of("h") == ("value",)
+    assert "the equation of 'h' computes a matrix of shape (input, value)" in \
+        rank2.row_value(rnndsl.compile(text, target="reference").step)
+    for target in ("cpu", "cuda"):
+        assert isinstance(rnndsl.compile(text, target=target).plan, emit_rows.RowPlan)
 
 
-def test_retargeting_a_matrix_cell_is_refused_too():
-    with pytest.raises(SpecError, match="the cuda target cannot run this cell yet"):
-        rnndsl.compiler.retarget(rnndsl.compile("fast_weights", target="reference"), "cuda")
+def test_retargeting_a_matrix_cell_to_cuda_makes_its_row_plan():
+    twin = rnndsl.compiler.retarget(rnndsl.compile("fast_weights", target="reference"), "cuda")
+    assert isinstance(twin.plan, emit_rows.RowPlan) and twin.engine.name == "cuda"
 
 
-def test_cli_compile_refuses_on_cuda_and_prints_the_backward_on_the_reference():
-    refused = CliRunner().invoke(app, ["compile", "delta_net", "--target", "cuda"])
-    assert refused.exit_code == 2 and "Traceback" not in refused.output
-    assert "state 'W' is a matrix" in refused.output
+@pytest.mark.parametrize("persistent", [True, "single-block", "multi-block"])
+def test_a_persistent_kernel_asked_of_a_matrix_cell_is_refused(persistent):
+    with pytest.raises(ValueError, match="one thread per batch row; there is no persistent "
+                                         "kernel to choose"):
+        rnndsl.compile("delta_net", target="cuda", persistent=persistent)
+
+
+def test_cli_compile_on_cuda_says_one_thread_per_row_and_prints_the_backward_on_the_reference():
+    compiled = CliRunner().invoke(app, ["compile", "ntm", "--target", "cuda"])
+    assert compiled.exit_code == 0, compiled.output
+    assert "  CUDA     one thread per batch row, running that row's whole time loop" in \
+        compiled.output
     shown = CliRunner().invoke(app, ["compile", "delta_net", "--target", "reference",
                                      "--show", "backward"])
     assert shown.exit_code == 0, shown.output
@@ -259,15 +266,14 @@ def test_cli_compile_refuses_on_cuda_and_prints_the_backward_on_the_reference():
         assert line in shown.output.splitlines(), line
 
 
-def test_builtin_matrix_cells_are_marked_in_the_list():
+def test_only_a_cell_the_cuda_target_refuses_is_marked_in_the_list():
     listed = CliRunner().invoke(app, ["list"]).output.splitlines()
     cpu = {line.split()[0] for line in listed if line.endswith("[cpu and reference targets]")}
     reference = {line.split()[0] for line in listed if line.endswith("[reference target only]")}
-    assert cpu == {"fast_weights", "delta_net", "ntm", "mlstm", "slstm"}  # slstm: its blocks
+    assert cpu == {"slstm"}  # its blocks; the matrix cells run on every target
     assert not reference
-    assert cpu == set(rnndsl.compiler.matrix_specs()) | {"slstm"}
-    assert cpu <= set(rnndsl.compiler.kernel_specs())
-    assert not cpu & set(rnndsl.compiler.kernel_specs("cuda"))
+    assert set(rnndsl.compiler.matrix_specs()) <= set(rnndsl.compiler.kernel_specs("cuda"))
+    assert "slstm" not in rnndsl.compiler.kernel_specs("cuda")
 
 
 # Hand derivation. W = W_prev + beta * e k^T with e = v - W_prev @ k, y = W @ q. With G the
@@ -483,17 +489,14 @@ def test_an_even_number_of_shifts_is_refused_at_the_distribution():
 
 def test_the_shift_runs_on_the_cpu_target_one_row_at_a_time():
     """A cell whose only rank-2 operator is the shift: the row kernels run it (the batched
-    vector kernels have no code for it), the cuda target refuses it by name."""
+    vector kernels have no code for it), on the cuda target too."""
     text = ADDRESSING.replace("SHIFTS", "3").replace("EQUATIONS", "w = shift(gated, s) * gamma")
     cpu, ref = rnndsl.compile(text), rnndsl.compile(text, target="reference")
     assert isinstance(cpu.plan, emit_rows.RowPlan)
     with nan_scratch():
         diffs = differences(cpu, ref, 4, 3, [4, 2, 0], np.float64, seed=1)
     assert max(diffs.values()) < 1e-10, diffs
-    with pytest.raises(SpecError) as info:
-        rnndsl.compile(text, target="cuda")
-    assert "the cuda target cannot run this cell yet: the equation of 'w' uses shift(w, s), " \
-           "the circular shift" in info.value.message
+    assert isinstance(rnndsl.compile(text, target="cuda").plan, emit_rows.RowPlan)
 
 
 # -- per-sequence scalar states and sizes as numbers (xLSTM's stabiliser, 1 / sqrt(key)) ----------
@@ -551,15 +554,13 @@ def test_a_vector_assigned_to_a_scalar_state_is_located(equation, message, marke
 
 def test_a_scalar_state_runs_on_the_cpu_target_one_row_at_a_time():
     """The row kernels run a cell with a scalar state (the batched vector kernels have no code
-    for one); the cuda target refuses it by name."""
+    for one), on the cuda target too."""
     cpu, ref = rnndsl.compile(SCALAR_STATE), rnndsl.compile(SCALAR_STATE, target="reference")
     assert isinstance(cpu.plan, emit_rows.RowPlan)
     with nan_scratch():
         diffs = differences(cpu, ref, 4, 3, [4, 2, 0], np.float64, seed=1)
     assert max(diffs.values()) < 1e-10, diffs
-    with pytest.raises(SpecError, match="the cuda target cannot run this cell yet: state 'm' is "
-                                        "one number per sequence"):
-        rnndsl.compile(SCALAR_STATE, target="cuda")
+    assert isinstance(rnndsl.compile(SCALAR_STATE, target="cuda").plan, emit_rows.RowPlan)
 
 
 # -- block-diagonal parameters (xLSTM's head-wise recurrent weights) ------------------------------

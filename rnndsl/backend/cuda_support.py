@@ -39,6 +39,9 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # Threads per block of every generated kernel: a power of two (the block reductions halve it).
 # The simulator spends one Python thread per GPU thread, so it gets small blocks.
 THREADS = 8 if SIMULATOR else 128
+# Threads per block of the row kernels of matrix-memory cells (emit_rows), one batch row each:
+# one warp, so that a batch of a few warps' rows spreads over as many multiprocessors.
+ROW_THREADS = 8 if SIMULATOR else 32
 TILE = 16  # the fallback GEMM's tile edge
 
 
@@ -240,6 +243,22 @@ def add_into(dst, src, stream: Stream):
     s2 = src.reshape(src.shape[0], -1) if src.ndim != 2 else src
     grid = (blocks(d2.shape[0], TILE), blocks(d2.shape[1], TILE))
     _add_into[grid, (TILE, TILE), stream.kernels](d2, s2)
+
+
+@cuda.jit
+def _transpose(a, out):
+    i, j = cuda.grid(2)
+    if i < a.shape[0] and j < a.shape[1]:
+        out[j, i] = a[i, j]
+
+
+def transpose(a, stream: Stream):
+    """a.T of a 2-d device array (of any strides), as a new C-contiguous one."""
+    out = cuda.device_array((a.shape[1], a.shape[0]), a.dtype)
+    if a.size:
+        grid = (blocks(a.shape[0], TILE), blocks(a.shape[1], TILE))
+        _transpose[grid, (TILE, TILE), stream.kernels](a, out)
+    return out
 
 
 @cuda.jit

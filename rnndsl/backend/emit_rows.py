@@ -1,10 +1,13 @@
-"""Stages 6 and 7 for cells with values of rank 2 (target cpu): a plan, and the text of a
-Python module of Numba kernels that run one batch row at a time.
+"""Stages 6 and 7 for cells with values of rank 2 (targets cpu and cuda): a plan, and the
+text of a Python module of Numba kernels that run one batch row at a time.
 
 A cell whose state is a matrix (fast weights, the delta rule's W) has no GEMM over the batch
 inside its step: every batch row has a matrix of its own. So the kernels loop over batch rows
 outside and over time inside; one row's whole sequence runs in compiled code, its matrices in
-scratch arrays of one row. A step computes its values in the IR's order:
+scratch arrays of one row. On the cpu a kernel runs a chunk of rows, a thread per chunk
+(row_threads.run_rows); on cuda one GPU thread runs one row, with the same step code
+(`_RowKernel`) and the same glue on device arrays (`_DeviceArrays`). A step computes its values
+in the IR's order:
 * a per-row scalar is a local variable (reductions are loops);
 * a vector or matrix read by exactly one consumer that reads each of its elements once (an
   elementwise op, a sum, the matrix of `M @ v`) is computed in place inside that consumer's
@@ -34,9 +37,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-from rnndsl.backend.kernel_lib import FASTMATH as BASE_FASTMATH
-from rnndsl.backend.emit_common import Code, Names, as_tuple, cpu_module_head, element_code, \
-    function, seed_terms, unpack
+from rnndsl.backend.kernel_lib import FASTMATH as BASE_FASTMATH, kernel_functions
+from rnndsl.backend.emit_common import Code, Names, as_tuple, constant_lines, cpu_module_head, \
+    element_code, function, seed_terms, unpack
 from rnndsl.language.errors import SpecError, UserError
 from rnndsl.language.spec import state_shape
 from rnndsl.symbolic import ir, rank2
@@ -331,6 +334,7 @@ _LOOPS = ("i", "j")
 # backward keeps every step's g and v, (T, B, n) each, and the glue adds G^T V as one GEMM
 # (blas.weight_grad).
 _OUTER_SIDES = ("g", "v")
+_ALL_ROWS = "rows_"  # a cuda kernel's argument of every row's private array (B, ...)
 
 
 def _outer_side(names: Names, weight: str, term: int, side: str) -> str:
@@ -339,11 +343,17 @@ def _outer_side(names: Names, weight: str, term: int, side: str) -> str:
 
 
 class _RowKernel:
-    """One @njit function over batch rows: `forward` (with the tape when `save`), `infer`, or
-    `backward` (which recomputes the matrix states between kept copies)."""
+    """One kernel over batch rows: `forward` (with the tape when `save`), `infer`, or
+    `backward` (which recomputes the matrix states between kept copies). On the cpu target an
+    @njit function over a chunk of rows [b0, b1); on cuda a `@cuda.jit` kernel of one thread
+    per row b (`cuda.grid(1)`), whose private arrays (`private`) are (B, ...), the thread's
+    own row of each taken as a view. The step code is the same on both. Both ask for Numba's
+    file cache: compiled for sm_90, mlstm's backward kernel took 62 s and the NTM's 419 s."""
 
-    def __init__(self, plan: RowPlan, names: Names, kind: str, save: bool = False):
+    def __init__(self, plan: RowPlan, names: Names, kind: str, save: bool = False,
+                 target: str = "cpu"):
         self.plan, self.names, self.kind, self.save = plan, names, kind, save
+        self.target = target
         self.arrays: set[str] = set()
         self.scratch: dict[str, str] = {}  # array -> its sizes as code, "n0, n1"
         self.transposes: dict[str, str] = {}  # a parameter's transpose -> the parameter
@@ -438,9 +448,38 @@ class _RowKernel:
     def at(self, idx: tuple[str, ...]) -> str:
         return ", ".join(idx) if idx else "0"
 
-    def whole(self, state: str) -> str:
-        """An index of every element of a state of one row (a scalar state's one)."""
-        return ", ".join(":" for _ in state_shape(self.plan.step.states[state])) or ":"
+    def dims(self, state: str) -> tuple[str, ...]:
+        """The sizes of a state of one row, as code (a scalar state's one element: "1")."""
+        return tuple(self.size(d) for d in state_shape(self.plan.step.states[state])) or ("1",)
+
+    def copy(self, code: Code, dims: tuple[str, ...], dst: tuple[str, str],
+             src: tuple[str, str] | str):
+        """dst = src over every element of one row's state or output: each an (array, leading
+        indices or "") pair, or src a constant. The cpu kernels assign slices; the cuda kernels
+        loop over the elements (real CUDA may not lower a slice assignment that the simulator
+        runs)."""
+        if self.target == "cpu":
+            left = f"{dst[0]}[{dst[1] or ', '.join(':' for _ in dims)}]"
+            right = src if isinstance(src, str) else f"{src[0]}[{src[1]}]" if src[1] else src[0]
+            code(f"{left} = {right}")
+            return
+        idx = _LOOPS[:len(dims)]
+
+        def at(array: str, lead: str) -> str:
+            return f"{array}[{', '.join(([lead] if lead else []) + list(idx))}]"
+
+        with _nest(code, [f"for {i} in range({d}):" for i, d in zip(idx, dims)]):
+            code(f"{at(*dst)} = {src if isinstance(src, str) else at(*src)}")
+
+    @contextmanager
+    def each_row(self, code: Code):
+        """The rows a kernel runs: its chunk's on the cpu; on cuda the thread's one row, which
+        the kernel's opening finds (`text`)."""
+        if self.target == "cuda":
+            yield
+            return
+        with code.block("for b in range(b0, b1):"):
+            yield
 
     # -- the kernels' bodies --------------------------------------------------------------------
     def _body(self) -> list[str]:
@@ -448,16 +487,19 @@ class _RowKernel:
 
     def _forward(self) -> list[str]:
         step, names, code = self.plan.step, self.names, Code(level=1)
-        with code.block("for b in range(b0, b1):"):
+        with self.each_row(code):
             code("L = lengths[b]")
             for s, m in self.matrix.items():
-                code(f"{self.use(m)}[0] = {self.use('i' + names.state[s])}[b]")
+                self.copy(code, self.dims(s), (self.use(m), "0"),
+                          (self.use("i" + names.state[s]), "b"))
             self.slot = "t % 2"
             with code.block("for t in range(L):"):
                 if self.save:
                     with code.block("if t % every == 0:"):
                         for s, m in self.matrix.items():
-                            code(f"{self.use('k' + names.state[s])}[t // every, b] = {m}[t % 2]")
+                            self.copy(code, self.dims(s),
+                                      (self.use("k" + names.state[s]), "t // every, b"),
+                                      (m, "t % 2"))
                 self.step(code, step.roots())
                 for s in step.states:
                     n = step.values[s]
@@ -474,25 +516,28 @@ class _RowKernel:
                 for s in step.states:
                     if s not in self.matrix:
                         c = self.use(names.state[s])
-                        code(f"{c}[t + 1, b] = {c}[t, b]")
+                        self.copy(code, self.dims(s), (c, "t + 1, b"), (c, "t, b"))
                 for o in step.outputs:
-                    code(f"{self.use(names.output[o])}[t, b] = C0")
+                    dims = tuple(self.size(d) for d in step.shape_of(o)) or ("1",)
+                    self.copy(code, dims, (self.use(names.output[o]), "t, b"), "C0")
             for s, m in self.matrix.items():
-                code(f"{self.use('f' + names.state[s])}[b] = {m}[L % 2]")
+                self.copy(code, self.dims(s), (self.use("f" + names.state[s]), "b"),
+                          (m, "L % 2"))
         return code.lines
 
     def _backward(self) -> list[str]:
         plan, step, names, code = self.plan, self.plan.step, self.names, Code(level=1)
         bwd = plan.backward
-        with code.block("for b in range(b0, b1):"):
+        with self.each_row(code):
             code("L = lengths[b]")
             for s, c in names.state.items():
-                code(f"{self.use('d' + c)}[{self.whole(s)}] = {self.use('e' + c)}[b]")
+                self.copy(code, self.dims(s), (self.use("d" + c), ""), (self.use("e" + c), "b"))
             with code.block("for t0 in range((L - 1) // every * every, -1, -every):"):
                 code("t1 = min(t0 + every, L)")
                 self.slot = "t - t0"
                 for s, m in self.matrix.items():  # the segment's states, from its kept copy
-                    code(f"{self.use(m)}[0] = {self.use('k' + names.state[s])}[t0 // every, b]")
+                    self.copy(code, self.dims(s), (self.use(m), "0"),
+                              (self.use("k" + names.state[s]), "t0 // every, b"))
                 with code.block("for t in range(t0, t1 - 1):"):
                     news = [step.values[s] for s in self.matrix]
                     self.step(code, news)
@@ -503,7 +548,7 @@ class _RowKernel:
                 with code.block("for t in range(t1 - 1, t0 - 1, -1):"):
                     self._backward_step(code, bwd)
             for s, c in names.state.items():
-                code(f"{self.use('g' + c)}[b] = d{c}")
+                self.copy(code, self.dims(s), (self.use("g" + c), "b"), ("d" + c, ""))
         return code.lines
 
     def _backward_step(self, code: Code, bwd: Backward):
@@ -528,64 +573,164 @@ class _RowKernel:
                     self.store_loop(code, n.shape, lambda idx, n=n, kept=kept: (
                         f"{kept}[t, b, {idx[0]}] = {self.elem(n, idx)}"))
         for s, c in names.state.items():  # the previous state's adjoint is the next one's
-            code(f"d{c}[{self.whole(s)}] = n{c}")
+            self.copy(code, self.dims(s), ("d" + c, ""), ("n" + c, ""))
 
     # -- the function ---------------------------------------------------------------------------
     def private(self) -> list[str]:
-        """The arrays each chunk of rows has its own of (row_threads.run_rows): one row's
-        values and matrix states, the adjoints carried between steps, and the sums over the
-        chunk's rows of the gradients of vector parameters."""
+        """The arrays each chunk of rows (cpu: row_threads.run_rows) or each row (cuda) has its
+        own of: one row's values and matrix states, the adjoints carried between steps, and
+        the sums over the chunk's rows (the row's terms) of the gradients of vector
+        parameters."""
         own = {*self.scratch, *self.matrix.values()}
         if self.kind == "backward":
             own |= {f"{p}{c}" for c in self.names.state.values() for p in ("d", "n")}
             own |= {"d" + self.names.param[p] for p in self.plan.backward.d_params}
         return sorted(own & self.arrays)
 
+    def shared(self) -> list[str]:
+        """The kernel's arguments after its rows and private arrays."""
+        return [*self.names.size.values(), "lengths", "every",
+                *sorted(self.arrays - set(self.private()))]
+
     def args(self) -> list[str]:
-        private = self.private()
-        return ["T", "b0", "b1", *private, *self.names.size.values(), "lengths", "every",
-                *sorted(self.arrays - set(private))]
+        if self.target == "cuda":  # all rows' private arrays, (B, ...) each
+            return ["T", "B", *(_ALL_ROWS + a for a in self.private()), *self.shared()]
+        return ["T", "b0", "b1", *self.private(), *self.shared()]
 
     def call(self) -> str:
+        """The glue's line that runs the kernel over all rows."""
         private = self.private()
+        if self.target == "cuda":
+            return (f"{self.kind}_rows[cs.blocks(B, cs.ROW_THREADS), cs.ROW_THREADS, "
+                    f"stream.kernels]({', '.join(['T', 'B', *private, *self.shared()])})")
         return (f"run_rows({self.kind}_rows, T, chunks, {as_tuple(private)}, "
-                f"{', '.join(self.args()[3 + len(private):])})")
+                f"{', '.join(self.shared())})")
 
     def text(self) -> str:
-        head = ['@njit(cache=True, fastmath=FAST, error_model="numpy", nogil=True)',
-                f"def {self.kind}_rows({', '.join(self.args())}):"]
         floats = [f"    z_{self.names.size[s]} = DT({self.names.size[s]})"
                   for s in sorted(self.sizes_used)]
+        if self.target == "cpu":
+            head = ['@njit(cache=True, fastmath=FAST, error_model="numpy", nogil=True)',
+                    f"def {self.kind}_rows({', '.join(self.args())}):"]
+            return "\n".join(head + floats + self.body) + "\n"
+        head = ["@cuda.jit(cache=True)", f"def {self.kind}_rows({', '.join(self.args())}):",
+                "    b = cuda.grid(1)", "    if b >= B:", "        return",
+                *(f"    {a} = {_ALL_ROWS}{a}[b]" for a in self.private())]
         return "\n".join(head + floats + self.body) + "\n"
 
 
 # -- the module -------------------------------------------------------------------------------
-def emit_module(plan: RowPlan, dtype: str, header: str) -> str:
+def emit_module(plan: RowPlan, dtype: str, header: str, target: str = "cpu") -> str:
+    """The module of a row plan for `target` ("cpu": NumPy arrays, chunks of rows on threads;
+    "cuda": device arrays, one GPU thread per row)."""
     names = Names(plan)
-    fwd = _RowKernel(plan, names, "forward", save=True)
-    inf = _RowKernel(plan, names, "infer")
-    bwd = _RowKernel(plan, names, "backward")
+    fwd = _RowKernel(plan, names, "forward", save=True, target=target)
+    inf = _RowKernel(plan, names, "infer", target=target)
+    bwd = _RowKernel(plan, names, "backward", target=target)
     kernels = [fwd.text(), inf.text(), bwd.text()]
+    arrays = _DEVICE if target == "cuda" else _HOST
+    if target == "cuda":
+        head = [header, "import math", "", "import numpy as np", "",
+                "from rnndsl.backend import cuda_support as cs",
+                "from rnndsl.backend.cuda_support import cuda",
+                "from rnndsl.backend.emit_rows import checkpoint_every, deep_recursion", "",
+                f"DT = np.{dtype}", constant_lines(names, dtype), kernel_functions(dtype, "cuda")]
+    else:
+        head = cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import weight_grad\n"
+                                                     "from rnndsl.backend.emit_rows import "
+                                                     "checkpoint_every, deep_recursion\n"
+                                                     "from rnndsl.backend.row_threads import "
+                                                     "row_chunks, run_rows", FASTMATH,
+                               inline=False)  # hundreds of call sites: see kernel_functions
     return "\n".join([
-        *cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import weight_grad\n"
-                                               "from rnndsl.backend.emit_rows import "
-                                               "checkpoint_every, deep_recursion\n"
-                                               "from rnndsl.backend.row_threads import "
-                                               "row_chunks, run_rows", FASTMATH,
-                         inline=False),  # hundreds of call sites: see kernel_functions
+        *head,
         *kernels,
-        _forward_glue(plan, names, fwd, save=True),
-        _forward_glue(plan, names, inf, save=False),
-        _backward_glue(plan, names, bwd),
+        _forward_glue(plan, names, fwd, arrays, save=True),
+        _forward_glue(plan, names, inf, arrays, save=False),
+        _backward_glue(plan, names, bwd, arrays),
     ])
 
 
-def _opening(plan: RowPlan, names: Names, signature: str) -> Code:
+class _HostArrays:
+    """How the cpu glue makes and combines arrays: NumPy, a private array per chunk of rows."""
+
+    copies = "len(chunks)"  # of each private array
+    stream = ""  # the glue's extra argument
+    ran = ""  # what a pass returns after its results
+
+    def empty(self, shape: str) -> str:
+        return f"empty({shape}, DT)"
+
+    def zeros(self, shape: str) -> str:
+        return f"np.zeros({shape}, DT)"
+
+    def zeros_like(self, a: str) -> str:
+        return f"np.zeros_like({a})"
+
+    def contiguous(self, a: str) -> str:
+        return f"np.ascontiguousarray({a})"
+
+    def transpose(self, a: str) -> str:
+        return f"np.ascontiguousarray({a}.T)"
+
+    def assign(self, dst: str, src: str) -> str:
+        return f"{dst} = {src}"
+
+    def sum_copies(self, a: str) -> list[str]:
+        """A private sum's copies added up, into `a`."""
+        return [f"{a} = {a}.sum(axis=0)"]
+
+    def add_weight_grad(self, d: str, g: str, v: str) -> str:
+        """d += the sum over steps and rows of outer(g, v): one GEMM."""
+        return f"{d} += weight_grad({g}, {v})"
+
+
+class _DeviceArrays(_HostArrays):
+    """How the cuda glue makes and combines arrays: device arrays (cuda_support), work on the
+    glue's stream, a private array per batch row."""
+
+    copies = "B"
+    stream = ", stream"
+    ran = ", ('per-row', cs.blocks(B, cs.ROW_THREADS))"
+
+    def empty(self, shape: str) -> str:
+        return f"cs.empty({shape}, DT)"
+
+    def zeros(self, shape: str) -> str:
+        return f"cs.zeros({shape}, DT, stream)"
+
+    def zeros_like(self, a: str) -> str:
+        return self.zeros(f"{a}.shape")
+
+    def contiguous(self, a: str) -> str:  # kernels index device arrays of any strides
+        return a
+
+    def transpose(self, a: str) -> str:
+        return f"cs.transpose({a}, stream)"
+
+    def assign(self, dst: str, src: str) -> str:
+        return f"cs.copy({dst}, {src}, stream)"
+
+    def sum_copies(self, a: str) -> list[str]:
+        return [f"{a}_rows = {a}", f"{a} = {self.zeros(f'{a}_rows.shape[1:]')}",
+                f"cs.add_column_sums({a}, {a}_rows.reshape(B, {a}.size), 0, stream)"]
+
+    def add_weight_grad(self, d: str, g: str, v: str) -> str:
+        return f"cs.gemm(cs.flat({g}), cs.flat({v}), {d}, stream, trans_a=True, accumulate=True)"
+
+
+_HOST, _DEVICE = _HostArrays(), _DeviceArrays()
+
+
+def _opening(plan: RowPlan, names: Names, signature: str, arrays: _HostArrays) -> Code:
     L = function(signature)
     L(unpack(list(names.param.values()), "params"),
       unpack(list(names.input.values()), "xs"),
       unpack(list(names.size.values()), "sizes"),
-      "T, B = xs[0].shape[0], xs[0].shape[1]", "chunks = row_chunks(B)")
+      "T, B = xs[0].shape[0], xs[0].shape[1]")
+    if arrays is _DEVICE:  # the engine gives scalar parameters as one-element arrays
+        return L
+    L("chunks = row_chunks(B)")
     for p, info in plan.step.params.items():  # kernels read scalar parameters as arrays
         if not info.shape:
             c = names.param[p]
@@ -593,89 +738,92 @@ def _opening(plan: RowPlan, names: Names, signature: str) -> Code:
     return L
 
 
-def _scratch(L: Code, k: _RowKernel):
-    """The kernel's arrays besides the pass's own: per-chunk scratch, parameters' transposes."""
+def _scratch(L: Code, k: _RowKernel, arrays: _HostArrays):
+    """The kernel's arrays besides the pass's own: private scratch, parameters' transposes."""
     for name, shape in sorted(k.scratch.items()):
-        L(f"{name} = empty((len(chunks), {shape}), DT)")
+        L(f"{name} = {arrays.empty(f'({arrays.copies}, {shape})')}")
     for name, param in sorted(k.transposes.items()):
-        L(f"{name} = np.ascontiguousarray({param}.T)")
+        L(f"{name} = {arrays.transpose(param)}")
 
 
-def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, save: bool) -> str:
+def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, arrays: _HostArrays,
+                  save: bool) -> str:
     step = plan.step
     L = _opening(plan, names, f"def {'forward' if save else 'infer'}(params, xs, state0, "
-                              f"lengths, sizes{', budget' if save else ''}):")
+                              f"lengths, sizes{arrays.stream}{', budget' if save else ''}):",
+                 arrays)
     matrices = [names.state[s] for s in plan.matrix_states]
     elements = " + ".join(f"i{c}[0].size" for c in matrices) or "0"
     for s, c in names.state.items():
-        shape = state_shape(step.states[s])
+        shape, given = state_shape(step.states[s]), f"state0[{list(names.state).index(s)}]"
         if s in plan.matrix_states:
-            L(f"i{c} = np.ascontiguousarray(state0[{list(names.state).index(s)}])")
-            L(f"f{c} = empty((B, {', '.join(names.size[d] for d in shape)}), DT)")
-            L(f"{k.matrix[s]} = empty((len(chunks), 2, "
-              f"{', '.join(names.size[d] for d in shape)}), DT)")
+            dims = ", ".join(names.size[d] for d in shape)
+            L(f"i{c} = {arrays.contiguous(given)}",
+              f"f{c} = {arrays.empty(f'(B, {dims})')}",
+              f"{k.matrix[s]} = {arrays.empty(f'({arrays.copies}, 2, {dims})')}")
         else:  # a per-sequence scalar state is (B, 1), as the reference engine's
-            L(f"{c} = empty((T + 1, B, {names.size[shape[0]] if shape else 1}), DT)")
-            L(f"{c}[0] = state0[{list(names.state).index(s)}]")
+            L(f"{c} = {arrays.empty(f'(T + 1, B, {names.size[shape[0]] if shape else 1})')}",
+              arrays.assign(f"{c}[0]", given))
     if save:
         L(f"every = checkpoint_every(T, B, {elements}, DT(0).itemsize, budget)")
         for c in matrices:
-            L(f"k{c} = empty(((T - 1) // every + 1, *i{c}.shape), DT)")
+            L(f"k{c} = {arrays.empty(f'((T - 1) // every + 1, *i{c}.shape)')}")
     else:
         L("every = T")
     for o, c in names.output.items():
-        shape = step.shape_of(o)
-        L(f"{c} = empty((T, B, {', '.join(names.size[d] for d in shape) or '1'}), DT)")
-    _scratch(L, k)
+        dims = ", ".join(names.size[d] for d in step.shape_of(o)) or "1"
+        L(f"{c} = {arrays.empty(f'(T, B, {dims})')}")
+    _scratch(L, k, arrays)
     with L.block("with deep_recursion():"):
         L(k.call())
     outs = as_tuple(names.output.values())
     finals = as_tuple(f"f{c}" if s in plan.matrix_states else f"{c}[T]"
                       for s, c in names.state.items())
     if not save:
-        L(f"return {outs}, {finals}")
+        L(f"return {outs}, {finals}{arrays.ran}")
         return L.text() + "\n"
     saved = as_tuple([*(c for s, c in names.state.items() if s not in plan.matrix_states),
                       *(f"k{c}" for c in matrices), "every"])
-    L(f"return {outs}, {finals}, {saved}")
+    L(f"return {outs}, {finals}, {saved}{arrays.ran}")
     return L.text() + "\n"
 
 
-def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel) -> str:
+def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel, arrays: _HostArrays) -> str:
     step = plan.step
     L = _opening(plan, names, "def backward(params, xs, lengths, saved, d_outputs, d_final, "
-                              "sizes):")
+                              f"sizes{arrays.stream}):", arrays)
     L(unpack([*(c for s, c in names.state.items() if s not in plan.matrix_states),
               *(f"k{names.state[s]}" for s in plan.matrix_states), "every"], "saved"),
       unpack([f"d{c}" for c in names.output.values()], "d_outputs"))
     for s, c in names.state.items():
         dims = ", ".join(names.size[d] for d in state_shape(step.states[s])) or "1"
-        L(f"e{c} = np.ascontiguousarray(d_final[{list(names.state).index(s)}])")
-        L(f"g{c} = empty((B, {dims}), DT)")
-        L(f"d{c} = empty((len(chunks), {dims}), DT)")
-        L(f"n{c} = empty((len(chunks), {dims}), DT)")
+        L(f"e{c} = {arrays.contiguous(f'd_final[{list(names.state).index(s)}]')}")
+        L(f"g{c} = {arrays.empty(f'(B, {dims})')}")
+        L(f"d{c} = {arrays.empty(f'({arrays.copies}, {dims})')}")
+        L(f"n{c} = {arrays.empty(f'({arrays.copies}, {dims})')}")
         if s in plan.matrix_states:
-            L(f"{k.matrix[s]} = empty((len(chunks), every, {dims}), DT)")
+            L(f"{k.matrix[s]} = {arrays.empty(f'({arrays.copies}, every, {dims})')}")
     for x, c in names.input.items():
-        L(f"d{c} = np.zeros((T, B, {names.size[step.inputs[x]]}), DT)")
+        L(f"d{c} = {arrays.zeros(f'(T, B, {names.size[step.inputs[x]]})')}")
     summed = {names.param[p] for p in plan.backward.d_params}  # per chunk, added up after
     for c in names.param.values():
-        L(f"d{c} = np.zeros((len(chunks), *np.shape({c})), DT)" if c in summed else
-          f"d{c} = np.zeros_like({c})")
+        L(f"d{c} = {arrays.zeros(f'({arrays.copies}, *np.shape({c}))')}" if c in summed else
+          f"d{c} = {arrays.zeros_like(c)}")
     kept = [(names.param[w], g, v, *(_outer_side(names, w, t, side) for side in _OUTER_SIDES))
             for w, terms in plan.backward.d_matrices.items() for t, (g, v) in enumerate(terms)]
     for _, g, v, g_kept, v_kept in kept:  # zeros at padded steps
-        L(f"{g_kept} = np.zeros((T, B, {names.size[g.shape[0]]}), DT)",
-          f"{v_kept} = np.zeros((T, B, {names.size[v.shape[0]]}), DT)")
-    _scratch(L, k)
+        L(f"{g_kept} = {arrays.zeros(f'(T, B, {names.size[g.shape[0]]})')}",
+          f"{v_kept} = {arrays.zeros(f'(T, B, {names.size[v.shape[0]]})')}")
+    _scratch(L, k, arrays)
     with L.block("with deep_recursion():"):
         L(k.call())
     for c in sorted(summed):
-        L(f"d{c} = d{c}.sum(axis=0)")
+        L(*arrays.sum_copies(f"d{c}"))
     for c, _, _, g_kept, v_kept in kept:
-        L(f"d{c} += weight_grad({g_kept}, {v_kept})")
-    dparams = as_tuple(f"d{names.param[p]}.reshape({names.param[p]}_shape)" if not i.shape
-                       else f"d{names.param[p]}" for p, i in step.params.items())
+        L(arrays.add_weight_grad(f"d{c}", g_kept, v_kept))
+    dparams = as_tuple(f"d{names.param[p]}.reshape({names.param[p]}_shape)"
+                       if not i.shape and arrays is _HOST else f"d{names.param[p]}"
+                       for p, i in step.params.items())
     L(f"return {dparams}, {as_tuple('d' + c for c in names.input.values())}, "
-      f"{as_tuple('g' + c for c in names.state.values())}")
+      f"{as_tuple('g' + c for c in names.state.values())}{arrays.ran}")
     return L.text() + "\n"

@@ -12,6 +12,11 @@ none fits), False the per-step launches, 'single-block' or 'multi-block' that pe
 kernel. `last_variant` tells what each pass ran last ('per-step', 'single-block',
 'multi-block') and `last_blocks` its grid (0 for per-step launches).
 
+A cell with matrix values (a RowPlan) runs the row kernels of emit_rows.py instead, one GPU
+thread per batch row running that row's whole time loop; its forward pass keeps matrix states
+within `tape_budget` bytes, as on the cpu target. It has no persistent kernel to choose:
+`persistent` may only be None or False, and `last_variant` says 'per-row'.
+
 Every pass runs on the thread's current stream (`cuda_support.on_stream`; the default stream
 unless set), which the generated code is given: the per-step launches, the persistent
 kernels and every copy and GEMM.
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rnndsl.backend import emit_rows as rows
+from rnndsl.backend.emit_rows import RowPlan
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import StepIR
 from rnndsl.engines.cell import GeneratedEngine
@@ -32,16 +39,27 @@ MODES = {None: "auto", True: "forced", False: "disabled", "single-block": "singl
 class CudaEngine(GeneratedEngine):
     name = "cuda"
 
-    def __init__(self, step: StepIR, bwd: Backward, plan, persistent: bool | str | None = None):
+    def __init__(self, step: StepIR, bwd: Backward, plan, persistent: bool | str | None = None,
+                 tape_budget: int | None = None):
         if persistent not in MODES:
             raise ValueError(f"persistent={persistent!r}: choose one of "
                              f"{', '.join(map(repr, MODES))}")
         super().__init__(step, bwd, plan)
+        self.rows = isinstance(plan, RowPlan)
+        if self.rows:
+            if persistent not in (None, False):
+                raise ValueError(f"persistent={persistent!r}: {step.name} has matrix values, "
+                                 "whose CUDA kernels run one thread per batch row; there is no "
+                                 "persistent kernel to choose (None or False)")
+            rows.tape_budget(tape_budget)  # a bad value is refused now, not at the first pass
         self.persistent = persistent
+        self.tape_budget = tape_budget
         self.last_blocks = {"forward": None, "backward": None}
         self.last_variant = {"forward": None, "backward": None}
 
     def emitter(self):
+        if self.rows:
+            return lambda plan, dtype, header: rows.emit_module(plan, dtype, header, "cuda")
         from rnndsl.backend.emit_cuda import emit_module
         return emit_module
 
@@ -49,6 +67,10 @@ class CudaEngine(GeneratedEngine):
         """Summary lines: how the time loop runs on the GPU."""
         from rnndsl.backend.emit_cuda import persistent_rule
 
+        if self.rows:
+            return ["  CUDA     one thread per batch row, running that row's whole time loop "
+                    "(the cpu target's row kernels' step code); weight gradients one GEMM after "
+                    "the loop"]
         mode = MODES[self.persistent]
         return [f"  CUDA     persistent kernel {mode}: {persistent_rule(self.plan)}"]
 
@@ -66,17 +88,26 @@ class CudaEngine(GeneratedEngine):
 
     # -- running ------------------------------------------------------------------------------
     def forward(self, params, xs, state0, lengths, sizes, dtype, save=True):
-        # The CUDA forward always keeps its tape: `save` only matters to the CPU kernels.
+        # The forward of vector cells always keeps its tape: `save` only matters to the row
+        # kernels (and to the CPU kernels).
         from rnndsl.backend import cuda_support as cs
 
         m = self.module(dtype)
         on_host = not any(cs.is_device(a) for a in [*params.values(), *xs.values()])
         dev = lambda a: cs.device(a, dtype)  # noqa: E731
-        outs, finals, saved, (variant, blocks) = m.forward(
-            tuple(dev(_one_element(params[p])) for p in self.step.params),
-            tuple(dev(xs[x]) for x in self.step.inputs),
-            tuple(dev(state0[s]) for s in self.step.states), dev(np.asarray(lengths, np.int64)),
-            tuple(sizes[s] for s in self.step.sizes), cs.current_stream(), self.persistent)
+        args = (tuple(dev(_one_element(params[p])) for p in self.step.params),
+                tuple(dev(xs[x]) for x in self.step.inputs),
+                tuple(dev(state0[s]) for s in self.step.states),
+                cs.device(np.asarray(lengths, np.int64)), tuple(sizes[s] for s in self.step.sizes),
+                cs.current_stream())
+        if not self.rows:
+            outs, finals, saved, (variant, blocks) = m.forward(*args, self.persistent)
+        elif save:
+            outs, finals, saved, (variant, blocks) = m.forward(
+                *args, rows.tape_budget(self.tape_budget))
+        else:
+            outs, finals, (variant, blocks) = m.infer(*args)
+            saved = None
         self.last_blocks["forward"], self.last_variant["forward"] = blocks, variant
         back = cs.host if on_host else (lambda a: a)
         return (dict(zip(self.step.outputs, map(back, outs))),
@@ -95,9 +126,11 @@ class CudaEngine(GeneratedEngine):
                                dtype) for o in self.step.outputs)
         dp, dx, d0, (variant, blocks) = m.backward(
             tuple(dev(_one_element(params[p])) for p in self.step.params),
-            tuple(dev(tape.xs[x]) for x in self.step.inputs), dev(np.asarray(tape.lengths, np.int64)),
+            tuple(dev(tape.xs[x]) for x in self.step.inputs),
+            cs.device(np.asarray(tape.lengths, np.int64)),
             saved, douts, tuple(dev(d_final[s]) for s in self.step.states),
-            tuple(tape.sizes[s] for s in self.step.sizes), cs.current_stream(), self.persistent)
+            tuple(tape.sizes[s] for s in self.step.sizes), cs.current_stream(),
+            *(() if self.rows else (self.persistent,)))
         self.last_blocks["backward"], self.last_variant["backward"] = blocks, variant
         back = cs.host if on_host else (lambda a: a)
         dparams = {}
