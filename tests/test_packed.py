@@ -7,7 +7,7 @@ import pytest
 
 import rnndsl
 from rnndsl.backend.packed import (MICRO_MAX_ROWS, block_dot, pack, pack_blocks, packed_dot,
-                                   packed_width, panel_width, stacked_weight_grads,
+                                   packed_matvec, packed_width, panel_width, stacked_weight_grads,
                                    use_micro_kernel)
 from rnndsl.backend.row_threads import set_loop_threads
 from rnndsl.backend.scratch import nan_scratch
@@ -33,6 +33,22 @@ def test_packed_dot_is_the_product(dtype, tol, rows, k, n):
     assert np.all(np.abs(out[:, :n] - want) <= tol * (scale + 1e-30))
     assert np.all(out[:, n:] == 0)  # the padding columns: zero weights, written
 
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+@pytest.mark.parametrize("k, n", [(9, 100), (100, 100), (100, 1), (1, 100), (20, 3), (0, 5)])
+def test_packed_matvec_is_one_row_of_the_product(dtype, tol, k, n):
+    """The row kernels' product with a parameter: a 1-D row, its padded output."""
+    rng = np.random.default_rng(k * 1000 + n)
+    v = rng.standard_normal(k).astype(dtype)
+    w = rng.standard_normal((k, n)).astype(dtype)
+    packed = pack(w, 1)
+    out = np.full(packed_width(packed), np.nan, dtype)
+    packed_matvec(v, packed, out)
+    want = v.astype(np.float64) @ w.astype(np.float64)
+    scale = np.abs(v).astype(np.float64) @ np.abs(w).astype(np.float64)
+    assert np.all(np.abs(out[:n] - want) <= tol * (scale + 1e-30))
+    assert np.all(out[n:] == 0)
 
 def test_pack_layout():
     w = np.arange(5 * 19, dtype=np.float32).reshape(5, 19)

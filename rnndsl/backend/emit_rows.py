@@ -248,16 +248,24 @@ def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
     if m.op != "param":
         _matrix_sum(k, n, code, 0 if transpose else 1, term)
         return
-    # A product with a parameter runs its vector lanes along the output where the output is at
-    # least as long as each sum, and along the sums where the output is shorter: a sum along
-    # the lanes ends in a sum across them, which costs more than a short sum's few products.
-    # One of the two reads the parameter's transpose (made once a pass by the glue). Measured
-    # on W @ v in float32: with the lanes along the output, W of 100 x 9, 20, 100 (the NTM's
-    # controller) 2.9x, 2.6x, 1.7x as fast; with the lanes along the sums, 20 x 100 2.6x.
+    # A product with a parameter whose output is at least as long as each sum goes through
+    # the per-step product's micro-kernel (packed.py; cpu), its weights packed once a pass by
+    # the glue: a row of output accumulated in vector registers over the sums. A shorter output
+    # runs its vector lanes along the sums, on the parameter's transpose where it is
+    # transposed (made once a pass by the glue): a sum along the lanes ends in a sum across
+    # them, which costs less than a panel of mostly unused columns (at 20 x 100, 2.6x as
+    # fast as lanes along the output). Against lanes along the output accumulated in
+    # memory, the NTM (float32, one thread, alternated, quiet): forward rows 10.9-14.0 ->
+    # 10.5 ms, backward rows 23.9-24.4 -> 22.2-22.9 ms; its float64 compile 107 -> 90 s.
     out, rows, cols = k.var(n), k.size(m.shape[0]), k.size(m.shape[1])
     out_size, sum_size = (cols, rows) if transpose else (rows, cols)
 
-    def lanes_along_output():
+    def micro_kernel():
+        weights = k.packed(m, transpose)
+        k.scratch[out] = f"packed_width({weights})"
+        code(f"packed_matvec({k.vector(v, code)}, {weights}, {out})")
+
+    def lanes_along_output():  # a GPU thread's row, which has no micro-kernel
         if transpose:  # down M's rows, each times u's element
             _matrix_sum(k, n, code, 0, term)
             return
@@ -267,6 +275,8 @@ def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
             code(f"{out}_v = {k.elem(v, ('j',))}")
             with code.block(f"for i in range({rows}):"):
                 code(f"{out}[i] += {k.transposed(m)}[j, i] * {out}_v")
+
+    longer_output = micro_kernel if k.target == "cpu" else lanes_along_output
 
     def lanes_along_sums():
         if not transpose:  # along M's rows
@@ -279,10 +289,10 @@ def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
             code(f"{out}[j] = {out}_acc")
 
     if out_size == sum_size:
-        lanes_along_output()
+        longer_output()
         return
     with code.block(f"if {out_size} >= {sum_size}:"):
-        lanes_along_output()
+        longer_output()
     with code.block("else:"):
         lanes_along_sums()
 
@@ -357,6 +367,7 @@ class _RowKernel:
         self.arrays: set[str] = set()
         self.scratch: dict[str, str] = {}  # array -> its sizes as code, "n0, n1"
         self.transposes: dict[str, str] = {}  # a parameter's transpose -> the parameter
+        self.packs: dict[str, tuple[str, bool]] = {}  # packed weights -> (parameter, transposed)
         self.sizes_used: set[str] = set()
         self.matrix = {s: f"m{k}" for k, s in enumerate(plan.step.states)
                        if s in plan.matrix_states}
@@ -366,14 +377,41 @@ class _RowKernel:
     # -- names ----------------------------------------------------------------------------------
     def var(self, n: Node) -> str:
         name = self.names.var(n)
-        if n.shape:
-            self.scratch[name] = ", ".join(self.size(d) for d in n.shape)
+        if n.shape:  # (a product's may be wider: see _product)
+            self.scratch.setdefault(name, ", ".join(self.size(d) for d in n.shape))
             self.arrays.add(name)
         return name
 
     def use(self, array: str) -> str:
         self.arrays.add(array)
         return array
+
+    def packed(self, param: Node, transpose: bool) -> str:
+        """A matrix parameter packed by the glue for `packed_matvec`: v @ W.T (W @ v), or
+        with `transpose` g @ W (W.T @ g)."""
+        name = ("q" if transpose else "k") + self.names.param[param.attr]
+        self.packs[name] = (self.names.param[param.attr], transpose)
+        return self.use(name)
+
+    def vector(self, n: Node, code: Code) -> str:
+        """A vector of one row as a C-contiguous 1-D array: an input's or a vector state's
+        row, a parameter, a value kept in scratch, else (a value computed in place, an
+        adjoint) written into a scratch of its own first."""
+        names = self.names
+        if n.op == "input":
+            return f"{self.use(names.input[n.attr])}[t, b]"
+        if n.op == "prev" and n.attr not in self.matrix:
+            return f"{self.use(names.state[n.attr])}[t, b]"
+        if n.op == "param":
+            return self.use(names.param[n.attr])
+        if not n.is_leaf and n.uid not in self.plan.inline:
+            return self.var(n)
+        held = f"{self.names.var(n)}_row"
+        self.scratch[held] = self.size(n.shape[0])
+        self.arrays.add(held)
+        with code.block(f"for j in range({self.size(n.shape[0])}):"):
+            code(f"{held}[j] = {self.elem(n, ('j',))}")
+        return held
 
     def transposed(self, param: Node) -> str:
         """The C-contiguous transpose of a matrix parameter, which the glue makes."""
@@ -639,6 +677,8 @@ def emit_module(plan: RowPlan, dtype: str, header: str, target: str = "cpu") -> 
         head = cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import weight_grad\n"
                                                      "from rnndsl.backend.emit_rows import "
                                                      "checkpoint_every, deep_recursion\n"
+                                                     "from rnndsl.backend.packed import pack, "
+                                                     "packed_matvec, packed_width\n"
                                                      "from rnndsl.backend.row_threads import "
                                                      "row_chunks, run_rows", FASTMATH,
                                inline=False)  # hundreds of call sites: see kernel_functions
@@ -739,7 +779,11 @@ def _opening(plan: RowPlan, names: Names, signature: str, arrays: _HostArrays) -
 
 
 def _scratch(L: Code, k: _RowKernel, arrays: _HostArrays):
-    """The kernel's arrays besides the pass's own: private scratch, parameters' transposes."""
+    """The kernel's arrays besides the pass's own: parameters packed for the micro-kernel
+    (cpu), private scratch (a product's as wide as its packed weights), parameters'
+    transposes."""
+    for name, (param, transpose) in sorted(k.packs.items()):
+        L(f"{name} = pack({param if transpose else param + '.T'}, 1)")
     for name, shape in sorted(k.scratch.items()):
         L(f"{name} = {arrays.empty(f'({arrays.copies}, {shape})')}")
     for name, param in sorted(k.transposes.items()):

@@ -194,6 +194,18 @@ def packed_dot(h, w, out):
 
 
 @njit(cache=True, error_model="numpy", boundscheck=False)
+def packed_matvec(v, w, out):
+    """out[:P * PANEL] = v (K,) @ w, the weights packed by `pack(W, 1)`: one row of the
+    product (the row kernels' products with a parameter, emit_rows.py); v and out
+    C-contiguous 1-D arrays, out as long as `packed_width(w)`."""
+    count, k_size, width = w.shape
+    flat_w = w.reshape(-1)
+    for p in range(count):
+        _panel_product(v, k_size, 1, flat_w, p * k_size * width, width, k_size, None, out,
+                       out.shape[0], p * width)
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False)
 def _panel_product(flat_h, k_size, rows, flat_w, base, width, depth, index, flat_out, n, at):
     """One panel's columns of the product, for all rows: out[b, at:at + width] = the sum over
     k < depth of h[b, index[k]] times the panel's row k (stored from flat_w[base], `width`
