@@ -233,7 +233,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "device_out"))
     ap.add_argument("--quick", action="store_true", help="the benchmark of lstm and gru only")
     ap.add_argument("--simulate", action="store_true",
-                    help="a dry run of part 1 in Numba's CUDA simulator")
+                    help="a dry run of parts 1 and 2 in Numba's CUDA simulator")
     ap.add_argument("--equality-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--compile-cpu", metavar="SPEC", help=argparse.SUPPRESS)

@@ -674,13 +674,11 @@ def emit_module(plan: RowPlan, dtype: str, header: str, target: str = "cpu") -> 
                 "from rnndsl.backend.emit_rows import checkpoint_every, deep_recursion", "",
                 f"DT = np.{dtype}", constant_lines(names, dtype), kernel_functions(dtype, "cuda")]
     else:
-        head = cpu_module_head(header, names, dtype, "from rnndsl.backend.blas import weight_grad\n"
-                                                     "from rnndsl.backend.emit_rows import "
-                                                     "checkpoint_every, deep_recursion\n"
-                                                     "from rnndsl.backend.packed import pack, "
-                                                     "packed_matvec, packed_width\n"
-                                                     "from rnndsl.backend.row_threads import "
-                                                     "row_chunks, run_rows", FASTMATH,
+        imports = ("from rnndsl.backend.blas import weight_grad\n"
+                   "from rnndsl.backend.emit_rows import checkpoint_every, deep_recursion\n"
+                   "from rnndsl.backend.packed import pack, packed_matvec, packed_width\n"
+                   "from rnndsl.backend.row_threads import row_chunks, run_rows")
+        head = cpu_module_head(header, names, dtype, imports, FASTMATH,
                                inline=False)  # hundreds of call sites: see kernel_functions
     return "\n".join([
         *head,
