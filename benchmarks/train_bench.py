@@ -14,6 +14,10 @@ steps and over the whole run: the two runs compute the same numbers, so these st
 rounding (a few 1e-6) at first and grow slowly as rounding differences feed back through the
 training.
 
+`rnndsl train` has glibc's malloc keep freed memory for the rest of the process
+(rnndsl/backend/heap.py); this script does so before anything runs, so PyTorch's loops run
+under the same allocator settings (they gain from them too).
+
     python benchmarks/train_bench.py                      # every case, a few minutes
     python benchmarks/train_bench.py --cases adding --specs lstm --steps 500
 """
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rnndsl.backend.heap import keep_freed_memory
 from rnndsl.torch import TORCH_LAYOUT
 from rnndsl.training.train import TrainConfig, batch_at, make_model, train
 
@@ -170,6 +175,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="Steps of every case (default: "
                     + ", ".join(f"{k} {v['steps']}" for k, v in CASES.items()) + ").")
     args = ap.parse_args()
+    keep_freed_memory()  # for both, as `rnndsl train` does for itself
     default_threads = torch.get_num_threads()
     print(f"time to train (steps/s), float32, Adam, global-norm clip 1.0; torch "
           f"{torch.__version__} on its default {default_threads} threads and on 1; rnndsl as "

@@ -38,6 +38,7 @@ from rnndsl.engines.cell import HIDDEN
 from rnndsl.language.errors import UserError, printable
 from rnndsl.backend import row_threads
 from rnndsl.backend.blas import blas_threads
+from rnndsl.backend.heap import keep_freed_memory
 from rnndsl.training.optim import (OPTIMIZERS, SCHEDULES, Schedule, TrainingDiverged,
                                    check_finite, flatten, load_passes, make_optimizer)
 from rnndsl.training.tasks import SEQUENCE_TASKS, TASKS, Batch, make_task
@@ -276,13 +277,15 @@ def train(config: TrainConfig, progress=None, save: str | Path | None = None,
     kernels' threads during the run, for BLAS and the time loops (None: leave them as they
     are). `held_out_log` also evaluates the held-out batch at every log record
     (`record["held_out"]`), so runs can be compared along the way (rnndsl sweep); its time
-    counts in steps/s."""
+    counts in steps/s. The process's malloc keeps freed memory from then on
+    (backend/heap.py): the steps allocate the same arrays again and again."""
     if save is not None:
         check_writable(save, "checkpoint")
     if not (isinstance(save_every, int) and save_every >= 0):
         raise UserError(f"save_every must be a whole number >= 0, got {save_every!r}")
     if not (threads is None or (isinstance(threads, int) and threads >= 1)):
         raise UserError(f"threads must be a whole number of at least 1, got {threads!r}")
+    keep_freed_memory()
     with kernel_threads(threads):
         return _train(config, progress, save, resume, save_every, held_out_log)
 
