@@ -255,9 +255,10 @@ def _cell_forward_fake(key, params, xs, state0, lengths):
 @torch.library.custom_op("rnndsl::cell_backward", mutates_args=())
 def cell_backward(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
                   lengths: Tensor, tape: Tensor, d_outputs: list[Tensor],
-                  d_finals: list[Tensor]) -> list[Tensor]:
+                  d_finals: list[Tensor], input_grads: bool = True) -> list[Tensor]:
     """Gradients of a loss w.r.t. the parameters, inputs and initial states of a registered
-    cell, given its gradients w.r.t. the output sequences and the final states."""
+    cell, given its gradients w.r.t. the output sequences and the final states. With
+    `input_grads` false (no input needs one) the inputs' gradients are zeros, not computed."""
     like = xs[0]
     cell = _device_cell(key, like.device)
     p, x, s0 = _named(cell, params, xs, state0)
@@ -266,14 +267,16 @@ def cell_backward(key: str, params: list[Tensor], xs: list[Tensor], state0: list
         if fwd is None:  # the tape is gone: recompute it
             fwd = cell.forward(p, x, s0, lengths=_array(lengths))
         g = cell.backward(p, fwd, dict(zip(cell.outputs, map(_array, d_outputs))),
-                          dict(zip(cell.states, map(_array, d_finals))))
+                          dict(zip(cell.states, map(_array, d_finals))), input_grads)
     return [*(_tensor(g.params[n], like, like.dtype) for n in cell.params),
-            *(_tensor(g.inputs[n], like, like.dtype) for n in cell.inputs),
+            *(_tensor(g.inputs[n], like, like.dtype) if input_grads else torch.zeros_like(x)
+              for n, x in zip(cell.inputs, xs)),
             *(_tensor(g.state0[n], like, fresh=True) for n in cell.states)]
 
 
 @cell_backward.register_fake
-def _cell_backward_fake(key, params, xs, state0, lengths, tape, d_outputs, d_finals):
+def _cell_backward_fake(key, params, xs, state0, lengths, tape, d_outputs, d_finals,
+                        input_grads=True):
     return [torch.empty_like(t) for t in (*params, *xs, *state0)]
 
 
@@ -290,10 +293,12 @@ def _backward(ctx, grads):
     params, xs = list(saved[:n_p]), list(saved[n_p:n_p + n_x])
     state0, (lengths, tape) = list(saved[n_p + n_x:n_p + n_x + n_s]), saved[-2:]
     n_o = len(grads) - n_s - 1
+    want_dx = any(ctx.needs_input_grad[2])  # a first layer's input is data
     d = cell_backward(ctx.key, params, xs, state0, lengths, tape,
                       [g.contiguous() for g in grads[:n_o]],
-                      [g.contiguous() for g in grads[n_o:n_o + n_s]])
-    return None, d[:n_p], d[n_p:n_p + n_x], d[n_p + n_x:], None
+                      [g.contiguous() for g in grads[n_o:n_o + n_s]], want_dx)
+    return (None, d[:n_p], d[n_p:n_p + n_x] if want_dx else [None] * n_x, d[n_p + n_x:],
+            None)
 
 
 cell_forward.register_autograd(_backward, setup_context=_setup_context)

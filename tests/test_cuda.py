@@ -294,6 +294,21 @@ def test_float32_and_auto_mode():
 
 
 @device
+@pytest.mark.parametrize("name", ["lstm", "delta_net"])
+def test_without_input_gradients_the_rest_is_the_same(name):
+    """input_grads=False skips the inputs' GEMM (the row kernels compute them either way)."""
+    cell = rnndsl.compile(name, target="cuda", persistent=False)
+    params, xs, state0 = problem(cell, 3, 2, seed=5)
+    fwd = cell.forward(params, xs, state0, [3, 1])
+    d_out = np.random.default_rng(0).standard_normal(fwd.output.shape)
+    full = cell.backward(params, fwd, d_out)
+    part = cell.backward(params, fwd, d_out, input_grads=False)
+    assert part.inputs == {} and full.inputs
+    for k in full.params:
+        np.testing.assert_array_equal(part.params[k], full.params[k], err_msg=k)
+
+
+@device
 def test_time_loop_choice_follows_fit_and_cost():
     """cs.choose_time_loop on made-up devices, so that the answers do not depend on the one
     the tests run on: (K, N) = (64, 256) is an LSTM's recurrent product at H=64."""

@@ -41,6 +41,23 @@ def test_kernels_match_reference(cells, dtype, tol, T, B, lengths):
     assert not bad, bad
 
 
+def test_without_input_gradients_the_rest_is_the_same(cells):
+    """input_grads=False (a network's first layer) skips the inputs' GEMM: the parameters' and
+    initial states' gradients are those of a full backward pass, to the bit."""
+    for cell in cells:
+        params, xs, state0 = problem(cell, 6, 4, seed=8)
+        fwd = cell.forward(params, xs, state0, [6, 2, 0, 5])
+        d_out = {o: np.random.default_rng(3).standard_normal(v.shape)
+                 for o, v in fwd.outputs.items()}
+        full = cell.backward(params, fwd, d_out)
+        part = cell.backward(params, fwd, d_out, input_grads=False)
+        assert part.inputs == {} and set(full.inputs) == set(cell.inputs)
+        for got, want in ((part.params, full.params), (part.state0, full.state0)):
+            assert list(got) == list(want)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"{cell.name} {k}")
+
+
 def test_padded_sequence_equals_running_it_alone():
     cell = rnndsl.compile("lstm")
     params, xs, state0 = problem(cell, 7, 3, seed=3)

@@ -96,6 +96,22 @@ def test_gradients_match_finite_differences(cells, spec, layers, bidirectional, 
     assert not dx[padding(LENGTHS)].any()
 
 
+@pytest.mark.parametrize("spec,layers,bidirectional,residual,dense,sizes", CONFIGS)
+def test_without_the_input_gradient_the_rest_is_the_same(cells, spec, layers, bidirectional,
+                                                        residual, dense, sizes):
+    """input_grads=False (training: the input is data) gives the parameters' gradients of the
+    full pass above, to the bit, and no dL/dx."""
+    net = Network(cells(spec), I, H, layers, bidirectional, residual, dense, sizes)
+    params, x = data(net)
+    y, tape = net.forward(params, x, LENGTHS)
+    R = np.random.default_rng(1).standard_normal(y.shape)
+    full, dx = net.backward(params, tape, R)
+    part, none = net.backward(params, tape, R, input_grads=False)
+    assert dx is not None and none is None and list(part) == list(full)
+    for k in full:
+        np.testing.assert_array_equal(part[k], full[k], err_msg=k)
+
+
 # -- against torch ------------------------------------------------------------------------------
 TORCH = {"lstm": ("LSTM", "ifgo"), "gru": ("GRU", "rzn"), "elman": ("RNN", "h")}
 

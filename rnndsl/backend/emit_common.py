@@ -285,11 +285,13 @@ def as_tuple(items) -> str:
 
 def backward_preamble(plan: Plan, names: Names, extra_args: str = "") -> Code:
     """The opening of a generated `backward`: its signature and its arguments unpacked into
-    the compiler's names (shared by the CPU and CUDA targets)."""
+    the compiler's names (shared by the CPU and CUDA targets). With `input_grads` false the
+    caller does not want the inputs' gradients (a network's first layer): their GEMMs after
+    the loop are skipped, and what is returned for them is incomplete."""
     saved = [*names.state.values(), *(g.name for g in plan.hoisted), "tape",
              *(b.name for b in plan.vectors.values())]
     code = function(f"def backward(params, xs, lengths, saved, d_outputs, d_final, "
-                    f"sizes{extra_args}):")
+                    f"sizes{extra_args}, input_grads=True):")
     return code(unpack(list(names.param.values()), "params"),
                 unpack(list(names.input.values()), "xs"),
                 unpack(list(names.size.values()), "sizes"),

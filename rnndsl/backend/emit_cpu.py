@@ -259,7 +259,8 @@ def _backward_glue(plan: Plan, names: Names, k: _LoopKernel) -> str:
     for x, g in plan.deferred:
         code = names.input[x]
         product = _product(plan, names, g.node.attr, f"{g.buffer.name}.reshape(T * B, -1)", True)
-        L(f"d{code} += {product}[:, :{names.size[step.inputs[x]]}].reshape(T, B, -1)")
+        with L.block("if input_grads:"):
+            L(f"d{code} += {product}[:, :{names.size[step.inputs[x]]}].reshape(T, B, -1)")
     grads = {p: f"d{code}" for p, code in names.param.items()}
     for p, code in names.param.items():
         L(f"d{code} = np.zeros_like({code})")

@@ -641,8 +641,9 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: list[_PersistentKe
         _run_loop(L, "backward", phases, plan.back, plan, names)
     L("# after the loop: input and weight gradients as GEMMs over all T*B rows")
     for x, g in plan.deferred:
-        L(f"cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
-          f"cs.flat(d{names.input[x]}), stream, accumulate=True)")
+        with L.block("if input_grads:"):
+            L(f"cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
+              f"cs.flat(d{names.input[x]}), stream, accumulate=True)")
     grads = {p: f"d{code}" for p, code in names.param.items()}
     # a weight whose gradient comes from one stacked GEMM only is a row block of its result
     uses: dict[str, int] = {}

@@ -832,8 +832,9 @@ def _forward_glue(plan: RowPlan, names: Names, k: _RowKernel, arrays: _HostArray
 
 def _backward_glue(plan: RowPlan, names: Names, k: _RowKernel, arrays: _HostArrays) -> str:
     step = plan.step
+    # input_grads as the vector kernels take it: the rows' loop computes them either way
     L = _opening(plan, names, "def backward(params, xs, lengths, saved, d_outputs, d_final, "
-                              f"sizes{arrays.stream}):", arrays)
+                              f"sizes{arrays.stream}, input_grads=True):", arrays)
     L(unpack([*(c for s, c in names.state.items() if s not in plan.matrix_states),
               *(f"k{names.state[s]}" for s in plan.matrix_states), "every"], "saved"),
       unpack([f"d{c}" for c in names.output.values()], "d_outputs"))

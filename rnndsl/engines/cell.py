@@ -68,7 +68,7 @@ class ReferenceEngine:
                                                   sizes, dtype)
         return outs, finals, history
 
-    def backward(self, params, tape: _Tape, d_outputs, d_final):
+    def backward(self, params, tape: _Tape, d_outputs, d_final, input_grads=True):
         return reference.backward(self.bwd, params, tape.xs, tape.saved, tape.lengths,
                                   d_outputs, d_final, tape.sizes, tape.dtype)
 
@@ -147,7 +147,7 @@ class CpuEngine(GeneratedEngine):
             tuple(sizes[s] for s in self.step.sizes))
         return (dict(zip(self.step.outputs, outs)), dict(zip(self.step.states, finals)), saved)
 
-    def backward(self, params, tape: _Tape, d_outputs, d_final):
+    def backward(self, params, tape: _Tape, d_outputs, d_final, input_grads=True):
         m = self.module(tape.dtype)
         T, B = next(iter(tape.xs.values())).shape[:2]
         douts = tuple(d_outputs[o] if o in d_outputs else
@@ -156,7 +156,7 @@ class CpuEngine(GeneratedEngine):
         dp, dx, d0 = m.backward(
             tuple(params[p] for p in self.step.params), tuple(tape.xs[x] for x in self.step.inputs),
             tape.lengths, tape.saved, douts, tuple(d_final[s] for s in self.step.states),
-            tuple(tape.sizes[s] for s in self.step.sizes))
+            tuple(tape.sizes[s] for s in self.step.sizes), input_grads)
         return (dict(zip(self.step.params, dp)), dict(zip(self.step.inputs, dx)),
                 dict(zip(self.step.states, d0)))
 
@@ -248,9 +248,12 @@ class Cell:
         tape = _Tape(xs, state0, lengths, sizes, dtype, saved) if save else None
         return Forward(outs, finals, tape)
 
-    def backward(self, params: dict, fwd: Forward, d_outputs=None, d_states=None) -> Grads:
+    def backward(self, params: dict, fwd: Forward, d_outputs=None, d_states=None,
+                 input_grads: bool = True) -> Grads:
         """Gradients of a loss given its gradient w.r.t. the output sequences (`d_outputs`, an
-        array for the first output or a dict) and w.r.t. the final states (`d_states`)."""
+        array for the first output or a dict) and w.r.t. the final states (`d_states`). With
+        `input_grads=False` the gradients w.r.t. the inputs are not computed where that saves
+        work (their GEMM over all T*B rows) and `Grads.inputs` is empty."""
         tape: _Tape = fwd.tape
         if tape is None:
             raise ValueError("this forward pass ran with save=False: run it again to backpropagate")
@@ -276,11 +279,13 @@ class Cell:
                 raise ValueError(f"d_states['{s}'] has shape {g.shape}, expected "
                                  f"{fwd.states[s].shape}")
         blocks = self._blocks(params, tape.sizes, dtype)
-        d_params, d_inputs, d_state0 = self.engine.backward(blocks, tape, d_outputs, d_final)
+        d_params, d_inputs, d_state0 = self.engine.backward(blocks, tape, d_outputs, d_final,
+                                                            input_grads)
         for p, cut in self.step.layout.cuts.items():
             d_params[p] = _join(params[p], [d_params.pop(k) for k in cut.names],
                                 _block_indices(cut, params[p].ndim, tape.sizes))
-        return Grads({p: d_params[p] for p in self.params}, d_inputs, d_state0)
+        return Grads({p: d_params[p] for p in self.params}, d_inputs if input_grads else {},
+                     d_state0)
 
     # -- helpers --------------------------------------------------------------------------------
     def _blocks(self, params: dict, sizes: dict, dtype) -> dict:
@@ -490,6 +495,8 @@ def _common_dtype(params: dict, xs: dict) -> np.dtype:
 def _dtype_of(v) -> np.dtype:
     """The dtype of an array of any kind, without copying it (PyTorch spells 'torch.float32')."""
     dt = getattr(v, "dtype", None)
+    if isinstance(dt, np.dtype):  # NumPy's own: taking the name apart costs 7 us a call
+        return dt
     if dt is None:
         return np.asarray(v).dtype
     return np.dtype(str(dt).removeprefix("torch."))

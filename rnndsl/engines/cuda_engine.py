@@ -113,7 +113,7 @@ class CudaEngine(GeneratedEngine):
         return (dict(zip(self.step.outputs, map(back, outs))),
                 dict(zip(self.step.states, map(back, finals))), (saved, on_host))
 
-    def backward(self, params, tape, d_outputs, d_final):
+    def backward(self, params, tape, d_outputs, d_final, input_grads=True):
         from rnndsl.backend import cuda_support as cs
 
         m = self.module(tape.dtype)
@@ -130,14 +130,14 @@ class CudaEngine(GeneratedEngine):
             cs.device(np.asarray(tape.lengths, np.int64)),
             saved, douts, tuple(dev(d_final[s]) for s in self.step.states),
             tuple(tape.sizes[s] for s in self.step.sizes), cs.current_stream(),
-            *(() if self.rows else (self.persistent,)))
+            *(() if self.rows else (self.persistent,)), input_grads=input_grads)
         self.last_blocks["backward"], self.last_variant["backward"] = blocks, variant
         back = cs.host if on_host else (lambda a: a)
         dparams = {}
         for p, g in zip(self.step.params, dp):
             g = back(g)
             dparams[p] = g.reshape(()) if not self.step.params[p].shape and on_host else g
-        return (dparams, dict(zip(self.step.inputs, map(back, dx))),
+        return (dparams, dict(zip(self.step.inputs, map(back, dx))) if input_grads else {},
                 dict(zip(self.step.states, map(back, d0))))
 
 

@@ -93,7 +93,7 @@ class HistoryCompressor:
         res = head.loss(own, y, ids[1:], steps)
         if not grads:
             return res.loss, res.metrics, None
-        g, _ = net.backward(net_params, tape, res.dy)
+        g, _ = net.backward(net_params, tape, res.dy, input_grads=False)
         return res.loss, res.metrics, {f"level{k}.{p}": v for p, v in {**g, **res.grads}.items()}
 
     def _one_hot(self, ids, own) -> np.ndarray:

@@ -291,13 +291,16 @@ class Network:
         top = _joined([values[(self.layers - 1, s)] for s in self.streams])
         return NetworkRun(top, finals, _Tape(lengths, values, inputs, cells) if save else None)
 
-    def backward(self, params: dict, tape: _Tape, dy) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def backward(self, params: dict, tape: _Tape, dy, input_grads: bool = True
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Gradients of a loss given dy = dL/dy (T, B, output_size): (dL/dparams with the keys
-        of `params`, dL/dx (T, B, input_size))."""
-        grads, dx, _ = self.backward_states(params, tape, dy)
+        of `params`, dL/dx (T, B, input_size), or None with input_grads=False: the first
+        layer's cells then skip the GEMM of their input gradients)."""
+        grads, dx, _ = self.backward_states(params, tape, dy, input_grads=input_grads)
         return grads, dx
 
-    def backward_states(self, params: dict, tape: _Tape, dy=None, d_states: dict | None = None):
+    def backward_states(self, params: dict, tape: _Tape, dy=None, d_states: dict | None = None,
+                        input_grads: bool = True):
         """As `backward`, with the gradients of the loss w.r.t. the final states of `run` too
         (`d_states`, keyed as its states; dy None: the loss reads no output), returning also
         dL/d(state0), keyed (layer, direction) -> {state: (B, n)}."""
@@ -321,21 +324,27 @@ class Network:
         for layer, stream, directions in reversed(list(self._parts())):
             d_y = adjoints.pop((layer, stream))
             u = tape.inputs[(layer, stream)]
-            du = None  # dL/du, summed over the residual and the directions (never in place:
-            # a part may be a view of dy)
+            # dL/du: needed unless u is the network's input and its gradient is not wanted
+            want_du = input_grads or self._sources(layer, stream) != [X]
+            du = None  # summed over the residual and the directions (never in place: a part
+            # may be a view of dy)
             if self.residual:
                 du = self._project_backward(params, grads, self._name(layer, "proj", stream),
-                                            u, d_y)
+                                            u, d_y, want_du)
             for d, d_out in zip(directions, np.split(d_y, len(directions), axis=2)):
                 g = self.cell.backward(self._cell_params(params, layer, d), tape.cells[(layer, d)],
                                        d_outputs=self._orient(d_out, d, tape.lengths),
-                                       d_states=d_states.get((layer, d)))
+                                       d_states=d_states.get((layer, d)), input_grads=want_du)
                 d_state0[(layer, d)] = g.state0
                 grads.update({f"layer{layer}.{d}.{p}": v for p, v in g.params.items()})
-                part = self._orient(g.inputs[self.x_name], d, tape.lengths)
-                du = part if du is None else du + part
-            self._combine_backward(params, grads, layer, stream, tape.values, du, adjoints)
-        return {name: grads[name] for name in self._shapes}, adjoints[X], d_state0
+                if want_du:
+                    part = self._orient(g.inputs[self.x_name], d, tape.lengths)
+                    du = part if du is None else du + part
+            if want_du:
+                self._combine_backward(params, grads, layer, stream, tape.values, du, adjoints,
+                                       input_grads)
+        return ({name: grads[name] for name in self._shapes}, adjoints.get(X) if input_grads
+                else None, d_state0)
 
     # -- pieces of the passes -------------------------------------------------------------------
     def _check(self, params: dict) -> None:
@@ -361,13 +370,13 @@ class Network:
         """a @ P.T, or a itself where the widths agree and there is no P."""
         return matmul(a, np.asarray(params[name], a.dtype).T) if name in self._shapes else a
 
-    def _project_backward(self, params, grads, name, a, d):
-        """dL/da of `_project` given d = dL/d(result); dL/dP into grads."""
+    def _project_backward(self, params, grads, name, a, d, want_da: bool = True):
+        """dL/da of `_project` given d = dL/d(result) (None unless `want_da`); dL/dP into
+        grads."""
         if name not in self._shapes:
-            return d
-        P = np.asarray(params[name], a.dtype)
+            return d if want_da else None
         grads[name] = weight_grad(d, a)
-        return matmul(d, P)
+        return matmul(d, np.asarray(params[name], a.dtype)) if want_da else None
 
     def _combine(self, params, layer, stream, sources):
         """u, what the stream's cells read, from the values it reads (the network input first
@@ -379,17 +388,22 @@ class Network:
         x, *below = sources
         return self._project(params, self._name(layer, "xproj", stream), x) + sum(below)
 
-    def _combine_backward(self, params, grads, layer, stream, values, du, adjoints):
-        """Hand du = dL/du on to the values that u was made of."""
+    def _combine_backward(self, params, grads, layer, stream, values, du, adjoints,
+                          input_grads: bool):
+        """Hand du = dL/du on to the values that u was made of (to the network's input only if
+        `input_grads`)."""
         keys = self._sources(layer, stream)
         if len(keys) == 1:
             _accumulate(adjoints, keys[0], du)
         elif self.dense == "concat":
             edges = np.cumsum([values[k].shape[2] for k in keys])[:-1]
             for k, part in zip(keys, np.split(du, edges, axis=2)):
-                _accumulate(adjoints, k, part)
+                if k != X or input_grads:
+                    _accumulate(adjoints, k, part)
         else:
             name = self._name(layer, "xproj", stream)
-            _accumulate(adjoints, X, self._project_backward(params, grads, name, values[X], du))
+            dx = self._project_backward(params, grads, name, values[X], du, input_grads)
+            if input_grads:
+                _accumulate(adjoints, X, dx)
             for k in keys[1:]:
                 _accumulate(adjoints, k, du)

@@ -194,7 +194,8 @@ class Decoder:
         res = self.head.loss(params, run.y, np.asarray(target), lengths)
         if not grads:
             return res, None
-        net_grads, _, d_state0 = self.network.backward_states(net, run.tape, res.dy)
+        net_grads, _, d_state0 = self.network.backward_states(net, run.tape, res.dy,
+                                                               input_grads=False)
         return res, ({**_prefixed("decoder", net_grads), **res.grads}, d_state0)
 
     def log_prob(self, params, state0, target, lengths, context=None) -> np.ndarray:
@@ -381,7 +382,8 @@ class Seq2Seq:
                 cell = d_final.setdefault(k, {})
                 cell[es] = cell[es] + part if es in cell else part
         enc = _unprefixed("encoder", params)
-        enc_grads, _, _ = self.encoder.backward_states(enc, run.tape, None, d_final)
+        enc_grads, _, _ = self.encoder.backward_states(enc, run.tape, None, d_final,
+                                                        input_grads=False)
         out.update(_prefixed("encoder", enc_grads))
         return res.loss, metrics, {k: out[k] for k in self.param_shapes()}
 

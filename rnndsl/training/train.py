@@ -232,7 +232,7 @@ class Model:
         res = self.head.loss(params, y, batch.target, batch.lengths, batch.mask)
         if not grads:
             return res.loss, res.metrics, None
-        net_grads, _ = self.network.backward(net, tape, res.dy)
+        net_grads, _ = self.network.backward(net, tape, res.dy, input_grads=False)
         return res.loss, res.metrics, {**net_grads, **res.grads}
 
 
