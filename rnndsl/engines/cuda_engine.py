@@ -29,6 +29,7 @@ from rnndsl.backend import emit_rows as rows
 from rnndsl.backend.emit_rows import RowPlan
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import StepIR
+from rnndsl.symbolic.rank2 import block_diagonal
 from rnndsl.engines.cell import GeneratedEngine
 
 
@@ -52,6 +53,12 @@ class CudaEngine(GeneratedEngine):
                                  "whose CUDA kernels run one thread per batch row; there is no "
                                  "persistent kernel to choose (None or False)")
             rows.tape_budget(tape_budget)  # a bad value is refused now, not at the first pass
+        elif persistent not in (None, False) and block_diagonal(step):
+            from rnndsl.backend.emit_cuda import BLOCKS_RUN_PER_STEP
+
+            raise ValueError(f"persistent={persistent!r}: {step.name} has block-diagonal "
+                             f"parameters ({block_diagonal(step)}); {BLOCKS_RUN_PER_STEP} "
+                             "(None or False)")
         self.persistent = persistent
         self.tape_budget = tape_budget
         self.last_blocks = {"forward": None, "backward": None}
