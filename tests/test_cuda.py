@@ -208,7 +208,7 @@ def test_block_diagonal_parameters_compile_for_cuda_by_their_blocks():
     assert "slstm" in rnndsl.compiler.kernel_specs("cuda") and "slstm" in BLOCK_SPECS
     result = CliRunner().invoke(app, ["compile", "slstm", "--target", "cuda", "--show", "code"])
     assert result.exit_code == 0, result.output
-    assert "persistent kernel auto: never: block-diagonal parameters run per step" in \
+    assert "persistent kernel auto: never (block-diagonal parameters run per step" in \
         result.output
     code = result.output.split("def forward_steps(")[1]
     assert code.count("cs.block_product(") == 2 and code.count("cs.add_diagonal_block_grads(") == 4
@@ -792,25 +792,27 @@ def test_the_simulator_runs_every_time_loop_uncaptured():
 
 
 @device
-@pytest.mark.parametrize("name", ["lstm", "x_ln_lstm"] + (
+@pytest.mark.parametrize("name", ["lstm", "x_ln_lstm", "gru 2 heads of 3"] + (
     ["gru", "x_gru_split", "x_jordan", "x_indrnn", "x_parts"] if long_checks() else []))
 def test_a_graph_s_buffers_give_the_uncaptured_results(name, fake_graphs):
     """The first call of a shape runs uncaptured, the second on the graph's static buffers
     (and captures), the third replays: each time every output and gradient matches the
     reference, with scratch buffers (the graph's too) full of NaN, so a buffer the loop reads
-    but the copy-in skips, or writes but the copy-out skips, shows."""
+    but the copy-in skips, or writes but the copy-out skips, shows (block products too: a GRU
+    with block-diagonal recurrent matrices, of h_prev and of r * h_prev)."""
     from rnndsl.backend import cuda_graphs as cg
 
     fake, cache = fake_graphs()
-    cell = rnndsl.compile(SPECS[name], target="cuda", persistent=False)
-    ref = rnndsl.compile(SPECS[name], target="reference")
+    text, constants, sizes = BLOCK_CELLS.get(name, (SPECS.get(name), {}, (2, 1)))
+    cell = rnndsl.compile(text, target="cuda", persistent=False, constants=constants)
+    ref = rnndsl.compile(text, target="reference", constants=constants)
     runs = []
     for _ in range(3):
-        compare(cell, ref, 3, 2, [3, 1])
+        compare(cell, ref, 3, 2, [3, 1], problem_args=sizes)
         runs.append(cg.last_run())  # the backward pass's
     assert runs == ["uncaptured", "captured", "replayed"]
     assert fake.captures == 2 and fake.replays == 2  # a graph per pass, each replayed once
-    compare(cell, ref, 3, 2, [1, 0])  # other lengths: the same graphs
+    compare(cell, ref, 3, 2, [1, 0], problem_args=sizes)  # other lengths: the same graphs
     assert fake.captures == 2 and fake.replays == 4 and len(cache.graphs) == 2
 
 

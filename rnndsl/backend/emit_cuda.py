@@ -21,6 +21,10 @@ The same plan as the CPU target (schedule.py), emitted for a GPU:
   _PersistentKernel), on the same stream and never captured. The glue chooses per pass among
   them and the per-step launches by the cost model of `cs.choose_time_loop`, or as asked
   (`persistent=...`).
+* a stack with block-diagonal weights (`blocks:`) is multiplied by its diagonal blocks alone,
+  wherever the plan puts it (`cs.block_product` instead of `cs.gemm`), and its weights'
+  gradients are their diagonal blocks (`cs.add_diagonal_block_grads`). Such a plan has no
+  persistent kernels (they keep whole weight columns in shared memory): it runs per step.
 
 The index expressions (which array, which column block, padding) come from
 emit_common.KernelWriter, shared with the CPU target, so the two read and write the plan's
@@ -29,7 +33,9 @@ is made here; names from the spec appear only in the header's legend comment.
 """
 from __future__ import annotations
 
+from rnndsl.language.spec import SUM
 from rnndsl.symbolic import ir
+from rnndsl.symbolic.rank2 import block_diagonal
 from rnndsl.backend.emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
                           constant_lines, function, stage_products, unpack)
 from rnndsl.symbolic.ir import Node
@@ -74,7 +80,7 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         [("forward", plan.forward), ("backward", plan.back)]
     phases = {kind: [_PhaseKernel(plan, names, prog, kind, ph) for ph in prog.phases if ph.steps]
               for kind, prog in progs}
-    persistent = {kind: [] if has_blocks(plan) else
+    persistent = {kind: [] if block_diagonal(plan.step) else
                   [_PersistentKernel(plan, names, prog, kind, grid) for grid in (True, False)]
                   for kind, prog in progs if kind != "pre"}
     kernels = [k.text() for kind, _ in progs for k in phases[kind]]
@@ -408,9 +414,9 @@ def unit_size(prog: Program) -> str | None:
 
 def persistent_rule(plan: Plan) -> str:
     """When the persistent kernels run, in words (the compile summary prints it)."""
-    if has_blocks(plan):
-        return (f"never: {BLOCKS_RUN_PER_STEP}; per step, cuBLAS GEMMs for dense stacks and "
-                "cs.block_product for stacks with block-diagonal weights")
+    if block_diagonal(plan.step):
+        return (f"never ({BLOCKS_RUN_PER_STEP}): per step, cuBLAS GEMMs for dense stacks, "
+                "cs.block_product for those with block-diagonal weights")
     def mats(gemms):
         return " + ".join(f"[{', '.join(ws)}]" for ws in gemms) or "none"
 
@@ -446,7 +452,7 @@ def persistent_grids(plan: Plan, sizes: dict[str, int], batch: int, itemsize: in
     from rnndsl.backend.cuda_support import choose_time_loop
     from rnndsl.engines.cell import _dims
 
-    if has_blocks(plan):
+    if block_diagonal(plan.step):
         return {"forward": ("per-step", 0), "backward": ("per-step", 0)}
     names = Names(plan)
 
@@ -477,10 +483,6 @@ BLOCKS_RUN_PER_STEP = ("block-diagonal parameters run per step; the persistent k
                        "dense recurrent weights only")
 
 
-def has_blocks(plan: Plan) -> bool:
-    return any(info.blocks > 1 for info in plan.step.params.values())
-
-
 def _parts(plan: Plan, names: Names, weights) -> str | None:
     """A stack's cs.block_parts as code (its weights' rows from the sizes, which the glue and
     the time loops both have), if any of its weights is block-diagonal; else None."""
@@ -492,7 +494,7 @@ def _parts(plan: Plan, names: Names, weights) -> str | None:
 
 def _dim(names: Names, dim: str) -> str:
     """A dimension of a shape (size names or numbers, maybe summed) as code."""
-    terms = [t.strip() for t in dim.split("+")]
+    terms = dim.split(SUM)
     assert all(t in names.size or t.isdigit() for t in terms), dim
     return " + ".join(names.size.get(t, t) for t in terms)
 
@@ -502,11 +504,10 @@ def _stack(names: Names, weights) -> str:
     return f"cs.stack(({', '.join(names.param[w] for w in weights)},), DT, stream)"
 
 
-def _recurrent_weights(plan: Plan, names: Names, weights, transposed: bool) -> str:
-    """A per-step product's weights, stacked once per pass: the stack itself for GEMMs, and
-    for block products the matrix M of v @ M (cs.block_product), the stack's transpose
-    forward."""
-    if _parts(plan, names, weights) is None or transposed:
+def _forward_weights(plan: Plan, names: Names, weights) -> str:
+    """A forward product's weights: the stack for a GEMM (v @ stack.T), its transpose for a
+    block product (v @ M, cs.block_product reads M's rows coalesced)."""
+    if _parts(plan, names, weights) is None:
         return _stack(names, weights)
     return f"cs.transpose({_stack(names, weights)}, stream)"
 
@@ -653,7 +654,7 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKer
       "T, B = xs[0].shape[0], xs[0].shape[1]")
     for g in plan.forward.gemms:
         dense = _parts(plan, names, g.weights) is None
-        L(f"w_{g.name} = {_recurrent_weights(plan, names, g.weights, False)}  # "
+        L(f"w_{g.name} = {_forward_weights(plan, names, g.weights)}  # "
           f"{'(N, K): g = v @ w.T' if dense else '(K, N): g = v @ w'}")
         L(f"g_{g.name} = cs.empty((B, w_{g.name}.shape[{0 if dense else 1}]), DT)")
     _persistent_choice(L, k, plan.forward)
@@ -674,7 +675,7 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKer
               f"stream, trans_b=True)")
         else:
             L(f"cs.block_product(cs.flat({src}), "
-              f"{_recurrent_weights(plan, names, g.weights, False)}, {parts}, "
+              f"{_forward_weights(plan, names, g.weights)}, {parts}, "
               f"cs.flat({g.name}), stream, transposed=False)")
     for s, code in names.state.items():
         L(f"{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")

@@ -9,7 +9,8 @@ tensors), which are used without copies and give device arrays back (Numba's).
 cuda_support.COST (per-step launches, or a persistent kernel, one launch per pass, where its
 recurrent weights fit in shared memory), True the cheapest persistent kernel (an error when
 none fits), False the per-step launches, 'single-block' or 'multi-block' that persistent
-kernel. `last_variant` tells what each pass ran last ('per-step', 'single-block',
+kernel; a cell with block-diagonal parameters has no persistent kernel (None or False).
+`last_variant` tells what each pass ran last ('per-step', 'single-block',
 'multi-block') and `last_blocks` its grid (0 for per-step launches).
 
 A cell with matrix values (a RowPlan) runs the row kernels of emit_rows.py instead, one GPU
