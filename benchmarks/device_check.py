@@ -7,7 +7,7 @@ go to OUT (default $OUT, else ./device_out): one file per part and summary.json.
 1. equality at real sizes: the CUDA target against the CPU target in float64 (forward outputs,
    final states, every gradient; lstm, gru, peephole_lstm at T1 and M, each time loop: auto,
    per-step, single-block and multi-block persistent kernels, a forced kernel that does not fit
-   recorded as such), the per-step time loop replayed from its CUDA graph against the same
+   recorded as such; slstm's block-diagonal kernels, auto and per-step: the same), the per-step time loop replayed from its CUDA graph against the same
    loop uncaptured (float64, lstm and gru at M, run between T1 and M, fwd+bwd run three times:
    uncaptured, captured, replayed; the key says how the last run went), and the PyTorch bridge
    on CUDA tensors against cuDNN in float32 (2-layer bidirectional LSTM and GRU, packed
@@ -83,10 +83,13 @@ def _time_loops_vs_cpu(size: str, dims: tuple, out: dict, record):
 
     T, B, I, H = dims
     lengths = [T] + [max(0, T - 7 * k) for k in range(1, B)]
-    for spec in ("lstm", "gru", "peephole_lstm"):
+    every = (("auto", None), ("steps", False), ("single", "single-block"),
+             ("multi", "multi-block"))
+    # slstm last: its block-diagonal R runs per step only (no persistent kernel to force)
+    for spec, modes in (("lstm", every), ("gru", every), ("peephole_lstm", every),
+                        ("slstm", every[:2])):
         cpu = rnndsl.compile(spec)
-        for mode, persistent in (("auto", None), ("steps", False), ("single", "single-block"),
-                                 ("multi", "multi-block")):
+        for mode, persistent in modes:
             cuda = rnndsl.compile(spec, target="cuda", persistent=persistent)
             try:
                 diffs = differences(cuda, cpu, T, B, lengths, np.float64, seed=1,

@@ -149,9 +149,9 @@ def retarget(cell: Cell, target: str, persistent: bool | str | None = None) -> C
 def refusal(step: StepIR, target: str) -> str | None:
     """Why `target` cannot run a step, for a message; None if it can. Values of rank 2, the
     shift and scalar states (`rank2.row_value`) run on the cpu and cuda targets (one batch row
-    at a time) and the reference engine; block-diagonal parameters on the cpu target's vector
-    kernels and the reference engine, neither on cuda nor in a cell run one batch row at a
-    time."""
+    at a time) and the reference engine; block-diagonal parameters on the cpu and cuda
+    targets' vector kernels (by their diagonal blocks; on cuda per step, without persistent
+    kernels) and the reference engine, but not in a cell run one batch row at a time."""
     if target == "reference":
         return None
     rows, blocks = rank2.row_value(step), rank2.block_diagonal(step)
@@ -159,10 +159,6 @@ def refusal(step: StepIR, target: str) -> str | None:
         return (f"the {target} target cannot run this cell yet: {blocks} and {rows}; the "
                 "kernels that run a cell one batch row at a time take no block-diagonal "
                 "parameters; use the reference target (target='reference', --target reference)")
-    if target == "cuda" and blocks:
-        return (f"the cuda target cannot run this cell yet: {blocks}, and CUDA kernels for "
-                "block-diagonal parameters are not generated; use the cpu or the reference "
-                "target (target='cpu', --target cpu)")
     return None
 
 

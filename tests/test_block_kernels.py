@@ -6,7 +6,8 @@ can put a product (a per-step product of h_prev and of a value computed in the s
 of an input over all rows and its deferred input gradient, a stack that mixes dense and
 block-diagonal weights and blocks of two sizes, blocks one wide). The problems' parameters are
 random off the blocks too, so a match also shows that the kernels read the blocks alone.
-(The fuzzer's block-diagonal cells: test_differential.py.)"""
+(The fuzzer's block-diagonal cells: test_differential.py; the same cells on the cuda target:
+test_cuda.py.)"""
 import numpy as np
 import pytest
 
@@ -110,12 +111,11 @@ def test_the_generated_kernels_multiply_by_blocks():
     assert "xp0 = gemm(x0.reshape(T * B, -1)" in code
 
 
-def test_slstm_is_among_the_cpu_kernel_specs_and_the_cuda_target_refuses_it():
+def test_slstm_is_among_the_cpu_and_the_cuda_kernel_specs():
+    """(The cuda target's block kernels: tests/test_cuda.py.)"""
     assert "slstm" in rnndsl.compiler.kernel_specs("cpu")
-    assert "slstm" not in rnndsl.compiler.kernel_specs("cuda")
-    with pytest.raises(SpecError, match="the cuda target cannot run this cell yet: parameter "
-                                   r"'R_[zifo]' is block-diagonal \(4 blocks\)"):
-        rnndsl.compile("slstm", target="cuda")
+    assert "slstm" in rnndsl.compiler.kernel_specs("cuda")
+    assert rnndsl.compiler.refusal(rnndsl.compiler.analyse("slstm")[0], "cuda") is None
 
 
 ROWS_AND_BLOCKS = """name: rows_and_blocks

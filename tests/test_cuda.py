@@ -26,9 +26,11 @@ import rnndsl
 from rnndsl.backend import emit_cuda
 from rnndsl.backend.kernel_lib import kernel_functions
 from rnndsl.backend.scratch import nan_scratch
+from rnndsl.symbolic.rank2 import block_diagonal
 
 from engines import differences, long_checks, problem
-from test_differential import check_spec
+from test_block_kernels import CELLS as BLOCK_CELLS
+from test_differential import check_spec, random_block_spec
 from test_ops import CALLS as OP_CALLS
 from test_ops import cell_text as op_cell_text
 
@@ -114,6 +116,9 @@ equations: |
 MATRIX_SPECS = sorted(rnndsl.compiler.matrix_specs())
 SPECS = {**{k: k for k in sorted(set(rnndsl.compiler.kernel_specs("cuda")) - set(MATRIX_SPECS))},
          **EXTRA}
+# Cells with block-diagonal parameters run per step only: their plans have no persistent kernels
+BLOCK_SPECS = {name for name, text in SPECS.items()
+               if block_diagonal(rnndsl.compiler.analyse(text)[0])}
 
 
 def identifiers(code: str) -> set[str]:
@@ -134,12 +139,14 @@ def test_generated_code_names_only_compiler_made_identifiers(name):
     assert not (identifiers(code) & user) - fixed, (identifiers(code) & user) - fixed
     body = "\n".join(line for line in code.splitlines() if not line.startswith("#"))
     assert "numba" not in body.replace("rnndsl.backend.cuda_support", "")
-    # one kernel per elementwise phase of each program, and one persistent kernel per pass
+    # one kernel per elementwise phase of each program, and two persistent kernels per pass
+    # (none for block-diagonal parameters)
     phases = sum(1 for prog in (cell.plan.pre, cell.plan.forward, cell.plan.back)
                  if prog is not None for ph in prog.phases if ph.steps)
     assert len(re.findall(r"^def \w+_phase\d+\(", code, re.M)) == phases
     for kind in ("forward", "backward"):
-        assert f"def {kind}_grid(" in code and f"def {kind}_block(" in code
+        persistent = f"def {kind}_grid(" in code and f"def {kind}_block(" in code
+        assert persistent == (name not in BLOCK_SPECS), name
 
 
 @pytest.mark.parametrize("name", sorted(SPECS) + ["fuzz0", "fuzz1"])
@@ -154,7 +161,7 @@ def test_persistent_kernels_assign_none_of_their_arguments(name):
     code = rnndsl.compile(text, target="cuda").engine.source_code("float64")
     kernels = [f for f in ast.parse(code).body if isinstance(f, ast.FunctionDef) and
                f.name.endswith(("_grid", "_block"))]
-    assert len(kernels) == 4
+    assert len(kernels) == (0 if name in BLOCK_SPECS else 4)
     for f in kernels:
         given = {a.arg for a in f.args.args}
         assigned = {n.id for n in ast.walk(f) if isinstance(n, ast.Name) and
@@ -190,6 +197,41 @@ def test_only_cuda_support_imports_numba_cuda():
     assert importers == ["cuda_support.py"]
 
 
+def test_block_diagonal_parameters_compile_for_cuda_by_their_blocks():
+    """slstm's recurrent products, forward and backward, and its recurrent weights' gradients
+    go through the block kernels; its dense input products stay GEMMs; the summary says that
+    the time loop runs per step, and so does `rnndsl info`'s rule (persistent_grids)."""
+    from typer.testing import CliRunner
+
+    from rnndsl.cli import app
+
+    assert "slstm" in rnndsl.compiler.kernel_specs("cuda") and "slstm" in BLOCK_SPECS
+    result = CliRunner().invoke(app, ["compile", "slstm", "--target", "cuda", "--show", "code"])
+    assert result.exit_code == 0, result.output
+    assert "persistent kernel auto: never (block-diagonal parameters run per step" in \
+        result.output
+    code = result.output.split("def forward_steps(")[1]
+    assert code.count("cs.block_product(") == 2 and code.count("cs.add_diagonal_block_grads(") == 4
+    assert "cs.gemm(cs.flat(x0), cs.stack(" in code and "def forward_grid(" not in result.output
+    cell = rnndsl.compile("slstm", target="cuda")
+    assert emit_cuda.persistent_grids(cell.plan, {"input": 64, "hidden": 64}, 1, 4, 132,
+                                      227 * 1024) == {"forward": ("per-step", 0),
+                                                      "backward": ("per-step", 0)}
+
+
+@pytest.mark.parametrize("mode", [True, "single-block", "multi-block"])
+def test_a_persistent_mode_on_block_diagonal_parameters_is_refused_by_name(mode):
+    with pytest.raises(ValueError, match=rf"persistent={mode!r}: slstm has block-diagonal "
+                                         r"parameters \(parameter 'R_[zifo]' is block-diagonal "
+                                         r"\(4 blocks\)\); block-diagonal parameters run per "
+                                         "step; the persistent kernels take dense recurrent "
+                                         r"weights only \(None or False\)"):
+        rnndsl.compile("slstm", target="cuda", persistent=mode)
+    for allowed in (None, False):
+        assert rnndsl.compile("slstm", target="cuda", persistent=allowed).engine.persistent \
+            is allowed
+
+
 def test_cli_shows_cuda_code_and_persistent_rule():
     from typer.testing import CliRunner
 
@@ -212,11 +254,12 @@ if not ON_DEVICE:
 
 
 # -- on the device (the simulator, or a GPU) ------------------------------------------------
-def compare(cuda_cell, ref, T, B, lengths, dtype=np.float64, tol=1e-10):
+def compare(cuda_cell, ref, T, B, lengths, dtype=np.float64, tol=1e-10, problem_args=(2, 1)):
     """Every output, final state and gradient within `tol` of the reference, with the device's
-    scratch buffers filled with NaN."""
+    scratch buffers filled with NaN (`problem_args`: engines.problem's first size and step)."""
     with nan_scratch():
-        diffs = differences(cuda_cell, ref, T, B, lengths, dtype, seed=T + B, problem_args=(2, 1))
+        diffs = differences(cuda_cell, ref, T, B, lengths, dtype, seed=T + B,
+                            problem_args=problem_args)
     bad = {k: v for k, v in diffs.items() if not v < tol}
     assert not bad, bad
 
@@ -268,7 +311,8 @@ MODES = {"per-step": False, "single-block": "single-block", "multi-block": "mult
 # x_gru_split; columns split where no size is shared: layernorm_lstm, jordan), and on every
 # spec with --long (the simulator runs each case in seconds).
 PERSISTENT_SAMPLE = ["gru", "jordan", "layernorm_lstm", "lstm", "x_gru_split"]
-MODE_CASES = [(name, mode) for name in sorted(SPECS) for mode in sorted(MODES)
+# (Block-diagonal parameters need sizes their blocks divide: their own test, below.)
+MODE_CASES = [(name, mode) for name in sorted(set(SPECS) - BLOCK_SPECS) for mode in sorted(MODES)
               if mode == "per-step" or long_checks() or name in PERSISTENT_SAMPLE]
 
 
@@ -390,6 +434,60 @@ def test_generated_specs_agree_with_the_reference(seed, mode):
     """The differential fuzzer's specs (tests/test_differential.py) on the CUDA kernels."""
     with grid_of(mode):
         problems = check_spec(seed, "cuda", T=2, B=3, lengths=(2, 1, 0), persistent=MODES[mode])
+    assert not problems, problems[0]
+
+
+# tests/test_block_kernels.py's cells, and slstm at one head (dense R: the persistent kernels
+# run it)
+BLOCK_CASES = {**BLOCK_CELLS, "slstm 1 head of 4": ("slstm", {"heads": 1}, (3, 1))}
+
+
+@device
+@pytest.mark.parametrize("name", sorted(BLOCK_CASES))
+def test_block_diagonal_parameters_match_the_reference(name):
+    """Block-diagonal parameters wherever the schedule puts a product (slstm at 5, 4 and 3
+    heads: blocks 1, 2 and 4 wide; a GRU whose products take h_prev and r * h_prev; a
+    product of the input over all rows and its deferred gradient; a stack of dense and
+    block-diagonal weights with blocks of two sizes), per step in the auto mode, float64,
+    lengths including 0. The problem's parameters are random off the blocks too, so a match
+    also shows that the kernels read the blocks alone."""
+    text, constants, sizes = BLOCK_CASES[name]
+    cell = rnndsl.compile(text, target="cuda", constants=constants)
+    compare(cell, rnndsl.compile(text, target="reference", constants=constants), 3, 2, [3, 0],
+            problem_args=sizes)
+    blocks = block_diagonal(cell.step) is not None
+    assert blocks == (name != "slstm 1 head of 4")
+    if blocks:
+        assert cell.engine.last_variant == {"forward": "per-step", "backward": "per-step"}
+
+
+@device
+def test_block_diagonal_parameters_in_float32_and_without_input_gradients():
+    """float32 to 3e-5 (test_block_kernels.py's bound); without the inputs' gradients the
+    block product of the deferred input gradient is skipped and the rest is the same."""
+    text, constants, sizes = BLOCK_CELLS["mixed 2 and 4 heads"]
+    cell = rnndsl.compile(text, target="cuda", constants=constants)
+    ref = rnndsl.compile(text, target="reference", constants=constants)
+    compare(cell, ref, 3, 2, [3, 1], np.float32, 3e-5, problem_args=sizes)
+    params, xs, state0 = problem(cell, 2, 2, seed=3, first_size=sizes[0], step=sizes[1])
+    f = cell.forward(params, xs, state0, [2, 1])
+    full = cell.backward(params, f, np.ones_like(f.output))
+    part = cell.backward(params, f, np.ones_like(f.output), input_grads=False)
+    assert part.inputs == {} and full.inputs
+    for p in full.params:
+        np.testing.assert_array_equal(part.params[p], full.params[p], err_msg=p)
+
+
+# the first seeds whose generated spec has a block-diagonal parameter
+BLOCK_SEEDS = [seed for seed in range(40) if "blocks:" in random_block_spec(seed)][:3]
+
+
+@device
+@pytest.mark.parametrize("seed", BLOCK_SEEDS)
+def test_generated_block_specs_agree_with_the_reference(seed):
+    """The differential fuzzer's block-diagonal specs (tests/test_differential.py)."""
+    problems = check_spec(seed, "cuda", T=2, B=3, lengths=(2, 1, 0),
+                          generate=random_block_spec)
     assert not problems, problems[0]
 
 
@@ -611,7 +709,8 @@ def test_the_device_check_script_dry_runs_in_the_simulator(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["equality"]["status"] == "ok", (tmp_path / "equality.txt").read_text()
     found = json.loads((tmp_path / "equality.json").read_text())
-    assert len(found) == 14 and all(v < 1e-12 for v in found.values()), found
+    assert len(found) == 16 and all(v < 1e-12 for v in found.values()), found
+    assert {"slstm tiny auto", "slstm tiny steps"} <= set(found), found
     assert "lstm tiny graph, last run uncaptured (Numba's CUDA simulator), vs uncaptured" in found
     assert summary["rows"]["status"] == "ok", (tmp_path / "rows.txt").read_text()
     found = json.loads((tmp_path / "rows.json").read_text())
@@ -693,25 +792,27 @@ def test_the_simulator_runs_every_time_loop_uncaptured():
 
 
 @device
-@pytest.mark.parametrize("name", ["lstm", "x_ln_lstm"] + (
+@pytest.mark.parametrize("name", ["lstm", "x_ln_lstm", "gru 2 heads of 3"] + (
     ["gru", "x_gru_split", "x_jordan", "x_indrnn", "x_parts"] if long_checks() else []))
 def test_a_graph_s_buffers_give_the_uncaptured_results(name, fake_graphs):
     """The first call of a shape runs uncaptured, the second on the graph's static buffers
     (and captures), the third replays: each time every output and gradient matches the
     reference, with scratch buffers (the graph's too) full of NaN, so a buffer the loop reads
-    but the copy-in skips, or writes but the copy-out skips, shows."""
+    but the copy-in skips, or writes but the copy-out skips, shows (block products too: a GRU
+    with block-diagonal recurrent matrices, of h_prev and of r * h_prev)."""
     from rnndsl.backend import cuda_graphs as cg
 
     fake, cache = fake_graphs()
-    cell = rnndsl.compile(SPECS[name], target="cuda", persistent=False)
-    ref = rnndsl.compile(SPECS[name], target="reference")
+    text, constants, sizes = BLOCK_CELLS.get(name, (SPECS.get(name), {}, (2, 1)))
+    cell = rnndsl.compile(text, target="cuda", persistent=False, constants=constants)
+    ref = rnndsl.compile(text, target="reference", constants=constants)
     runs = []
     for _ in range(3):
-        compare(cell, ref, 3, 2, [3, 1])
+        compare(cell, ref, 3, 2, [3, 1], problem_args=sizes)
         runs.append(cg.last_run())  # the backward pass's
     assert runs == ["uncaptured", "captured", "replayed"]
     assert fake.captures == 2 and fake.replays == 2  # a graph per pass, each replayed once
-    compare(cell, ref, 3, 2, [1, 0])  # other lengths: the same graphs
+    compare(cell, ref, 3, 2, [1, 0], problem_args=sizes)  # other lengths: the same graphs
     assert fake.captures == 2 and fake.replays == 4 and len(cache.graphs) == 2
 
 

@@ -266,14 +266,14 @@ def test_cli_compile_on_cuda_says_one_thread_per_row_and_prints_the_backward_on_
         assert line in shown.output.splitlines(), line
 
 
-def test_only_a_cell_the_cuda_target_refuses_is_marked_in_the_list():
+def test_the_list_marks_no_built_in_cell():
+    """Every built-in cell runs on every target (the matrix cells and slstm's blocks too), so
+    none is marked."""
     listed = CliRunner().invoke(app, ["list"]).output.splitlines()
     cpu = {line.split()[0] for line in listed if line.endswith("[cpu and reference targets]")}
     reference = {line.split()[0] for line in listed if line.endswith("[reference target only]")}
-    assert cpu == {"slstm"}  # its blocks; the matrix cells run on every target
-    assert not reference
-    assert set(rnndsl.compiler.matrix_specs()) <= set(rnndsl.compiler.kernel_specs("cuda"))
-    assert "slstm" not in rnndsl.compiler.kernel_specs("cuda")
+    assert not cpu and not reference
+    assert set(rnndsl.compiler.kernel_specs("cuda")) == set(rnndsl.builtin_specs())
 
 
 # Hand derivation. W = W_prev + beta * e k^T with e = v - W_prev @ k, y = W @ q. With G the
@@ -596,14 +596,12 @@ def test_a_block_diagonal_parameter_uses_its_diagonal_blocks_alone():
         assert result.worst[1] < 1e-7, result.errors
 
 
-def test_the_derivation_names_the_blocks_and_the_list_marks_the_cell():
+def test_the_derivation_names_the_blocks_and_the_cuda_target_runs_them_per_step():
     c = rnndsl.compile(BLOCKS, target="reference")
     assert "d_R += outer(d_h_pre, h_prev) (its 2 diagonal blocks)" in \
         c.backward_ir.equations().splitlines()
-    with pytest.raises(SpecError, match="the cuda target cannot run this cell yet: parameter 'R' "
-                                        r"is block-diagonal \(2 blocks\), and CUDA kernels for "
-                                        "block-diagonal parameters are not generated"):
-        rnndsl.compile(BLOCKS, target="cuda")
+    code = rnndsl.compile(BLOCKS, target="cuda").engine.source_code("float64")
+    assert "cs.block_product(" in code and "def forward_grid(" not in code
 
 
 def test_blocks_must_divide_the_size():

@@ -413,6 +413,102 @@ def _torch_mm(A, Bm, C, accumulate: bool):
         torch.mm(A, Bm, out=C)
 
 
+# -- block-diagonal weights --------------------------------------------------------------------
+# A stack with block-diagonal weights (`blocks:` in a spec, xLSTM's head-wise R) is multiplied
+# by its diagonal blocks alone, as on the cpu target (packed.py): out = v @ M, M the stack as
+# the dense product multiplies it, (K, N). Which of v's columns an output column c reads
+# follows from the stack's layout (`block_parts`): forward (M = stack.T) the weight whose row
+# c is, and of it c's block of columns (all of v for a dense weight); transposed (M = stack,
+# the sums W.T @ g) every weight, and of each the rows of c's block (all its rows if dense).
+# One thread per (row, output column), consecutive threads on consecutive columns of one row:
+# a warp's columns lie in one block mostly, so its threads read the same element of v at once
+# (one broadcast load) and consecutive elements of a row of M (one coalesced load); a block's
+# product is too small (slstm: 4x4 blocks of H/4) to give cuBLAS's tiles anything to share,
+# and the layout needs no shared memory, so it runs at any block size (1 wide included) and
+# on any number of rows (a step's B or all T*B at once).
+
+
+def block_parts(parts) -> tuple[int, ...]:
+    """The layout of a stack for `block_product`: `parts` (rows, diagonal blocks) of each of
+    its weights in order; per weight its first row in the stack, its rows and its blocks'
+    size (0: a dense weight), one flat tuple (the kernels take it by value)."""
+    out, first = [], 0
+    for rows, count in parts:
+        out += [first, rows, rows // count if count > 1 else 0]
+        first += rows
+    return tuple(out)
+
+
+def _block_kernels(dtype):
+    """The block product's kernel and the diagonal blocks' weight gradients for one dtype (the
+    accumulators start as a zero of the dtype: float32 sums stay float32)."""
+    zero = dtype(0)
+
+    @cuda.jit
+    def product(v, m, parts, out, transposed, accumulate):
+        e = cuda.grid(1)
+        n = out.shape[1]
+        if e >= out.shape[0] * n:
+            return
+        r, c = e // n, e % n
+        acc = zero
+        for p in range(0, len(parts), 3):
+            first, rows, size = parts[p], parts[p + 1], parts[p + 2]
+            if transposed:  # rows of every weight: those of c's block
+                lo = first + (c // size) * size if size else first
+                hi = lo + size if size else first + rows
+            elif first <= c < first + rows:  # c is a row of this weight: its block's columns
+                lo = (c - first) // size * size if size else 0
+                hi = lo + size if size else m.shape[0]
+            else:
+                continue
+            for i in range(lo, hi):
+                acc += v[r, i] * m[i, c]
+        if accumulate:
+            out[r, c] += acc
+        else:
+            out[r, c] = acc
+
+    @cuda.jit
+    def diagonal_grads(g, first, v, size, out):
+        """out[r, c] += the sum over rows of g[row, first + r] * v[row, c], for (r, c) on
+        out's diagonal blocks alone: one thread per such element, consecutive threads on
+        consecutive c (v's reads coalesce, g's are one broadcast), summing over all T*B rows
+        of the buffer g and the vector v."""
+        e = cuda.grid(1)
+        if e < out.shape[0] * size:
+            r = e // size
+            c = r - r % size + e % size
+            acc = zero
+            for row in range(g.shape[0]):
+                acc += g[row, first + r] * v[row, c]
+            out[r, c] += acc
+
+    return product, diagonal_grads
+
+
+_BLOCK_KERNELS = {np.dtype(t): _block_kernels(t) for t in (np.float32, np.float64)}
+
+
+def block_product(v, m, parts, out, stream: Stream, transposed: bool, accumulate=False):
+    """out = v @ M by M's diagonal blocks (see above), or out += ... with `accumulate`: v
+    (rows, K), m the (K, N) matrix M, `parts` its stack's `block_parts`, `transposed` whether
+    M is the stack itself (the W.T @ g sums) rather than its transpose."""
+    if out.size:
+        kernel = _BLOCK_KERNELS[np.dtype(out.dtype)][0]
+        kernel[blocks(out.size), THREADS, stream.kernels](v, m, parts, out, transposed,
+                                                          accumulate)
+
+
+def add_diagonal_block_grads(out, g, first: int, v, count: int, stream: Stream):
+    """out += the diagonal blocks (`count` of them) of g[:, first:first + out.shape[0]].T @ v,
+    the gradient of a block-diagonal weight (zero off its blocks: out starts as zeros)."""
+    size = out.shape[0] // count
+    if out.size and g.shape[0]:
+        kernel = _BLOCK_KERNELS[np.dtype(out.dtype)][1]
+        kernel[blocks(out.shape[0] * size), THREADS, stream.kernels](g, first, v, size, out)
+
+
 # -- persistent kernels ----------------------------------------------------------------------
 # A persistent kernel splits each recurrent dot product over LANES consecutive threads of a
 # warp, summed with warp shuffles (a power of two, at most 32, dividing THREADS).

@@ -21,6 +21,10 @@ The same plan as the CPU target (schedule.py), emitted for a GPU:
   _PersistentKernel), on the same stream and never captured. The glue chooses per pass among
   them and the per-step launches by the cost model of `cs.choose_time_loop`, or as asked
   (`persistent=...`).
+* a stack with block-diagonal weights (`blocks:`) is multiplied by its diagonal blocks alone,
+  wherever the plan puts it (`cs.block_product` instead of `cs.gemm`), and its weights'
+  gradients are their diagonal blocks (`cs.add_diagonal_block_grads`). Such a plan has no
+  persistent kernels (they keep whole weight columns in shared memory): it runs per step.
 
 The index expressions (which array, which column block, padding) come from
 emit_common.KernelWriter, shared with the CPU target, so the two read and write the plan's
@@ -29,7 +33,9 @@ is made here; names from the spec appear only in the header's legend comment.
 """
 from __future__ import annotations
 
+from rnndsl.language.spec import SUM
 from rnndsl.symbolic import ir
+from rnndsl.symbolic.rank2 import block_diagonal
 from rnndsl.backend.emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
                           constant_lines, function, stage_products, unpack)
 from rnndsl.symbolic.ir import Node
@@ -74,7 +80,8 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
         [("forward", plan.forward), ("backward", plan.back)]
     phases = {kind: [_PhaseKernel(plan, names, prog, kind, ph) for ph in prog.phases if ph.steps]
               for kind, prog in progs}
-    persistent = {kind: [_PersistentKernel(plan, names, prog, kind, grid) for grid in (True, False)]
+    persistent = {kind: [] if block_diagonal(plan.step) else
+                  [_PersistentKernel(plan, names, prog, kind, grid) for grid in (True, False)]
                   for kind, prog in progs if kind != "pre"}
     kernels = [k.text() for kind, _ in progs for k in phases[kind]]
     kernels += [k.text() for kind in ("forward", "backward") for k in persistent[kind]]
@@ -407,6 +414,9 @@ def unit_size(prog: Program) -> str | None:
 
 def persistent_rule(plan: Plan) -> str:
     """When the persistent kernels run, in words (the compile summary prints it)."""
+    if block_diagonal(plan.step):
+        return (f"never ({BLOCKS_RUN_PER_STEP}): per step, cuBLAS GEMMs for dense stacks, "
+                "cs.block_product for those with block-diagonal weights")
     def mats(gemms):
         return " + ".join(f"[{', '.join(ws)}]" for ws in gemms) or "none"
 
@@ -442,6 +452,8 @@ def persistent_grids(plan: Plan, sizes: dict[str, int], batch: int, itemsize: in
     from rnndsl.backend.cuda_support import choose_time_loop
     from rnndsl.engines.cell import _dims
 
+    if block_diagonal(plan.step):
+        return {"forward": ("per-step", 0), "backward": ("per-step", 0)}
     names = Names(plan)
 
     def stack(weights) -> tuple[int, int]:  # (rows of all, columns)
@@ -462,9 +474,42 @@ def persistent_grids(plan: Plan, sizes: dict[str, int], batch: int, itemsize: in
     return out
 
 
+# -- block-diagonal weights ---------------------------------------------------------------
+# A stack with block-diagonal weights is multiplied by its blocks alone (cs.block_product)
+# wherever the plan puts it: per step, hoisted before the loop, deferred after it; its weight
+# gradients are its diagonal blocks (cs.add_diagonal_block_grads), zero elsewhere. Such a plan
+# has no persistent kernels: their shared-memory layout holds whole weight columns.
+BLOCKS_RUN_PER_STEP = ("block-diagonal parameters run per step; the persistent kernels take "
+                       "dense recurrent weights only")
+
+
+def _parts(plan: Plan, names: Names, weights) -> str | None:
+    """A stack's cs.block_parts as code (its weights' rows from the sizes, which the glue and
+    the time loops both have), if any of its weights is block-diagonal; else None."""
+    params = [plan.step.params[w] for w in weights]
+    if all(p.blocks == 1 for p in params):
+        return None
+    return f"cs.block_parts({as_tuple(f'({_dim(names, p.shape[0])}, {p.blocks})' for p in params)})"
+
+
+def _dim(names: Names, dim: str) -> str:
+    """A dimension of a shape (size names or numbers, maybe summed) as code."""
+    terms = dim.split(SUM)
+    assert all(t in names.size or t.isdigit() for t in terms), dim
+    return " + ".join(names.size.get(t, t) for t in terms)
+
+
 # -- glue -----------------------------------------------------------------------------------
 def _stack(names: Names, weights) -> str:
     return f"cs.stack(({', '.join(names.param[w] for w in weights)},), DT, stream)"
+
+
+def _forward_weights(plan: Plan, names: Names, weights) -> str:
+    """A forward product's weights: the stack for a GEMM (v @ stack.T), its transpose for a
+    block product (v @ M, cs.block_product reads M's rows coalesced)."""
+    if _parts(plan, names, weights) is None:
+        return _stack(names, weights)
+    return f"cs.transpose({_stack(names, weights)}, stream)"
 
 
 def _vector(plan: Plan, names: Names, v: Node) -> str:
@@ -485,20 +530,27 @@ def _spill_allocs(code: Code, plan: Plan, names: Names, prog: Program):
         code(f"{sp} = cs.empty({shape}, DT)")
 
 
-def _products(plan: Plan, names: Names, prog: Program, stage: int) -> list[tuple[str, str, str]]:
-    """The per-step GEMMs before phase `stage`: (vector array, GEMM name, transposition)."""
+def _products(plan: Plan, names: Names, prog: Program, stage: int):
+    """The per-step products before phase `stage`: (vector array, product name, transposed
+    (the W.T @ g sums), the stack's block_parts as code or None for a dense GEMM)."""
     gemms, gemm_ts = stage_products(prog, stage)
-    return [(_vector(plan, names, g.vector), g.name, ", trans_b=True") for g in gemms] + \
-        [(g.buffer.name, g.name, "") for g in gemm_ts]
+    return [(_vector(plan, names, g.vector), g.name, False, _parts(plan, names, g.weights))
+            for g in gemms] + \
+        [(g.buffer.name, g.name, True, _parts(plan, names, g.node.attr)) for g in gemm_ts]
 
 
 def _loop_arrays(plan: Plan, names: Names, phases: list[_PhaseKernel], prog: Program):
-    """Every array of a time loop (sorted), and those its GEMMs take (in order of use)."""
+    """Every array of a time loop (sorted), and those its GEMMs take (in order of use); the
+    block products take the arrays themselves."""
     gemm_arrays: list[str] = []
+    block_arrays: set[str] = set()
     for ph in prog.phases:
-        for vec, g, _ in _products(plan, names, prog, ph.index):
-            gemm_arrays += [a for a in (vec, f"w_{g}", f"g_{g}") if a not in gemm_arrays]
-    arrays = set(gemm_arrays).union(*(p.arrays for p in phases))
+        for vec, g, _, parts in _products(plan, names, prog, ph.index):
+            if parts is None:
+                gemm_arrays += [a for a in (vec, f"w_{g}", f"g_{g}") if a not in gemm_arrays]
+            else:
+                block_arrays |= {vec, f"w_{g}", f"g_{g}"}
+    arrays = set(gemm_arrays).union(block_arrays, *(p.arrays for p in phases))
     return sorted(arrays), gemm_arrays
 
 
@@ -514,10 +566,19 @@ def _loop(plan: Plan, names: Names, phases: list[_PhaseKernel], prog: Program, k
          unpack(list(names.size.values()), "sizes"),
          unpack(arrays, "arrays"),
          unpack([f"m_{a}" for a in gemm_arrays], "mats"))
+    for ph in prog.phases:
+        for _, g, _, parts in _products(plan, names, prog, ph.index):
+            if parts is not None:
+                code(f"parts_{g} = {parts}")
     with code.block(f"for t in {'range(T - 1, -1, -1)' if prog.reverse else 'range(T)'}:"):
         for ph in prog.phases:
-            for vec, g, trans in _products(plan, names, prog, ph.index):
-                code(f"cs.gemm(m_{vec}[t], m_w_{g}, m_g_{g}, stream{trans})")
+            for vec, g, transposed, parts in _products(plan, names, prog, ph.index):
+                if parts is None:
+                    code(f"cs.gemm(m_{vec}[t], m_w_{g}, m_g_{g}, stream"
+                         f"{'' if transposed else ', trans_b=True'})")
+                else:
+                    code(f"cs.block_product({vec}[t], w_{g}, parts_{g}, g_{g}, stream, "
+                         f"transposed={transposed})")
             if ph.index in launches:
                 p = launches[ph.index]
                 code(f"{p.name}[{p.launch()}, stream.kernels]({', '.join(p.args())})")
@@ -552,7 +613,11 @@ def _run_loop(code: Code, kind: str, phases: list[_PhaseKernel], prog: Program, 
 
 
 def _persistent_choice(code: Code, kernels: list[_PersistentKernel], prog: Program):
-    """`variant, blocks, rows, nbytes`: the time loop of this pass (cs.choose_time_loop)."""
+    """`variant, blocks, rows, nbytes`: the time loop of this pass (cs.choose_time_loop); the
+    per-step launches where the plan has no persistent kernels."""
+    if not kernels:
+        code(f"variant, blocks = 'per-step', 0  # {BLOCKS_RUN_PER_STEP}")
+        return
     grid = kernels[0]
     shapes = [f"(w_{g.name}.shape[1], w_{g.name}.shape[0])" for g in prog.gemms] + \
         [f"w_{g.name}.shape" for g in prog.gemm_ts]
@@ -565,12 +630,18 @@ def _persistent_choice(code: Code, kernels: list[_PersistentKernel], prog: Progr
          f"{barriers}, {launches}, {phases} * B * {widest}, limit, cs.shared_limit())")
 
 
-def _persistent_launch(code: Code, kernels: list[_PersistentKernel]):
+def _time_loop(code: Code, kernels: list[_PersistentKernel], run_per_step):
+    """The pass's time loop as `variant` says: a persistent kernel, else per step."""
     for k in kernels:
         with code.block(f"{'if' if k.grid else 'elif'} variant == "
                         f"'{'multi-block' if k.grid else 'single-block'}':"):
             code(f"cs.launch_persistent({k.name}, blocks, nbytes, stream, "
                  f"{', '.join(k.args())})")
+    if not kernels:
+        run_per_step()
+        return
+    with code.block("else:"):
+        run_per_step()
 
 
 def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKernel]) -> str:
@@ -582,8 +653,10 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKer
       unpack(list(names.size.values()), "sizes"),
       "T, B = xs[0].shape[0], xs[0].shape[1]")
     for g in plan.forward.gemms:
-        L(f"w_{g.name} = {_stack(names, g.weights)}  # (N, K): g = v @ w.T")
-        L(f"g_{g.name} = cs.empty((B, w_{g.name}.shape[0]), DT)")
+        dense = _parts(plan, names, g.weights) is None
+        L(f"w_{g.name} = {_forward_weights(plan, names, g.weights)}  # "
+          f"{'(N, K): g = v @ w.T' if dense else '(K, N): g = v @ w'}")
+        L(f"g_{g.name} = cs.empty((B, w_{g.name}.shape[{0 if dense else 1}]), DT)")
     _persistent_choice(L, k, plan.forward)
     if plan.pre is not None:
         for buf in plan.vectors.values():
@@ -596,8 +669,14 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKer
         src = _vector(plan, names, g.vector)
         L(f"{g.name} = cs.empty((T, B, {names.sizes([p.shape[0] for p in g.products])})"
           f", DT)")
-        L(f"cs.gemm(cs.flat({src}), {_stack(names, g.weights)}, cs.flat({g.name}), "
-          f"stream, trans_b=True)")
+        parts = _parts(plan, names, g.weights)
+        if parts is None:
+            L(f"cs.gemm(cs.flat({src}), {_stack(names, g.weights)}, cs.flat({g.name}), "
+              f"stream, trans_b=True)")
+        else:
+            L(f"cs.block_product(cs.flat({src}), "
+              f"{_forward_weights(plan, names, g.weights)}, {parts}, "
+              f"cs.flat({g.name}), stream, transposed=False)")
     for s, code in names.state.items():
         L(f"{code} = cs.empty((T + 1, B, {names.size[step.states[s]]}), DT)")
         L(f"cs.copy({code}[0], state0[{list(names.state).index(s)}], stream)")
@@ -609,9 +688,8 @@ def _forward_glue(plan: Plan, names: Names, phases: dict, k: list[_PersistentKer
         if buf.role is not Role.PRE_VECTOR:
             L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
     _spill_allocs(L, plan, names, plan.forward)
-    _persistent_launch(L, k)
-    with L.block("else:"):
-        _run_loop(L, "forward", phases["forward"], plan.forward, plan, names)
+    _time_loop(L, k, lambda: _run_loop(L, "forward", phases["forward"], plan.forward, plan,
+                                       names))
     outs = ", ".join(names.output.values())
     finals = ", ".join(f"{c}[T]" for c in names.state.values())
     saved = ", ".join([*names.state.values(), *(g.name for g in plan.hoisted), "tape",
@@ -636,14 +714,18 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: list[_PersistentKe
     for buf in plan.grad_buffers:
         L(f"{buf.name} = cs.empty((T, B, {names.sizes(buf.width())}), DT)")
     _spill_allocs(L, plan, names, plan.back)
-    _persistent_launch(L, k)
-    with L.block("else:"):
-        _run_loop(L, "backward", phases, plan.back, plan, names)
+    _time_loop(L, k, lambda: _run_loop(L, "backward", phases, plan.back, plan, names))
     L("# after the loop: input and weight gradients as GEMMs over all T*B rows")
     for x, g in plan.deferred:
+        parts = _parts(plan, names, g.node.attr)
         with L.block("if input_grads:"):
-            L(f"cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
-              f"cs.flat(d{names.input[x]}), stream, accumulate=True)")
+            if parts is None:
+                L(f"cs.gemm(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
+                  f"cs.flat(d{names.input[x]}), stream, accumulate=True)")
+            else:
+                L(f"cs.block_product(cs.flat({g.buffer.name}), {_stack(names, g.node.attr)}, "
+                  f"{parts}, cs.flat(d{names.input[x]}), stream, transposed=True, "
+                  "accumulate=True)")
     grads = {p: f"d{code}" for p, code in names.param.items()}
     # a weight whose gradient comes from one stacked GEMM only is a row block of its result
     uses: dict[str, int] = {}
@@ -656,6 +738,9 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: list[_PersistentKe
     for k_w, w in enumerate(plan.weight_grads):
         v = w.vector
         src = f"{names.state[v.attr]}[:T]" if v.op == "prev" else _vector(plan, names, v)
+        if _parts(plan, names, w.weights) is not None:
+            _block_weight_grads(L, plan, names, w, src, grads, uses)
+            continue
         L(f"m{k_w} = cs.empty(({names.sizes(w.buffer.width())}, {src}.shape[2]), DT)")
         L(f"cs.gemm(cs.flat({w.buffer.name}), cs.flat({src}), m{k_w}, stream, trans_a=True)")
         for k_, wname in enumerate(w.weights):
@@ -674,3 +759,25 @@ def _backward_glue(plan: Plan, names: Names, phases: list, k: list[_PersistentKe
     d0 = ", ".join(f"d{c}[0]" for c in names.state.values())
     L(f"return ({dparams},), ({dxs},), ({d0},), (variant, blocks)")
     return L.text() + "\n"
+
+
+def _block_weight_grads(L: Code, plan: Plan, names: Names, w, src: str, grads: dict,
+                        uses: dict):
+    """The weight gradients of a stack with block-diagonal weights, weight by weight: each
+    block-diagonal one its diagonal blocks alone (zero elsewhere), each dense one a GEMM of its
+    columns of the gradient buffer."""
+    for k, wname in enumerate(w.weights):
+        off = names.sizes(w.buffer.offset(k))
+        code = names.param[wname]
+        blocks = plan.step.params[wname].blocks
+        if blocks > 1:
+            if uses[wname] == 1:
+                L(f"{grads[wname]} = cs.zeros({code}.shape, DT, stream)")
+            L(f"cs.add_diagonal_block_grads({grads[wname]}, cs.flat({w.buffer.name}), {off}, "
+              f"cs.flat({src}), {blocks}, stream)")
+            continue
+        if uses[wname] == 1:
+            L(f"{grads[wname]} = cs.empty({code}.shape, DT)")
+        L(f"cs.gemm(cs.flat({w.buffer.name})[:, {off}:{off} + {code}.shape[0]], "
+          f"cs.flat({src}), {grads[wname]}, stream, trans_a=True"
+          f"{'' if uses[wname] == 1 else ', accumulate=True'})")

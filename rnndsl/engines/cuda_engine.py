@@ -9,7 +9,8 @@ tensors), which are used without copies and give device arrays back (Numba's).
 cuda_support.COST (per-step launches, or a persistent kernel, one launch per pass, where its
 recurrent weights fit in shared memory), True the cheapest persistent kernel (an error when
 none fits), False the per-step launches, 'single-block' or 'multi-block' that persistent
-kernel. `last_variant` tells what each pass ran last ('per-step', 'single-block',
+kernel; a cell with block-diagonal parameters has no persistent kernel (None or False).
+`last_variant` tells what each pass ran last ('per-step', 'single-block',
 'multi-block') and `last_blocks` its grid (0 for per-step launches).
 
 A cell with matrix values (a RowPlan) runs the row kernels of emit_rows.py instead, one GPU
@@ -29,6 +30,7 @@ from rnndsl.backend import emit_rows as rows
 from rnndsl.backend.emit_rows import RowPlan
 from rnndsl.symbolic.grad import Backward
 from rnndsl.symbolic.ir import StepIR
+from rnndsl.symbolic.rank2 import block_diagonal
 from rnndsl.engines.cell import GeneratedEngine
 
 
@@ -52,6 +54,12 @@ class CudaEngine(GeneratedEngine):
                                  "whose CUDA kernels run one thread per batch row; there is no "
                                  "persistent kernel to choose (None or False)")
             rows.tape_budget(tape_budget)  # a bad value is refused now, not at the first pass
+        elif persistent not in (None, False) and block_diagonal(step):
+            from rnndsl.backend.emit_cuda import BLOCKS_RUN_PER_STEP
+
+            raise ValueError(f"persistent={persistent!r}: {step.name} has block-diagonal "
+                             f"parameters ({block_diagonal(step)}); {BLOCKS_RUN_PER_STEP} "
+                             "(None or False)")
         self.persistent = persistent
         self.tape_budget = tape_budget
         self.last_blocks = {"forward": None, "backward": None}

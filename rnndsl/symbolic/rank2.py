@@ -107,8 +107,8 @@ def align(a: Node, b: Node) -> tuple[Node, Node]:
 
 def block_diagonal(step: ir.StepIR) -> str | None:
     """The first block-diagonal parameter of a step, described for a message; None if there is
-    none. The cpu target's vector kernels multiply by its diagonal blocks alone; the row
-    kernels (`row_value`) and the cuda target have no code for it yet."""
+    none. The cpu and cuda targets' vector kernels multiply by its diagonal blocks alone; the
+    row kernels (`row_value`) have no code for it yet."""
     for name, info in step.params.items():
         if info.blocks > 1:
             return f"parameter '{name}' is block-diagonal ({info.blocks} blocks)"
