@@ -38,10 +38,10 @@ from rnndsl.training.train import TrainConfig, batch_at, make_model, train
 
 # task settings and the steps each case runs by default
 CASES = {
-    "adding": dict(task="adding", length=100, batch=32, hidden=64, layers=1, lr=1e-2, steps=100),
-    "copy": dict(task="copy", batch=16, hidden=128, layers=1, lr=1e-3, steps=100),
+    "adding": dict(task="adding", length=100, batch=32, hidden=64, layers=1, lr=1e-2, steps=300),
+    "copy": dict(task="copy", batch=16, hidden=128, layers=1, lr=1e-3, steps=300),
     "charlm": dict(task="charlm", length=100, batch=32, hidden=256, layers=2, lr=2e-3,
-                   steps=20),
+                   steps=40),
 }
 SPECS = ("lstm", "gru", "peephole_lstm")
 FIRST = 10  # steps over which the losses must agree to float32 rounding
