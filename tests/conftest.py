@@ -8,6 +8,13 @@ if str(ROOT) not in sys.path:
 
 LONG_CHECKS = "RNNDSL_LONG_CHECKS"
 
+# pytest-xdist runs a worker per core: each worker's kernels (BLAS and time loops) on one
+# thread, or the workers and the simulator's subprocess oversubscribe the cores (in a run
+# with the kernels' default of every core, the simulator's tests took 630 s against 330 s
+# alone). Set before SciPy's OpenBLAS is loaded; the tests of several threads ask for them.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("rnndsl")

@@ -1,6 +1,7 @@
 """backend/heap.py: after keep_freed_memory, a loop that allocates and frees the same arrays
 every step (as a training step does) stops faulting their pages in again."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def _faults(mode: str) -> int:
     return int(out.stdout.strip())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_freed_arrays_are_reused_without_page_faults():
     default, kept = _faults("default"), _faults("keep")
     # by default the heap's top goes back to the system and 15 MB of pages return each step
