@@ -343,7 +343,7 @@ class Network:
             if want_du:
                 self._combine_backward(params, grads, layer, stream, tape.values, du, adjoints,
                                        input_grads)
-        return ({name: grads[name] for name in self._shapes}, adjoints.get(X) if input_grads
+        return ({name: grads[name] for name in self._shapes}, adjoints[X] if input_grads
                 else None, d_state0)
 
     # -- pieces of the passes -------------------------------------------------------------------
