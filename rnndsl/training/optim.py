@@ -80,7 +80,11 @@ def _square_sum(g):
     return total
 
 
-@njit(cache=True)
+# NumPy's error model: Python's checks every division for zero, a branch per entry that kept
+# the update loops from vectorising (Adam over 75,000 float32 parameters: 299 -> 66 us, the
+# results identical to the bit). eps = 0 with a zero second moment now gives NaN, as torch's
+# Adam does, instead of raising ZeroDivisionError in the middle of a run.
+@njit(cache=True, error_model="numpy")
 def _clipped(g, scale, limit):
     """A gradient entry scaled by the global-norm clip, then clamped to [-limit, limit]
     (limit 0: no clamp)."""
@@ -90,7 +94,7 @@ def _clipped(g, scale, limit):
     return value
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sgd_pass(p, g, velocity, lr, momentum, scale, limit):
     for i in range(p.size):
         d = _clipped(g[i], scale, limit)
@@ -100,7 +104,7 @@ def _sgd_pass(p, g, velocity, lr, momentum, scale, limit):
         p[i] = float(p[i]) - lr * d
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _adam_pass(p, g, m, v, lr, b1, b2, correct1, correct2, eps, decay, scale, limit):
     # AdamW's decay shrinks the weight apart from the gradient (Loshchilov & Hutter 2019);
     # 1 without decay. The bias corrections are folded as torch.optim.Adam folds them: one
