@@ -41,7 +41,10 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _log_sigmoid(z: np.ndarray) -> np.ndarray:
-    return -np.logaddexp(0, -z)  # log(1 / (1 + e^-z)), finite for any z
+    """log(1 / (1 + e^-z)), finite for any z: -logaddexp(0, -z) written out, whose exp and
+    log1p run vectorised (logaddexp calls libm per element: 63 against 12 us for copy's
+    656 x 9 scores, three times a step; the two agree to 1 unit in the last place)."""
+    return np.minimum(z, 0) - np.log1p(np.exp(-np.abs(z)))
 
 
 class Head:
