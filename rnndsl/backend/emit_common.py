@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from rnndsl.language.errors import SpecError
-from rnndsl.language.spec import state_shape
+from rnndsl.language.spec import SUM, state_shape
 from rnndsl.symbolic.ir import Node
 from rnndsl.symbolic.ops import OPS
 from rnndsl.backend.kernel_lib import FASTMATH, kernel_functions
@@ -281,6 +281,23 @@ def unpack(names: list[str], source: str) -> str:
 def as_tuple(items) -> str:
     items = list(items)
     return f"({', '.join(items)},)" if items else "()"
+
+
+def stack_blocks(plan: Plan, names: Names, weights) -> str | None:
+    """The (rows, diagonal blocks) of each weight of a stack as code, if any of them is
+    block-diagonal; else None (a dense stack). The rows come from the sizes, which the glue
+    and the time loops of both targets have."""
+    params = [plan.step.params[w] for w in weights]
+    if all(p.blocks == 1 for p in params):
+        return None
+    return as_tuple(f"({_dim(names, p.shape[0])}, {p.blocks})" for p in params)
+
+
+def _dim(names: Names, dim: str) -> str:
+    """A dimension of a shape (size names or numbers, maybe summed) as code."""
+    terms = dim.split(SUM)
+    assert all(t in names.size or t.isdigit() for t in terms), dim
+    return " + ".join(names.size.get(t, t) for t in terms)
 
 
 def backward_preamble(plan: Plan, names: Names, extra_args: str = "") -> Code:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from rnndsl.symbolic import ir
 from rnndsl.backend.emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
-                          cpu_module_head, function, stage_products, unpack)
+                          cpu_module_head, function, stack_blocks, stage_products, unpack)
 from rnndsl.symbolic.ir import Node
 from rnndsl.backend.schedule import REDUCTIONS, Loop, Plan, Program, Role, Scalar
 
@@ -148,7 +148,7 @@ class _LoopKernel(KernelWriter):
 
     def _dot(self, weights) -> str:
         """The per-step product of a stack: by its diagonal blocks if it has any."""
-        return "block_dot" if _parts(self.plan, self.names, weights) else "packed_dot"
+        return "block_dot" if stack_blocks(self.plan, self.names, weights) else "packed_dot"
 
     def _gemm_vector(self, v: Node) -> str:
         if v.op == "prev":
@@ -163,19 +163,10 @@ def _stack(plan_names: Names, weights) -> str:
     return f"np.concatenate(({parts},))"
 
 
-def _parts(plan: Plan, names: Names, weights) -> str | None:
-    """The rows and diagonal blocks of each weight of a stack, as code for packed.py, if any
-    weight is block-diagonal; else None (the dense products)."""
-    blocks = [plan.step.params[w].blocks for w in weights]
-    if all(b == 1 for b in blocks):
-        return None
-    return as_tuple(f"({names.param[w]}.shape[0], {b})" for w, b in zip(weights, blocks))
-
-
 def _product(plan: Plan, names: Names, weights, rows: str, transposed: bool) -> str:
     """`rows` (2-D) times the stack of `weights` as code: transposed, rows @ stack (the sum
     of W.T @ g), else rows @ stack.T; a stack with block-diagonal weights by its blocks."""
-    parts = _parts(plan, names, weights)
+    parts = stack_blocks(plan, names, weights)
     stacked = _stack(names, weights) + ("" if transposed else ".T")
     if parts is None:
         return f"gemm({rows}, {stacked})"
@@ -185,7 +176,7 @@ def _product(plan: Plan, names: Names, weights, rows: str, transposed: bool) -> 
 def _packed_product(code: Code, plan: Plan, names: Names, name: str, weights,
                     transposed: bool):
     """The weights of a per-step product, packed once per pass, and its output buffer."""
-    parts = _parts(plan, names, weights)
+    parts = stack_blocks(plan, names, weights)
     stacked = _stack(names, weights) + ("" if transposed else ".T")
     code(f"w_{name} = pack({stacked}, chunk_rows(chunks))" if parts is None else
          f"w_{name} = pack_blocks({stacked}, {parts}, {transposed})",

@@ -33,11 +33,10 @@ is made here; names from the spec appear only in the header's legend comment.
 """
 from __future__ import annotations
 
-from rnndsl.language.spec import SUM
 from rnndsl.symbolic import ir
 from rnndsl.symbolic.rank2 import block_diagonal
 from rnndsl.backend.emit_common import (Code, KernelWriter, Names, as_tuple, backward_preamble,
-                          constant_lines, function, stage_products, unpack)
+                          constant_lines, function, stack_blocks, stage_products, unpack)
 from rnndsl.symbolic.ir import Node
 from rnndsl.backend.kernel_lib import kernel_functions
 from rnndsl.backend.schedule import REDUCTIONS, Loop, Phase, Plan, Program, Role, Scalar, StoreKind
@@ -486,17 +485,8 @@ BLOCKS_RUN_PER_STEP = ("block-diagonal parameters run per step; the persistent k
 def _parts(plan: Plan, names: Names, weights) -> str | None:
     """A stack's cs.block_parts as code (its weights' rows from the sizes, which the glue and
     the time loops both have), if any of its weights is block-diagonal; else None."""
-    params = [plan.step.params[w] for w in weights]
-    if all(p.blocks == 1 for p in params):
-        return None
-    return f"cs.block_parts({as_tuple(f'({_dim(names, p.shape[0])}, {p.blocks})' for p in params)})"
-
-
-def _dim(names: Names, dim: str) -> str:
-    """A dimension of a shape (size names or numbers, maybe summed) as code."""
-    terms = dim.split(SUM)
-    assert all(t in names.size or t.isdigit() for t in terms), dim
-    return " + ".join(names.size.get(t, t) for t in terms)
+    blocks = stack_blocks(plan, names, weights)
+    return None if blocks is None else f"cs.block_parts({blocks})"
 
 
 # -- glue -----------------------------------------------------------------------------------
