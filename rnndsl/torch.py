@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import json
 import numbers
+import os
 import re
 import weakref
 from contextlib import ExitStack, contextmanager
@@ -49,6 +50,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnndsl import compiler
 from rnndsl.backend.blas import blas_threads, gemm_through
+from rnndsl.backend.openmp_team import loaded_team
+from rnndsl.backend.row_threads import loops_on
 from rnndsl.engines.cell import Cell
 from rnndsl.engines.tree import TreeBatch, TreeCell
 
@@ -102,8 +105,10 @@ def _keep_tape(fwd) -> Tensor:
 # After each of its operations, torch's OpenMP threads keep spinning for a while; a
 # multi-threaded BLAS in the kernels then fights them for the cores (a training step of a
 # 2-layer bidirectional LSTM ran 2.3x slower than nn.LSTM on 2 cores, against 0.7x with the
-# kernels' BLAS on one thread). So while torch has a pool of its own, the kernels called
-# through the ops use one BLAS thread, unless `set_kernel_threads` says otherwise.
+# kernels' BLAS on one thread), and so does a thread of the time loops' own pool (no gain from
+# a second one). So while torch has a pool of its own, the ops' GEMMs go to torch.mm, the
+# kernels' BLAS keeps one thread, and the time loops' chunks of rows run on torch's team
+# itself (openmp_team.py), unless `set_kernel_threads` says otherwise.
 _KERNEL_THREADS: list[int | None] = [None]
 
 
@@ -125,10 +130,25 @@ def _kernel_threads():
     with ExitStack() as stack:
         if to_torch:  # the GEMMs outside the time loops on torch's pool, already running
             stack.enter_context(gemm_through(_torch_gemm))
+            team = _torch_team()
+            if team is not None:  # and the time loops' chunks on its threads
+                stack.enter_context(loops_on(team.run, torch.get_num_threads()))
         if before is not None and before != wanted:
             blas_threads(wanted)
             stack.callback(blas_threads, before)
         yield
+
+
+_TEAM: list = []  # [torch's OpenMP team, or None], once looked up
+
+
+def _torch_team():
+    """The OpenMP team that torch's CPU operations run on, where rnndsl can reach it."""
+    if not _TEAM:
+        openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+        _TEAM.append(loaded_team(os.path.join(os.path.dirname(torch.__file__), "lib"))
+                     if openmp else None)
+    return _TEAM[0]
 
 
 def _torch_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -11,13 +11,17 @@ The kernels release the GIL (`nogil=True`); the caller runs the first chunk itse
 other chunks go to a small pool of threads. How many threads: `set_loop_threads(n)`, else the
 kernels' BLAS threads (`blas.blas_threads`, which follows OPENBLAS_NUM_THREADS and which
 the PyTorch bridge lowers to one while torch holds a pool of its own), else the cores; never
-fewer than MIN_ROWS rows a thread.
+fewer than MIN_ROWS rows a thread. Within `loops_on(run, n)` a thread's loops split into n
+chunks that `run` takes instead (the bridge: torch's OpenMP team, openmp_team.py).
 """
 from __future__ import annotations
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from typing import Callable
 
 from rnndsl.backend.blas import blas_threads
 from rnndsl.backend.packed import MICRO_MAX_ROWS
@@ -27,6 +31,7 @@ MIN_ROWS = 4  # the micro-kernel's tile of rows: fewer a thread leave its regist
 _SETTING: list[int | None] = [None]
 _POOL: list[tuple[int, ThreadPoolExecutor] | None] = [None]  # (its workers, the pool)
 _POOL_LOCK = threading.Lock()
+_ROUTE = threading.local()  # .run, .threads: where this thread's chunks go, or absent
 
 
 def set_loop_threads(n: int | None) -> None:
@@ -43,8 +48,22 @@ def loop_setting() -> int | None:
 
 
 def loop_threads() -> int:
-    """The threads a time loop may use now: the setting, else the BLAS's, else the cores."""
-    return _SETTING[0] or blas_threads() or _cores()
+    """The threads a time loop may use now: `loops_on`'s, else the setting, else the BLAS's,
+    else the cores."""
+    return getattr(_ROUTE, "threads", None) or _SETTING[0] or blas_threads() or _cores()
+
+
+@contextmanager
+def loops_on(run: Callable[[list[Callable[[], None]]], None], threads: int):
+    """Within the block, this thread's time loops split their rows for `threads` threads, and
+    `run(tasks)` runs all the chunks, the first included (which threads run them is the
+    point: for the bridge, the ones torch's operations left spinning)."""
+    before = getattr(_ROUTE, "run", None), getattr(_ROUTE, "threads", None)
+    _ROUTE.run, _ROUTE.threads = run, threads
+    try:
+        yield
+    finally:
+        _ROUTE.run, _ROUTE.threads = before
 
 
 def _cores() -> int:
@@ -101,12 +120,17 @@ def run_rows(kernel, T: int, chunks: list[tuple[int, int]], private: tuple, *sha
     if before is not None:
         blas_threads(1)
     try:
-        others = [_pool(len(chunks) - 1).submit(run, k) for k in range(first + 1, len(chunks))]
-        try:
-            run(first)
-        finally:
-            for f in others:
-                f.result()
+        route = getattr(_ROUTE, "run", None)
+        if route is not None:
+            route([partial(run, k) for k in range(first, len(chunks))])
+        else:
+            others = [_pool(len(chunks) - 1).submit(run, k)
+                      for k in range(first + 1, len(chunks))]
+            try:
+                run(first)
+            finally:
+                for f in others:
+                    f.result()
     finally:
         if before is not None:
             blas_threads(before)
