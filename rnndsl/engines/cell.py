@@ -13,6 +13,7 @@ import numpy as np
 
 from rnndsl.backend import emit_rows as rows
 from rnndsl.backend.emit_rows import RowPlan
+from rnndsl.backend.heap import keep_freed_memory
 from rnndsl.engines import reference
 from rnndsl.language.spec import SUM, state_shape
 from rnndsl.symbolic.ops import block_diagonal
@@ -124,6 +125,9 @@ class CpuEngine(GeneratedEngine):
 
     def __init__(self, step: StepIR, bwd: Backward, plan, tape_budget: int | None = None):
         super().__init__(step, bwd, plan)
+        # Every pass allocates its outputs, gate buffers and tape afresh; without this each one
+        # faulted its pages in again (LSTM at S, forward: 3.7 ms, 2.8 ms with it).
+        keep_freed_memory()
         self.rows = isinstance(plan, RowPlan)
         if self.rows:
             rows.tape_budget(tape_budget)  # a bad value is refused now, not at the first pass
