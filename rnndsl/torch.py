@@ -113,8 +113,10 @@ _KERNEL_THREADS: list[int | None] = [None]
 
 
 def set_kernel_threads(n: int | None) -> None:
-    """Threads of the kernels' BLAS while the ops run them: a number, or None (the default):
-    one while torch.get_num_threads() > 1, else the BLAS's own setting."""
+    """Threads of the kernels' BLAS and time loops while the ops run them: a number (every GEMM
+    then in the kernels' BLAS, the loops on rnndsl's own threads), or None (the default):
+    while torch.get_num_threads() > 1, the GEMMs on torch.mm, the BLAS on one thread and the
+    loops on torch's OpenMP team; else the BLAS's own setting."""
     if n is not None and n < 1:
         raise ValueError(f"threads must be at least 1, got {n}")
     _KERNEL_THREADS[0] = n
