@@ -247,9 +247,12 @@ def _width(cell: Cell, name: str, sizes: dict):
 
 
 # -- the custom ops -----------------------------------------------------------------------------
-@torch.library.custom_op("rnndsl::cell_forward", mutates_args=())
-def cell_forward(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
-                 lengths: Tensor) -> list[Tensor]:
+# Each op's body is a plain function as well: eagerly, outside torch.compile, tracing and
+# torch.func's transforms, `_run_cell` calls the bodies through a plain autograd.Function
+# (`_EagerCell`), the same arithmetic without the custom op's dispatch, which cost about
+# 0.8 ms a forward and backward on this project's machine (the kernels of a tiny cell: 0.2).
+def _forward_body(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
+                  lengths: Tensor) -> list[Tensor]:
     """Run a registered cell over a whole sequence. Returns its output sequences (T, B, n) in
     `cell.outputs` order, its final states (B, n) in `cell.states` order, and a tape handle."""
     x = xs[0]
@@ -263,6 +266,9 @@ def cell_forward(key: str, params: list[Tensor], xs: list[Tensor], state0: list[
     return [*outs, *finals, _keep_tape(fwd)]
 
 
+cell_forward = torch.library.custom_op("rnndsl::cell_forward", mutates_args=())(_forward_body)
+
+
 @cell_forward.register_fake
 def _cell_forward_fake(key, params, xs, state0, lengths):
     cell = _cell(key)
@@ -274,10 +280,9 @@ def _cell_forward_fake(key, params, xs, state0, lengths):
     return [*outs, *finals, torch.empty((), dtype=torch.int64)]  # the tape handle: on the CPU
 
 
-@torch.library.custom_op("rnndsl::cell_backward", mutates_args=())
-def cell_backward(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
-                  lengths: Tensor, tape: Tensor, d_outputs: list[Tensor],
-                  d_finals: list[Tensor], input_grads: bool = True) -> list[Tensor]:
+def _backward_body(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
+                   lengths: Tensor, tape: Tensor, d_outputs: list[Tensor],
+                   d_finals: list[Tensor], input_grads: bool = True) -> list[Tensor]:
     """Gradients of a loss w.r.t. the parameters, inputs and initial states of a registered
     cell, given its gradients w.r.t. the output sequences and the final states. With
     `input_grads` false (no input needs one) the inputs' gradients are zeros, not computed."""
@@ -296,6 +301,9 @@ def cell_backward(key: str, params: list[Tensor], xs: list[Tensor], state0: list
             *(_tensor(g.state0[n], like, fresh=True) for n in cell.states)]
 
 
+cell_backward = torch.library.custom_op("rnndsl::cell_backward", mutates_args=())(_backward_body)
+
+
 @cell_backward.register_fake
 def _cell_backward_fake(key, params, xs, state0, lengths, tape, d_outputs, d_finals,
                         input_grads=True):
@@ -309,21 +317,59 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*params, *xs, *state0, lengths, output[-1])
 
 
-def _backward(ctx, grads):
+def _gradients(ctx, grads, want_dx: bool, backward) -> tuple[list, list, list]:
+    """The op's gradients (params, inputs or Nones, initial states) from the outputs' `grads`,
+    through `backward` (the op or its body)."""
     n_p, n_x, n_s = ctx.counts
     saved = ctx.saved_tensors
     params, xs = list(saved[:n_p]), list(saved[n_p:n_p + n_x])
     state0, (lengths, tape) = list(saved[n_p + n_x:n_p + n_x + n_s]), saved[-2:]
     n_o = len(grads) - n_s - 1
+    d = backward(ctx.key, params, xs, state0, lengths, tape,
+                 [g.contiguous() for g in grads[:n_o]],
+                 [g.contiguous() for g in grads[n_o:n_o + n_s]], want_dx)
+    return d[:n_p], (d[n_p:n_p + n_x] if want_dx else [None] * n_x), d[n_p + n_x:]
+
+
+def _backward(ctx, grads):
     want_dx = any(ctx.needs_input_grad[2])  # a first layer's input is data
-    d = cell_backward(ctx.key, params, xs, state0, lengths, tape,
-                      [g.contiguous() for g in grads[:n_o]],
-                      [g.contiguous() for g in grads[n_o:n_o + n_s]], want_dx)
-    return (None, d[:n_p], d[n_p:n_p + n_x] if want_dx else [None] * n_x, d[n_p + n_x:],
-            None)
+    return (None, *_gradients(ctx, grads, want_dx, cell_backward), None)
 
 
 cell_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerCell(torch.autograd.Function):
+    """The op and its autograd formula, eagerly: apply(key, counts, lengths, *params, *xs,
+    *state0) returns what the op returns."""
+
+    @staticmethod
+    def forward(ctx, key, counts, lengths, *tensors):
+        n_p, n_x, _ = counts
+        params, xs = list(tensors[:n_p]), list(tensors[n_p:n_p + n_x])
+        out = _forward_body(key, params, xs, list(tensors[n_p + n_x:]), lengths)
+        ctx.key, ctx.counts = key, counts
+        ctx.save_for_backward(*tensors, lengths, out[-1])
+        ctx.mark_non_differentiable(out[-1])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n_p, n_x, _ = ctx.counts
+        want_dx = any(ctx.needs_input_grad[3 + n_p:3 + n_p + n_x])
+        d_params, d_xs, d_state0 = _gradients(ctx, grads, want_dx, _backward_body)
+        return (None, None, None, *d_params, *d_xs, *d_state0)
+
+
+def _run_cell(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
+              lengths: Tensor) -> list[Tensor]:
+    """torch.ops.rnndsl.cell_forward(...), through `_EagerCell` where nothing traces it."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or torch._C._are_functorch_transforms_active()
+            or any(type(t) not in (Tensor, nn.Parameter) for t in (*params, *xs, *state0))):
+        return torch.ops.rnndsl.cell_forward(key, params, xs, state0, lengths)
+    return list(_EagerCell.apply(key, (len(params), len(xs), len(state0)), lengths, *params,
+                                 *xs, *state0))
 
 
 def cell_apply(cell: Cell | str, params, x, state0=None, lengths=None):
@@ -346,7 +392,7 @@ def cell_apply(cell: Cell | str, params, x, state0=None, lengths=None):
         lengths = torch.full((B,), T, dtype=torch.int64)
     else:
         lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
-    res = torch.ops.rnndsl.cell_forward(key, params, xs, list(state0), lengths)
+    res = _run_cell(key, params, xs, list(state0), lengths)
     n_o = len(cell.outputs)
     return dict(zip(cell.outputs, res[:n_o])), dict(zip(cell.states, res[n_o:-1]))
 
@@ -670,7 +716,7 @@ class RNN(nn.Module):
             for d in range(self.num_directions):
                 i = layer * self.num_directions + d
                 seq = layer_in if d == 0 else _reverse(layer_in, flip)
-                res = torch.ops.rnndsl.cell_forward(
+                res = _run_cell(
                     self.key, [p.to(compute) for p in self.layer_params(layer, d)],
                     [seq.contiguous()], [s[i].to(compute) for s in states], lengths)
                 outs.append(res[0] if d == 0 else _reverse(res[0], flip))

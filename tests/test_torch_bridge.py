@@ -270,6 +270,37 @@ def test_torch_compile_same_outputs_and_gradients():
         torch.testing.assert_close(b, a, **F64)
 
 
+@pytest.mark.parametrize("first_input_needs_grad", [True, False])
+def test_eager_calls_skip_the_custom_op_and_agree_with_it_to_the_bit(monkeypatch,
+                                                                     first_input_needs_grad):
+    """Eagerly the module runs the ops' bodies through a plain autograd.Function; the custom
+    op (what torch.compile sees) gives the same outputs and gradients to the bit, with
+    lengths, both directions, two layers, and with and without the input's gradient."""
+    torch.manual_seed(1)
+    model = RNN("lstm", I, H, 2, bidirectional=True).double()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=first_input_needs_grad)
+    h0 = torch.randn(4, B, H, dtype=torch.float64, requires_grad=True)
+    eager_calls = []
+    real_apply = rt._EagerCell.apply
+    monkeypatch.setattr(rt._EagerCell, "apply",
+                        lambda *a: eager_calls.append(a[0]) or real_apply(*a))
+
+    def run():
+        model.zero_grad()
+        x.grad = h0.grad = None
+        out, (h_n, c_n) = model(x, (h0, torch.zeros_like(h0)), lengths=LENGTHS)
+        (out.sin().sum() + h_n.square().sum() + c_n.sum()).backward()
+        return [out, h_n, c_n, h0.grad, *([x.grad] if first_input_needs_grad else []),
+                *(p.grad for p in model.parameters())]
+
+    eager = [t.detach().clone() for t in run()]
+    assert len(eager_calls) == 4  # two layers, two directions
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as under compile
+    through_op = run()
+    assert len(eager_calls) == 4  # none more: the custom op ran
+    assert all(torch.equal(a, b) for a, b in zip(eager, through_op))
+
+
 PROJECTED_YAML = """
 name: elman_projected
 sizes: [input, hidden, proj]
