@@ -250,7 +250,7 @@ def _width(cell: Cell, name: str, sizes: dict):
 # Each op's body is a plain function as well: eagerly, outside torch.compile, tracing and
 # torch.func's transforms, `_run_cell` calls the bodies through a plain autograd.Function
 # (`_EagerCell`), the same arithmetic without the custom op's dispatch, which cost about
-# 0.8 ms a forward and backward on this project's machine (the kernels of a tiny cell: 0.2).
+# 0.2 ms a forward and backward on this project's machine (a tiny LSTM: 1.0 -> 0.8 ms).
 def _forward_body(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
                   lengths: Tensor) -> list[Tensor]:
     """Run a registered cell over a whole sequence. Returns its output sequences (T, B, n) in
