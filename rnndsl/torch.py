@@ -361,11 +361,16 @@ class _EagerCell(torch.autograd.Function):
         return (None, None, None, *d_params, *d_xs, *d_state0)
 
 
+# Whether torch.func's transforms (vmap, grad, ...) are running; where this torch cannot say,
+# assume they are (the custom op is right either way).
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
 def _run_cell(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
               lengths: Tensor) -> list[Tensor]:
     """torch.ops.rnndsl.cell_forward(...), through `_EagerCell` where nothing traces it."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-            or torch._C._are_functorch_transforms_active()
+            or _transforms_active()
             or any(type(t) not in (Tensor, nn.Parameter) for t in (*params, *xs, *state0))):
         return torch.ops.rnndsl.cell_forward(key, params, xs, state0, lengths)
     return list(_EagerCell.apply(key, (len(params), len(xs), len(state0)), lengths, *params,
