@@ -358,7 +358,30 @@ class _EagerCell(torch.autograd.Function):
         n_p, n_x, _ = ctx.counts
         want_dx = any(ctx.needs_input_grad[3 + n_p:3 + n_p + n_x])
         d_params, d_xs, d_state0 = _gradients(ctx, grads, want_dx, _backward_body)
-        return (None, None, None, *d_params, *d_xs, *d_state0)
+        d = [*d_params, *d_xs, *d_state0]
+        anchors = [t for t in ctx.saved_tensors if t.requires_grad]
+        if torch.is_grad_enabled() and anchors:  # create_graph=True: see _NoSecondDerivative
+            present = [k for k, t in enumerate(d) if t is not None]
+            for k, t in zip(present, _NoSecondDerivative.apply(anchors[0],
+                                                                *(d[k] for k in present))):
+                d[k] = t
+        return (None, None, None, *d)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The gradients a cell's backward returns, as they are, tied to its inputs so that
+    differentiating them again raises (as the custom op does, whose backward has no autograd
+    formula) instead of counting the cell's second derivative as zero."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("rnndsl's cells have no second derivative: double backward "
+                           "(differentiating a gradient taken with create_graph=True "
+                           "through a cell) is not supported")
 
 
 # Whether torch.func's transforms (vmap, grad, ...) are running; where this torch cannot say,

@@ -301,6 +301,18 @@ def test_eager_calls_skip_the_custom_op_and_agree_with_it_to_the_bit(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(eager, through_op))
 
 
+@pytest.mark.parametrize("through_op", [False, True])
+def test_double_backward_is_refused_on_both_paths(monkeypatch, through_op):
+    if through_op:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    model = RNN("elman", I, H).double()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)  # first order: fine
+    assert torch.equal(g.detach(), torch.autograd.grad(model(x)[0].sum(), x)[0])
+    with pytest.raises(RuntimeError, match="no autograd formula|no second derivative"):
+        (g.square().sum() + x.sum()).backward()  # not silently without the cell's part
+
+
 PROJECTED_YAML = """
 name: elman_projected
 sizes: [input, hidden, proj]
