@@ -255,15 +255,22 @@ def _forward_body(key: str, params: list[Tensor], xs: list[Tensor], state0: list
                   lengths: Tensor) -> list[Tensor]:
     """Run a registered cell over a whole sequence. Returns its output sequences (T, B, n) in
     `cell.outputs` order, its final states (B, n) in `cell.states` order, and a tape handle."""
+    return _pass(key, params, xs, state0, lengths, save=True)
+
+
+def _pass(key, params, xs, state0, lengths, save: bool) -> list[Tensor]:
+    """The forward pass; without `save`, the inference kernels (no tape) and a handle that
+    names no tape (a backward, which nothing will ask for, would recompute it)."""
     x = xs[0]
     cell = _device_cell(key, x.device)
     with _kernel_threads(), _on_torch_stream(x):
-        fwd = cell.forward(*_named(cell, params, xs, state0), lengths=_array(lengths))
+        fwd = cell.forward(*_named(cell, params, xs, state0), lengths=_array(lengths),
+                           save=save)
     outs = [_tensor(fwd.outputs[o], x) for o in cell.outputs]
     # Final states may be views into the engine's saved history: copy them (they are small)
     # so that changing them in place cannot change the tape.
     finals = [_tensor(fwd.states[s], x, fresh=True) for s in cell.states]
-    return [*outs, *finals, _keep_tape(fwd)]
+    return [*outs, *finals, _keep_tape(fwd) if save else torch.zeros((), dtype=torch.int64)]
 
 
 cell_forward = torch.library.custom_op("rnndsl::cell_forward", mutates_args=())(_forward_body)
@@ -391,13 +398,16 @@ _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambd
 
 def _run_cell(key: str, params: list[Tensor], xs: list[Tensor], state0: list[Tensor],
               lengths: Tensor) -> list[Tensor]:
-    """torch.ops.rnndsl.cell_forward(...), through `_EagerCell` where nothing traces it."""
+    """torch.ops.rnndsl.cell_forward(...), through `_EagerCell` where nothing traces it, and
+    by the inference kernels where no gradient will be asked for."""
+    tensors = (*params, *xs, *state0)
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
             or _transforms_active()
-            or any(type(t) not in (Tensor, nn.Parameter) for t in (*params, *xs, *state0))):
+            or any(type(t) not in (Tensor, nn.Parameter) for t in tensors)):
         return torch.ops.rnndsl.cell_forward(key, params, xs, state0, lengths)
-    return list(_EagerCell.apply(key, (len(params), len(xs), len(state0)), lengths, *params,
-                                 *xs, *state0))
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _pass(key, params, xs, state0, lengths, save=False)
+    return list(_EagerCell.apply(key, (len(params), len(xs), len(state0)), lengths, *tensors))
 
 
 def cell_apply(cell: Cell | str, params, x, state0=None, lengths=None):

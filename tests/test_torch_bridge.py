@@ -301,6 +301,30 @@ def test_eager_calls_skip_the_custom_op_and_agree_with_it_to_the_bit(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(eager, through_op))
 
 
+@pytest.mark.parametrize("spec", ["lstm", "gru", "peephole_lstm"])
+def test_without_gradients_the_inference_kernels_run_with_the_same_results(monkeypatch, spec):
+    """Under no_grad (or with nothing requiring a gradient) the module runs the inference
+    kernels, which keep no tape, and answers what the training pass answers."""
+    torch.manual_seed(2)
+    model = RNN(spec, I, H, 2, bidirectional=True).double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    saves = []
+    real = rt._cell(model.key).forward
+    monkeypatch.setattr(rt._cell(model.key), "forward",
+                        lambda *a, save=True, **k: saves.append(save) or real(*a, save=save,
+                                                                                 **k))
+    training = model(x, lengths=LENGTHS)
+    assert saves == [True] * 4
+    with torch.no_grad():
+        inference = model(x, lengths=LENGTHS)
+    model.requires_grad_(False)
+    frozen = model(x, lengths=LENGTHS)
+    assert saves == [True] * 4 + [False] * 8
+    for other in (inference, frozen):
+        assert torch.equal(other[0], training[0].detach())
+        assert all(torch.equal(a, b.detach()) for a, b in zip(other[1], training[1]))
+
+
 @pytest.mark.parametrize("through_op", [False, True])
 def test_double_backward_is_refused_on_both_paths(monkeypatch, through_op):
     if through_op:
