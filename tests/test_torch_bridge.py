@@ -169,9 +169,9 @@ def test_op_passes_arrays_without_copies_and_keeps_the_tape(monkeypatch):
     seen = []
     real_forward = c.forward
 
-    def spy(p, xs, state0=None, lengths=None):
+    def spy(p, xs, state0=None, lengths=None, **kwargs):
         seen.append((p, xs))
-        return real_forward(p, xs, state0, lengths)
+        return real_forward(p, xs, state0, lengths, **kwargs)
 
     monkeypatch.setattr(c, "forward", spy)
     tapes_before = len(rt._TAPES)
