@@ -114,6 +114,29 @@ def test_chunks_above_the_micro_kernel_take_blas_on_one_thread(threads, monkeypa
     assert 1 in seen and setting[0] == 3
 
 
+def test_small_elementwise_passes_keep_to_one_chunk(threads):
+    threads(2)
+    assert len(row_chunks(16)) == 2  # a pass with per-step products
+    assert len(row_chunks(16, row_threads.SMALL_WORK // 16 - 1)) == 1
+    assert len(row_chunks(16, row_threads.SMALL_WORK // 16)) == 2
+
+
+@pytest.mark.parametrize("spec, chunked", [("indrnn", False), ("lstm", True)])
+def test_loops_without_a_per_step_product_run_in_one_chunk(threads, monkeypatch, spec, chunked):
+    """IndRNN's loops (elementwise work only) keep to one thread, forward and backward; the
+    LSTM's (a recurrent product each step) split; both match the reference."""
+    threads(2)
+    cpu, ref = rnndsl.compile(spec), rnndsl.compile(spec, target="reference")
+    module = cpu.engine.module(np.dtype(np.float64))
+    seen = []
+    monkeypatch.setattr(module, "run_rows", lambda kernel, T, chunks, *rest: (
+        seen.append(len(chunks)), row_threads.run_rows(kernel, T, chunks, *rest)))
+    with nan_scratch():
+        diffs = differences(cpu, ref, 5, 16, [5, 0, 3] + [5] * 13, seed=3)
+    assert max(diffs.values()) < 1e-10, diffs
+    assert seen and set(seen) == ({2} if chunked else {1})
+
+
 def test_a_chunk_left_out_is_caught(threads, monkeypatch):
     """The check above fails if the runner skips a chunk (its rows stay NaN)."""
     threads(3, 1)

@@ -183,6 +183,15 @@ def _packed_product(code: Code, plan: Plan, names: Names, name: str, weights,
          f"g_{name} = empty((B, packed_width(w_{name})), DT)")
 
 
+def _elementwise(plan: Plan, names: Names, products) -> str:
+    """row_chunks' second argument for a pass with these per-step `products`: none if it has
+    any, else its elements per row (T times the first state's width)."""
+    if products:
+        return ""
+    first = next(iter(plan.step.states.values()))
+    return f", T * {names.size[first]}"
+
+
 def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
     """`forward` keeps what backward needs (the tape); `infer` does not."""
     step = plan.step
@@ -190,7 +199,8 @@ def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
     L(unpack(list(names.param.values()), "params"),
       unpack(list(names.input.values()), "xs"),
       unpack(list(names.size.values()), "sizes"),
-      "T, B = xs[0].shape[0], xs[0].shape[1]", "chunks = row_chunks(B)")
+      "T, B = xs[0].shape[0], xs[0].shape[1]",
+      f"chunks = row_chunks(B{_elementwise(plan, names, plan.forward.gemms)})")
     L(*_scalar_params(plan, names))
     if plan.pre is not None:
         pre = _LoopKernel(plan, names, plan.pre, "pre")
@@ -232,7 +242,7 @@ def _forward_glue(plan: Plan, names: Names, k: _LoopKernel, save: bool) -> str:
 def _backward_glue(plan: Plan, names: Names, k: _LoopKernel) -> str:
     step = plan.step
     L = backward_preamble(plan, names)
-    L("chunks = row_chunks(B)")
+    L(f"chunks = row_chunks(B{_elementwise(plan, names, plan.back.gemm_ts)})")
     L(*_scalar_params(plan, names))
     for s, code in names.state.items():
         L(f"d{code} = empty((T + 1, B, {names.size[step.states[s]]}), DT)")
