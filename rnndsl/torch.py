@@ -32,6 +32,7 @@ never depend on the table, only the speed does.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -141,16 +142,12 @@ def _kernel_threads():
         yield
 
 
-_TEAM: list = []  # [torch's OpenMP team, or None], once looked up
-
-
+@functools.cache
 def _torch_team():
     """The OpenMP team that torch's CPU operations run on, where rnndsl can reach it."""
-    if not _TEAM:
-        openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
-        _TEAM.append(loaded_team(os.path.join(os.path.dirname(torch.__file__), "lib"))
-                     if openmp else None)
-    return _TEAM[0]
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    return loaded_team(os.path.join(os.path.dirname(torch.__file__), "lib"))
 
 
 def _torch_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:

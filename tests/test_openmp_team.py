@@ -113,18 +113,19 @@ def test_the_bridge_runs_its_loops_on_torch_s_team_with_the_same_results(
         team.run(tasks)
 
     _training_step(model, x, lengths)  # compiles the kernels (a first call runs on one thread)
-    monkeypatch.setattr(rt, "_TEAM", [type("Spy", (), {"run": staticmethod(spy)})()])
+    monkeypatch.setattr(rt, "_torch_team", lambda: type("Spy", (), {"run": staticmethod(spy)})())
     on_team = _training_step(model, x, lengths)
     # 2 layers x 2 directions, forward and backward, each split for torch's 2 threads
     assert runs == [2] * 8
-    monkeypatch.setattr(rt, "_TEAM", [None])  # the loops on the calling thread alone
+    monkeypatch.setattr(rt, "_torch_team", lambda: None)  # the loops on the calling thread alone
     alone = _training_step(model, x, lengths)
     assert all(torch.equal(a, b) for a, b in zip(on_team, alone))
 
 
 def test_the_bridge_keeps_to_one_thread_when_torch_has_one(team, monkeypatch):
     runs = []
-    monkeypatch.setattr(rt, "_TEAM", [type("Spy", (), {"run": staticmethod(runs.append)})()])
+    monkeypatch.setattr(rt, "_torch_team",
+                        lambda: type("Spy", (), {"run": staticmethod(runs.append)})())
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
