@@ -113,10 +113,18 @@ class RowPlan:
     d_prev: dict[str, Node]  # each state's previous value's adjoint, in the state's shape
     d_inputs: dict[str, Node]  # the inputs with a gradient, in the input's shape
     inline: frozenset[int]
+    stacked: dict[int, tuple[Node, ...]]  # a product's uid -> the products computed with it
 
     @property
     def matrix_states(self) -> list[str]:
         return [s for s, size in self.step.states.items() if len(state_shape(size)) == 2]
+
+    def backward_roots(self) -> list[Node]:
+        """What a backward step computes: the previous states' and the inputs' adjoints, the
+        vector parameters' gradient terms, and both sides of every weight's outer product."""
+        bwd = self.backward
+        return [*self.d_prev.values(), *self.d_inputs.values(), *bwd.d_params.values()] + \
+            [n for terms in bwd.d_matrices.values() for g, v in terms for n in (g, v)]
 
     def describe_groups(self) -> list[str]:
         """The products, for `rnndsl compile`'s summary."""
@@ -159,7 +167,28 @@ def row_plan(step: StepIR, bwd: Backward) -> RowPlan:
             reads[v.uid].append(False)
     inline = {n.uid for n in nodes if n.shape and not n.is_leaf and (
         n.op in INDEX_MAPS or (not OPS[n.op].structural and reads[n.uid] == [True]))}
-    return RowPlan(step, bwd, d_prev, d_inputs, frozenset(inline))
+    plan = RowPlan(step, bwd, d_prev, d_inputs, frozenset(inline), {})
+    plan.stacked.update(_stacked_products(plan))
+    return plan
+
+
+def _stacked_products(plan: RowPlan) -> dict[int, tuple[Node, ...]]:
+    """Products with a parameter that multiply the same vector the same way (W @ v, or M.T @
+    u), computed together as one product with the parameters stacked (cpu): the NTM's
+    controller multiplies x, r and h by each of its four gates' blocks of W_controller, twelve
+    products of 100 outputs, each padded to the micro-kernel's panels, that are three products
+    of 400. Only products that every step computing one of them computes all of (forward,
+    the recomputation of the matrix states, backward), so no step computes one it does not
+    need; each output column's sum is the same with or without its neighbours."""
+    regions = [{n.uid for n in ir.topo_order(roots)} for roots in (
+        plan.step.roots(), [plan.step.values[s] for s in plan.matrix_states],
+        plan.backward_roots())]
+    groups: dict[tuple, list[Node]] = defaultdict(list)
+    for n in ir.topo_order(plan.step.roots() + plan.backward_roots()):
+        if n.op in _PRODUCTS and n.args[0].op == "param":
+            groups[(_PRODUCTS[n.op], n.args[1].uid,
+                    tuple(n.uid in r for r in regions))].append(n)
+    return {n.uid: tuple(g) for g in groups.values() if len(g) > 1 for n in g}
 
 
 def _reads_once(user: Node, position: int) -> bool:
@@ -240,13 +269,17 @@ def _matrix_sum(k: "_RowKernel", n: Node, code: Code, over: int, term: Callable[
             code(f"{out}[j] += {term()}")
 
 
+_PRODUCTS = {"matvec": False, "mv": False, "matvec_t": True, "mtv": True}  # op -> transposed
+
+
 def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
     """M @ v: the sum along each row of M times v; M.T @ u: down the rows, times u."""
     m, v = n.args
-    along = ("i",) if transpose else ("j",)
-    term = lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}"  # noqa: E731
     if m.op != "param":
-        _matrix_sum(k, n, code, 0 if transpose else 1, term)
+        _matrix_sum(k, n, code, 0 if transpose else 1, _product_term(k, n, transpose))
+        return
+    if k.target == "cpu" and n.uid in k.plan.stacked:
+        _stacked_product(k, k.plan.stacked[n.uid], code, transpose)
         return
     # A product with a parameter whose output is at least as long as each sum goes through
     # the per-step product's micro-kernel (packed.py; cpu), its weights packed once a pass by
@@ -257,36 +290,15 @@ def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
     # fast as lanes along the output). Against lanes along the output accumulated in
     # memory, the NTM (float32, one thread, alternated, quiet): forward rows 10.9-14.0 ->
     # 10.5 ms, backward rows 23.9-24.4 -> 22.2-22.9 ms; its float64 compile 107 -> 90 s.
-    out, rows, cols = k.var(n), k.size(m.shape[0]), k.size(m.shape[1])
-    out_size, sum_size = (cols, rows) if transpose else (rows, cols)
+    out_size, sum_size = _product_sizes(k, n, transpose)
 
-    def micro_kernel():
-        weights = k.packed(m, transpose)
-        k.scratch[out] = f"packed_width({weights})"
-        code(f"packed_matvec({k.vector(v, code)}, {weights}, {out})")
-
-    def lanes_along_output():  # a GPU thread's row, which has no micro-kernel
-        if transpose:  # down M's rows, each times u's element
-            _matrix_sum(k, n, code, 0, term)
-            return
-        with code.block(f"for i in range({rows}):"):
-            code(f"{out}[i] = C0")
-        with code.block(f"for j in range({cols}):"):  # down M.T's rows, each times v's element
-            code(f"{out}_v = {k.elem(v, ('j',))}")
-            with code.block(f"for i in range({rows}):"):
-                code(f"{out}[i] += {k.transposed(m)}[j, i] * {out}_v")
-
-    longer_output = micro_kernel if k.target == "cpu" else lanes_along_output
-
-    def lanes_along_sums():
-        if not transpose:  # along M's rows
-            _matrix_sum(k, n, code, 1, term)
-            return
-        with code.block(f"for j in range({cols}):"):  # along M.T's rows
-            code(f"{out}_acc = C0")
-            with code.block(f"for i in range({rows}):"):
-                code(f"{out}_acc += {k.transposed(m)}[j, i] * {k.elem(v, ('i',))}")
-            code(f"{out}[j] = {out}_acc")
+    def longer_output():
+        if k.target == "cpu":
+            weights = k.packed((m.attr,), transpose)
+            k.scratch[k.var(n)] = f"packed_width({weights})"
+            code(f"packed_matvec({k.vector(v, code)}, {weights}, {k.var(n)})")
+        else:
+            _lanes_along_output(k, n, code, transpose)
 
     if out_size == sum_size:
         longer_output()
@@ -294,7 +306,80 @@ def _product(k: "_RowKernel", n: Node, code: Code, transpose: bool):
     with code.block(f"if {out_size} >= {sum_size}:"):
         longer_output()
     with code.block("else:"):
-        lanes_along_sums()
+        _lanes_along_sums(k, n, code, transpose)
+
+
+def _product_sizes(k: "_RowKernel", n: Node, transpose: bool) -> tuple[str, str]:
+    """A product's output size and the length of each of its sums, as code."""
+    rows, cols = (k.size(d) for d in n.args[0].shape)
+    return (cols, rows) if transpose else (rows, cols)
+
+
+def _product_term(k: "_RowKernel", n: Node, transpose: bool) -> Callable[[], str]:
+    m, v = n.args
+    along = ("i",) if transpose else ("j",)
+    return lambda: f"{k.elem(m, ('i', 'j'))} * {k.elem(v, along)}"
+
+
+def _lanes_along_output(k: "_RowKernel", n: Node, code: Code, transpose: bool):
+    """A product with a parameter as a GPU thread's row, which has no micro-kernel."""
+    m, v = n.args
+    out = k.var(n)
+    if transpose:  # down M's rows, each times u's element
+        _matrix_sum(k, n, code, 0, _product_term(k, n, transpose))
+        return
+    rows, cols = (k.size(d) for d in m.shape)
+    with code.block(f"for i in range({rows}):"):
+        code(f"{out}[i] = C0")
+    with code.block(f"for j in range({cols}):"):  # down M.T's rows, each times v's element
+        code(f"{out}_v = {k.elem(v, ('j',))}")
+        with code.block(f"for i in range({rows}):"):
+            code(f"{out}[i] += {k.transposed(m)}[j, i] * {out}_v")
+
+
+def _lanes_along_sums(k: "_RowKernel", n: Node, code: Code, transpose: bool):
+    """A product with a parameter, each output a sum in vector lanes (along M's rows, or along
+    the rows of M's transpose)."""
+    m, v = n.args
+    if not transpose:
+        _matrix_sum(k, n, code, 1, _product_term(k, n, transpose))
+        return
+    out = k.var(n)
+    rows, cols = (k.size(d) for d in m.shape)
+    with code.block(f"for j in range({cols}):"):
+        code(f"{out}_acc = C0")
+        with code.block(f"for i in range({rows}):"):
+            code(f"{out}_acc += {k.transposed(m)}[j, i] * {k.elem(v, ('i',))}")
+        code(f"{out}[j] = {out}_acc")
+
+
+def _stacked_product(k: "_RowKernel", members: tuple[Node, ...], code: Code, transpose: bool):
+    """Products that multiply one vector by several parameters (see _stacked_products), at the
+    first of them that a step reaches: one micro-kernel product with the parameters stacked,
+    each member's output a view of the stacked output (made by the glue). By the same rule as
+    one product's: where the stacked output is shorter than each sum, each member runs its
+    lanes along the sums instead."""
+    if members[0].uid in k.stacked_done:
+        return
+    k.stacked_done.add(members[0].uid)
+    stack = f"{k.names.var(members[0])}_stack"
+    weights = k.packed(tuple(m.args[0].attr for m in members), transpose, stack)
+    k.scratch[stack] = f"packed_width({weights})"
+    k.arrays.add(stack)
+    start, total = "0", []
+    for m in members:
+        size = _product_sizes(k, m, transpose)[0]
+        end = f"{start} + {size}" if start != "0" else size
+        k.views[k.names.var(m)] = (stack, start, end)
+        k.arrays.add(k.names.var(m))
+        start = end
+        total.append(size)
+    vector = k.vector(members[0].args[1], code)
+    with code.block(f"if {' + '.join(total)} >= {_product_sizes(k, members[0], transpose)[1]}:"):
+        code(f"packed_matvec({vector}, {weights}, {stack})")
+    with code.block("else:"):
+        for m in members:
+            _lanes_along_sums(k, m, code, transpose)
 
 
 def _rolled(k: "_RowKernel", size: str, i: str, offset: int) -> str:
@@ -367,7 +452,10 @@ class _RowKernel:
         self.arrays: set[str] = set()
         self.scratch: dict[str, str] = {}  # array -> its sizes as code, "n0, n1"
         self.transposes: dict[str, str] = {}  # a parameter's transpose -> the parameter
-        self.packs: dict[str, tuple[str, bool]] = {}  # packed weights -> (parameter, transposed)
+        # packed weights -> (parameters stacked, transposed)
+        self.packs: dict[str, tuple[tuple[str, ...], bool]] = {}
+        self.views: dict[str, tuple[str, str, str]] = {}  # array -> (array, start, end) it views
+        self.stacked_done: set[int] = set()  # stacked products the step being written has
         self.sizes_used: set[str] = set()
         self.matrix = {s: f"m{k}" for k, s in enumerate(plan.step.states)
                        if s in plan.matrix_states}
@@ -377,7 +465,7 @@ class _RowKernel:
     # -- names ----------------------------------------------------------------------------------
     def var(self, n: Node) -> str:
         name = self.names.var(n)
-        if n.shape:  # (a product's may be wider: see _product)
+        if n.shape and name not in self.views:  # (a product's may be wider: see _product)
             self.scratch.setdefault(name, ", ".join(self.size(d) for d in n.shape))
             self.arrays.add(name)
         return name
@@ -386,11 +474,12 @@ class _RowKernel:
         self.arrays.add(array)
         return array
 
-    def packed(self, param: Node, transpose: bool) -> str:
-        """A matrix parameter packed by the glue for `packed_matvec`: v @ W.T (W @ v), or
-        with `transpose` g @ W (W.T @ g)."""
-        name = ("q" if transpose else "k") + self.names.param[param.attr]
-        self.packs[name] = (self.names.param[param.attr], transpose)
+    def packed(self, params: tuple[str, ...], transpose: bool, stack: str = "") -> str:
+        """Matrix parameters packed by the glue for `packed_matvec`: v @ W.T (W @ v), or with
+        `transpose` g @ W (W.T @ g); several stacked along the output (`stack` names them)."""
+        codes = tuple(self.names.param[p] for p in params)
+        name = ("q" if transpose else "k") + (stack or codes[0])
+        self.packs[name] = (codes, transpose)
         return self.use(name)
 
     def vector(self, n: Node, code: Code) -> str:
@@ -466,6 +555,7 @@ class _RowKernel:
     def step(self, code: Code, roots: list[Node]):
         """Every node the roots need, in order; each stored or local unless computed in
         place."""
+        self.stacked_done = set()
         for n in ir.topo_order(roots):
             if n.is_leaf or n.uid in self.plan.inline:
                 continue
@@ -591,9 +681,7 @@ class _RowKernel:
 
     def _backward_step(self, code: Code, bwd: Backward):
         plan, names = self.plan, self.names
-        roots = [*plan.d_prev.values(), *plan.d_inputs.values(), *bwd.d_params.values()] + \
-            [n for terms in bwd.d_matrices.values() for g, v in terms for n in (g, v)]
-        self.step(code, roots)
+        self.step(code, plan.backward_roots())
         for s, n in plan.d_prev.items():
             c = names.state[s]
             self.store_loop(code, n.shape, lambda idx, n=n, c=c: (
@@ -619,7 +707,7 @@ class _RowKernel:
         own of: one row's values and matrix states, the adjoints carried between steps, and
         the sums over the chunk's rows (the row's terms) of the gradients of vector
         parameters."""
-        own = {*self.scratch, *self.matrix.values()}
+        own = {*self.scratch, *self.views, *self.matrix.values()}
         if self.kind == "backward":
             own |= {f"{p}{c}" for c in self.names.state.values() for p in ("d", "n")}
             own |= {"d" + self.names.param[p] for p in self.plan.backward.d_params}
@@ -778,12 +866,16 @@ def _opening(plan: RowPlan, names: Names, signature: str, arrays: _HostArrays) -
 
 def _scratch(L: Code, k: _RowKernel, arrays: _HostArrays):
     """The kernel's arrays besides the pass's own: parameters packed for the micro-kernel
-    (cpu), private scratch (a product's as wide as its packed weights), parameters'
-    transposes."""
-    for name, (param, transpose) in sorted(k.packs.items()):
-        L(f"{name} = pack({param if transpose else param + '.T'}, 1)")
+    (cpu), private scratch (a product's as wide as its packed weights; the members of a
+    stacked product views of its output), parameters' transposes."""
+    for name, (params, transpose) in sorted(k.packs.items()):
+        w = params[0] if len(params) == 1 else \
+            f"np.concatenate({as_tuple(params)}, axis={1 if transpose else 0})"
+        L(f"{name} = pack({w if transpose else w + '.T'}, 1)")
     for name, shape in sorted(k.scratch.items()):
         L(f"{name} = {arrays.empty(f'({arrays.copies}, {shape})')}")
+    for name, (stack, start, end) in sorted(k.views.items()):
+        L(f"{name} = {stack}[:, {start}:{end}]")
     for name, param in sorted(k.transposes.items()):
         L(f"{name} = {arrays.transpose(param)}")
 
