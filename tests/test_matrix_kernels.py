@@ -45,6 +45,48 @@ def test_parameter_products_either_way_match_the_reference(first_size, step):
     assert not bad, bad
 
 
+STACKED = """name: stacked
+sizes: [input, key, value]
+inputs: {x: input}
+states: {M: [key, value], h: value}
+outputs: [h, y]
+params:
+  W_a: {shape: [key, input]}
+  U_a: {shape: [key, value]}
+  W_b: {shape: [value, input]}
+  U_b: {shape: [value, value]}
+  W_c: {shape: [value, input]}
+  V_y: {shape: [value, value]}
+  V_z: {shape: [value, value]}
+equations: |
+  a = tanh(W_a @ x + U_a @ h_prev)
+  b = sigmoid(W_b @ x + U_b @ h_prev)
+  c = W_c @ x
+  M = M_prev * b + outer(a, c)
+  h = tanh(M.T @ a)
+  y = V_y @ h + V_z @ h
+"""
+
+
+@pytest.mark.parametrize("first_size, step", [(3, 2), (9, -2)], ids=["tall", "wide"])
+def test_stacked_parameter_products_match_the_reference(first_size, step):
+    """Products of one vector with several parameters run as one product with the
+    parameters stacked (emit_rows._stacked_products): W_a, W_b and W_c @ x, U_a and U_b @
+    h_prev, V_y and V_z @ h forward, and in backward the transposes that share an adjoint.
+    With sizes ascending the stacked outputs are longer than their sums (one micro-kernel
+    product), descending some are shorter (each product's lanes along its sums)."""
+    cpu = rnndsl.compile(STACKED)
+    source = cpu.engine.source_code("float64")
+    assert "kv0_stack = pack(np.concatenate((" in source
+    assert source.count("_stack = pack(np.concatenate(") >= 4  # forward's three, backward's
+    ref = rnndsl.compile(STACKED, target="reference")
+    with nan_scratch():
+        diffs = differences(cpu, ref, 4, 3, [4, 1, 0], np.float64, seed=6,
+                            problem_args=(first_size, step))
+    bad = {k: v for k, v in diffs.items() if not v < 1e-10}
+    assert not bad, bad
+
+
 def test_every_structural_operator_has_row_kernel_code():
     """An operator added to ops.py needs its entry here (or elementwise kernel code)."""
     missing = [op for op, rec in OPS.items() if rec.structural and op not in emit_rows.ROW_CODE
