@@ -3,6 +3,8 @@ rank-2 operator against the reference engine (float64, forward and backward, wit
 an empty sequence), and the tape budget: storing every step's matrix states and recomputing
 them from kept copies give identical results. (The built-in cells run in test_kernels.py and
 test_gradcheck.py with the others; random matrix cells in test_differential.py.)"""
+import re
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,19 @@ def test_stacked_parameter_products_match_the_reference(first_size, step):
                             problem_args=(first_size, step))
     bad = {k: v for k, v in diffs.items() if not v < 1e-10}
     assert not bad, bad
+
+
+def test_backward_reads_the_vectors_the_forward_pass_kept():
+    """The forward pass keeps every step's vectors that backward reads (a, b, c and h of
+    STACKED), and backward computes none of them again: no tanh or sigmoid in its kernel,
+    where the forward kernel has both (the values themselves: the tests above)."""
+    source = rnndsl.compile(STACKED).engine.source_code("float64")
+    forward = source[source.index("def forward_rows"):source.index("def infer_rows")]
+    backward = source[source.index("def backward_rows"):source.index("def forward(")]
+    assert "tanh(" in forward and "sigmoid(" in forward
+    assert "tanh(" not in backward and "sigmoid(" not in backward
+    kept = set(re.findall(r"(rv\d+)\[b, t, j\] = ", forward))
+    assert len(kept) >= 3 and all(f"{r}[b, t, " in backward for r in kept)
 
 
 def test_every_structural_operator_has_row_kernel_code():
