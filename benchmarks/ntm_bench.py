@@ -108,6 +108,15 @@ def check(problem: Problem, tolerance: float) -> float:
     return diffs[worst]
 
 
+# Each pass starts after a pause, with the other side's threads asleep: after an eager pass
+# torch's OpenMP threads spin for a while (GNU OpenMP's default), and an rnndsl pass started
+# at once shared the two cores with them (rnndsl 24.7 ms, against 22.1 with torch's threads
+# told to sleep at once by OMP_WAIT_POLICY=PASSIVE, which slows eager PyTorch from 107 to
+# 489 ms and so is no setting to compare under). A user's rnndsl program runs no torch
+# operations between its passes.
+PAUSE = 0.05  # seconds
+
+
 def median_seconds(problem: Problem, repeats: int) -> tuple[float, float]:
     """Medians of `repeats` passes of each, alternated, after one pass of each."""
     problem.rnndsl_pass()
@@ -115,6 +124,7 @@ def median_seconds(problem: Problem, repeats: int) -> tuple[float, float]:
     mine, theirs = [], []
     for _ in range(repeats):
         for run, times in ((problem.rnndsl_pass, mine), (problem.eager_pass, theirs)):
+            time.sleep(PAUSE)
             start = time.perf_counter()
             run()
             times.append(time.perf_counter() - start)
