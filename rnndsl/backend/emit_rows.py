@@ -21,7 +21,7 @@ by the operator's name (and tests/test_matrix_kernels.py fails until it has one)
 The tape and its memory budget. The forward pass keeps every step's value of each vector
 and scalar that backward reads (`RowPlan.saved`: the stored values a backward step or the
 matrix states' recomputation would otherwise compute again, (B, T, n) each; the NTM's 77,
-about 3,000 numbers a step and row) and backward reads them instead of computing them and
+3,560 numbers a step and row at 128 slots x 20, hidden 100) and backward reads them instead of computing them and
 everything they come from; it computes the rest (values computed in place, the matrices that
 are not states) from the states before the step and the step's inputs, so it needs every
 state's value before every step. Vector states keep all of them, (T + 1, B, n). A matrix
