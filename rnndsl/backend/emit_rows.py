@@ -536,6 +536,15 @@ class _RowKernel:
         """Whether this kernel reads n from the forward pass's saved values (backward)."""
         return self.kind == "backward" and n.uid in self.plan.saved
 
+    def kept_in_place(self) -> list[Node]:
+        """The saved vectors the forward pass (cpu) computes straight into their arrays, the
+        step's row of each taken as the value's scratch: all but the products with a
+        parameter, whose scratch is as wide as their packed weights (these are copied)."""
+        if not self.save or self.target != "cpu":
+            return []
+        return [n for n in self.plan.saved.values() if n.shape and
+                not (n.op in _PRODUCTS and n.args[0].op == "param")]
+
     def saved_name(self, n: Node) -> str:
         """The array of a saved value's every step, (B, T, ...): a row's steps side by side,
         so that threads running different rows write different cache lines (one (T, B)
@@ -672,9 +681,14 @@ class _RowKernel:
                             self.copy(code, self.dims(s),
                                       (self.use("k" + names.state[s]), "t // every, b"),
                                       (m, "t % 2"))
+                in_place = self.kept_in_place()
+                for n in in_place:
+                    code(f"{self.var(n)} = {self.use(self.saved_name(n))}[b, t]")
                 self.step(code, step.roots())
                 if self.save:
                     for n in self.plan.saved.values():
+                        if n in in_place:
+                            continue
                         kept = self.use(self.saved_name(n))
                         self.store_loop(code, n.shape, lambda idx, n=n, kept=kept: (
                             f"{kept}[b, t{''.join(', ' + i for i in idx)}] = "
