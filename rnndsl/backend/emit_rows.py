@@ -61,10 +61,11 @@ DEFAULT_TAPE_BUDGET = 1 << 30  # bytes of kept matrix states
 # The row kernels' sums (M @ v along a row) vectorise only if they may be reassociated: the
 # rounding then differs from the reference's in the last bits, not from run to run. The flag
 # covers every operation in the kernel, so LLVM may also fold constant factors: with `arcp`,
-# `x * 1e-300 / 1e-300` becomes `x`, where NumPy's order underflows to 0 for |x| < 1e-24
-# (the differential fuzzer's matrix seed 15009: the norm of that zero has a NaN gradient in
-# the reference engine, a finite one here). Only specs that scale by such constant pairs see
-# it; the vector kernels keep NumPy's order (their sums go through simd.py instead).
+# `x * 1e-300 / 1e-300` becomes `x`, where NumPy's order (float64) loses digits for
+# |x| < 2e-8 and gives 0 for |x| < 5e-24 (the differential fuzzer's matrix seed 15009: the
+# norm of that zero has a NaN gradient in the reference engine, a finite one here). Only
+# specs that scale by such constant pairs see it; the vector kernels keep NumPy's order
+# (their sums go through simd.py instead).
 FASTMATH = BASE_FASTMATH[:-1] + ', "reassoc"}'
 
 
