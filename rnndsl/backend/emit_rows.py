@@ -135,12 +135,15 @@ class RowPlan:
     def matrix_states(self) -> list[str]:
         return [s for s, size in self.step.states.items() if len(state_shape(size)) == 2]
 
+    def new_matrices(self) -> list[Node]:
+        """The matrix states' new values: what backward's recomputation of a segment runs."""
+        return [self.step.values[s] for s in self.matrix_states]
+
     def backward_order(self, saved=None) -> list[Node]:
         """The nodes backward computes (the matrix states' recomputation and the backward
         step), each after its arguments, not looking past saved values."""
         saved = saved or (lambda n: n.uid in self.saved)
-        return ir.topo_order_until([self.step.values[s] for s in self.matrix_states] +
-                                   self.backward_roots(), saved)
+        return ir.topo_order_until(self.new_matrices() + self.backward_roots(), saved)
 
     def backward_roots(self) -> list[Node]:
         """What a backward step computes: the previous states' and the inputs' adjoints, the
@@ -216,7 +219,7 @@ def _stacked_products(plan: RowPlan) -> dict[int, tuple[Node, ...]]:
     stop = lambda n: n.uid in plan.saved  # noqa: E731
     regions = [{n.uid for n in ir.topo_order(plan.step.roots())}] + [
         {n.uid for n in ir.topo_order_until(roots, stop)}
-        for roots in ([plan.step.values[s] for s in plan.matrix_states], plan.backward_roots())]
+        for roots in (plan.new_matrices(), plan.backward_roots())]
     groups: dict[tuple, list[Node]] = defaultdict(list)
     order = {n.uid: n for n in ir.topo_order(plan.step.roots()) + plan.backward_order()}
     for n in order.values():
@@ -688,13 +691,13 @@ class _RowKernel:
                             self.copy(code, self.dims(s),
                                       (self.use("k" + names.state[s]), "t // every, b"),
                                       (m, "t % 2"))
-                in_place = self.kept_in_place()
-                for n in in_place:
+                in_place = {n.uid for n in self.kept_in_place()}
+                for n in self.kept_in_place():
                     code(f"{self.var(n)} = {self.use(self.saved_name(n))}[b, t]")
                 self.step(code, step.roots())
                 if self.save:
                     for n in self.plan.saved.values():
-                        if n in in_place:
+                        if n.uid in in_place:
                             continue
                         kept = self.use(self.saved_name(n))
                         self.store_loop(code, n.shape, lambda idx, n=n, kept=kept: (
@@ -738,7 +741,7 @@ class _RowKernel:
                     self.copy(code, self.dims(s), (self.use(m), "0"),
                               (self.use("k" + names.state[s]), "t0 // every, b"))
                 with code.block("for t in range(t0, t1 - 1):"):
-                    news = [step.values[s] for s in self.matrix]
+                    news = plan.new_matrices()
                     self.step(code, news)
                     for s, n in zip(self.matrix, news):
                         self.store_loop(code, n.shape, lambda idx, n=n, s=s: (
