@@ -413,7 +413,11 @@ def _stacked_product(k: "_RowKernel", members: tuple[Node, ...], code: Code, tra
         start = end
         total.append(size)
     vector = k.vector(members[0].args[1], code)
-    with code.block(f"if {' + '.join(total)} >= {_product_sizes(k, members[0], transpose)[1]}:"):
+    sum_size = _product_sizes(k, members[0], transpose)[1]
+    if sum_size in total:  # a member as long as the sums: the stack is longer
+        code(f"packed_matvec({vector}, {weights}, {stack})")
+        return
+    with code.block(f"if {' + '.join(total)} >= {sum_size}:"):
         code(f"packed_matvec({vector}, {weights}, {stack})")
     with code.block("else:"):
         for m in members:
@@ -691,8 +695,8 @@ class _RowKernel:
                             self.copy(code, self.dims(s),
                                       (self.use("k" + names.state[s]), "t // every, b"),
                                       (m, "t % 2"))
-                in_place = {n.uid for n in self.kept_in_place()}
-                for n in self.kept_in_place():
+                in_place = {n.uid: n for n in self.kept_in_place()}
+                for n in in_place.values():
                     code(f"{self.var(n)} = {self.use(self.saved_name(n))}[b, t]")
                 self.step(code, step.roots())
                 if self.save:
