@@ -34,6 +34,7 @@ import torch
 
 import rnndsl
 from rnndsl import peers
+from rnndsl.backend.blas import blas_kernels
 from rnndsl.bench import gemm_gflops, median_time, problem, time_cell
 from rnndsl.peer_cells import hand_cell
 
@@ -93,14 +94,15 @@ def main():
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "jax": jax_peers.jax.__version__ if jax_peers else None,
             "numpy": np.__version__, "gemm_gflops_f32": gemm_gflops(),
+            "blas_kernels": blas_kernels(),
             "load_average": os.getloadavg()}
     if args.json:
         print(json.dumps({"info": info, "rows": rows}, indent=1))
         return
     load = ", ".join(f"{v:.1f}" for v in info["load_average"])
     print(f"Machine: {info['machine']}; {info['date']}; torch {info['torch']}; "
-          f"jax {info['jax'] or 'not installed'}; float32 GEMM (rnndsl.backend.blas) "
-          f"{info['gemm_gflops_f32']:.0f} GFLOP/s; load average at the end {load}. Medians of "
+          f"jax {info['jax'] or 'not installed'}; float32 GEMM (rnndsl.backend.blas, OpenBLAS's "
+          f"{info['blas_kernels'] or 'unknown'} kernels) {info['gemm_gflops_f32']:.0f} GFLOP/s; load average at the end {load}. Medians of "
           f"{args.repeats} runs (loops: {loop_repeats}), ms, forward / forward+backward; "
           "ratio = rnndsl / peer.\n")
     print("| cell | size | rnndsl | " + " | ".join(PEERS.values()) + " | rnndsl GFLOP/s |")

@@ -24,7 +24,7 @@ def _version(distribution: str) -> str | None:
 
 
 def report() -> dict:
-    from rnndsl.backend.blas import blas_threads
+    from rnndsl.backend.blas import blas_kernels, blas_threads
     from rnndsl.backend.loader import cache_root
 
     versions = {"rnndsl": __version__, "python": sys.version.split()[0]}
@@ -37,7 +37,7 @@ def report() -> dict:
     return {"versions": versions,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "cpu_blas": {"library": "the OpenBLAS bundled with SciPy (Numba's np.dot)",
-                         "threads": blas_threads()},
+                         "threads": blas_threads(), "kernels": blas_kernels()},
             "kernel_cache": cache,
             "cuda": _cuda()}
 
@@ -95,7 +95,8 @@ def lines(info: dict) -> list[str]:
     out = ["versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
            f"machine: {info['machine']}",
            f"CPU kernels' BLAS: {info['cpu_blas']['library']}, "
-           f"{info['cpu_blas']['threads'] or 'unknown'} thread(s)",
+           f"{info['cpu_blas']['threads'] or 'unknown'} thread(s), "
+           f"{info['cpu_blas']['kernels'] or 'unknown'} kernels",
            f"kernel cache: {info['kernel_cache']}"]
     cuda = info["cuda"]
     if not cuda["imports"]:

@@ -1,10 +1,12 @@
 """`rnndsl info`: what the process runs on, as text and as JSON."""
 import json
+import platform
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from rnndsl import __version__
@@ -65,3 +67,16 @@ def test_a_cuda_support_that_cannot_import_is_reported_not_raised(monkeypatch):
     result = CliRunner().invoke(app, ["info"])
     assert result.exit_code == 0, result.output
     assert "CUDA target: cannot import Numba's CUDA support (ModuleNotFoundError" in result.output
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="OpenBLAS's x86 kernels are named only on x86")
+@pytest.mark.parametrize("kernels", ["Sandybridge", "Haswell"])
+def test_info_names_the_kernels_openblas_runs(tmp_path, kernels):
+    # OPENBLAS_CORETYPE makes OpenBLAS load the named CPU's kernels (both run on any x86-64
+    # with AVX2); the report must name what it loaded, not what the machine is
+    env = {**os.environ, "RNNDSL_CACHE_DIR": str(tmp_path), "OPENBLAS_CORETYPE": kernels}
+    out = subprocess.run([sys.executable, "-m", "rnndsl.cli", "info", "--json"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cpu_blas"]["kernels"] == kernels

@@ -6,6 +6,7 @@ compete for the cores, and on this project's 2-core machine a NumPy GEMM right a
 ran 6x slower. So the generated glue, the layers and the heads multiply through `gemm`, and
 only one pool exists.
 """
+import functools
 import threading
 from contextlib import contextmanager
 
@@ -56,10 +57,11 @@ def weight_grad(d: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 
 # -- the kernels' BLAS thread pool ------------------------------------------------------------
-def _openblas_thread_setters():
-    """(set, get) of the OpenBLAS that SciPy bundles (the one Numba's np.dot calls), or None
-    where SciPy links another BLAS (conda, distribution packages): then threads stay as they
-    are."""
+@functools.cache  # the library is looked up once a process
+def _openblas():
+    """The functions of the OpenBLAS that SciPy bundles (the one Numba's np.dot calls): (set
+    threads, get threads, kernels' name), or None where SciPy links another BLAS (conda,
+    distribution packages): then threads stay as they are."""
     import ctypes
     import glob
     import os
@@ -72,23 +74,33 @@ def _openblas_thread_setters():
         for prefix in ("scipy_openblas", "openblas"):
             setter = getattr(lib, f"{prefix}_set_num_threads", None)
             getter = getattr(lib, f"{prefix}_get_num_threads", None)
+            corename = getattr(lib, f"{prefix}_get_corename", None)
             if setter is not None and getter is not None:
                 setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
-                return setter, getter
+                if corename is not None:
+                    corename.restype = ctypes.c_char_p
+                return setter, getter, corename
     return None
-
-
-_SETTERS: list = []  # [(set, get) or None], filled on first use
 
 
 def blas_threads(n: int | None = None) -> int | None:
     """The number of threads of the kernels' BLAS (None where it cannot be told); with `n`, set
-    it first. SciPy's OpenBLAS only: see `_openblas_thread_setters`."""
-    if not _SETTERS:
-        _SETTERS.append(_openblas_thread_setters())
-    if _SETTERS[0] is None:
+    it first. SciPy's OpenBLAS only: see `_openblas`."""
+    functions = _openblas()
+    if functions is None:
         return None
-    setter, getter = _SETTERS[0]
+    setter, getter, _ = functions
     if n is not None:
         setter(int(n))
     return getter()
+
+
+def blas_kernels() -> str | None:
+    """The CPU whose kernels the kernels' BLAS runs ("SkylakeX", "Haswell", ...), or None where
+    it cannot be told. OpenBLAS picks them by CPU model when it loads, unless the environment
+    names one in OPENBLAS_CORETYPE; an older CPU's kernels can run at half the speed (Haswell's
+    AVX2 on an AVX-512 machine), so the benchmarks print which ran."""
+    functions = _openblas()
+    if functions is None or functions[2] is None:
+        return None
+    return functions[2]().decode("ascii", "replace")
