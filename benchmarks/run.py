@@ -1,5 +1,7 @@
 """rnndsl against its peers on the fixed workloads, in one run; prints a Markdown table of
-medians and ratios (rnndsl time / peer time: below 1 means rnndsl is faster).
+medians and ratios (rnndsl time / peer time: below 1 means rnndsl is faster). Each row's
+passes are timed in turns (rnndsl.bench.Turns: every pass once a round, after a pause), so a
+slow spell of the machine falls on rnndsl and its peers alike.
 
     python benchmarks/run.py                     # the README table (several minutes)
     python benchmarks/run.py --specs lstm --sizes S T1 --json
@@ -35,7 +37,7 @@ import torch
 import rnndsl
 from rnndsl import peers
 from rnndsl.backend.blas import blas_kernels
-from rnndsl.bench import gemm_gflops, median_time, problem, time_cell
+from rnndsl.bench import Turns, cell_passes, gemm_gflops, problem
 from rnndsl.peer_cells import hand_cell
 
 try:
@@ -66,28 +68,31 @@ def main():
              if (not args.specs or s in args.specs) and (not args.sizes or w in args.sizes)]
     if args.specs and not cases:
         cases = [(s, w) for s in args.specs for w in (args.sizes or ["S", "L", "T1"])]
-    loop_repeats = max(3, args.repeats // 2)  # Python loops: slow, and steadier
     rows = []
     for spec, size in cases:
         cell = rnndsl.compile(spec)
-        mine = time_cell(cell, size, repeats=args.repeats)
-        row = {"spec": spec, "size": size, "rnndsl_fwd": mine.forward,
-               "rnndsl_fwdbwd": mine.forward_backward, "rnndsl_gflops": mine.forward_gflops}
-        lib = peers.time_library(spec, size, args.repeats)
+        turns = Turns()  # rnndsl and its peers in turns, so a slow spell falls on all alike
+        forward, forward_backward, flops = cell_passes(cell, size)
+        slots = {"rnndsl": (turns(forward), turns(forward_backward))}
+        lib = peers.time_library(spec, size, timer=turns)
         if lib:
-            row["torch_fwd"], row["torch_fwdbwd"] = lib
+            slots["torch"] = lib
         params, xs, sizes = problem(cell, size)
         hand = hand_cell(cell)
         if not args.no_eager:
-            row["eager_fwd"], row["eager_fwdbwd"] = peers.time_eager(
-                cell, params, xs, sizes, repeats=loop_repeats)
+            slots["eager"] = peers.time_eager(cell, params, xs, sizes, timer=turns)
             if hand and not args.no_compile:  # two warm-ups: graphs with and without grad
-                row["compile_fwd"], row["compile_fwdbwd"] = peers.time_eager(
-                    cell, params, xs, sizes, repeats=loop_repeats, compiled=True,
-                    timer=lambda fn, n: median_time(fn, n, warmup=2))
+                slots["compile"] = peers.time_eager(
+                    cell, params, xs, sizes, compiled=True,
+                    timer=lambda fn, n: turns(fn, n, warmup=2))
         if hand and jax_peers and not args.no_jax:
-            row["jax_fwd"], row["jax_fwdbwd"] = jax_peers.time_scan(
-                hand, params, xs["x"], sizes["hidden"], args.repeats)
+            slots["jax"] = jax_peers.time_scan(hand, params, xs["x"], sizes["hidden"],
+                                               timer=turns)
+        turns.run(args.repeats)
+        row = {"spec": spec, "size": size}
+        for who, (f, fb) in slots.items():
+            row[f"{who}_fwd"], row[f"{who}_fwdbwd"] = turns.median(f), turns.median(fb)
+        row["rnndsl_gflops"] = flops / row["rnndsl_fwd"] / 1e9
         rows.append(row)
         print(_line(row), file=sys.stderr, flush=True)
     info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -103,7 +108,7 @@ def main():
     print(f"Machine: {info['machine']}; {info['date']}; torch {info['torch']}; "
           f"jax {info['jax'] or 'not installed'}; float32 GEMM (rnndsl.backend.blas, OpenBLAS's "
           f"{info['blas_kernels'] or 'unknown'} kernels) {info['gemm_gflops_f32']:.0f} GFLOP/s; load average at the end {load}. Medians of "
-          f"{args.repeats} runs (loops: {loop_repeats}), ms, forward / forward+backward; "
+          f"{args.repeats} runs taken in turns, ms, forward / forward+backward; "
           "ratio = rnndsl / peer.\n")
     print("| cell | size | rnndsl | " + " | ".join(PEERS.values()) + " | rnndsl GFLOP/s |")
     print("|" + "---|" * (len(PEERS) + 4))

@@ -8,7 +8,6 @@ parameter and the input.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,14 +49,44 @@ def problem(cell: Cell, workload: str, dtype=np.float32, seed: int = 0):
     return params, xs, sizes
 
 
-@dataclass
-class CellTiming:
-    forward: float
-    forward_backward: float
-    forward_gflops: float  # useful FLOPs per second of the forward pass
+class Turns:
+    """A timer with median_time's call (`turns(fn, repeats)`) that times later, in turns: each
+    function is warmed up when handed over and a slot number comes back; `run` then gives
+    every function a turn a round, `repeats` rounds, and `median(slot)` gives its median. A
+    slow spell of the machine (this project's VM ran the same pass 1.6 ms and 2.8 ms seconds
+    apart) then falls on all of them alike, not on one, and ratios of them hold where times
+    taken one after the other did not. A turn is an untimed call, then the timed one: threads
+    that the previous library's call left spinning (torch's OpenMP team spins for a while
+    after each operation) wind down during the untimed call, and the cores this library's
+    threads need are awake (after a pause instead, the VM's idle second core woke slowly:
+    Elman at T1 forward+backward took 23 ms after a 50 ms pause, 1 ms without; a program
+    calling one library in a loop has neither)."""
+
+    def __init__(self):
+        self._fns, self._times = [], []
+
+    def __call__(self, fn, repeats: int = 7, warmup: int = 1) -> int:
+        for _ in range(warmup):
+            fn()
+        self._fns.append(fn)
+        self._times.append([])
+        return len(self._fns) - 1
+
+    def run(self, repeats: int) -> None:
+        for _ in range(repeats):
+            for fn, times in zip(self._fns, self._times):
+                fn()
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+
+    def median(self, slot: int) -> float:
+        return float(np.median(self._times[slot]))
 
 
-def time_cell(cell: Cell, workload: str, dtype=np.float32, repeats: int = 7) -> CellTiming:
+def cell_passes(cell: Cell, workload: str, dtype=np.float32):
+    """The two timed passes of a cell on a workload, (forward, forward_backward), and the
+    forward's FLOPs."""
     params, xs, sizes = problem(cell, workload, dtype)
     T, B, _ = workload_sizes(cell, workload)
 
@@ -68,10 +97,7 @@ def time_cell(cell: Cell, workload: str, dtype=np.float32, repeats: int = 7) -> 
         fwd = cell.forward(params, xs)
         return cell.backward(params, fwd, {o: np.ones_like(v) for o, v in fwd.outputs.items()})
 
-    f = median_time(forward, repeats)
-    fb = median_time(forward_backward, repeats)
-    flops = evaluate_poly(flops_per_step(cell.step.roots()), sizes) * T * B
-    return CellTiming(f, fb, flops / f / 1e9)
+    return forward, forward_backward, evaluate_poly(flops_per_step(cell.step.roots()), sizes) * T * B
 
 
 def gemm_gflops(dtype=np.float32, n: int = 1024, repeats: int = 7) -> float:

@@ -231,26 +231,31 @@ def bench(spec: str = SPEC,
     _sequence_cells_only([spec], "times sequence workloads (tree cells: "
                                  "benchmarks/tree_bench.py)")
     cell = compiler.compile(spec)
-    mine = timing.time_cell(cell, size, repeats=repeats)
-    T, B, I, H = timing.WORKLOADS[size]
-    row = {"spec": cell.name, "size": size, "repeats": repeats, "versions": versions(),
-           "T": T, "B": B, "input": I, "hidden": H,
-           "forward_ms": mine.forward * 1e3, "forward_backward_ms": mine.forward_backward * 1e3,
-           "forward_gflops": mine.forward_gflops}
+    turns = timing.Turns()  # rnndsl and the peers in turns: a slow spell falls on all alike
+    forward, forward_backward, flops = timing.cell_passes(cell, size)
+    slots = {"rnndsl": (turns(forward), turns(forward_backward))}
     if against == "torch":
         peers = timing.load_peers()
         params, xs, sizes = timing.problem(cell, size)
-        lib = peers.time_library(cell.name, size, repeats)
+        lib = peers.time_library(cell.name, size, timer=turns)
         if lib:
-            row["torch_module_ms"] = [v * 1e3 for v in lib]
-        row["torch_eager_ms"] = [v * 1e3 for v in peers.time_eager(cell, params, xs, sizes,
-                                                                   max(3, repeats // 2))]
+            slots["torch_module_ms"] = lib
+        slots["torch_eager_ms"] = peers.time_eager(cell, params, xs, sizes, timer=turns)
+    turns.run(repeats)
+    ms = {who: [turns.median(slot) * 1e3 for slot in pair] for who, pair in slots.items()}
+    T, B, I, H = timing.WORKLOADS[size]
+    forward_ms, forward_backward_ms = ms.pop("rnndsl")
+    row = {"spec": cell.name, "size": size, "repeats": repeats, "versions": versions(),
+           "T": T, "B": B, "input": I, "hidden": H,
+           "forward_ms": forward_ms, "forward_backward_ms": forward_backward_ms,
+           "forward_gflops": flops / forward_ms / 1e6, **ms}
     if json_out:
         typer.echo(json.dumps(row, indent=1))
         return
-    typer.echo(f"{cell.name} {size} (T={T}, B={B}, I={I}, H={H}), float32, median of {repeats}:")
+    typer.echo(f"{cell.name} {size} (T={T}, B={B}, I={I}, H={H}), float32, median of {repeats}, "
+               "taken in turns:")
     typer.echo(f"  rnndsl       forward {row['forward_ms']:8.2f} ms   forward+backward "
-               f"{row['forward_backward_ms']:8.2f} ms   ({mine.forward_gflops:.1f} GFLOP/s)")
+               f"{row['forward_backward_ms']:8.2f} ms   ({row['forward_gflops']:.1f} GFLOP/s)")
     for label, key in (("torch module", "torch_module_ms"), ("torch eager ", "torch_eager_ms")):
         if key in row:
             f, fb = row[key]

@@ -58,10 +58,34 @@ def pack(w: np.ndarray, rows: int) -> np.ndarray:
     if not use_micro_kernel(rows):
         return np.ascontiguousarray(w).reshape(1, k, n)
     width = panel_width(w.dtype)
-    count = -(-n // width)
-    padded = np.zeros((k, count * width), w.dtype)
-    padded[:, :n] = w
-    return np.ascontiguousarray(padded.reshape(k, count, width).transpose(1, 0, 2))
+    out = np.empty((-(-n // width), k, width), w.dtype)
+    _fill_panels(w, out)
+    return out
+
+
+@njit(cache=True, boundscheck=False)
+def _fill_panels(w, out):
+    """out[p, k, c] = w[k, p * width + c], zeros past W's last column: one pass over W, where
+    padding, copying and transposing through NumPy took three (70 of 280 us of a one-step LSTM
+    pass at B=16, I=H=128), reading W along its rows or its columns, whichever is contiguous."""
+    k_size, n = w.shape
+    count, _, width = out.shape
+    if w.strides[1] <= w.strides[0]:  # rows contiguous (C order)
+        for k in range(k_size):
+            for p in range(count):
+                for c in range(width):
+                    col = p * width + c
+                    out[p, k, c] = w[k, col] if col < n else 0
+    else:  # columns contiguous (a transpose)
+        for p in range(count):
+            for c in range(width):
+                col = p * width + c
+                if col < n:
+                    for k in range(k_size):
+                        out[p, k, c] = w[k, col]
+                else:
+                    for k in range(k_size):
+                        out[p, k, c] = 0
 
 
 def packed_width(w) -> int:

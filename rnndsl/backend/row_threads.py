@@ -120,7 +120,7 @@ def run_rows(kernel, T: int, chunks: list[tuple[int, int]], private: tuple, *sha
         kernel(T, b0, b1, *(p[k] for p in private), *shared)
 
     first = 0
-    if len(chunks) == 1 or not kernel.signatures:  # compile (or load) it on this thread, once
+    if len(chunks) == 1 or not kernel.overloads:  # compile (or load) it on this thread, once
         run(0)
         first = 1
     if first == len(chunks):
