@@ -44,9 +44,9 @@ def emit_module(plan: Plan, dtype: str, header: str) -> str:
             _backward_glue(plan, names, bwd)]
     return "\n".join([
         *cpu_module_head(header, names, dtype,
-                         "from rnndsl.backend.blas import gemm\n"
                          "from rnndsl.backend.packed import (block_dot, block_product, pack, "
                          "pack_blocks,\n    packed_dot, packed_width, stacked_weight_grads)\n"
+                         "from rnndsl.backend.panel_gemm import weight_product\n"
                          "from rnndsl.backend.row_threads import chunk_rows, row_chunks, run_rows\n"
                          "from rnndsl.backend.simd import row_max, row_sum"),
         *kernels,
@@ -171,7 +171,7 @@ def _product(plan: Plan, names: Names, weights, rows: str, transposed: bool) -> 
     parts = stack_blocks(plan, names, weights)
     stacked = _stack(names, weights) + ("" if transposed else ".T")
     if parts is None:
-        return f"gemm({rows}, {stacked})"
+        return f"weight_product({rows}, {stacked})"
     return f"block_product({rows}, pack_blocks({stacked}, {parts}, {transposed}))"
 
 
