@@ -1,5 +1,5 @@
 """The cpu target's kernels for block-diagonal parameters (`blocks:` in a spec; packed.py's
-pack_blocks and block_dot, blas.stacked_weight_grads) against the reference engine, which
+pack_blocks and block_dot, packed.stacked_weight_grads) against the reference engine, which
 multiplies by the whole matrix with everything off the diagonal blocks set to zero: slstm at
 several numbers of heads, and hand-written cells that put the blocks everywhere the schedule
 can put a product (a per-step product of h_prev and of a value computed in the step, a product
@@ -104,11 +104,11 @@ def test_gradients_lie_on_the_diagonal_blocks(name):
 
 def test_the_generated_kernels_multiply_by_blocks():
     """slstm's recurrent products, forward and backward, go through block_dot; its input
-    products, which are dense, stay one GEMM over all rows."""
+    products, which are dense, stay one product over all rows."""
     code = rnndsl.compile("slstm").engine.source_code("float64")
     assert code.count("block_dot(") == 3 and "packed_dot(" not in code.split("def forward(")[0]
     assert "pack_blocks(" in code and "stacked_weight_grads(" in code
-    assert "xp0 = gemm(x0.reshape(T * B, -1)" in code
+    assert "xp0 = weight_product(x0.reshape(T * B, -1)" in code
 
 
 def test_slstm_is_among_the_cpu_and_the_cuda_kernel_specs():

@@ -4,7 +4,8 @@ NumPy and SciPy (whose BLAS Numba's compiled `np.dot` calls) each bundle their o
 each with a thread pool that spins for a while after a call. Once a kernel has run, both pools
 compete for the cores, and on this project's 2-core machine a NumPy GEMM right after a kernel
 ran 6x slower. So the generated glue, the layers and the heads multiply through `gemm`, and
-only one pool exists.
+only one pool exists. (The glue's products with a cell's weights that suit the per-step
+micro-kernel run on it instead, on the time loops' threads: panel_gemm.py.)
 """
 import functools
 import threading
