@@ -37,6 +37,7 @@ import torch
 import rnndsl
 from rnndsl import peers
 from rnndsl.backend.blas import blas_kernels
+from rnndsl.environment import cpu_model
 from rnndsl.bench import Turns, cell_passes, gemm_gflops, problem
 from rnndsl.peer_cells import hand_cell
 
@@ -95,7 +96,8 @@ def main():
         row["rnndsl_gflops"] = flops / row["rnndsl_fwd"] / 1e9
         rows.append(row)
         print(_line(row), file=sys.stderr, flush=True)
-    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    info = {"machine": f"{cpu_model() or platform.processor() or platform.machine()}, "
+                       f"{os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "jax": jax_peers.jax.__version__ if jax_peers else None,
             "numpy": np.__version__, "gemm_gflops_f32": gemm_gflops(),

@@ -23,6 +23,23 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name and family (Linux), which a benchmark's figures depend on: the same
+    name covers generations ("AMD EPYC", family 25 or 26), or None where it cannot be read."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            pairs = [line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                     if ":" in line]
+        fields = {key.strip(): value.strip() for key, value in pairs}
+    except OSError:
+        return None
+    name = fields.get("model name", "")
+    family, model = fields.get("cpu family", ""), fields.get("model", "")
+    if not name:
+        return None
+    return f"{name}, family {family} model {model}" if family else name
+
+
 def report() -> dict:
     from rnndsl.backend.blas import blas_kernels, blas_threads
     from rnndsl.backend.loader import cache_root
@@ -36,6 +53,7 @@ def report() -> dict:
         cache = f"unusable: {exc}"
     return {"versions": versions,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "cpu": cpu_model(),
             "cpu_blas": {"library": "the OpenBLAS bundled with SciPy (Numba's np.dot)",
                          "threads": blas_threads(), "kernels": blas_kernels()},
             "kernel_cache": cache,
@@ -93,7 +111,7 @@ def _time_loops(cs) -> dict:
 def lines(info: dict) -> list[str]:
     """The report as text."""
     out = ["versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
-           f"machine: {info['machine']}",
+           f"machine: {info['machine']}" + (f"; {info['cpu']}" if info["cpu"] else ""),
            f"CPU kernels' BLAS: {info['cpu_blas']['library']}, "
            f"{info['cpu_blas']['threads'] or 'unknown'} thread(s), "
            f"{info['cpu_blas']['kernels'] or 'unknown'} kernels",

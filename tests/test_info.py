@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from rnndsl import __version__
 from rnndsl.cli import app
+from rnndsl.environment import cpu_model
 
 
 def test_info_reports_versions_blas_cache_and_cuda(tmp_path, monkeypatch):
@@ -80,3 +81,15 @@ def test_info_names_the_kernels_openblas_runs(tmp_path, kernels):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["cpu_blas"]["kernels"] == kernels
+
+
+def test_the_cpu_model_is_read_off_cpuinfo(tmp_path):
+    # /proc/cpuinfo's layout: tab-padded keys, one block per processor
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+                       "model\t\t: 2\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
+                       "model name\t: another\n")
+    assert cpu_model(str(cpuinfo)) == "AMD EPYC, family 26 model 2"
+    assert cpu_model(str(tmp_path / "absent")) is None
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # no model name (some ARM)
+    assert cpu_model(str(cpuinfo)) is None
