@@ -31,6 +31,9 @@ from rnndsl.backend.scratch import empty
 BLOCK_ROWS = 64  # rows a packed_dot call takes: 64 x K stays in L2 beside the panel
 PANEL_BYTES = 512 << 10  # a panel (K x its columns) at most this large: half of an L2 cache
 MIN_ROWS = 64  # fewer rows: one BLAS call costs less than packing and handing out chunks
+# multiply-adds below which the product stays on the calling thread: handing a chunk to
+# another thread and waiting for it cost about 50 us here, the time of 2^22 of them on one core
+SPLIT_WORK = 1 << 22
 
 
 def weight_product(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -42,7 +45,8 @@ def weight_product(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
         return gemm(rows, w)
     rows = np.ascontiguousarray(rows)
     out = empty((r, n), rows.dtype)
-    run_rows(_product_rows, 0, row_chunks(r), (), rows, pack(w, 1), out)
+    chunks = row_chunks(r) if r * k * n >= SPLIT_WORK else [(0, r)]
+    run_rows(_product_rows, 0, chunks, (), rows, pack(w, 1), out)
     return out
 
 
