@@ -9,7 +9,9 @@ product of all gates hoisted out of the loop, one recurrent product per step), t
 from rnndsl's initial parameters and see the batches `rnndsl train` draws (PyTorch's made
 ahead of its loop, as torch tensors). Steps/s of each (rnndsl's as `train` reports it, after
 its kernels are loaded; PyTorch's after two warm-up steps on a copy of the model), their
-ratio, with torch on its default threads and on one, and the largest relative difference between the two runs' losses, over the first ten
+ratio, with torch on its default threads and on one (medians of `--rounds` runs of each,
+taken in turns, so that a slow spell of the machine falls on all of them), and the largest
+relative difference between the two runs' losses, over the first ten
 steps and over the whole run: the two runs compute the same numbers, so these stay at float32
 rounding (a few 1e-6) at first and grow slowly as rounding differences feed back through the
 training.
@@ -174,10 +176,13 @@ def main():
     ap.add_argument("--specs", nargs="*", default=list(SPECS), choices=list(SPECS))
     ap.add_argument("--steps", type=int, default=None, help="Steps of every case (default: "
                     + ", ".join(f"{k} {v['steps']}" for k, v in CASES.items()) + ").")
+    ap.add_argument("--rounds", type=int, default=3, help="Runs of each side, taken in turns; "
+                    "the medians are reported (default 3).")
     args = ap.parse_args()
     keep_freed_memory()  # for both, as `rnndsl train` does for itself
     default_threads = torch.get_num_threads()
-    print(f"time to train (steps/s), float32, Adam, global-norm clip 1.0; torch "
+    print(f"time to train (steps/s, medians of {args.rounds} runs taken in turns), float32, "
+          "Adam, global-norm clip 1.0; torch "
           f"{torch.__version__} on its default {default_threads} threads and on 1; rnndsl as "
           "`rnndsl train` runs (its kernels on every core); ratio: rnndsl / the faster torch")
     print(f"  {'case':<30} {'cell':<14} {'rnndsl':>7} {f'torch {default_threads}t':>8} "
@@ -189,9 +194,15 @@ def main():
         settings.pop("steps", None)
         for spec in args.specs:
             config = TrainConfig(spec=spec, steps=steps, log_every=1, eval_batch=32, **settings)
-            _, default_speed = torch_run(config, default_threads)
-            theirs, one_speed = torch_run(config, 1)
-            ours, our_speed = rnndsl_run(config)
+            speeds = {"default": [], "one": [], "rnndsl": []}
+            for _ in range(args.rounds):  # in turns: a slow spell of the VM falls on all three
+                speeds["default"].append(torch_run(config, default_threads)[1])
+                theirs, one_speed = torch_run(config, 1)
+                speeds["one"].append(one_speed)
+                ours, our_speed = rnndsl_run(config)
+                speeds["rnndsl"].append(our_speed)
+            default_speed, one_speed, our_speed = (float(np.median(speeds[k]))
+                                                   for k in ("default", "one", "rnndsl"))
             first = relative_difference(ours[:FIRST], theirs[:FIRST])
             whole = relative_difference(ours, theirs)
             name = (f"{case} T={settings.get('length', 'var')} B={config.batch} "
