@@ -9,8 +9,9 @@ By default a small batch with fixed seeds runs (12 specs, about a minute); thous
 `python -m pytest tests/test_differential.py --fuzz-specs 2000 -s`, which prints a report
 (`--fuzz-seconds` puts a time box on it, `--fuzz-seed` moves the first seed). Cells with a
 matrix-valued state (specgen.random_matrix_spec) run the same way, a quarter as many (each
-compiles longer), and cells whose square matrices are mostly block-diagonal
-(`random_spec(seed, blocks=True)`), half as many.
+compiles longer), cells whose square matrices are mostly block-diagonal
+(`random_spec(seed, blocks=True)`), half as many, and a quarter as many vector cells at
+T = 8, B = 10 with every size 32, where the products over all T*B rows take the micro-kernel.
 """
 import re
 import time
@@ -48,8 +49,9 @@ def one_row_chunks(on: bool):
 
 
 def check_spec(seed: int, target: str = "cpu", T: int = 4, B: int = 3, lengths=(4, 2, 0),
-               generate=random_spec, **compile_args) -> list[str]:
-    """Problems found with the spec of `seed` on `target`, as readable lines (none: agreed)."""
+               generate=random_spec, sizes: tuple = (), **compile_args) -> list[str]:
+    """Problems found with the spec of `seed` on `target`, as readable lines (none: agreed).
+    `sizes`: engines.problem's (first size, step), else its own or BLOCK_SIZES."""
     text = generate(seed)
     try:
         cell = rnndsl.compile(text, target=target, **compile_args)
@@ -57,7 +59,7 @@ def check_spec(seed: int, target: str = "cpu", T: int = 4, B: int = 3, lengths=(
         blocks = any(info.blocks > 1 for info in ref.params.values())
         with np.errstate(all="ignore"), nan_scratch(), one_row_chunks(seed % 2 == 0):
             diffs = differences(cell, ref, T, B, list(lengths), floor=FLOOR,
-                                problem_args=BLOCK_SIZES if blocks else ())
+                                problem_args=sizes or (BLOCK_SIZES if blocks else ()))
     except Exception as exc:  # a valid spec must compile and run
         return [f"seed {seed}: {type(exc).__name__}: {exc}\n{text}"]
     bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
@@ -68,16 +70,21 @@ def random_block_spec(seed: int) -> str:
     return random_spec(seed, blocks=True)
 
 
-@pytest.mark.parametrize("generate, share", [(random_spec, 1), (random_matrix_spec, 4),
-                                             (random_block_spec, 2)],
-                         ids=["vectors", "matrices", "blocks"])
-def test_generated_specs_agree_with_the_reference(request, generate, share):
+# every size 32 and T * B = 80 rows: the products over all rows (input products, input
+# gradients) take the micro-kernel (panel_gemm.py), which the small problems above leave to BLAS
+PANELS = dict(T=8, B=10, lengths=(8, 3, 0, 8, 5, 1, 8, 2, 7, 6), sizes=(32, 0))
+
+
+@pytest.mark.parametrize("generate, share, problem", [
+    (random_spec, 1, {}), (random_matrix_spec, 4, {}), (random_block_spec, 2, {}),
+    (random_spec, 4, PANELS)], ids=["vectors", "matrices", "blocks", "vectors-panels"])
+def test_generated_specs_agree_with_the_reference(request, generate, share, problem):
     first = request.config.getoption("--fuzz-seed")
     count = max(1, request.config.getoption("--fuzz-specs") // share)
     budget = request.config.getoption("--fuzz-seconds")
     start, tried, problems = time.monotonic(), 0, []
     while tried < count and not (budget and time.monotonic() - start > budget):
-        problems += check_spec(first + tried, generate=generate)
+        problems += check_spec(first + tried, generate=generate, **problem)
         tried += 1
     print(f"\ndifferential fuzzer: {tried} generated specs (seeds {first}..{first + tried - 1}) "
           f"in {time.monotonic() - start:.0f} s, {len(problems)} disagreeing")
