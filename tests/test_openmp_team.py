@@ -81,7 +81,7 @@ def test_loops_on_routes_this_thread_s_chunks_and_is_undone():
         hits = []
 
         class Kernel:  # compiled already, as the generated kernels are after their first call
-            signatures = ["compiled"]
+            overloads = {"compiled": None}
 
             def __call__(self, T, b0, b1):
                 hits.append((b0, b1))
