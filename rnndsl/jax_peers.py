@@ -56,8 +56,9 @@ def compiled(hand: HandCell, hidden: int):
 
 def time_scan(hand: HandCell, params: dict, x: np.ndarray, hidden: int, repeats: int = 7,
               timer=None) -> tuple[float, float]:
-    """Median forward and forward+backward times (timer(fn, repeats), median_time by default;
-    its warm-up compiles), each waiting for the result (block_until_ready)."""
+    """Median forward and forward+backward times as timer(fn, repeats) gives them
+    (median_time by default, a bench.Turns' slots; its warm-up compiles), each waiting for
+    the result (block_until_ready)."""
     timer = timer or median_time
     forward, gradients = compiled(hand, hidden)
     w = stack(hand, {p: jnp.asarray(v) for p, v in params.items()}, jnp.concatenate)

@@ -164,8 +164,8 @@ def time_eager(cell, params: dict, xs: dict, sizes: dict, repeats: int = 7,
                compiled: bool = False, device: str = "cpu",
                timer=None) -> tuple[float, float]:
     """Median forward and forward+backward times of the eager loop of `cell` (eager_peer) on
-    `device`, timed by `timer(fn, repeats)` (median_time by default). Compilation happens in
-    the timer's warm-up, untimed."""
+    `device`, as `timer(fn, repeats)` gives them (median_time by default; a bench.Turns gives
+    slots it times later). Compilation happens in the timer's warm-up, untimed."""
     timer = timer or median_time
     if compiled:
         torch._dynamo.reset()  # fresh graphs for these shapes (no recompile limit, no dynamic)
@@ -187,7 +187,8 @@ def time_eager(cell, params: dict, xs: dict, sizes: dict, repeats: int = 7,
 def time_library(name: str, workload: str, repeats: int = 7, device: str = "cpu",
                  timer=None) -> tuple[float, float] | None:
     """Median forward and forward+backward times of torch's own module for a spec (None when
-    torch has none), on `device`, timed by `timer(fn, repeats)` (median_time by default)."""
+    torch has none), on `device`, as `timer(fn, repeats)` gives them (median_time by default;
+    a bench.Turns gives slots it times later)."""
     if name not in LIBRARY:
         return None
     timer = timer or median_time
