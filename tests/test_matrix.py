@@ -1,6 +1,8 @@
 """Values of rank 2: matrix-valued states, their operations, shape rules and errors, the
 derived backward step (finite differences, and independent PyTorch autograd for the built-in
 cells), and the compiled targets' refusal."""
+import re
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -347,6 +349,14 @@ def test_a_size_that_only_a_state_has_is_given_by_name():
         c.forward(params, x)
     f = c.forward(params, x, sizes={"slots": 5})
     assert f.states["M"].shape == (1, 5, 2) and f.states["w"].shape == (1, 5)
+    # the sizes worked out for these shapes are kept (Cell._sizes); a failed call keeps none
+    with pytest.raises(ValueError, match=r"cannot tell size\(s\) \['slots'\]"):
+        c.forward(params, x)
+    assert c.forward(params, x, sizes={"slots": 5}).states["w"].shape == (1, 5)
+    for bad in ("five", [5], 0, True):
+        with pytest.raises(ValueError, match=f"size 'slots' must be a whole number of at least "
+                                             f"1, got {re.escape(repr(bad))}"):
+            c.forward(params, x, sizes={"slots": bad})
     with pytest.raises(ValueError, match="size 'hidden' is 3 from sizes but 2 from parameter"):
         c.forward(params, x, sizes={"slots": 5, "hidden": 3})
     with pytest.raises(ValueError, match="sizes: unknown name"):
