@@ -7,7 +7,7 @@ parameters, float32.
 
 Both start from zero states (the eager module's default) and take the loss sum(y * d_y) for a
 fixed random d_y; a pass is forward plus the gradients of every parameter and of the input.
-The first pass of each compiles or warms up; then --repeats passes of each, alternated, and
+The first pass of each compiles or warms up; then --repeats passes of each, in turns, and
 the medians. Both run on --threads threads (1 by default; with more, rnndsl's row kernels
 split the batch rows between that many threads and torch runs each operation on them). Before timing, both compute the loss and every gradient of one pass
 (by rnndsl's parameter names, through torch.func.functional_call) and must agree to
@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -29,6 +27,7 @@ import torch
 
 import rnndsl
 from rnndsl.backend.blas import blas_threads
+from rnndsl.bench import Turns
 from rnndsl.eager_ntm import EagerNTM
 
 
@@ -108,27 +107,14 @@ def check(problem: Problem, tolerance: float) -> float:
     return diffs[worst]
 
 
-# Each pass starts after a pause, with the other side's threads asleep: after an eager pass
-# torch's OpenMP threads spin for a while (GNU OpenMP's default), and an rnndsl pass started
-# at once shared the two cores with them (rnndsl 24.7 ms, against 22.1 with torch's threads
-# told to sleep at once by OMP_WAIT_POLICY=PASSIVE, which slows eager PyTorch from 107 to
-# 489 ms and so is no setting to compare under). A user's rnndsl program runs no torch
-# operations between its passes.
-PAUSE = 0.05  # seconds
-
-
 def median_seconds(problem: Problem, repeats: int) -> tuple[float, float]:
-    """Medians of `repeats` passes of each, alternated, after one pass of each."""
-    problem.rnndsl_pass()
-    problem.eager_pass()
-    mine, theirs = [], []
-    for _ in range(repeats):
-        for run, times in ((problem.rnndsl_pass, mine), (problem.eager_pass, theirs)):
-            time.sleep(PAUSE)
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return statistics.median(mine), statistics.median(theirs)
+    """Medians of `repeats` passes of each, in turns (rnndsl.bench.Turns: each timed pass right
+    after an untimed one of the same side, so that torch's OpenMP threads, which spin for a
+    while after an eager pass, have wound down before an rnndsl pass is timed)."""
+    turns = Turns()
+    mine, theirs = turns(problem.rnndsl_pass), turns(problem.eager_pass)
+    turns.run(repeats)
+    return turns.median(mine), turns.median(theirs)
 
 
 def main(argv=None):

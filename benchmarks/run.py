@@ -1,7 +1,8 @@
 """rnndsl against its peers on the fixed workloads, in one run; prints a Markdown table of
 medians and ratios (rnndsl time / peer time: below 1 means rnndsl is faster). Each row's
-passes are timed in turns (rnndsl.bench.Turns: every pass once a round, after a pause), so a
-slow spell of the machine falls on rnndsl and its peers alike.
+passes are timed in turns (rnndsl.bench.Turns: every pass once a round, each timed call
+right after an untimed one of the same pass), so a slow spell of the machine falls on
+rnndsl and its peers alike.
 
     python benchmarks/run.py                     # the README table (several minutes)
     python benchmarks/run.py --specs lstm --sizes S T1 --json
@@ -109,7 +110,8 @@ def main():
     load = ", ".join(f"{v:.1f}" for v in info["load_average"])
     print(f"Machine: {info['machine']}; {info['date']}; torch {info['torch']}; "
           f"jax {info['jax'] or 'not installed'}; float32 GEMM (rnndsl.backend.blas, OpenBLAS's "
-          f"{info['blas_kernels'] or 'unknown'} kernels) {info['gemm_gflops_f32']:.0f} GFLOP/s; load average at the end {load}. Medians of "
+          f"{info['blas_kernels'] or 'unknown'} kernels) {info['gemm_gflops_f32']:.0f} GFLOP/s; "
+          f"load average at the end {load}. Medians of "
           f"{args.repeats} runs taken in turns, ms, forward / forward+backward; "
           "ratio = rnndsl / peer.\n")
     print("| cell | size | rnndsl | " + " | ".join(PEERS.values()) + " | rnndsl GFLOP/s |")
