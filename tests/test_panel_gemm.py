@@ -56,8 +56,8 @@ def test_float64_panels_are_half_as_wide():
     """A float64 panel holds 16 columns: n = 48 takes the micro-kernel in float64, not in
     float32 (32 columns a panel)."""
     a = np.ones((MIN_ROWS, 4))
-    assert panel_gemm._suits(a, np.ones((4, 48)), 4, 48)
-    assert not panel_gemm._suits(a.astype(np.float32), np.ones((4, 48), np.float32), 4, 48)
+    assert panel_gemm._suits(a, np.ones((4, 48)))
+    assert not panel_gemm._suits(a.astype(np.float32), np.ones((4, 48), np.float32))
 
 
 @pytest.mark.parametrize("spec", ["lstm", "gru", "peephole_lstm"])

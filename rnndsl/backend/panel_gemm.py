@@ -41,7 +41,7 @@ def weight_product(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
     chunks where that suits the shapes (see the module's note), else by `gemm`."""
     r, k = rows.shape
     n = w.shape[1]
-    if not _suits(rows, w, k, n):
+    if not _suits(rows, w):
         return gemm(rows, w)
     rows = np.ascontiguousarray(rows)
     out = empty((r, n), rows.dtype)
@@ -50,7 +50,8 @@ def weight_product(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def _suits(rows: np.ndarray, w: np.ndarray, k: int, n: int) -> bool:
+def _suits(rows: np.ndarray, w: np.ndarray) -> bool:
+    k, n = w.shape
     if rows.dtype not in (np.float32, np.float64) or w.dtype != rows.dtype or \
             rows.shape[0] < MIN_ROWS:
         return False
