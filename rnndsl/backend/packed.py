@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from rnndsl.backend.blas import gemm
+from rnndsl.backend.scratch import aligned
 from rnndsl.backend.simd import VECTOR_BITS, lanes, vadd, vfma, vload, vsplat, vstore
 
 MICRO_MAX_ROWS = 32
@@ -58,7 +59,7 @@ def pack(w: np.ndarray, rows: int) -> np.ndarray:
     if not use_micro_kernel(rows):
         return np.ascontiguousarray(w).reshape(1, k, n)
     width = panel_width(w.dtype)
-    out = np.empty((-(-n // width), k, width), w.dtype)
+    out = aligned((-(-n // width), k, width), w.dtype)
     _fill_panels(w, out)
     return out
 
@@ -142,7 +143,8 @@ def pack_blocks(m: np.ndarray, parts, transposed: bool):
               for first, end, reads in block_segments(parts, cols, transposed)
               for q in range(0, end - first, width)]
     deepest = max(len(reads) for _, _, reads in panels)
-    data = np.zeros((len(panels), deepest, width), m.dtype)
+    data = aligned((len(panels), deepest, width), m.dtype)
+    data.fill(0)
     index = np.zeros((len(panels), deepest), np.int64)
     for p, (start, stop, reads) in enumerate(panels):
         data[p, :len(reads), :stop - start] = m[reads, start:stop]
@@ -155,7 +157,7 @@ def block_product(h: np.ndarray, w) -> np.ndarray:
     """h (rows, K) @ the stack that `pack_blocks` made `w` of, by the micro-kernel (one core):
     the products over all T*B rows of a stack with block-diagonal weights, as wide as
     `packed_width`."""
-    out = np.empty((h.shape[0], packed_width(w)), h.dtype)
+    out = aligned((h.shape[0], packed_width(w)), h.dtype)
     block_dot(np.ascontiguousarray(h), w, out)
     return out
 
@@ -193,7 +195,7 @@ def stacked_weight_grads(g: np.ndarray, v: np.ndarray, parts) -> list[np.ndarray
         for first in range(0, v.shape[1], size):  # block (first, first): v's block by g's
             g_block = columns([(offsets[k] + first, offsets[k] + first + size) for k in members])
             panels = pack(g_block, size)
-            m = np.empty((size, packed_width(panels)), g.dtype)
+            m = aligned((size, packed_width(panels)), g.dtype)
             packed_dot(across[first:first + size], panels, m)
             for i, k in enumerate(members):
                 out[k][first:first + size, first:first + size] = m[:, i * size:(i + 1) * size].T
