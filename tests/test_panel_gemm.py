@@ -7,7 +7,7 @@ import pytest
 import rnndsl
 from rnndsl.backend import panel_gemm
 from rnndsl.backend.panel_gemm import BLOCK_ROWS, MIN_ROWS, PANEL_BYTES, weight_product
-from rnndsl.backend.row_threads import set_loop_threads
+from rnndsl.backend.row_threads import loops_on, set_loop_threads
 from rnndsl.backend.scratch import nan_scratch
 
 from engines import differences
@@ -21,8 +21,11 @@ LEFT = [(MIN_ROWS - 1, 8, 32), (100, 8, 33), (100, PANEL_BYTES // (32 * 4) + 1, 
 
 @pytest.fixture
 def blas_calls(monkeypatch):
-    """The calls weight_product leaves to BLAS, recorded (and still computed)."""
+    """The calls weight_product leaves to BLAS, recorded (and still computed); every product
+    that suits the micro-kernel takes it, however small, on rnndsl's own threads too (the
+    rule's size is tested below)."""
     calls = []
+    monkeypatch.setattr(panel_gemm, "OWN_THREADS_MIN_WORK", 0)
 
     def recorded(a, b):
         calls.append((a.shape, b.shape))
@@ -52,9 +55,36 @@ def test_weight_product_is_the_product(rows, k, n, dtype, tol, threads, blas_cal
     assert (blas_calls == []) == taken, blas_calls
 
 
-def test_float64_panels_are_half_as_wide():
+def test_own_threads_take_it_for_large_products_and_torchs_team_for_all(monkeypatch):
+    """On rnndsl's own pool a product below OWN_THREADS_MIN_WORK multiply-adds stays with
+    BLAS; on a team (`loops_on`, as the PyTorch bridge runs them) it takes the micro-kernel.
+    The shapes only are looked at: zero-stride arrays stand for the large ones."""
+    def suits(r, k, n):
+        return panel_gemm._suits(np.broadcast_to(np.float32(0), (r, k)),
+                                 np.broadcast_to(np.float32(0), (k, n)))
+    large = panel_gemm.OWN_THREADS_MIN_WORK
+    assert suits(large // (512 * 2048), 512, 2048)  # M's input products: 6400 rows
+    assert not suits(large // (512 * 2048) - 1, 512, 2048)
+    assert not suits(1600, 128, 512)  # the LSTM's at S
+    ran = []
+
+    def team(tasks):
+        ran.append(len(tasks))
+        for task in tasks:
+            task()
+    with loops_on(team, 2):
+        assert suits(1600, 128, 512)
+        a = np.random.default_rng(0).standard_normal((1600, 128)).astype(np.float32)
+        w = np.random.default_rng(1).standard_normal((128, 512)).astype(np.float32)
+        got = weight_product(a, w)
+    assert ran and ran[0] >= 1  # the chunks (all, or all but one compiling it) on the team
+    assert np.allclose(got, a.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_float64_panels_are_half_as_wide(monkeypatch):
     """A float64 panel holds 16 columns: n = 48 takes the micro-kernel in float64, not in
     float32 (32 columns a panel)."""
+    monkeypatch.setattr(panel_gemm, "OWN_THREADS_MIN_WORK", 0)
     a = np.ones((MIN_ROWS, 4))
     assert panel_gemm._suits(a, np.ones((4, 48)))
     assert not panel_gemm._suits(a.astype(np.float32), np.ones((4, 48), np.float32))

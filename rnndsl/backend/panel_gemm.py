@@ -13,6 +13,19 @@ AVX2 code on AMD); 4000 x 256 @ 256 x 1024 at 398-420 against 246 / 471 / 167; t
 gradient 6400 x 2048 @ 2048 x 512 at 373-377 against 233 (Haswell) and 202 (torch.mm). At
 1600 x 128 @ 128 x 512 all were within 10% of each other (209-244).
 
+Against OpenBLAS's own kernels (nothing set in the environment) it wins only on large
+products, and on torch's OpenMP team: on rnndsl's own pool a chunk's thread starts 50-130 us
+after it is handed over (measured here), where BLAS's threads start at once. Measured,
+float32, both cores, BLAS's own kernels, in turns, three runs: on the family 25 AMD EPYC (Zen
+4) OpenBLAS was 20-35% faster at 1600 x 128 @ 128 x 512 (the LSTM at S), 3-14% at 4000 x 256
+@ 256 x 1024 (L), 6-25% at 3200 x 64 @ 64 x 256, 15-20% at 1600 x 256 @ 256 x 512, and the
+micro-kernel 5-9% faster at 6400 x 512 @ 512 x 2048 (M); on the family 26 one (Zen 5)
+OpenBLAS 12-18% faster at L, within 10% at S, the micro-kernel 15-28% faster at M. So on
+rnndsl's own threads the micro-kernel takes products of OWN_THREADS_MIN_WORK multiply-adds
+and more; on torch's team (`row_threads.on_team`: the PyTorch bridge, where the alternative
+is `torch.mm`, MKL's AVX2 code on AMD) every product that suits it (the bridge's training
+step at S: 1.81x -> 1.44x of nn.LSTM's time on the Zen 5 machine).
+
 The products the micro-kernel does not suit stay with `blas.gemm`: outputs whose width is not
 a whole number of panels (the result must be exactly rows x N, and a padded one would be
 copied), sums too deep for a panel to stay in the L2 cache, fewer rows than a chunk of the
@@ -25,7 +38,7 @@ from numba import njit
 
 from rnndsl.backend.blas import gemm
 from rnndsl.backend.packed import pack, packed_dot, panel_width
-from rnndsl.backend.row_threads import row_chunks, run_rows
+from rnndsl.backend.row_threads import on_team, row_chunks, run_rows
 from rnndsl.backend.scratch import empty
 
 BLOCK_ROWS = 64  # rows a packed_dot call takes: 64 x K stays in L2 beside the panel
@@ -34,6 +47,9 @@ MIN_ROWS = 64  # fewer rows: one BLAS call costs less than packing and handing o
 # multiply-adds below which the product stays on the calling thread: handing a chunk to
 # another thread and waiting for it cost about 50 us here, the time of 2^22 of them on one core
 SPLIT_WORK = 1 << 22
+# multiply-adds from which a product on rnndsl's own threads takes the micro-kernel (above):
+# M's input products (6.7e9) do, L's (1.0e9) and smaller do not
+OWN_THREADS_MIN_WORK = 1 << 31
 
 
 def weight_product(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -54,6 +70,8 @@ def _suits(rows: np.ndarray, w: np.ndarray) -> bool:
     k, n = w.shape
     if rows.dtype not in (np.float32, np.float64) or w.dtype != rows.dtype or \
             rows.shape[0] < MIN_ROWS:
+        return False
+    if rows.shape[0] * k * n < OWN_THREADS_MIN_WORK and not on_team():
         return False
     width = panel_width(rows.dtype)
     return n % width == 0 and k * width * rows.itemsize <= PANEL_BYTES

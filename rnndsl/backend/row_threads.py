@@ -66,6 +66,12 @@ def loops_on(run: Callable[[list[Callable[[], None]]], None], threads: int):
         _ROUTE.run, _ROUTE.threads = before
 
 
+def on_team() -> bool:
+    """Whether this thread's chunks go to `loops_on`'s team (the bridge) rather than rnndsl's
+    own pool."""
+    return getattr(_ROUTE, "run", None) is not None
+
+
 def _cores() -> int:
     if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (Linux)
         return len(os.sched_getaffinity(0))
