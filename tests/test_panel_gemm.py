@@ -55,7 +55,7 @@ def test_weight_product_is_the_product(rows, k, n, dtype, tol, threads, blas_cal
     assert (blas_calls == []) == taken, blas_calls
 
 
-def test_own_threads_take_it_for_large_products_and_torchs_team_for_all(monkeypatch):
+def test_own_threads_take_it_for_large_products_and_torchs_team_for_all():
     """On rnndsl's own pool a product below OWN_THREADS_MIN_WORK multiply-adds stays with
     BLAS; on a team (`loops_on`, as the PyTorch bridge runs them) it takes the micro-kernel.
     The shapes only are looked at: zero-stride arrays stand for the large ones."""
@@ -63,7 +63,8 @@ def test_own_threads_take_it_for_large_products_and_torchs_team_for_all(monkeypa
         return panel_gemm._suits(np.broadcast_to(np.float32(0), (r, k)),
                                  np.broadcast_to(np.float32(0), (k, n)))
     large = panel_gemm.OWN_THREADS_MIN_WORK
-    assert suits(large // (512 * 2048), 512, 2048)  # M's input products: 6400 rows
+    assert suits(6400, 512, 2048)  # the LSTM's input products at M
+    assert suits(large // (512 * 2048), 512, 2048)  # 2048 rows of that shape: the least
     assert not suits(large // (512 * 2048) - 1, 512, 2048)
     assert not suits(1600, 128, 512)  # the LSTM's at S
     ran = []
