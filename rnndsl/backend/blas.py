@@ -27,7 +27,49 @@ def gemm(a, b):
     """a @ b for 2-D arrays of one dtype (C- or Fortran-contiguous, such as a transpose), through
     the BLAS, or through what `gemm_through` installed on this thread."""
     route = getattr(_ROUTE, "gemm", None)
-    return _blas_gemm(a, b) if route is None else route(a, b)
+    if route is not None:
+        return route(a, b)
+    if a.shape[1] >= NARROW_MIN_DEPTH and a.T.flags.c_contiguous and a.dtype == b.dtype \
+            and a.dtype in (np.float32, np.float64):
+        if a.shape[0] <= NARROW and b.flags.c_contiguous:  # narrow.T @ wide
+            return _narrow_sum(b, a.T)
+        if b.shape[1] <= NARROW:  # wide.T @ narrow
+            return np.ascontiguousarray(_narrow_sum(a.T, np.ascontiguousarray(b)).T)
+    return _blas_gemm(a, b)
+
+
+# A sum over many rows of outer products with a side a few wide (the weight gradient of a
+# 2-wide input, as in the adding task): OpenBLAS ran these at 8-15 GFLOP/s. One pass over the
+# rows with the narrow side's sums in L1 instead, measured (one core against OpenBLAS on two,
+# float32, in turns, medians of 15; both ways round): 3200 rows, 256 x 2, 0.09-0.16 against
+# 0.26-0.29 ms (the adding task's LSTM trained 9% faster), 3200 x 512 x 9 0.60 against 1.50;
+# but 2048 x 512 x 9 0.45-0.57 against 0.38-0.53, and under about 1000 rows the BLAS call was
+# as fast or faster (800 x 256 x 2: 0.02 against 0.015).
+NARROW = 4  # the narrow side's width up to which
+NARROW_MIN_DEPTH = 1024  # rows summed, from which
+
+
+@njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+def _narrow_sum(wide, narrow):
+    """narrow.T @ wide for C-contiguous wide (K, M) and narrow (K, N), N small: each row of
+    `wide` read once, four rows a pass over the (N, M) sums."""
+    K, M = wide.shape
+    N = narrow.shape[1]
+    acc = np.zeros((N, M), wide.dtype)
+    r = 0
+    while r + 4 <= K:
+        for n in range(N):
+            v0, v1, v2, v3 = narrow[r, n], narrow[r + 1, n], narrow[r + 2, n], narrow[r + 3, n]
+            for j in range(M):
+                acc[n, j] += (v0 * wide[r, j] + v1 * wide[r + 1, j] + v2 * wide[r + 2, j]
+                              + v3 * wide[r + 3, j])
+        r += 4
+    for rest in range(r, K):
+        for n in range(N):
+            v = narrow[rest, n]
+            for j in range(M):
+                acc[n, j] += v * wide[rest, j]
+    return acc
 
 
 @contextmanager
