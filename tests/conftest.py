@@ -7,6 +7,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 LONG_CHECKS = "RNNDSL_LONG_CHECKS"
+# "k/n" in a simulator subprocess of tests/test_cuda.py: it runs every n-th of its tests, from
+# the k-th (test_cuda_kernels_in_simulator starts the n shards at once)
+SIM_SHARD = "RNNDSL_SIM_SHARD"
 
 # pytest-xdist runs a worker per core: each worker's kernels (BLAS and time loops) on one
 # thread, or the workers and the simulator's subprocess oversubscribe the cores (in a run
@@ -28,6 +31,15 @@ def pytest_addoption(parser):
                          "graph test in the simulator, the float32 kernels of the matrix-memory "
                          "cells (minutes of compiling each: their tests and the NTM benchmark's), "
                          "more front-end fuzzing")
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = os.environ.get(SIM_SHARD)
+    if not shard:
+        return
+    k, n = map(int, shard.split("/"))
+    config.hook.pytest_deselected(items=[t for i, t in enumerate(items) if i % n != k])
+    items[:] = [t for i, t in enumerate(items) if i % n == k]
 
 
 def pytest_configure(config):

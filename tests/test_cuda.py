@@ -243,14 +243,30 @@ def test_cli_shows_cuda_code_and_persistent_rule():
     assert "@cuda.jit" in result.output and "def forward_phase1(" in result.output
 
 
+# The simulator's tests run in this many processes at once, each every SIM_SHARDS-th test
+# (conftest.py): in one process they took 535 of the suite's 1057 s on 2 cores, the other
+# pytest worker idle for the last few minutes.
+SIM_SHARDS = 2
+
+
 if not ON_DEVICE:
     def test_cuda_kernels_in_simulator():
-        """Runs this file again with NUMBA_ENABLE_CUDASIM=1 in a fresh interpreter."""
-        env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p",
-                               "no:cacheprovider", __file__], env=env, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-        assert re.search(r"\d+ passed", proc.stdout), proc.stdout[-2000:]
+        """Runs this file again with NUMBA_ENABLE_CUDASIM=1 in fresh interpreters, its tests
+        shared between SIM_SHARDS of them; every shard must pass and run some."""
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+             __file__], env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1",
+                             "RNNDSL_SIM_SHARD": f"{k}/{SIM_SHARDS}"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for k in range(SIM_SHARDS)]
+        try:
+            outputs = [proc.communicate(timeout=1200) for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+        for k, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+            assert proc.returncode == 0, f"shard {k}: " + out[-6000:] + err[-3000:]
+            assert re.search(r"\d+ passed", out), f"shard {k}: " + out[-2000:]
 
 
 # -- on the device (the simulator, or a GPU) ------------------------------------------------
