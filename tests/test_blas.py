@@ -58,3 +58,21 @@ def test_a_routed_thread_hands_every_product_over():
     with blas.gemm_through(lambda a, b: seen.append(a.shape) or a @ b):
         blas.gemm(g.T, g)
     assert seen == [(4, 300)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_an_lstm_with_a_two_wide_input_gets_its_input_weights_gradient_through_it(
+        monkeypatch, dtype, tol):
+    """The adding task's shape of problem (input 2, 1024 rows): the CPU kernels' gradients
+    against the reference engine's, the input weights' gradient through the narrow pass."""
+    import rnndsl
+    from engines import differences
+
+    narrow = []
+    through = blas._narrow_sum
+    monkeypatch.setattr(blas, "_narrow_sum",
+                        lambda wide, side: narrow.append(side.shape) or through(wide, side))
+    cells = [rnndsl.compile("lstm", target=t) for t in ("cpu", "reference")]
+    diffs = differences(*cells, T=64, B=16, dtype=dtype, seed=3, problem_args=(2, 6))
+    assert (1024, 2) in narrow
+    assert max(diffs.values()) < tol, diffs
