@@ -42,9 +42,9 @@ def gemm(a, b):
 # 2-wide input, as in the adding task): OpenBLAS ran these at 8-15 GFLOP/s. One pass over the
 # rows with the narrow side's sums in L1 instead, measured (one core against OpenBLAS on two,
 # float32, in turns, medians of 15; both ways round): 3200 rows, 256 x 2, 0.09-0.16 against
-# 0.26-0.29 ms (the adding task's LSTM trained 9% faster), 3200 x 512 x 9 0.60 against 1.50;
-# but 2048 x 512 x 9 0.45-0.57 against 0.38-0.53, and under about 1000 rows the BLAS call was
-# as fast or faster (800 x 256 x 2: 0.02 against 0.015).
+# 0.26-0.43 ms (the adding task's LSTM trained 5% faster, its GRU 12%), 3200 x 512 x 9 0.60
+# against 1.50, but 2048 x 512 x 9 0.45-0.57 against 0.38-0.53, and under about 1000 rows the
+# BLAS call was as fast or faster (800 x 256 x 2: 0.02 against 0.015).
 NARROW = 4  # the narrow side's width up to which
 NARROW_MIN_DEPTH = 1024  # rows summed, from which
 
