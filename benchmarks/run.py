@@ -1,7 +1,7 @@
 """rnndsl against its peers on the fixed workloads, in one run; prints a Markdown table of
 medians and ratios (rnndsl time / peer time: below 1 means rnndsl is faster). Each row's
 passes are timed in turns (rnndsl.bench.Turns: every pass once a round, each timed call
-right after an untimed one of the same pass), so a slow spell of the machine falls on
+right after at least 50 ms of untimed calls of the same pass), so a slow spell of the machine falls on
 rnndsl and its peers alike.
 
     python benchmarks/run.py                     # the README table (several minutes)

@@ -49,21 +49,29 @@ def problem(cell: Cell, workload: str, dtype=np.float32, seed: int = 0):
     return params, xs, sizes
 
 
+# Seconds of untimed calls before each timed one in `Turns`
+SETTLE = 0.05
+
+
 class Turns:
     """A timer with median_time's call (`turns(fn, repeats)`) that times later, in turns: each
     function is warmed up when handed over and a slot number comes back; `run` then gives
     every function a turn a round, `repeats` rounds, and `median(slot)` gives its median. A
     slow spell of the machine (this project's VM ran the same pass 1.6 ms and 2.8 ms seconds
     apart) then falls on all of them alike, not on one, and ratios of them hold where times
-    taken one after the other did not. A turn is an untimed call, then the timed one: threads
-    that the previous library's call left spinning (torch's OpenMP team spins for a while
-    after each operation) wind down during the untimed call, and the cores this library's
-    threads need are awake (after a pause instead, the VM's idle second core woke slowly:
-    Elman at T1 forward+backward took 23 ms after a 50 ms pause, 1 ms without; a program
-    calling one library in a loop has neither)."""
+    taken one after the other did not. A turn is untimed calls of the function for at least
+    `settle` seconds (one call at least), then the timed one: threads that the previous
+    library's call left spinning wind down meanwhile, and the cores this library's threads
+    need are awake, as in a program that calls one library in a loop (after a pause instead,
+    the VM's idle second core woke slowly: Elman at T1 forward+backward took 23 ms after a
+    50 ms pause, 1 ms without). One untimed call was not enough: torch's OpenMP team spins
+    for milliseconds after each operation, and rnndsl's LSTM forward at S, timed in turns
+    with nn.LSTM, took 4.6-5.2 ms after one untimed call, 2.8-2.9 after 50-100 ms of them,
+    2.9 with no torch call in the process; nn.LSTM's took 3.1-3.2 and 2.6-2.7 ms."""
 
-    def __init__(self):
+    def __init__(self, settle: float = SETTLE):
         self._fns, self._times = [], []
+        self.settle = settle
 
     def __call__(self, fn, repeats: int = 7, warmup: int = 1) -> int:
         for _ in range(warmup):
@@ -75,7 +83,10 @@ class Turns:
     def run(self, repeats: int) -> None:
         for _ in range(repeats):
             for fn, times in zip(self._fns, self._times):
+                start = time.perf_counter()
                 fn()
+                while time.perf_counter() - start < self.settle:
+                    fn()
                 start = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - start)
