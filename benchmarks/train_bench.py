@@ -35,6 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from rnndsl.backend.heap import keep_freed_memory
+from rnndsl.bench import gemm_gflops
+from rnndsl.summary import evaluate_poly, flops_per_step
 from rnndsl.torch import TORCH_LAYOUT
 from rnndsl.training.train import TrainConfig, batch_at, make_model, train
 
@@ -123,6 +125,34 @@ class TorchModel(nn.Module):
         return (per_step * counted).sum() / counted.sum()
 
 
+def product_gflop(config: TrainConfig) -> float:
+    """The matrix products of one training step, GFLOP, averaged over the run's batches (all
+    T*B rows, padding included, as both sides multiply them): each layer's forward products
+    (from the cell's step IR) three times (the forward; in the backward the gradient through
+    each product and its weight gradient), less the first layer's input gradient, which
+    neither side computes, and the head's three products (over the last step's rows for a
+    head on the last step). The elementwise work is not counted: a step's time beyond these
+    products at the GEMM rate is everything else."""
+    model = make_model(config)
+    net, cell = model.network, model.network.cell
+    x_size = next(iter(cell.inputs.values()))
+    per_row = 0.0
+    for layer in range(net.layers):
+        sizes = net._layer_sizes(layer)
+        products = {mono: k for mono, k in flops_per_step(cell.step.roots()).items()
+                    if len(mono) == 2}  # a product's two sizes; elementwise terms have one
+        forward = float(evaluate_poly(products, sizes))
+        input_side = float(evaluate_poly({m: k for m, k in products.items() if x_size in m},
+                                         sizes))
+        per_row += 3 * forward - (input_side if layer == 0 else 0.0)
+    head = 3 * 2 * net.output_size * model.task.output_size
+    total = 0.0
+    for step in range(config.steps):
+        T, B = batch_at(model.task, config.seed, step, config.batch, model.dtype).x.shape[:2]
+        total += T * B * per_row + (B if model.task.head.endswith("_last") else T * B) * head
+    return total / config.steps / 1e9
+
+
 def torch_batch(batch) -> dict:
     T = batch.x.shape[0]
     counted = np.arange(T)[:, None] < batch.lengths
@@ -184,9 +214,12 @@ def main():
     print(f"time to train (steps/s, medians of {args.rounds} runs taken in turns), float32, "
           "Adam, global-norm clip 1.0; torch "
           f"{torch.__version__} on its default {default_threads} threads and on 1; rnndsl as "
-          "`rnndsl train` runs (its kernels on every core); ratio: rnndsl / the faster torch")
+          "`rnndsl train` runs (its kernels on every core); ratio: rnndsl / the faster torch; "
+          "GFLOP: a step's matrix products; their rate in rnndsl's and the faster torch's "
+          f"steps (GFLOP/s); a 1024^3 GEMM through rnndsl's BLAS: {gemm_gflops():.0f} GFLOP/s")
     print(f"  {'case':<30} {'cell':<14} {'rnndsl':>7} {f'torch {default_threads}t':>8} "
-          f"{'torch 1t':>8} {'ratio':>6} {'dloss 10':>9} {'dloss all':>9}")
+          f"{'torch 1t':>8} {'ratio':>6} {'dloss 10':>9} {'dloss all':>9} {'GFLOP':>6} "
+          f"{'rates':>9}")
     failed = []
     for case in args.cases:
         settings = dict(CASES[case])
@@ -210,9 +243,11 @@ def main():
             torch_name = "nn." + TORCH_LAYOUT[spec][0].__name__ if spec in TORCH_LAYOUT \
                 else "eager"
             ratio = our_speed / max(default_speed, one_speed)
+            gflop = product_gflop(config)
+            rates = f"{gflop * our_speed:.0f}/{gflop * max(default_speed, one_speed):.0f}"
             print(f"  {name:<30} {spec:<14} {our_speed:7.1f} {default_speed:8.1f} "
-                  f"{one_speed:8.1f} {ratio:5.2f}x {first:9.1e} {whole:9.1e}  vs {torch_name}",
-                  flush=True)
+                  f"{one_speed:8.1f} {ratio:5.2f}x {first:9.1e} {whole:9.1e} {gflop:6.2f} "
+                  f"{rates:>9}  vs {torch_name}", flush=True)
             if first > AGREE:
                 failed.append(f"{case}/{spec}")
     if failed:

@@ -44,3 +44,26 @@ def test_a_turn_calls_the_function_untimed_until_settle_seconds_have_passed(monk
     # call passes `settle` at once: one untimed call
     assert calls == ["short"] * 4 + ["long"] * 2 + ["short"] * 4 + ["long"] * 2
     assert (turns.median(short), turns.median(long)) == (1.0, 4.0)
+
+
+def test_the_training_benchmark_counts_a_step_s_products_as_by_hand():
+    """benchmarks/train_bench.py's product count against the LSTM's products written out: 4
+    gates, each W_i @ x and W_h @ h a row, three times in a step (forward, the gradient
+    through the product, the weight gradient) but the first layer's input gradient; the
+    adding task's head reads the last step, one row a sequence."""
+    import runpy
+    from pathlib import Path
+
+    from rnndsl.training.train import TrainConfig
+
+    bench_module = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                                      "train_bench.py"))
+    T, B, I, H = 100, 32, 2, 64
+    config = TrainConfig(spec="lstm", task="adding", length=T, batch=B, hidden=H, layers=2,
+                         steps=3)
+    mul_add = 2  # FLOP
+    layer0 = 3 * mul_add * 4 * (H * I + H * H) - mul_add * 4 * H * I
+    layer1 = 3 * mul_add * 4 * (H * H + H * H)
+    head = 3 * mul_add * H * 1
+    expected = (T * B * (layer0 + layer1) + B * head) / 1e9
+    assert abs(bench_module["product_gflop"](config) - expected) < 1e-12
