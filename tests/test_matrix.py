@@ -606,6 +606,29 @@ def test_a_block_diagonal_parameter_uses_its_diagonal_blocks_alone():
         assert result.worst[1] < 1e-7, result.errors
 
 
+@pytest.mark.parametrize("junk", [np.inf, np.nan])
+def test_an_inf_or_nan_off_the_blocks_reaches_nothing(junk):
+    """Entries off a block-diagonal parameter's blocks are not part of it: an inf or NaN there
+    changes no output and no gradient, in the reference (which once masked by multiplying,
+    0 * inf = NaN, and gave a NaN gradient off the blocks) and in the kernels (which read the
+    blocks alone); the gradient off the blocks stays 0."""
+    off = np.kron(1 - np.eye(2), np.ones((2, 2))).astype(bool)
+    rng = np.random.default_rng(3)
+    for target in ("reference", "cpu"):
+        c = rnndsl.compile(BLOCKS, target=target)
+        params = c.init_params(input=3, hidden=4, seed=0, dtype=np.float64)
+        x, h0 = rng.standard_normal((3, 2, 3)), rng.standard_normal((2, 4))
+        clean = c.forward(params, x, {"h": h0})
+        g_clean = c.backward(params, clean, {"h": np.ones((3, 2, 4))})
+        params["R"] = np.where(off, junk, params["R"])
+        f = c.forward(params, x, {"h": h0})
+        g = c.backward(params, f, {"h": np.ones((3, 2, 4))})
+        np.testing.assert_array_equal(f.outputs["h"], clean.outputs["h"])
+        for k in g_clean.params:
+            np.testing.assert_array_equal(g.params[k], g_clean.params[k], err_msg=(target, k))
+        assert not g.params["R"][off].any() and np.isfinite(g.params["R"]).all()
+
+
 def test_the_derivation_names_the_blocks_and_the_cuda_target_runs_them_per_step():
     c = rnndsl.compile(BLOCKS, target="reference")
     assert "d_R += outer(d_h_pre, h_prev) (its 2 diagonal blocks)" in \

@@ -87,11 +87,13 @@ def _axis_softmax_grad(y: Node, g: Node):
 def block_diagonal(w: np.ndarray, blocks: int) -> np.ndarray:
     """A square matrix with everything off its `blocks` diagonal blocks zero: what the
     reference engine multiplies by, and keeps the gradient of (kernels that exploit the blocks
-    are to read the diagonal blocks alone)."""
+    are to read the diagonal blocks alone). Selected, not multiplied by a 0/1 mask: an inf or
+    NaN off the blocks is not part of the parameter, and 0 * inf would make it NaN."""
     if blocks == 1:
         return w
     size = w.shape[-1] // blocks
-    return w * np.kron(np.eye(blocks, dtype=w.dtype), np.ones((size, size), dtype=w.dtype))
+    on_blocks = np.kron(np.eye(blocks, dtype=bool), np.ones((size, size), dtype=bool))
+    return np.where(on_blocks, w, np.zeros((), w.dtype))
 
 
 def _step(x):
