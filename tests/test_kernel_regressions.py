@@ -200,3 +200,33 @@ def test_a_cell_without_inputs_is_a_located_error():
     with pytest.raises(SpecError, match="needs at least one input") as err:
         rnndsl.compile(text)
     assert err.value.pos is not None and err.value.pos.line == 4
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_the_gradient_of_a_row_max_is_shared_by_its_ties_as_torch_shares_it(target):
+    """max over a row whose maximum several elements reach: each of the k tied elements gets
+    g/k of the gradient, as torch.amax gives it (it gave each all of g, k times too much, and
+    the engines disagreed where rounding tied k elements in one and none in the other: the
+    differential fuzzer, seed 30283)."""
+    torch = pytest.importorskip("torch")
+    text = spec(params="W: {shape: [hidden, input]}", equations="h = max(W @ x) * tanh(h_prev + 1)")
+    c = rnndsl.compile(text, target=target)
+    rng = np.random.default_rng(0)
+    T, B, I, H = 3, 2, 4, 5
+    W = rng.standard_normal((H, I))
+    W[3] = W[1] = W[0]  # rows 0, 1 and 3 give the same value: a three-way tie on top
+    W[[2, 4]] = W[0] - 1.0 - np.abs(rng.standard_normal((2, I)))  # below, for x >= 0
+    x = np.abs(rng.standard_normal((T, B, I)))
+    h0, dh = rng.standard_normal((B, H)), rng.standard_normal((T, B, H))
+    f = c.forward({"W": W}, x, {"h": h0})
+    g = c.backward({"W": W}, f, {"h": dh})
+
+    Wt = torch.tensor(W, requires_grad=True)
+    h, outs = torch.tensor(h0), []
+    for t in range(T):
+        h = torch.amax(torch.tensor(x[t]) @ Wt.T, dim=1, keepdim=True) * torch.tanh(h + 1)
+        outs.append(h)
+    (torch.stack(outs) * torch.tensor(dh)).sum().backward()
+    np.testing.assert_allclose(f.outputs["h"], torch.stack(outs).detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(g.params["W"], Wt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert np.abs(g.params["W"][0]).sum() > 0  # the tied rows did receive their shares

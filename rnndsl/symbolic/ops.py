@@ -96,6 +96,16 @@ def block_diagonal(w: np.ndarray, blocks: int) -> np.ndarray:
     return np.where(on_blocks, w, np.zeros((), w.dtype))
 
 
+def _to_the_maxima(y: Node, g: Node) -> Node:
+    """The gradient of a row's max: g shared equally by the elements equal to it (as
+    torch.amax and JAX's max share it), a subgradient summing to g. Giving each of k tied
+    elements all of g made it k times too large, and made the engines disagree where rounding
+    left k elements exactly tied in one and one on top in the other (the differential fuzzer,
+    seed 30283: a row of states converging to one value)."""
+    top = ir.apply("eq", _x(y), y)
+    return mul(g, div(top, ir.reduce("rsum", top)))
+
+
 def _step(x):
     return (x > 0).astype(x.dtype) if isinstance(x, np.ndarray) else float(x > 0)
 
@@ -189,9 +199,8 @@ OPS: dict[str, Op] = {
     "rmean": Op(lambda x: x.mean(axis=-1, keepdims=True),
                 lambda y, g: (div(g, ir.size(_x(y).shape[0])),), spelling="mean",
                 structural=True),
-    "rmax": Op(lambda x: x.max(axis=-1, keepdims=True),
-               lambda y, g: (mul(g, ir.apply("eq", _x(y), y)),), spelling="max",
-               structural=True),
+    "rmax": Op(lambda x: x.max(axis=-1, keepdims=True), lambda y, g: (_to_the_maxima(y, g),),
+               spelling="max", structural=True),
     "softmax": Op(_softmax, lambda y, g: (mul(y, sub(g, ir.reduce("rsum", mul(g, y)))),),
                   spelling="softmax", structural=True),
     "bcast": Op(lambda x: x, lambda y, g: (rank2.total(g),), structural=True),
