@@ -216,7 +216,8 @@ def main():
           f"{torch.__version__} on its default {default_threads} threads and on 1; rnndsl as "
           "`rnndsl train` runs (its kernels on every core); ratio: rnndsl / the faster torch; "
           "GFLOP: a step's matrix products; their rate in rnndsl's and the faster torch's "
-          f"steps (GFLOP/s); a 1024^3 GEMM through rnndsl's BLAS: {gemm_gflops():.0f} GFLOP/s")
+          f"steps (GFLOP/s); a 1024^3 GEMM through rnndsl's BLAS: {gemm_gflops():.0f} GFLOP/s "
+          "(and again at the end)")
     print(f"  {'case':<30} {'cell':<14} {'rnndsl':>7} {f'torch {default_threads}t':>8} "
           f"{'torch 1t':>8} {'ratio':>6} {'dloss 10':>9} {'dloss all':>9} {'GFLOP':>6} "
           f"{'rates':>9}")
@@ -250,6 +251,7 @@ def main():
                   f"{rates:>9}  vs {torch_name}", flush=True)
             if first > AGREE:
                 failed.append(f"{case}/{spec}")
+    print(f"  a 1024^3 GEMM through rnndsl's BLAS at the end: {gemm_gflops():.0f} GFLOP/s")
     if failed:
         raise SystemExit(f"losses differ beyond float32 rounding in the first {FIRST} steps: "
                          + ", ".join(failed))
