@@ -109,8 +109,9 @@ def check(problem: Problem, tolerance: float) -> float:
 
 def median_seconds(problem: Problem, repeats: int) -> tuple[float, float]:
     """Medians of `repeats` passes of each, in turns (rnndsl.bench.Turns: each timed pass right
-    after untimed ones of the same side, 50 ms of them at least, so that torch's OpenMP threads, which spin for a
-    while after an eager pass, have wound down before an rnndsl pass is timed)."""
+    after at least 50 ms of untimed ones of the same side, so that torch's OpenMP threads,
+    which spin for a while after an eager pass, have wound down before an rnndsl pass is
+    timed)."""
     turns = Turns()
     mine, theirs = turns(problem.rnndsl_pass), turns(problem.eager_pass)
     turns.run(repeats)

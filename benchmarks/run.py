@@ -1,8 +1,8 @@
 """rnndsl against its peers on the fixed workloads, in one run; prints a Markdown table of
 medians and ratios (rnndsl time / peer time: below 1 means rnndsl is faster). Each row's
 passes are timed in turns (rnndsl.bench.Turns: every pass once a round, each timed call
-right after at least 50 ms of untimed calls of the same pass), so a slow spell of the machine falls on
-rnndsl and its peers alike.
+right after at least 50 ms of untimed calls of the same pass), so a slow spell of the
+machine falls on rnndsl and its peers alike.
 
     python benchmarks/run.py                     # the README table (several minutes)
     python benchmarks/run.py --specs lstm --sizes S T1 --json

@@ -209,7 +209,8 @@ def test_the_gradient_of_a_row_max_is_shared_by_its_ties_as_torch_shares_it(targ
     the engines disagreed where rounding tied k elements in one and none in the other: the
     differential fuzzer, seed 30283)."""
     torch = pytest.importorskip("torch")
-    text = spec(params="W: {shape: [hidden, input]}", equations="h = max(W @ x) * tanh(h_prev + 1)")
+    text = spec(params="W: {shape: [hidden, input]}",
+                equations="h = max(W @ x) * tanh(h_prev + 1)")
     c = rnndsl.compile(text, target=target)
     rng = np.random.default_rng(0)
     T, B, I, H = 3, 2, 4, 5
