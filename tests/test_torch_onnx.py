@@ -85,6 +85,29 @@ def test_every_builtin_cell_exports_and_matches_its_module(name):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
+def test_an_inf_off_the_blocks_of_a_block_diagonal_weight_reaches_no_output():
+    """Off its diagonal blocks a block-diagonal matrix is not part of the parameter: the
+    exported graph selects the blocks (multiplying by a 0/1 mask made an inf there NaN)."""
+    torch.manual_seed(5)
+    cell = rnndsl.compile("slstm", constants=CONSTANTS["slstm"])
+    model = Tagger(rt.RNN(cell, 3, 6, dtype=torch.float64)).eval()
+    blocked = [p for p, info in cell.params.items() if info.blocks > 1]
+    assert blocked
+    x, lengths = batch(torch.float64)
+    with torch.no_grad():
+        clean = model(x, lengths).numpy()
+        for p in blocked:
+            w = getattr(model.rnn.l0, p)
+            size = w.shape[0] // cell.params[p].blocks
+            on = torch.block_diag(*[torch.ones(size, size, dtype=torch.bool)] *
+                                  cell.params[p].blocks)
+            w.copy_(torch.where(on, w, torch.tensor(float("inf"), dtype=w.dtype)))
+        want = model(x, lengths).numpy()
+    np.testing.assert_array_equal(want, clean)  # the kernels read the blocks alone
+    (got,) = run(export(model, x, lengths), x.numpy(), lengths.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_two_layer_bidirectional_model_matches_torch_in_float32(kind):
     torch.manual_seed(2)

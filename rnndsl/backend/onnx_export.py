@@ -171,9 +171,11 @@ class TensorWeights(Weights):
     def stacked(self, names: list[str], blocks: list[int] | None = None) -> str:
         key = "+".join(names)
         if key not in self._made:
-            parts = [self.tensors[n] if b == 1 else  # zeros off a block-diagonal one's blocks
-                     self.g.top_op("Mul", self.tensors[n],
-                                   self.g.const(block_diagonal(np.ones(self.shapes[n]), b)))
+            # a block-diagonal one's blocks alone, zeros elsewhere: selected, as 0 * inf is NaN
+            parts = [self.tensors[n] if b == 1 else self.g.top_op(
+                         "Where", self.g.const(block_diagonal(np.ones(self.shapes[n], bool), b),
+                                               dtype=bool),
+                         self.tensors[n], self.g.const(0.0))
                      for n, b in zip(names, blocks or [1] * len(names))]
             whole = parts[0] if len(parts) == 1 else self.g.top_op("Concat", *parts, axis=0)
             self._made[key] = self.g.top_op("Transpose", whole)
